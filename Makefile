@@ -1,0 +1,43 @@
+# rpcmesh: the targets a newcomer can guess. `make test` and `make demo` build
+# the virtualenv themselves when it is missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+BUF := npx --yes @bufbuild/buf@1.75.0
+
+.PHONY: setup protos lint test test-unit demo bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+protos: $(STAMP)
+	$(PY) scripts/gen_protos.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy rpcmesh
+	$(BUF) lint
+
+# Everything: unit, integration, backend and fault tests.
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+# Pure logic only: seconds.
+test-unit: $(STAMP)
+	$(PY) -m pytest -q tests/unit
+
+demo: $(STAMP)
+	$(PY) examples/demo.py
+
+bench: $(STAMP)
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf $(VENV) .rpcmesh build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,58 @@
+"""Configuration of the control plane process (`rpcmesh up`)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True, kw_only=True)
+class ControlPlaneConfig:
+    """What `rpcmesh up` serves, where, and on which storage."""
+
+    host: str = "127.0.0.1"
+    """Interface to listen on."""
+
+    port: int = 50051
+    """Port to listen on; 0 picks a free one (printed at start)."""
+
+    data_dir: Path = field(default_factory=lambda: Path(".rpcmesh"))
+    """Folder of the embedded SQLite files."""
+
+    store: str | None = None
+    """``postgresql://…`` to keep Registry, EventStore and sagas in PostgreSQL; None for SQLite."""
+
+    bus: str | None = None
+    """``nats://…`` to run the Bus on NATS JetStream; None for the embedded SQLite log."""
+
+    grace: float = 5.0
+    """Seconds in-flight calls get to finish on shutdown."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port: must be 0-65535, got {self.port}")
+        if self.store is not None and not self.store.startswith(("postgresql://", "postgres://")):
+            raise ValueError(f"store: expected a postgresql:// URL, got {self.store!r}")
+        if self.bus is not None and not self.bus.startswith(("nats://", "tls://")):
+            raise ValueError(f"bus: expected a nats:// URL, got {self.bus!r}")
+        if self.grace < 0:
+            raise ValueError(f"grace: must be >= 0, got {self.grace}")
+
+    @property
+    def address(self) -> str:
+        """host:port as configured (the port may be 0)."""
+        return f"{self.host}:{self.port}"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ControlPlaneConfig:
+        """Read ``RPCMESH_HOST``, ``RPCMESH_PORT``, ``RPCMESH_DATA_DIR``, ``RPCMESH_STORE``, ``RPCMESH_BUS``."""
+        env = os.environ if environ is None else environ
+        return cls(
+            host=env.get("RPCMESH_HOST", "127.0.0.1"),
+            port=int(env.get("RPCMESH_PORT", "50051")),
+            data_dir=Path(env.get("RPCMESH_DATA_DIR", ".rpcmesh")),
+            store=env.get("RPCMESH_STORE") or None,
+            bus=env.get("RPCMESH_BUS") or None,
+        )

@@ -1,0 +1,122 @@
+"""The control-plane server: components on one grpc.aio server, with health and reflection."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from rpcmesh.controlplane.component import Component, ControlPlaneContext
+from rpcmesh.controlplane.config import ControlPlaneConfig
+from rpcmesh.errors import StatusErrorInterceptor
+
+logger = logging.getLogger(__name__)
+
+# Control-plane requests are small; the cap keeps a hostile client from
+# making the server buffer large messages.
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
+def build_components(config: ControlPlaneConfig) -> list[Component]:
+    """The components `rpcmesh up` serves for this configuration."""
+    from rpcmesh.controlplane.registry.component import RegistryComponent
+
+    components: list[Component] = [RegistryComponent(config)]
+    return components
+
+
+class ControlPlane:
+    """Runs the control-plane components in one gRPC server.
+
+    Usage::
+
+        plane = ControlPlane(ControlPlaneConfig(port=0))
+        address = await plane.start()
+        ...
+        await plane.stop()
+    """
+
+    def __init__(self, config: ControlPlaneConfig, components: Sequence[Component] | None = None) -> None:
+        self.config = config
+        self.components = list(components) if components is not None else build_components(config)
+        self._server: grpc.aio.Server | None = None
+        self._health = health.aio.HealthServicer()
+        self._started: list[Component] = []
+        self.address = ""
+
+    @property
+    def service_names(self) -> list[str]:
+        """Every gRPC service this process serves."""
+        names = [name for component in self.components for name in component.service_names]
+        return [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
+
+    async def start(self) -> str:
+        """Bind, start every component and begin serving; returns the bound host:port."""
+        server = grpc.aio.server(
+            interceptors=[StatusErrorInterceptor()],
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        self._server = server
+        for component in self.components:
+            component.add_to_server(server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection([*self.service_names, reflection.SERVICE_NAME], server)
+        port = server.add_insecure_port(self.config.address)
+        if port == 0:
+            raise OSError(f"cannot listen on {self.config.address}")
+        self.address = f"{self.config.host}:{port}"
+        context = ControlPlaneContext(config=self.config, address=self.address)
+        for name in ("", *self.service_names):
+            await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        try:
+            for component in self.components:
+                await component.start(context)
+                self._started.append(component)
+            await server.start()
+        except BaseException:
+            await self.stop()
+            raise
+        for name in ("", *self.service_names):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        logger.info("control plane serving %s on %s", ", ".join(self.service_names), self.address)
+        return self.address
+
+    async def stop(self) -> None:
+        """Report NOT_SERVING, drain calls within the grace period, stop components."""
+        await self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(self.config.grace)
+            self._server = None
+        for component in reversed(self._started):
+            try:
+                await component.stop()
+            except Exception:
+                logger.exception("stopping %s failed", type(component).__name__)
+        self._started.clear()
+
+    async def wait(self) -> None:
+        """Block until the server terminates."""
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+
+async def serve(config: ControlPlaneConfig, ready: asyncio.Event | None = None) -> None:
+    """Run a control plane until cancelled (SIGINT/SIGTERM in the CLI)."""
+    plane = ControlPlane(config)
+    try:
+        address = await plane.start()
+        print(f"rpcmesh control plane listening on {address}", flush=True)
+        if ready is not None:
+            ready.set()
+        await plane.wait()
+    finally:
+        await asyncio.shield(plane.stop())

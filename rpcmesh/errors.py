@@ -1,0 +1,315 @@
+"""One exception tree for rpcmesh, and the boundary that maps it to and from gRPC status.
+
+Every error rpcmesh raises derives from :class:`RpcMeshError`. Errors that carry
+a gRPC status are :class:`StatusError` subclasses chosen by :func:`from_status`,
+so callers can ``except NotFoundError`` instead of comparing codes. Servers raise
+the same classes from handlers; :class:`StatusErrorInterceptor` turns them into
+the precise status, with ``google.rpc`` rich details, at one boundary.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, ClassVar
+
+import grpc
+import grpc.aio
+from google.protobuf import any_pb2
+from google.protobuf.message import Message
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+__all__ = [
+    "AbortedError",
+    "AlreadyExistsError",
+    "DeadlineExceededError",
+    "FailedPreconditionError",
+    "InternalError",
+    "InvalidArgumentError",
+    "NotFoundError",
+    "OutOfRangeError",
+    "PermissionDeniedError",
+    "ResourceExhaustedError",
+    "RpcMeshError",
+    "StatusError",
+    "StatusErrorInterceptor",
+    "UnauthenticatedError",
+    "UnavailableError",
+    "UnimplementedError",
+    "from_rpc_error",
+    "from_status",
+    "invalid_argument",
+]
+
+
+class RpcMeshError(Exception):
+    """Root of every exception rpcmesh raises."""
+
+
+class StatusError(RpcMeshError):
+    """An error with a gRPC status code, message and rich details.
+
+    Attributes:
+        code: The gRPC status code.
+        message: Human-readable message; for bad input it names the field.
+        details: ``google.rpc`` detail messages (BadRequest, ErrorInfo, ...) or
+            rpcmesh messages such as ``WrongExpectedVersion``.
+    """
+
+    CODE: ClassVar[grpc.StatusCode] = grpc.StatusCode.UNKNOWN
+
+    def __init__(
+        self, message: str, *, code: grpc.StatusCode | None = None, details: Sequence[Message] = ()
+    ) -> None:
+        super().__init__(message)
+        self.code: grpc.StatusCode = code or self.CODE
+        self.message = message
+        self.details: tuple[Message, ...] = tuple(details)
+
+    def __str__(self) -> str:
+        return f"{self.code.name}: {self.message}"
+
+    def detail(self, kind: type[Message]) -> Message | None:
+        """Return the first detail of the given message type, if any."""
+        for item in self.details:
+            if isinstance(item, kind):
+                return item
+        return None
+
+    def to_rpc_status(self) -> grpc.Status:
+        """Encode as a grpc.Status for ``context.abort_with_status``."""
+        packed = []
+        for item in self.details:
+            any_msg = any_pb2.Any()
+            any_msg.Pack(item)
+            packed.append(any_msg)
+        proto = status_pb2.Status(code=self.code.value[0], message=self.message, details=packed)
+        return rpc_status.to_status(proto)
+
+
+class InvalidArgumentError(StatusError):
+    """Bad input; the message names the field."""
+
+    CODE = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFoundError(StatusError):
+    """The named resource does not exist (or no longer does)."""
+
+    CODE = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExistsError(StatusError):
+    """The resource exists already with other settings."""
+
+    CODE = grpc.StatusCode.ALREADY_EXISTS
+
+
+class PermissionDeniedError(StatusError):
+    """The caller may not do this (wrong lease token, policy)."""
+
+    CODE = grpc.StatusCode.PERMISSION_DENIED
+
+
+class UnauthenticatedError(StatusError):
+    """Missing or invalid credentials."""
+
+    CODE = grpc.StatusCode.UNAUTHENTICATED
+
+
+class FailedPreconditionError(StatusError):
+    """The system is not in the state the call requires (e.g. wrong expected version)."""
+
+    CODE = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class AbortedError(StatusError):
+    """A concurrency conflict; retrying the whole operation may succeed."""
+
+    CODE = grpc.StatusCode.ABORTED
+
+
+class OutOfRangeError(StatusError):
+    """A position or revision outside what is retained."""
+
+    CODE = grpc.StatusCode.OUT_OF_RANGE
+
+
+class ResourceExhaustedError(StatusError):
+    """A size, rate or quota limit was hit."""
+
+    CODE = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class UnavailableError(StatusError):
+    """No endpoint could take the call (transient)."""
+
+    CODE = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceededError(StatusError):
+    """The call's deadline passed."""
+
+    CODE = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class UnimplementedError(StatusError):
+    """The method is not served."""
+
+    CODE = grpc.StatusCode.UNIMPLEMENTED
+
+
+class InternalError(StatusError):
+    """A server-side invariant broke."""
+
+    CODE = grpc.StatusCode.INTERNAL
+
+
+_BY_CODE: dict[grpc.StatusCode, type[StatusError]] = {
+    cls.CODE: cls
+    for cls in (
+        InvalidArgumentError,
+        NotFoundError,
+        AlreadyExistsError,
+        PermissionDeniedError,
+        UnauthenticatedError,
+        FailedPreconditionError,
+        AbortedError,
+        OutOfRangeError,
+        ResourceExhaustedError,
+        UnavailableError,
+        DeadlineExceededError,
+        UnimplementedError,
+        InternalError,
+    )
+}
+_CODE_BY_VALUE: dict[int, grpc.StatusCode] = {code.value[0]: code for code in grpc.StatusCode}
+_DETAIL_TYPES: tuple[type[Message], ...] = (
+    error_details_pb2.BadRequest,
+    error_details_pb2.ErrorInfo,
+    error_details_pb2.RetryInfo,
+    error_details_pb2.ResourceInfo,
+    error_details_pb2.PreconditionFailure,
+    error_details_pb2.QuotaFailure,
+)
+
+
+def from_status(code: grpc.StatusCode, message: str, details: Sequence[Message] = ()) -> StatusError:
+    """Build the StatusError subclass that matches ``code``."""
+    cls = _BY_CODE.get(code, StatusError)
+    return cls(message, code=code, details=details)
+
+
+def register_detail_type(kind: type[Message]) -> None:
+    """Let :func:`from_rpc_error` unpack another detail message type."""
+    global _DETAIL_TYPES
+    if kind not in _DETAIL_TYPES:
+        _DETAIL_TYPES = (*_DETAIL_TYPES, kind)
+
+
+def from_rpc_error(error: grpc.RpcError) -> StatusError:
+    """Map a grpc.RpcError (sync or aio) to a StatusError, unpacking rich details."""
+    code: grpc.StatusCode = error.code()  # type: ignore[attr-defined]
+    message: str = error.details() or ""  # type: ignore[attr-defined]
+    details: list[Message] = []
+    trailing = error.trailing_metadata() or ()  # type: ignore[attr-defined]
+    for key, value in trailing:
+        if key != "grpc-status-details-bin":
+            continue
+        status = status_pb2.Status.FromString(value)
+        for packed in status.details:
+            for kind in _DETAIL_TYPES:
+                if packed.Is(kind.DESCRIPTOR):
+                    item = kind()
+                    packed.Unpack(item)
+                    details.append(item)
+                    break
+    mapped = from_status(code, message, details)
+    return mapped
+
+
+def invalid_argument(field: str, description: str) -> InvalidArgumentError:
+    """An INVALID_ARGUMENT error naming ``field``, with a google.rpc.BadRequest detail."""
+    bad_request = error_details_pb2.BadRequest(
+        field_violations=[error_details_pb2.BadRequest.FieldViolation(field=field, description=description)]
+    )
+    return InvalidArgumentError(f"{field}: {description}", details=[bad_request])
+
+
+def status_code_name(value: int) -> str:
+    """Name of a google.rpc.Code value, e.g. ``5`` -> ``"NOT_FOUND"``."""
+    return str(code_pb2.Code.Name(value)) if value in code_pb2.Code.values() else str(value)
+
+
+def code_from_value(value: int) -> grpc.StatusCode:
+    """The grpc.StatusCode for a numeric google.rpc.Code value."""
+    return _CODE_BY_VALUE.get(value, grpc.StatusCode.UNKNOWN)
+
+
+Handler = Callable[..., Any]
+
+
+class StatusErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Server boundary: a StatusError raised by a handler becomes its precise status.
+
+    Handlers raise ``invalid_argument("instance.address", "...")`` and the like;
+    this interceptor aborts the call with that code, message and rich details,
+    for all four RPC shapes. Anything else propagates unchanged (grpc answers
+    UNKNOWN).
+    """
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(handler.unary_unary), handler.request_deserializer, handler.response_serializer
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                _wrap_unary(handler.stream_unary), handler.request_deserializer, handler.response_serializer
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(handler.unary_stream), handler.request_deserializer, handler.response_serializer
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            _wrap_stream(handler.stream_stream), handler.request_deserializer, handler.response_serializer
+        )
+
+
+def _wrap_unary(behavior: Handler) -> Handler:
+    async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        try:
+            return await behavior(request, context)
+        except StatusError as exc:
+            await context.abort_with_status(exc.to_rpc_status())
+
+    return wrapped
+
+
+def _wrap_stream(behavior: Handler) -> Handler:
+    if not inspect.isasyncgenfunction(behavior):
+
+        async def wrapped_coroutine(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+            try:
+                await behavior(request, context)
+            except StatusError as exc:
+                await context.abort_with_status(exc.to_rpc_status())
+
+        return wrapped_coroutine
+
+    async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        try:
+            async for response in behavior(request, context):
+                yield response
+        except StatusError as exc:
+            await context.abort_with_status(exc.to_rpc_status())
+
+    return wrapped
