@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -26,7 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--store and --bus move it onto PostgreSQL and NATS JetStream.",
     )
     up.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
-    up.add_argument("--port", type=int, default=50051, help="port to listen on; 0 picks a free one (default 50051)")
+    up.add_argument(
+        "--port", type=int, default=50051, help="port to listen on; 0 picks a free one (default 50051)"
+    )
     up.add_argument("--data-dir", type=Path, default=Path(".rpcmesh"), help="folder of the SQLite files")
     up.add_argument("--store", default=None, help="postgresql://... to keep state in PostgreSQL")
     up.add_argument("--bus", default=None, help="nats://... to run the Bus on NATS JetStream")
@@ -42,16 +45,16 @@ async def _run_up(config: ControlPlaneConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, task.cancel)
-    try:
+    with contextlib.suppress(asyncio.CancelledError):
         await serve(config)
-    except asyncio.CancelledError:
-        pass
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the `rpcmesh` console script."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     if args.command == "up":
         try:
             config = ControlPlaneConfig(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import grpc
 import grpc.aio
@@ -85,7 +85,8 @@ class StatusError(RpcMeshError):
             any_msg.Pack(item)
             packed.append(any_msg)
         proto = status_pb2.Status(code=self.code.value[0], message=self.message, details=packed)
-        return rpc_status.to_status(proto)
+        status: grpc.Status = rpc_status.to_status(proto)
+        return status
 
 
 class InvalidArgumentError(StatusError):
@@ -210,10 +211,11 @@ def register_detail_type(kind: type[Message]) -> None:
 
 def from_rpc_error(error: grpc.RpcError) -> StatusError:
     """Map a grpc.RpcError (sync or aio) to a StatusError, unpacking rich details."""
-    code: grpc.StatusCode = error.code()  # type: ignore[attr-defined]
-    message: str = error.details() or ""  # type: ignore[attr-defined]
+    call = cast(Any, error)  # both grpc.Call and grpc.aio.AioRpcError have these methods
+    code: grpc.StatusCode = call.code()
+    message: str = call.details() or ""
     details: list[Message] = []
-    trailing = error.trailing_metadata() or ()  # type: ignore[attr-defined]
+    trailing: Sequence[tuple[str, Any]] = call.trailing_metadata() or ()
     for key, value in trailing:
         if key != "grpc-status-details-bin":
             continue
@@ -261,9 +263,10 @@ class StatusErrorInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        """Wrap the method's handler so StatusErrors abort with their status."""
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
@@ -279,6 +282,7 @@ class StatusErrorInterceptor(grpc.aio.ServerInterceptor):
             return grpc.unary_stream_rpc_method_handler(
                 _wrap_stream(handler.unary_stream), handler.request_deserializer, handler.response_serializer
             )
+        assert handler.stream_stream is not None
         return grpc.stream_stream_rpc_method_handler(
             _wrap_stream(handler.stream_stream), handler.request_deserializer, handler.response_serializer
         )

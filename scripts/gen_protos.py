@@ -6,7 +6,8 @@ Two trees are generated, each with messages (`_pb2.py`), gRPC stubs
 * ``protos/`` (the rpcmesh contracts) into ``generated/``, installed as
   ``rpcmesh.v1``, plus a descriptor set with imports for tools
   (``generated/rpcmesh.binpb``);
-* ``examples/protos/`` (the example services) into ``examples/generated/``.
+* ``examples/protos/`` (the example services) into ``examples/``, beside the
+  example code that uses them (``examples/echo/v1`` is the ``echo.v1`` package).
 
 Run through `make protos`; the output is committed and CI fails when a fresh
 run changes it.
@@ -23,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 TREES = [
     (ROOT / "protos", ROOT / "generated", "rpcmesh.binpb"),
-    (ROOT / "examples" / "protos", ROOT / "examples" / "generated", None),
+    (ROOT / "examples" / "protos", ROOT / "examples", None),
 ]
 
 PACKAGE_INIT = '"""Generated protobuf and gRPC stubs for the `{package}` contracts (do not edit)."""\n'

@@ -30,7 +30,9 @@ class EchoServicer(echo_pb2_grpc.EchoServicer):
         self, request: echo_pb2.EchoRequest, context: grpc.aio.ServicerContext
     ) -> echo_pb2.EchoResponse:
         await self._behave(request.behaviour, context)
-        return echo_pb2.EchoResponse(message=request.message, instance_id=self.instance_id, served=self.served)
+        return echo_pb2.EchoResponse(
+            message=request.message, instance_id=self.instance_id, served=self.served
+        )
 
     async def Expand(
         self, request: echo_pb2.ExpandRequest, context: grpc.aio.ServicerContext

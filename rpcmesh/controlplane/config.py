@@ -47,7 +47,7 @@ class ControlPlaneConfig:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ControlPlaneConfig:
-        """Read ``RPCMESH_HOST``, ``RPCMESH_PORT``, ``RPCMESH_DATA_DIR``, ``RPCMESH_STORE``, ``RPCMESH_BUS``."""
+        """Read RPCMESH_HOST, RPCMESH_PORT, RPCMESH_DATA_DIR, RPCMESH_STORE and RPCMESH_BUS."""
         env = os.environ if environ is None else environ
         return cls(
             host=env.get("RPCMESH_HOST", "127.0.0.1"),

@@ -7,6 +7,7 @@ matches, which is how tests learn the port a process bound to port 0.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import re
@@ -25,7 +26,7 @@ ADDRESS_PATTERN = re.compile(r"listening on (\S+:\d+)")
 def python_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """Environment for child Python processes: unbuffered, examples importable."""
     env = dict(os.environ)
-    paths = [str(ROOT), str(ROOT / "examples" / "generated"), str(ROOT / "examples")]
+    paths = [str(ROOT), str(ROOT / "examples")]
     if env.get("PYTHONPATH"):
         paths.append(env["PYTHONPATH"])
     env["PYTHONPATH"] = os.pathsep.join(paths)
@@ -102,12 +103,10 @@ class ManagedProcess:
             os.killpg(self.proc.pid, sig)
 
     def kill(self) -> None:
-        """kill -9 the whole process group and reap it."""
+        """Kill -9 the whole process group and reap it."""
         if self.proc.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         self.proc.wait(timeout=10)
         self._reader.join(timeout=5)
 
@@ -134,11 +133,13 @@ class ManagedProcess:
 
 
 def rpcmesh_command(*args: str) -> list[str]:
-    """argv that runs the rpcmesh CLI from this source tree."""
+    """Argv that runs the rpcmesh CLI from this source tree."""
     return [sys.executable, "-m", "rpcmesh", *args]
 
 
-def start_control_plane(data_dir: Path, *extra: str, env: dict[str, str] | None = None) -> tuple[ManagedProcess, str]:
+def start_control_plane(
+    data_dir: Path, *extra: str, env: dict[str, str] | None = None
+) -> tuple[ManagedProcess, str]:
     """Start `rpcmesh up` on a free port; returns the process and its address."""
     proc = ManagedProcess(
         rpcmesh_command("up", "--port", "0", "--data-dir", str(data_dir), *extra),
