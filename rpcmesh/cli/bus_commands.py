@@ -1,0 +1,165 @@
+"""`rpcmesh publish`, `rpcmesh subscribe` and `rpcmesh request`: the Bus from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import queue
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+from google.protobuf import duration_pb2
+
+from rpcmesh.cli.common import CliError, add_target_arguments, parse_headers, payload_bytes, target_of
+from rpcmesh.cli.output import message_to_dict, print_json
+from rpcmesh.v1 import bus_pb2, bus_pb2_grpc
+
+
+def _add_payload_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", help="payload text")
+    parser.add_argument("--data-file", help="read the payload from a file ('-' for stdin)")
+    parser.add_argument(
+        "--content-type", default="application/json", help="payload media type (default %(default)s)"
+    )
+    parser.add_argument("--key", default="", help="ordering key")
+    parser.add_argument("--header", "-H", action="append", help="KEY=VALUE header (repeatable)")
+
+
+def register(commands: Any) -> None:
+    """Add the bus commands to the CLI."""
+    publish = commands.add_parser(
+        "publish",
+        help="publish a message",
+        description="Publish one message to a topic; prints its sequence.",
+    )
+    publish.add_argument("topic")
+    _add_payload_arguments(publish)
+    publish.add_argument("--id", default="", help="message id for deduplication")
+    publish.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_target_arguments(publish)
+    publish.set_defaults(func=run_publish)
+
+    subscribe = commands.add_parser(
+        "subscribe",
+        help="receive messages",
+        description="Subscribe to a topic (or a pattern with * and >) and print messages, acking each.",
+    )
+    subscribe.add_argument("topic")
+    subscribe.add_argument(
+        "--group", default="", help="consumer group (default: broadcast, nothing is acked)"
+    )
+    subscribe.add_argument(
+        "--from", dest="start", default="new", help="'new', 'earliest' or a sequence number (default new)"
+    )
+    subscribe.add_argument("--count", type=int, default=0, help="stop after this many messages")
+    subscribe.add_argument("--json", action="store_true", help="one JSON document per message")
+    add_target_arguments(subscribe)
+    subscribe.set_defaults(func=run_subscribe)
+
+    request = commands.add_parser(
+        "request",
+        help="send a request and print the reply",
+        description="Publish a request and wait for the first reply (--timeout bounds the wait).",
+    )
+    request.add_argument("topic")
+    _add_payload_arguments(request)
+    request.add_argument("--json", action="store_true", help="print the reply message as JSON")
+    add_target_arguments(request)
+    request.set_defaults(func=run_request)
+
+
+def _message(args: argparse.Namespace) -> bus_pb2.BusMessage:
+    json_expected = args.content_type == "application/json"
+    return bus_pb2.BusMessage(
+        key=args.key,
+        headers=parse_headers(args.header),
+        payload=payload_bytes(args.data, args.data_file, json_expected=json_expected, what="payload"),
+        content_type=args.content_type,
+        id=getattr(args, "id", ""),
+    )
+
+
+def run_publish(args: argparse.Namespace) -> int:
+    """Run `rpcmesh publish TOPIC`."""
+    target = target_of(args)
+    with target.channel() as channel:
+        response = bus_pb2_grpc.BusStub(channel).Publish(
+            bus_pb2.PublishRequest(topic=args.topic, messages=[_message(args)]), timeout=target.timeout
+        )
+    (result,) = response.results
+    if result.code:
+        raise CliError(f"publish refused: {result.error}")
+    if args.json:
+        print_json(result)
+    else:
+        print(f"{args.topic}\t{result.sequence}\t{result.id}" + ("\tduplicate" if result.duplicate else ""))
+    return 0
+
+
+def _start_position(text: str) -> bus_pb2.StartPosition:
+    if text == "new":
+        return bus_pb2.StartPosition(new_only=True)
+    if text == "earliest":
+        return bus_pb2.StartPosition(earliest=True)
+    if text.isdigit():
+        return bus_pb2.StartPosition(sequence=int(text))
+    raise CliError(f"--from: expected 'new', 'earliest' or a sequence number, got {text!r}")
+
+
+def run_subscribe(args: argparse.Namespace) -> int:
+    """Run `rpcmesh subscribe TOPIC`."""
+    target = target_of(args)
+    options = bus_pb2.SubscriptionOptions(
+        topic=args.topic,
+        group=args.group,
+        mode=bus_pb2.DELIVERY_MODE_GROUP if args.group else bus_pb2.DELIVERY_MODE_BROADCAST,
+        start=_start_position(args.start),
+    )
+    outbox: queue.Queue[bus_pb2.SubscribeRequest | None] = queue.Queue()
+    outbox.put(bus_pb2.SubscribeRequest(open=options))
+
+    def requests() -> Iterator[bus_pb2.SubscribeRequest]:
+        while (item := outbox.get()) is not None:
+            yield item
+
+    received = 0
+    with target.channel() as channel:
+        call = bus_pb2_grpc.BusStub(channel).Subscribe(requests())
+        try:
+            for response in call:
+                for delivery in response.deliveries:
+                    message = delivery.message
+                    if args.json:
+                        print_json({"attempt": delivery.attempt, **message_to_dict(message)})
+                    else:
+                        print(
+                            f"{message.topic}\t{message.sequence}\t{message.payload.decode(errors='replace')}",
+                            flush=True,
+                        )
+                    if args.group:
+                        ref = bus_pb2.MessageRef(topic=message.topic, sequence=message.sequence)
+                        outbox.put(bus_pb2.SubscribeRequest(ack=bus_pb2.Ack(refs=[ref])))
+                    received += 1
+                    if args.count and received >= args.count:
+                        return 0
+        finally:
+            outbox.put(None)
+            call.cancel()
+    return 0
+
+
+def run_request(args: argparse.Namespace) -> int:
+    """Run `rpcmesh request TOPIC`."""
+    target = target_of(args)
+    timeout = duration_pb2.Duration()
+    timeout.FromNanoseconds(int(target.timeout * 1e9))
+    with target.channel() as channel:
+        response = bus_pb2_grpc.BusStub(channel).Request(
+            bus_pb2.RequestRequest(topic=args.topic, message=_message(args), timeout=timeout),
+            timeout=target.timeout + 1,
+        )
+    if args.json:
+        print_json(response.reply)
+    else:
+        sys.stdout.write(response.reply.payload.decode(errors="replace") + "\n")
+    return 0

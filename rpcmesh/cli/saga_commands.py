@@ -1,0 +1,237 @@
+"""`rpcmesh saga …`: start, inspect, list, abort and watch sagas from the command line."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from rpcmesh.cli.common import CliError, add_target_arguments, parse_message, payload_bytes, target_of
+from rpcmesh.cli.output import print_json, print_table
+from rpcmesh.v1 import saga_pb2, saga_pb2_grpc
+
+TERMINAL_STATES = {
+    saga_pb2.SAGA_STATE_COMPLETED,
+    saga_pb2.SAGA_STATE_COMPENSATED,
+    saga_pb2.SAGA_STATE_FAILED_COMPENSATION,
+    saga_pb2.SAGA_STATE_ABORTED,
+}
+
+
+def state_name(state: int) -> str:
+    """SAGA_STATE_COMPLETED -> COMPLETED."""
+    return saga_pb2.SagaState.Name(state).removeprefix("SAGA_STATE_")  # type: ignore[arg-type]
+
+
+def step_state_name(state: int) -> str:
+    """STEP_STATE_SUCCEEDED -> SUCCEEDED."""
+    return saga_pb2.StepState.Name(state).removeprefix("STEP_STATE_")  # type: ignore[arg-type]
+
+
+def register(commands: Any) -> None:
+    """Add `rpcmesh saga` and its subcommands to the CLI."""
+    saga = commands.add_parser("saga", help="start and follow sagas", description="Work with sagas.")
+    sub = saga.add_subparsers(dest="saga_command", required=True, metavar="SUBCOMMAND")
+
+    define = sub.add_parser(
+        "define", help="register a saga definition", description="Register a definition from a JSON file."
+    )
+    define.add_argument("file", help="SagaDefinition as protobuf JSON")
+    add_target_arguments(define)
+    define.set_defaults(func=run_define)
+
+    start = sub.add_parser("start", help="start a saga", description="Start a saga; prints its id and state.")
+    start.add_argument("definition", nargs="?", help="registered definition name")
+    start.add_argument("--definition-file", help="an inline SagaDefinition as protobuf JSON")
+    start.add_argument("--version", type=int, default=0, help="definition version (default: latest)")
+    start.add_argument("--input", dest="data", help="saga input (bytes of the text)")
+    start.add_argument("--input-file", dest="data_file", help="saga input from a file ('-' for stdin)")
+    start.add_argument("--key", default="", help="idempotency key: the same key returns the same saga")
+    start.add_argument("--json", action="store_true", help="print the saga as JSON")
+    add_target_arguments(start)
+    start.set_defaults(func=run_start)
+
+    status = sub.add_parser("status", help="show one saga", description="Show a saga and its steps.")
+    status.add_argument("saga_id")
+    status.add_argument("--json", action="store_true")
+    add_target_arguments(status)
+    status.set_defaults(func=run_status)
+
+    listing = sub.add_parser("list", help="list sagas", description="List sagas, newest first.")
+    listing.add_argument("--state", action="append", help="filter by state, e.g. COMPENSATED (repeatable)")
+    listing.add_argument("--definition", default="", help="filter by definition name")
+    listing.add_argument("--limit", type=int, default=50, help="at most this many (default %(default)s)")
+    listing.add_argument("--json", action="store_true")
+    add_target_arguments(listing)
+    listing.set_defaults(func=run_list)
+
+    abort = sub.add_parser("abort", help="abort a saga", description="Abort a saga and compensate its steps.")
+    abort.add_argument("saga_id")
+    abort.add_argument("--reason", default="aborted from the CLI")
+    add_target_arguments(abort)
+    abort.set_defaults(func=run_abort)
+
+    watch = sub.add_parser(
+        "watch", help="follow a saga", description="Print each transition until the saga ends."
+    )
+    watch.add_argument("saga_id")
+    watch.add_argument("--json", action="store_true")
+    add_target_arguments(watch)
+    watch.set_defaults(func=run_watch)
+
+
+def _read_definition(path: str) -> saga_pb2.SagaDefinition:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except OSError as exc:
+        raise CliError(f"{path}: {exc.strerror}") from exc
+    return parse_message(text, saga_pb2.SagaDefinition, path)
+
+
+def _print_saga(saga: saga_pb2.Saga, as_json: bool) -> None:
+    if as_json:
+        print_json(saga)
+        return
+    print(f"saga {saga.saga_id}  {saga.definition_name} v{saga.definition_version}  {state_name(saga.state)}")
+    if saga.error:
+        print(f"error: {saga.error}")
+    print_table(
+        ["step", "state", "attempts", "compensations", "error"],
+        [
+            [s.name, step_state_name(s.state), s.attempts, s.compensation_attempts, s.error or "-"]
+            for s in saga.steps
+        ],
+    )
+
+
+def run_define(args: argparse.Namespace) -> int:
+    """Run `rpcmesh saga define FILE`."""
+    target = target_of(args)
+    definition = _read_definition(args.file)
+    with target.channel() as channel:
+        response = saga_pb2_grpc.SagaCoordinatorStub(channel).RegisterDefinition(
+            saga_pb2.RegisterDefinitionRequest(definition=definition), timeout=target.timeout
+        )
+    print(f"{response.definition.name}\tv{response.definition.version}")
+    return 0
+
+
+def run_start(args: argparse.Namespace) -> int:
+    """Run `rpcmesh saga start NAME`."""
+    target = target_of(args)
+    if bool(args.definition) == bool(args.definition_file):
+        raise CliError("give a definition name or --definition-file (one of them)")
+    request = saga_pb2.StartSagaRequest(
+        definition_version=args.version,
+        input=payload_bytes(args.data, args.data_file, json_expected=False, what="input"),
+        idempotency_key=args.key,
+    )
+    if args.definition_file:
+        request.definition.CopyFrom(_read_definition(args.definition_file))
+    else:
+        request.definition_name = args.definition
+    with target.channel() as channel:
+        response = saga_pb2_grpc.SagaCoordinatorStub(channel).StartSaga(request, timeout=target.timeout)
+    if args.json:
+        print_json(response)
+    else:
+        print(
+            f"{response.saga.saga_id}\t{state_name(response.saga.state)}"
+            + ("" if response.created else "\texisting")
+        )
+    return 0
+
+
+def run_status(args: argparse.Namespace) -> int:
+    """Run `rpcmesh saga status ID`."""
+    target = target_of(args)
+    with target.channel() as channel:
+        response = saga_pb2_grpc.SagaCoordinatorStub(channel).GetSaga(
+            saga_pb2.GetSagaRequest(saga_id=args.saga_id), timeout=target.timeout
+        )
+    _print_saga(response.saga, args.json)
+    return 0
+
+
+def run_list(args: argparse.Namespace) -> int:
+    """Run `rpcmesh saga list`."""
+    target = target_of(args)
+    states = []
+    for name in args.state or []:
+        try:
+            states.append(saga_pb2.SagaState.Value(f"SAGA_STATE_{name.upper()}"))
+        except ValueError as exc:
+            raise CliError(f"--state: unknown state {name!r}") from exc
+    sagas: list[saga_pb2.Saga] = []
+    token = ""
+    with target.channel() as channel:
+        stub = saga_pb2_grpc.SagaCoordinatorStub(channel)
+        while len(sagas) < args.limit:
+            page = stub.ListSagas(
+                saga_pb2.ListSagasRequest(
+                    states=states,
+                    definition_name=args.definition,
+                    page_size=min(args.limit - len(sagas), 500),
+                    page_token=token,
+                ),
+                timeout=target.timeout,
+            )
+            sagas.extend(page.sagas)
+            token = page.next_page_token
+            if not token:
+                break
+    if args.json:
+        print_json({"sagas": [saga_to_json(s) for s in sagas]})
+    else:
+        print_table(
+            ["saga", "definition", "state", "started"],
+            [
+                [
+                    s.saga_id,
+                    f"{s.definition_name} v{s.definition_version}",
+                    state_name(s.state),
+                    s.started_at.ToJsonString(),
+                ]
+                for s in sagas
+            ],
+        )
+    return 0
+
+
+def saga_to_json(saga: saga_pb2.Saga) -> dict[str, Any]:
+    """A saga as a JSON-ready dict."""
+    from rpcmesh.cli.output import message_to_dict
+
+    return message_to_dict(saga)
+
+
+def run_abort(args: argparse.Namespace) -> int:
+    """Run `rpcmesh saga abort ID`."""
+    target = target_of(args)
+    with target.channel() as channel:
+        response = saga_pb2_grpc.SagaCoordinatorStub(channel).AbortSaga(
+            saga_pb2.AbortSagaRequest(saga_id=args.saga_id, reason=args.reason), timeout=target.timeout
+        )
+    print(f"{response.saga.saga_id}\t{state_name(response.saga.state)}")
+    return 0
+
+
+def run_watch(args: argparse.Namespace) -> int:
+    """Run `rpcmesh saga watch ID`."""
+    target = target_of(args)
+    with target.channel() as channel:
+        for response in saga_pb2_grpc.SagaCoordinatorStub(channel).WatchSaga(
+            saga_pb2.WatchSagaRequest(saga_id=args.saga_id)
+        ):
+            transition = response.transition
+            if args.json:
+                print_json(response)
+            else:
+                print(
+                    f"{transition.time.ToJsonString()}\t{state_name(transition.state)}\t{transition.kind}"
+                    f"\t{transition.step or '-'}" + (f"\t{transition.detail}" if transition.detail else ""),
+                    flush=True,
+                )
+            if response.saga.state in TERMINAL_STATES:
+                break
+    return 0
