@@ -1,0 +1,107 @@
+"""A running Registry node: the store, the materialized view, watchers and the lease-expiry loop.
+
+Committed events come back from the store (directly for SQLite, by tailing the
+shared log for PostgreSQL) and are applied here, in revision order, to the view
+and then to the watchers, so every reader of this node sees one consistent
+sequence. A write returns only once the view has caught up with it, so a
+client reads its own writes on the node it wrote through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from rpcmesh.controlplane.registry.model import Committed, Event
+from rpcmesh.controlplane.registry.settings import RegistrySettings
+from rpcmesh.controlplane.registry.store import Decide, RegistryStore
+from rpcmesh.controlplane.registry.view import RegistryView
+from rpcmesh.controlplane.registry.watch import WatchHub
+
+logger = logging.getLogger(__name__)
+
+EventListener = Callable[[Event], None]
+
+
+class RegistryNode:
+    """State and background work of one Registry process."""
+
+    def __init__(self, store: RegistryStore, settings: RegistrySettings) -> None:
+        self.store = store
+        self.settings = settings
+        self.view = RegistryView()
+        self.hub = WatchHub(settings.max_watch_backlog)
+        self.listeners: list[EventListener] = []
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._expiry_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Open the store, build the view and start expiring leases."""
+        loaded = await self.store.open(self._on_events)
+        self.view = RegistryView((stored.instance for stored in loaded.instances), loaded.revision)
+        self._expiry_task = asyncio.create_task(self._expire_loop(), name="registry-expiry")
+
+    async def stop(self) -> None:
+        """End watches, stop expiry and close the store."""
+        self.hub.close()
+        if self._expiry_task is not None:
+            self._expiry_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._expiry_task
+            self._expiry_task = None
+        await self.store.close()
+        for _, future in self._waiters:
+            if not future.done():
+                future.cancel()
+        self._waiters.clear()
+
+    def _on_events(self, events: Sequence[Event]) -> None:
+        for event in events:
+            if not self.view.apply(event):
+                continue
+            self.hub.publish(event)
+            for listener in self.listeners:
+                try:
+                    listener(event)
+                except Exception:
+                    logger.exception("registry event listener failed")
+        if self._waiters:
+            revision = self.view.revision
+            still_waiting = []
+            for wanted, future in self._waiters:
+                if wanted <= revision:
+                    if not future.done():
+                        future.set_result(None)
+                else:
+                    still_waiting.append((wanted, future))
+            self._waiters = still_waiting
+
+    async def caught_up(self, revision: int) -> None:
+        """Wait until the view reflects ``revision``."""
+        if self.view.revision >= revision:
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((revision, future))
+        await future
+
+    async def mutate(self, service: str, instance_id: str, decide: Decide[Any]) -> Committed[Any]:
+        """Commit a decision and wait until this node's view shows it."""
+        committed = await self.store.mutate(service, instance_id, decide)
+        await self.caught_up(committed.revision)
+        return committed
+
+    async def _expire_loop(self) -> None:
+        while True:
+            delay = min(self.store.seconds_to_next_expiry(), self.settings.expiry_check_interval)
+            await asyncio.sleep(delay)
+            try:
+                expired = await self.store.expire_due()
+            except Exception:
+                logger.exception("lease expiry failed; retrying")
+                await asyncio.sleep(1.0)
+                continue
+            if expired:
+                logger.info("expired %d lease(s)", expired)

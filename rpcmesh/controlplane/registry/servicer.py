@@ -1,0 +1,190 @@
+"""The gRPC face of the Registry: validate, decide through the node, answer.
+
+Handlers raise rpcmesh StatusErrors; the control plane's StatusErrorInterceptor
+turns them into precise statuses with rich details.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from functools import partial
+from typing import Any
+
+import grpc.aio
+from google.protobuf import timestamp_pb2
+
+from rpcmesh.controlplane.registry import transitions, validation
+from rpcmesh.controlplane.registry.model import PUT, Event, new_id, new_token
+from rpcmesh.controlplane.registry.node import RegistryNode
+from rpcmesh.errors import StatusError
+from rpcmesh.v1 import registry_pb2, registry_pb2_grpc
+
+_WATCH_BATCH = 1000
+_CODE_OK = 0
+
+
+def _status_value(error: StatusError) -> int:
+    value: int = error.code.value[0]
+    return value
+
+
+class RegistryServicer(registry_pb2_grpc.RegistryServicer):
+    """Implements rpcmesh.v1.Registry on a :class:`RegistryNode`."""
+
+    def __init__(self, node: RegistryNode) -> None:
+        self.node = node
+
+    async def Register(
+        self, request: registry_pb2.RegisterRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> registry_pb2.RegisterResponse:
+        """Create or (with the lease token) update an instance."""
+        spec = validation.register_request(request)
+        declared = spec.instance
+        if not declared.instance_id:
+            declared.instance_id = new_id()
+        now = timestamp_pb2.Timestamp()
+        now.GetCurrentTime()
+        decide = partial(
+            transitions.register,
+            declared=declared,
+            ttl_ms=spec.ttl_ms,
+            lease_token=request.lease_token,
+            fresh=transitions.Fresh(lease_id=new_id(), lease_token=new_token(), now=now),
+        )
+        committed = await self.node.mutate(declared.service, declared.instance_id, decide)
+        result: transitions.Registered = committed.result
+        return registry_pb2.RegisterResponse(
+            instance_id=result.instance_id,
+            lease_id=result.lease_id,
+            lease_token=result.lease_token,
+            ttl=transitions.ttl_duration(result.ttl_ms),
+            revision=committed.revision,
+        )
+
+    async def Deregister(
+        self, request: registry_pb2.DeregisterRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> registry_pb2.DeregisterResponse:
+        """Remove an instance (needs its lease token)."""
+        service, instance_id = validation.instance_key(request.service, request.instance_id)
+        decide = partial(
+            transitions.deregister, service=service, instance_id=instance_id, lease_token=request.lease_token
+        )
+        committed = await self.node.mutate(service, instance_id, decide)
+        return registry_pb2.DeregisterResponse(revision=committed.revision)
+
+    async def Heartbeat(
+        self, request: registry_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> registry_pb2.HeartbeatResponse:
+        """Renew one lease."""
+        lease_id = validation.lease_id(request.lease_id)
+        ttl_ms = await self.node.store.renew(lease_id, request.lease_token)
+        return registry_pb2.HeartbeatResponse(lease_id=lease_id, ttl=transitions.ttl_duration(ttl_ms))
+
+    async def KeepAlive(
+        self,
+        request_iterator: AsyncIterator[registry_pb2.KeepAliveRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[registry_pb2.KeepAliveResponse]:
+        """Renew many leases over one stream; a failed renewal is reported, not fatal."""
+        async for request in request_iterator:
+            try:
+                lease_id = validation.lease_id(request.lease_id)
+                ttl_ms = await self.node.store.renew(lease_id, request.lease_token)
+            except StatusError as error:
+                yield registry_pb2.KeepAliveResponse(
+                    lease_id=request.lease_id, code=_status_value(error), message=error.message
+                )
+                continue
+            yield registry_pb2.KeepAliveResponse(
+                lease_id=lease_id, ttl=transitions.ttl_duration(ttl_ms), code=_CODE_OK
+            )
+
+    async def ReportHealth(
+        self, request: registry_pb2.ReportHealthRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> registry_pb2.ReportHealthResponse:
+        """Record the status an instance reports about itself."""
+        service, instance_id = validation.instance_key(request.service, request.instance_id)
+        status = validation.serving_status(request.status)
+        decide = partial(
+            transitions.report_health,
+            service=service,
+            instance_id=instance_id,
+            lease_token=request.lease_token,
+            status=status,
+        )
+        committed = await self.node.mutate(service, instance_id, decide)
+        return registry_pb2.ReportHealthResponse(health=committed.result, revision=committed.revision)
+
+    async def Resolve(
+        self, request: registry_pb2.ResolveRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> registry_pb2.ResolveResponse:
+        """Instances of one service matching the filters (passing ones unless include_unhealthy)."""
+        validation.resolve_request(request)
+        view = self.node.view
+        instances = view.resolve(
+            request.service,
+            tags=list(request.tags),
+            zone=request.zone,
+            version=request.version,
+            metadata=dict(request.metadata),
+            include_unhealthy=request.include_unhealthy,
+        )
+        return registry_pb2.ResolveResponse(instances=instances, revision=view.revision)
+
+    async def ListServices(
+        self, request: registry_pb2.ListServicesRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> registry_pb2.ListServicesResponse:
+        """One page of services with instance counts."""
+        size = validation.page_size(request.page_size)
+        view = self.node.view
+        services, next_token = view.list_services(size, request.page_token)
+        return registry_pb2.ListServicesResponse(
+            services=services, next_page_token=next_token, revision=view.revision
+        )
+
+    async def Watch(
+        self, request: registry_pb2.WatchRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[registry_pb2.WatchResponse]:
+        """A snapshot (or a resume from after_revision), then every change in revision order."""
+        validation.watch_request(request)
+        node = self.node
+        # Subscribe and read the view in one step of the loop: nothing can slip in between.
+        subscription = node.hub.subscribe(request.service)
+        try:
+            if request.after_revision == 0:
+                revision = node.view.revision
+                snapshot = [
+                    Event(revision, PUT, instance).to_proto()
+                    for instance in node.view.instances(request.service)
+                ]
+                yield registry_pb2.WatchResponse(events=snapshot, snapshot=True, revision=revision)
+                delivered = revision
+            else:
+                delivered = request.after_revision
+                upto = node.view.revision
+                while delivered < upto:
+                    history = await node.store.events_after(delivered, _WATCH_BATCH)
+                    if not history:
+                        break
+                    delivered = history[-1].revision
+                    matching = [
+                        event.to_proto()
+                        for event in history
+                        if not request.service or event.instance.service == request.service
+                    ]
+                    if matching:
+                        yield registry_pb2.WatchResponse(events=matching, revision=delivered)
+            while True:
+                batch = [
+                    event
+                    for event in await subscription.next_batch(_WATCH_BATCH)
+                    if event.revision > delivered
+                ]
+                if not batch:
+                    continue
+                delivered = batch[-1].revision
+                yield registry_pb2.WatchResponse(
+                    events=[event.to_proto() for event in batch], revision=delivered
+                )
+        finally:
+            subscription.unsubscribe()
