@@ -1,0 +1,363 @@
+"""EventStore on embedded SQLite (WAL, synchronous=FULL) with group commit.
+
+One writer thread owns the write connection. Appends queue up while a commit
+is in flight and are then committed together in one transaction, each inside
+its own savepoint, so one failed expected-version check leaves the others
+intact and one fsync serves many appends. Reads use a second connection on
+their own thread; WAL lets them run beside the writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sqlite3
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from rpcmesh.controlplane.eventstore.model import (
+    AppendResult,
+    NewEvent,
+    StoredEvent,
+    WrongExpectedVersion,
+    expected_matches,
+    fresh_events,
+    prefix_upper_bound,
+)
+from rpcmesh.controlplane.eventstore.storage import AppendSignal
+
+_T = TypeVar("_T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    position INTEGER PRIMARY KEY,
+    stream TEXT NOT NULL,
+    revision INTEGER NOT NULL,
+    event_id TEXT NOT NULL,
+    event_type TEXT NOT NULL,
+    data BLOB NOT NULL,
+    content_type TEXT NOT NULL,
+    metadata TEXT NOT NULL,
+    recorded_at REAL NOT NULL,
+    UNIQUE (stream, revision),
+    UNIQUE (stream, event_id)
+);
+CREATE INDEX IF NOT EXISTS events_by_type ON events (event_type, position);
+CREATE INDEX IF NOT EXISTS events_by_stream_position ON events (stream, position);
+"""
+
+_COLUMNS = "stream, event_id, event_type, revision, position, data, content_type, metadata, recorded_at"
+# Group commit cap: bounds the transaction size and the latency of the last append in it.
+_MAX_GROUP = 512
+
+
+def _row_to_event(row: tuple[Any, ...]) -> StoredEvent:
+    return StoredEvent(
+        stream=row[0],
+        event_id=row[1],
+        event_type=row[2],
+        revision=row[3],
+        position=row[4],
+        data=bytes(row[5]),
+        content_type=row[6],
+        metadata=json.loads(row[7]),
+        recorded_at=row[8],
+    )
+
+
+def _index_hint(event_types: Sequence[str], stream_prefixes: Sequence[str]) -> str:
+    # Without a hint SQLite may walk the primary key in position order and filter
+    # every row (a scan) to avoid sorting; filtered reads must use their index.
+    if event_types:
+        return "INDEXED BY events_by_type"
+    if len(stream_prefixes) == 1:
+        return "INDEXED BY events_by_stream_position"
+    return ""
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA busy_timeout=10000")
+    return conn
+
+
+class _Append:
+    __slots__ = ("events", "expected", "future", "stream")
+
+    def __init__(self, stream: str, expected: int, events: Sequence[NewEvent], future: asyncio.Future[Any]):
+        self.stream = stream
+        self.expected = expected
+        self.events = events
+        self.future = future
+
+
+class SqliteEventStorage:
+    """EventStorage in one SQLite file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eventstore-write")
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eventstore-read")
+        self._write_conn: sqlite3.Connection | None = None
+        self._read_conn: sqlite3.Connection | None = None
+        self._queue: list[_Append] = []
+        self._wake = asyncio.Event()
+        self._writer_task: asyncio.Task[None] | None = None
+        self._signal = AppendSignal()
+        self._closed = False
+
+    async def _in(self, executor: ThreadPoolExecutor, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+
+    async def open(self) -> None:
+        """Create the file and schema, and start the writer."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+        def setup() -> int:
+            conn = _connect(self.path)
+            conn.executescript(SCHEMA)
+            self._write_conn = conn
+            return int(conn.execute("SELECT COALESCE(MAX(position), 0) FROM events").fetchone()[0])
+
+        head = await self._in(self._writer, setup)
+        self._read_conn = await self._in(self._reader, _connect, self.path)
+        self._signal.advance(head)
+        self._writer_task = asyncio.create_task(self._write_loop(), name="eventstore-sqlite-writer")
+
+    async def close(self) -> None:
+        """Stop the writer, fail queued appends, close both connections."""
+        self._closed = True
+        if self._writer_task is not None:
+            self._writer_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer_task
+        for item in self._queue:
+            if not item.future.done():
+                item.future.set_exception(RuntimeError("event store closed"))
+        self._queue.clear()
+        if self._write_conn is not None:
+            await self._in(self._writer, self._write_conn.close)
+        if self._read_conn is not None:
+            await self._in(self._reader, self._read_conn.close)
+        self._writer.shutdown(wait=True)
+        self._reader.shutdown(wait=True)
+
+    async def append(self, stream: str, expected: int, events: Sequence[NewEvent]) -> AppendResult:
+        """Queue the append for the next group commit and wait for its outcome."""
+        if self._closed:
+            raise RuntimeError("event store closed")
+        future: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Append(stream, expected, events, future))
+        self._wake.set()
+        return await future
+
+    async def _write_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                group, self._queue = self._queue[:_MAX_GROUP], self._queue[_MAX_GROUP:]
+                try:
+                    outcomes, head = await self._in(self._writer, self._commit_group, group)
+                except Exception as exc:  # the whole transaction failed: every append in it did
+                    for item in group:
+                        if not item.future.done():
+                            item.future.set_exception(exc)
+                    continue
+                self._signal.advance(head)
+                for item, outcome in zip(group, outcomes, strict=True):
+                    if item.future.done():
+                        continue
+                    if isinstance(outcome, BaseException):
+                        item.future.set_exception(outcome)
+                    else:
+                        item.future.set_result(outcome)
+
+    def _commit_group(self, group: list[_Append]) -> tuple[list[AppendResult | Exception], int]:
+        conn = self._write_conn
+        assert conn is not None
+        outcomes: list[AppendResult | Exception] = []
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            head = int(conn.execute("SELECT COALESCE(MAX(position), 0) FROM events").fetchone()[0])
+            now = time.time()
+            for item in group:
+                conn.execute("SAVEPOINT append")
+                try:
+                    result = self._append_one(conn, item, head, now)
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO append")
+                    conn.execute("RELEASE append")
+                    outcomes.append(exc)
+                    continue
+                conn.execute("RELEASE append")
+                head = max(head, result.position)
+                outcomes.append(result)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return outcomes, head
+
+    @staticmethod
+    def _append_one(conn: sqlite3.Connection, item: _Append, head: int, now: float) -> AppendResult:
+        row = conn.execute("SELECT MAX(revision) FROM events WHERE stream = ?", (item.stream,)).fetchone()
+        current = -1 if row[0] is None else int(row[0])
+        ids = [event.event_id for event in item.events]
+        stored: set[str] = set()
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            stored.update(
+                r[0]
+                for r in conn.execute(
+                    f"SELECT event_id FROM events WHERE stream = ? AND event_id IN ({marks})",
+                    (item.stream, *chunk),
+                )
+            )
+        fresh = fresh_events(item.events, stored)
+        if item.events and not fresh:
+            # A retried append whose events are all stored already succeeds again.
+            return AppendResult(current_revision=current, position=head, appended=0)
+        if not expected_matches(item.expected, current):
+            raise WrongExpectedVersion(item.stream, item.expected, current)
+        rows = []
+        for offset, event in enumerate(fresh, start=1):
+            rows.append(
+                (
+                    head + offset,
+                    item.stream,
+                    current + offset,
+                    event.event_id,
+                    event.event_type,
+                    event.data,
+                    event.content_type,
+                    json.dumps(dict(event.metadata), separators=(",", ":")),
+                    now,
+                )
+            )
+        conn.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        return AppendResult(
+            current_revision=current + len(fresh), position=head + len(fresh), appended=len(fresh)
+        )
+
+    async def read_stream(
+        self, stream: str, from_revision: int, *, backwards: bool, limit: int
+    ) -> tuple[list[StoredEvent], int]:
+        """Read one stream's page and its current revision."""
+
+        def run() -> tuple[list[StoredEvent], int]:
+            conn = self._read_conn
+            assert conn is not None
+            conn.execute("BEGIN")
+            try:
+                row = conn.execute("SELECT MAX(revision) FROM events WHERE stream = ?", (stream,)).fetchone()
+                current = -1 if row[0] is None else int(row[0])
+                if backwards:
+                    start = current if from_revision < 0 else from_revision
+                    query = (
+                        f"SELECT {_COLUMNS} FROM events WHERE stream = ? AND revision <= ? "
+                        "ORDER BY revision DESC LIMIT ?"
+                    )
+                else:
+                    start = from_revision
+                    query = (
+                        f"SELECT {_COLUMNS} FROM events WHERE stream = ? AND revision >= ? "
+                        "ORDER BY revision LIMIT ?"
+                    )
+                events = [_row_to_event(r) for r in conn.execute(query, (stream, start, limit))]
+            finally:
+                conn.execute("COMMIT")
+            return events, current
+
+        result: tuple[list[StoredEvent], int] = await self._in(self._reader, run)
+        return result
+
+    async def read_all(
+        self,
+        from_position: int,
+        *,
+        limit: int,
+        event_types: Sequence[str] = (),
+        stream_prefixes: Sequence[str] = (),
+    ) -> tuple[list[StoredEvent], int]:
+        """Read the global log with filters, each served by an index."""
+        where = ["position >= ?"]
+        params: list[Any] = [from_position]
+        if event_types:
+            where.append(f"event_type IN ({','.join('?' * len(event_types))})")
+            params.extend(event_types)
+        if stream_prefixes:
+            ranges = []
+            for prefix in stream_prefixes:
+                upper = prefix_upper_bound(prefix)
+                if upper is None:
+                    ranges.append("stream >= ?")
+                    params.append(prefix)
+                else:
+                    ranges.append("(stream >= ? AND stream < ?)")
+                    params.extend((prefix, upper))
+            where.append(f"({' OR '.join(ranges)})")
+        query = (
+            f"SELECT {_COLUMNS} FROM events {_index_hint(event_types, stream_prefixes)} "
+            f"WHERE {' AND '.join(where)} ORDER BY position LIMIT ?"
+        )
+        params.append(limit)
+
+        def run() -> tuple[list[StoredEvent], int]:
+            conn = self._read_conn
+            assert conn is not None
+            conn.execute("BEGIN")
+            try:
+                head = int(conn.execute("SELECT COALESCE(MAX(position), 0) FROM events").fetchone()[0])
+                events = [_row_to_event(r) for r in conn.execute(query, params)]
+            finally:
+                conn.execute("COMMIT")
+            return events, head
+
+        result: tuple[list[StoredEvent], int] = await self._in(self._reader, run)
+        return result
+
+    async def explain_read_all(self, event_types: Sequence[str], stream_prefixes: Sequence[str]) -> str:
+        """SQLite's query plan for a filtered read (tests check that an index serves it)."""
+        where = ["position >= ?"]
+        params: list[Any] = [0]
+        if event_types:
+            where.append(f"event_type IN ({','.join('?' * len(event_types))})")
+            params.extend(event_types)
+        for prefix in stream_prefixes:
+            where.append("(stream >= ? AND stream < ?)")
+            params.extend((prefix, prefix_upper_bound(prefix)))
+        query = (
+            f"EXPLAIN QUERY PLAN SELECT {_COLUMNS} FROM events {_index_hint(event_types, stream_prefixes)} "
+            f"WHERE {' AND '.join(where)} ORDER BY position"
+        )
+
+        def run() -> str:
+            conn = self._read_conn
+            assert conn is not None
+            return "\n".join(str(r[-1]) for r in conn.execute(query, params))
+
+        plan: str = await self._in(self._reader, run)
+        return plan
+
+    async def head(self) -> int:
+        """The newest global position."""
+
+        def run() -> int:
+            conn = self._read_conn
+            assert conn is not None
+            return int(conn.execute("SELECT COALESCE(MAX(position), 0) FROM events").fetchone()[0])
+
+        value: int = await self._in(self._reader, run)
+        return value
+
+    async def wait_for_append(self, after_position: int, wait_seconds: float) -> None:
+        """Wait for a local append past ``after_position`` (this file has one writer: this process)."""
+        await self._signal.wait(after_position, wait_seconds)
