@@ -1,0 +1,1 @@
+"""The example shop: users, orders, inventory, payments and notifications on rpcmesh."""
