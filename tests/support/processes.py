@@ -108,7 +108,7 @@ class ManagedProcess:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=10)
-        self._reader.join(timeout=5)
+        self._close_pipe()
 
     def terminate(self, timeout: float = 15.0) -> int:
         """SIGTERM, wait, and kill -9 if it does not exit in time; returns the exit code."""
@@ -122,8 +122,13 @@ class ManagedProcess:
                 self.proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 self.kill()
-        self._reader.join(timeout=5)
+        self._close_pipe()
         return self.proc.returncode
+
+    def _close_pipe(self) -> None:
+        self._reader.join(timeout=5)
+        if self.proc.stdout is not None and not self._reader.is_alive():
+            self.proc.stdout.close()
 
     def __enter__(self) -> ManagedProcess:
         return self
