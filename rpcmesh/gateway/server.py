@@ -1,0 +1,177 @@
+"""The gateway server: accepts any method and forwards it through the mesh client stack."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from rpcmesh.errors import StatusError, StatusErrorInterceptor
+from rpcmesh.gateway.routes import RouteTable, split_method
+from rpcmesh.gateway.shapes import Shape, ShapeCache
+
+logger = logging.getLogger(__name__)
+
+_HEALTH_METHOD_PREFIX = "/grpc.health.v1.Health/"
+
+
+@dataclass(frozen=True, kw_only=True)
+class GatewayConfig:
+    """Where the gateway listens, where the Registry is, and how methods are routed."""
+
+    registry: Sequence[str]
+    """Registry host:port address(es)."""
+
+    host: str = "127.0.0.1"
+    """Interface to listen on."""
+
+    port: int = 0
+    """Port to listen on; 0 picks a free one."""
+
+    routes: RouteTable = field(default_factory=RouteTable)
+    """gRPC service -> registered service name."""
+
+    grace: float = 5.0
+    """Seconds in-flight calls get to finish on shutdown."""
+
+    def __post_init__(self) -> None:
+        if not self.registry:
+            raise ValueError("registry: at least one Registry address is needed")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port: must be 0-65535, got {self.port}")
+
+
+def forwardable_metadata(metadata: Sequence[tuple[str, Any]]) -> tuple[tuple[str, Any], ...]:
+    """The caller's metadata minus what gRPC manages per hop (grpc-*, user-agent, pseudo-headers)."""
+    return tuple(
+        (key, value)
+        for key, value in metadata
+        if not key.startswith((":", "grpc-")) and key not in ("user-agent", "content-type", "te")
+    )
+
+
+class Forwarder:
+    """Forwards one call: route, learn the shape, call through the mesh, pass errors back unchanged."""
+
+    def __init__(self, mesh: Any, routes: RouteTable, shapes: ShapeCache | None = None) -> None:
+        self._mesh = mesh
+        self._routes = routes
+        self._shapes = shapes or ShapeCache()
+
+    async def forward(
+        self, method: str, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[bytes, bytes]
+    ) -> AsyncIterator[bytes]:
+        """Proxy ``method``: yields the backend's responses, or aborts with its status."""
+        incoming = tuple(context.invocation_metadata() or ())
+        headers = {key: value for key, value in incoming if isinstance(value, str)}
+        service_name = self._routes.resolve(method, headers)
+        grpc_service, method_name = split_method(method)
+        channel = self._mesh.channel(service_name)
+        shape = await self._shapes.shape(channel, grpc_service, method_name)
+        remaining = context.time_remaining()
+        timeout = remaining if remaining is not None and remaining < 1e9 else None
+        metadata = forwardable_metadata(incoming)
+        try:
+            if shape is Shape.UNARY_UNARY:
+                request = await _only_request(requests)
+                yield await channel.unary_unary(method)(request, timeout=timeout, metadata=metadata)
+            elif shape is Shape.UNARY_STREAM:
+                request = await _only_request(requests)
+                async for response in channel.unary_stream(method)(
+                    request, timeout=timeout, metadata=metadata
+                ):
+                    yield response
+            elif shape is Shape.STREAM_UNARY:
+                yield await channel.stream_unary(method)(requests, timeout=timeout, metadata=metadata)
+            else:
+                async for response in channel.stream_stream(method)(
+                    requests, timeout=timeout, metadata=metadata
+                ):
+                    yield response
+        except grpc.aio.AioRpcError as error:
+            await context.abort(error.code(), error.details() or "", tuple(error.trailing_metadata() or ()))
+
+
+async def _only_request(requests: AsyncIterator[bytes]) -> bytes:
+    request: bytes | None = None
+    async for item in requests:
+        if request is not None:
+            raise StatusError(
+                "a unary method got more than one request", code=grpc.StatusCode.INVALID_ARGUMENT
+            )
+        request = item
+    if request is None:
+        raise StatusError("a unary method got no request", code=grpc.StatusCode.INVALID_ARGUMENT)
+    return request
+
+
+class _ProxyHandler(grpc.GenericRpcHandler):
+    """Serves every method not served locally as a raw-bytes bidirectional stream."""
+
+    def __init__(self, forwarder: Forwarder) -> None:
+        self._forwarder = forwarder
+
+    def service(
+        self, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        method = handler_call_details.method
+        if method.startswith(_HEALTH_METHOD_PREFIX):
+            return None
+        forward = self._forwarder.forward
+
+        def behavior(
+            requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[bytes, bytes]
+        ) -> AsyncIterator[bytes]:
+            return forward(method, requests, context)
+
+        return grpc.stream_stream_rpc_method_handler(behavior)
+
+
+class Gateway:
+    """One address for every mesh service.
+
+    Usage::
+
+        async with Mesh(registry=["127.0.0.1:50051"]) as mesh:
+            gateway = Gateway(GatewayConfig(registry=["127.0.0.1:50051"]), mesh)
+            address = await gateway.start()
+    """
+
+    def __init__(self, config: GatewayConfig, mesh: Any) -> None:
+        self.config = config
+        self._forwarder = Forwarder(mesh, config.routes)
+        self._health = health.aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self.address = ""
+
+    async def start(self) -> str:
+        """Bind and serve; returns host:port."""
+        server = grpc.aio.server(interceptors=[StatusErrorInterceptor()], options=[("grpc.so_reuseport", 0)])
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        server.add_generic_rpc_handlers([_ProxyHandler(self._forwarder)])
+        port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        if port == 0:
+            raise OSError(f"cannot listen on {self.config.host}:{self.config.port}")
+        self._server = server
+        self.address = f"{self.config.host}:{port}"
+        await server.start()
+        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        logger.info("gateway listening on %s", self.address)
+        return self.address
+
+    async def stop(self) -> None:
+        """Stop accepting calls and drain within the grace period."""
+        await self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(self.config.grace)
+            self._server = None
+
+    async def wait(self) -> None:
+        """Block until the server terminates."""
+        if self._server is not None:
+            await self._server.wait_for_termination()
