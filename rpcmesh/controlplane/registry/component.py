@@ -21,7 +21,14 @@ REGISTRY_SERVICE_NAME: str = registry_pb2.DESCRIPTOR.services_by_name["Registry"
 def build_store(config: ControlPlaneConfig, settings: RegistrySettings) -> RegistryStore:
     """PostgreSQL when ``config.store`` is set, else ``<data_dir>/registry.db``."""
     if config.store is not None:
-        raise ValueError("store: the PostgreSQL Registry store is not available yet")
+        from rpcmesh.controlplane.registry.postgres_store import PostgresRegistryStore
+
+        return PostgresRegistryStore(
+            config.store,
+            retain_events=settings.retain_events,
+            poll_interval=settings.poll_interval,
+            expiry_interval=settings.expiry_check_interval,
+        )
     return SqliteRegistryStore(config.data_dir / "registry.db", retain_events=settings.retain_events)
 
 

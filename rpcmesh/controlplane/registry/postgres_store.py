@@ -1,0 +1,358 @@
+"""The shared Registry store: PostgreSQL (psycopg 3 async), for more than one Registry node.
+
+Every write transaction first locks the single ``registry_meta`` row, so
+revisions are assigned and committed in one total order; a node therefore
+tails ``registry_events`` (woken by LISTEN/NOTIFY, and polling as a safety
+net) and applies events to its view without gaps or duplicates. Lease
+deadlines are ``expires_at`` columns on the database's clock, so a renewal
+through any node counts, and expiry is a conditional delete under the same
+lock, so each lease expires exactly once whichever node reaps it.
+
+The database clock is a wall clock: a jump on the database server moves
+lease deadlines (the embedded SQLite store uses a monotonic clock instead).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+
+from rpcmesh.controlplane.registry import transitions
+from rpcmesh.controlplane.registry.model import Change, Committed, Event, StoredInstance, hash_token
+from rpcmesh.controlplane.registry.store import Decide, EventSink, Loaded
+from rpcmesh.errors import NotFoundError, OutOfRangeError, PermissionDeniedError
+from rpcmesh.v1 import registry_pb2
+
+logger = logging.getLogger(__name__)
+
+CHANNEL = "rpcmesh_registry"
+_SCHEMA_LOCK = 0x52454749  # "REGI": serialises schema creation between nodes starting together
+_SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS registry_instances (
+        service TEXT NOT NULL,
+        instance_id TEXT NOT NULL,
+        lease_id TEXT NOT NULL UNIQUE,
+        token_hash TEXT NOT NULL,
+        ttl_ms BIGINT NOT NULL,
+        probe_passing BOOLEAN NOT NULL,
+        data BYTEA NOT NULL,
+        expires_at TIMESTAMPTZ NOT NULL,
+        PRIMARY KEY (service, instance_id))""",
+    "CREATE INDEX IF NOT EXISTS registry_instances_expires_at ON registry_instances (expires_at)",
+    "CREATE TABLE IF NOT EXISTS registry_events (revision BIGINT PRIMARY KEY, data BYTEA NOT NULL)",
+    """CREATE TABLE IF NOT EXISTS registry_meta (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        revision BIGINT NOT NULL,
+        compact_revision BIGINT NOT NULL)""",
+    "INSERT INTO registry_meta (id, revision, compact_revision) VALUES (1, 0, 0) ON CONFLICT DO NOTHING",
+]
+_SELECT = "SELECT token_hash, ttl_ms, probe_passing, data FROM registry_instances"
+_EXPIRE_BATCH = 1000
+_PAGE = 1000
+
+Conn = psycopg.AsyncConnection[tuple[Any, ...]]
+
+
+def _stored(row: tuple[Any, ...]) -> StoredInstance:
+    token_hash, ttl_ms, probe_passing, data = row
+    return StoredInstance(
+        instance=registry_pb2.Instance.FromString(bytes(data)),
+        token_hash=token_hash,
+        ttl_ms=int(ttl_ms),
+        probe_passing=bool(probe_passing),
+    )
+
+
+class PostgresRegistryStore:
+    """Registry state in PostgreSQL, shared by every node pointed at the same database."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        retain_events: int = 100_000,
+        poll_interval: float = 0.5,
+        expiry_interval: float = 0.2,
+    ) -> None:
+        self.url = url
+        self.retain_events = retain_events
+        self.poll_interval = poll_interval
+        self.expiry_interval = expiry_interval
+        self._pool: AsyncConnectionPool | None = None
+        self._sink: EventSink | None = None
+        self._applied = 0
+        self._compact_revision = 0
+        self._wakeup = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def compact_revision(self) -> int:
+        """Events up to this revision were compacted away (as last seen by this node)."""
+        return self._compact_revision
+
+    def _pool_or_fail(self) -> AsyncConnectionPool:
+        if self._pool is None:
+            raise RuntimeError("registry store is not open")
+        return self._pool
+
+    async def open(self, sink: EventSink) -> Loaded:
+        """Create the schema, extend every lease by its TTL, load the state and start tailing."""
+        self._sink = sink
+        pool = AsyncConnectionPool(self.url, min_size=1, max_size=8, kwargs={"autocommit": True}, open=False)
+        await pool.open(wait=True, timeout=30)
+        self._pool = pool
+        async with pool.connection() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+            for statement in _SCHEMA:
+                await conn.execute(statement)
+        async with pool.connection() as conn, conn.transaction():
+            # Like etcd's new leader: every lease gets its full TTL again, so a restart
+            # of the Registry does not expire healthy instances.
+            await conn.execute(
+                "UPDATE registry_instances SET expires_at = "
+                "GREATEST(expires_at, now() + ttl_ms * interval '1 millisecond')"
+            )
+        async with pool.connection() as conn, conn.transaction():
+            await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            meta = await (
+                await conn.execute("SELECT revision, compact_revision FROM registry_meta")
+            ).fetchone()
+            rows = await (await conn.execute(_SELECT)).fetchall()
+        assert meta is not None
+        self._applied, self._compact_revision = int(meta[0]), int(meta[1])
+        instances = [_stored(row) for row in rows]
+        self._tasks = [
+            asyncio.create_task(self._listen(), name="registry-pg-listen"),
+            asyncio.create_task(self._tail(), name="registry-pg-tail"),
+        ]
+        return Loaded(instances=instances, revision=self._applied)
+
+    async def close(self) -> None:
+        """Stop tailing and close the pool."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    # -- tailing the shared log --------------------------------------------------
+
+    async def _listen(self) -> None:
+        while True:
+            try:
+                conn = await psycopg.AsyncConnection.connect(self.url, autocommit=True)
+                async with conn:
+                    await conn.execute(f"LISTEN {CHANNEL}")
+                    self._wakeup.set()  # catch up on whatever happened before LISTEN
+                    async for _ in conn.notifies():
+                        self._wakeup.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.warning("registry LISTEN connection lost; reconnecting", exc_info=True)
+                await asyncio.sleep(1.0)
+
+    async def _tail(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), self.poll_interval)
+            self._wakeup.clear()
+            try:
+                await self._catch_up()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.warning("registry could not read the event log; retrying", exc_info=True)
+                await asyncio.sleep(0.5)
+
+    async def _catch_up(self) -> None:
+        pool = self._pool_or_fail()
+        while True:
+            async with pool.connection() as conn:
+                rows = await (
+                    await conn.execute(
+                        "SELECT revision, data FROM registry_events WHERE revision > %s "
+                        "ORDER BY revision LIMIT %s",
+                        (self._applied, _PAGE),
+                    )
+                ).fetchall()
+                meta = await (await conn.execute("SELECT compact_revision FROM registry_meta")).fetchone()
+            if meta is not None:
+                self._compact_revision = int(meta[0])
+            if not rows:
+                return
+            if int(rows[0][0]) != self._applied + 1:
+                # Compacted past us: nothing but a restart can rebuild the view consistently.
+                logger.error(
+                    "registry event log compacted past revision %d; restart this node", self._applied
+                )
+            events = [Event.from_proto(registry_pb2.WatchEvent.FromString(bytes(row[1]))) for row in rows]
+            self._applied = events[-1].revision
+            if self._sink is not None:
+                self._sink(events)
+            if len(rows) < _PAGE:
+                return
+
+    # -- writes ------------------------------------------------------------------
+
+    async def _lock_revision(self, conn: Conn) -> int:
+        row = await (
+            await conn.execute("SELECT revision FROM registry_meta WHERE id = 1 FOR UPDATE")
+        ).fetchone()
+        assert row is not None
+        return int(row[0])
+
+    async def _write(self, conn: Conn, change: Change[Any]) -> None:
+        event = change.event
+        stored = change.stored
+        if event is None:
+            if stored is not None and change.renew:
+                await conn.execute(
+                    "UPDATE registry_instances SET expires_at = now() + ttl_ms * interval '1 millisecond' "
+                    "WHERE lease_id = %s",
+                    (stored.lease_id,),
+                )
+            return
+        key = (event.instance.service, event.instance.instance_id)
+        if stored is None:
+            await conn.execute("DELETE FROM registry_instances WHERE service = %s AND instance_id = %s", key)
+        else:
+            await conn.execute(
+                "INSERT INTO registry_instances "
+                "(service, instance_id, lease_id, token_hash, ttl_ms, probe_passing, data, expires_at) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, now() + %s * interval '1 millisecond') "
+                "ON CONFLICT (service, instance_id) DO UPDATE SET lease_id = excluded.lease_id, "
+                "token_hash = excluded.token_hash, ttl_ms = excluded.ttl_ms, "
+                "probe_passing = excluded.probe_passing, data = excluded.data, "
+                "expires_at = CASE WHEN %s THEN excluded.expires_at ELSE registry_instances.expires_at END",
+                (
+                    *key,
+                    stored.lease_id,
+                    stored.token_hash,
+                    stored.ttl_ms,
+                    stored.probe_passing,
+                    stored.instance.SerializeToString(),
+                    stored.ttl_ms,
+                    change.renew,
+                ),
+            )
+        await conn.execute(
+            "INSERT INTO registry_events (revision, data) VALUES (%s, %s)",
+            (event.revision, event.to_proto().SerializeToString()),
+        )
+
+    async def _finish(self, conn: Conn, revision: int) -> None:
+        """Record the new revision, compact when due, and notify the other nodes (on commit)."""
+        compact = self._compact_revision
+        step = max(1, self.retain_events // 8)
+        if revision - compact >= self.retain_events + step:
+            compact = revision - self.retain_events
+            await conn.execute("DELETE FROM registry_events WHERE revision <= %s", (compact,))
+        await conn.execute(
+            "UPDATE registry_meta SET revision = %s, compact_revision = %s WHERE id = 1", (revision, compact)
+        )
+        await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(revision)))
+
+    async def mutate(self, service: str, instance_id: str, decide: Decide[Any]) -> Committed[Any]:
+        """Decide on the row inside a transaction that holds the revision lock."""
+        pool = self._pool_or_fail()
+        async with pool.connection() as conn, conn.transaction():
+            revision = await self._lock_revision(conn)
+            row = await (
+                await conn.execute(
+                    _SELECT + " WHERE service = %s AND instance_id = %s", (service, instance_id)
+                )
+            ).fetchone()
+            change = decide(_stored(row) if row is not None else None, revision + 1)
+            await self._write(conn, change)
+            if change.event is not None:
+                revision = change.event.revision
+                await self._finish(conn, revision)
+        self._wakeup.set()
+        return Committed(change.result, revision, change.event)
+
+    async def renew(self, lease_id: str, lease_token: str) -> int:
+        """Move the lease's deadline on the database clock; any node's renewal counts."""
+        pool = self._pool_or_fail()
+        async with pool.connection() as conn:
+            row = await (
+                await conn.execute(
+                    "UPDATE registry_instances SET expires_at = now() + ttl_ms * interval '1 millisecond' "
+                    "WHERE lease_id = %s AND token_hash = %s AND expires_at > now() RETURNING ttl_ms",
+                    (lease_id, hash_token(lease_token) if lease_token else ""),
+                )
+            ).fetchone()
+            if row is not None:
+                return int(row[0])
+            found = await (
+                await conn.execute(
+                    "SELECT token_hash, expires_at > now() FROM registry_instances WHERE lease_id = %s",
+                    (lease_id,),
+                )
+            ).fetchone()
+        if found is None or not found[1]:
+            raise NotFoundError(f"lease {lease_id!r} is unknown or expired; register again")
+        what = "missing" if not lease_token else "does not match"
+        raise PermissionDeniedError(f"lease_token: {what} for lease {lease_id!r}")
+
+    async def expire_due(self) -> int:
+        """Delete overdue instances under the revision lock: each lease expires exactly once."""
+        pool = self._pool_or_fail()
+        async with pool.connection() as conn:
+            due = await (
+                await conn.execute("SELECT 1 FROM registry_instances WHERE expires_at <= now() LIMIT 1")
+            ).fetchone()
+            if due is None:
+                return 0
+            count = 0
+            async with conn.transaction():
+                revision = await self._lock_revision(conn)
+                rows = await (
+                    await conn.execute(
+                        _SELECT + " WHERE expires_at <= now() ORDER BY expires_at LIMIT %s", (_EXPIRE_BATCH,)
+                    )
+                ).fetchall()
+                for row in rows:
+                    stored = _stored(row)
+                    change = transitions.expire(stored, revision + 1, lease_id=stored.lease_id)
+                    await self._write(conn, change)
+                    if change.event is not None:
+                        revision = change.event.revision
+                        count += 1
+                if count:
+                    await self._finish(conn, revision)
+        self._wakeup.set()
+        return count
+
+    def seconds_to_next_expiry(self) -> float:
+        """Check for overdue leases every ``expiry_interval`` seconds."""
+        return self.expiry_interval
+
+    async def events_after(self, revision: int, limit: int) -> list[Event]:
+        """Retained events after ``revision`` from the shared log."""
+        pool = self._pool_or_fail()
+        async with pool.connection() as conn:
+            rows = await (
+                await conn.execute(
+                    "SELECT data FROM registry_events WHERE revision > %s ORDER BY revision LIMIT %s",
+                    (revision, limit),
+                )
+            ).fetchall()
+            meta = await (await conn.execute("SELECT compact_revision FROM registry_meta")).fetchone()
+        compact = int(meta[0]) if meta is not None else 0
+        self._compact_revision = max(self._compact_revision, compact)
+        if revision < compact:
+            raise OutOfRangeError(
+                f"after_revision: events after {revision} are no longer retained "
+                f"(oldest retained revision is {compact + 1}); watch again from 0 for a snapshot"
+            )
+        return [Event.from_proto(registry_pb2.WatchEvent.FromString(bytes(row[0]))) for row in rows]
