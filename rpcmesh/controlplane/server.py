@@ -27,6 +27,9 @@ def build_components(config: ControlPlaneConfig) -> list[Component]:
     from rpcmesh.controlplane.registry.component import RegistryComponent
 
     components: list[Component] = [RegistryComponent(config)]
+    from rpcmesh.controlplane.bus.component import BusComponent
+
+    components.append(BusComponent(config))
     return components
 
 

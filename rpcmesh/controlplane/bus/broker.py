@@ -1,0 +1,522 @@
+"""The Bus broker: publishing, consumer groups, subscriptions and request/reply.
+
+The broker sits between the gRPC servicer and a :class:`BusStore`. For each
+(topic, group) with attached subscribers it runs one dispatcher task that
+reads the log ahead, asks :class:`GroupState` what to deliver to whom, and
+pushes batches onto the subscribers' outboxes. Acks update the state; group
+progress is persisted in the background (an ack lost in a crash only causes a
+redelivery). Broadcast subscriptions are ephemeral groups of one member that
+are never persisted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from rpcmesh.controlplane.bus import topics
+from rpcmesh.controlplane.bus.group_state import Dead, Entry, GroupState
+from rpcmesh.controlplane.bus.store import AppendResult, BusStore, GroupRecord
+from rpcmesh.controlplane.bus.validation import SubscriptionSettings
+from rpcmesh.errors import (
+    DeadlineExceededError,
+    NotFoundError,
+    OutOfRangeError,
+    UnavailableError,
+    invalid_argument,
+)
+from rpcmesh.v1 import bus_pb2
+
+logger = logging.getLogger(__name__)
+
+READ_AHEAD = 2048
+"""Messages a dispatcher keeps buffered ahead of its members."""
+
+FLUSH_INTERVAL = 0.05
+"""Seconds between persisting group progress."""
+
+RETENTION_INTERVAL = 1.0
+"""Seconds between max_age sweeps."""
+
+POLL_INTERVAL = 0.5
+"""Longest a dispatcher sleeps without a wake-up (picks up writes by other nodes)."""
+
+DEAD_LETTER_CONTENT_TYPE = "application/x-protobuf; messageType=rpcmesh.v1.DeadLetter"
+
+
+class Subscription:
+    """One Subscribe stream: a member of one group per matching topic."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, broker: Broker, settings: SubscriptionSettings) -> None:
+        self.id = next(self._ids)
+        self.broker = broker
+        self.settings = settings
+        self.outbox: asyncio.Queue[list[bus_pb2.Delivery] | None] = asyncio.Queue()
+        self.groups: dict[str, GroupRuntime] = {}
+        self.closed = False
+
+    def __hash__(self) -> int:
+        return self.id
+
+    @property
+    def capacity(self) -> int:
+        """Deliveries this stream may still receive."""
+        held = sum(runtime.state.held_by(self) for runtime in self.groups.values())
+        return self.settings.max_in_flight - held
+
+    def deliver(self, topic: str, entries: Sequence[Entry]) -> None:
+        """Queue a batch for the stream writer."""
+        deliveries = [bus_pb2.Delivery(message=entry.message, attempt=entry.attempts) for entry in entries]
+        self.outbox.put_nowait(deliveries)
+
+    def wake_groups(self) -> None:
+        """Capacity freed: let the dispatchers run."""
+        for runtime in self.groups.values():
+            runtime.wake.set()
+
+    def _runtime(self, field: str, ref: bus_pb2.MessageRef) -> GroupRuntime:
+        runtime = self.groups.get(ref.topic)
+        if runtime is None:
+            if not topics.matches(self.settings.topic, ref.topic):
+                raise invalid_argument(f"{field}.topic", f"{ref.topic!r} is not part of this subscription")
+            raise NotFoundError(f"{field}.topic: {ref.topic!r} has no messages for this subscription")
+        if ref.sequence > self.broker.store.last_sequence(ref.topic):
+            raise OutOfRangeError(f"{field}.sequence: {ref.sequence} was never published on {ref.topic!r}")
+        return runtime
+
+    def ack(self, refs: Sequence[bus_pb2.MessageRef]) -> None:
+        """Acknowledge deliveries; unknown (already done) ones are ignored."""
+        touched: set[GroupRuntime] = set()
+        for index, ref in enumerate(refs):
+            runtime = self._runtime(f"ack.refs[{index}]", ref)
+            if runtime.state.ack(ref.sequence):
+                touched.add(runtime)
+        for runtime in touched:
+            runtime.dirty = True
+            runtime.wake.set()
+
+    def nak(self, refs: Sequence[bus_pb2.MessageRef], delay: float | None) -> None:
+        """Return deliveries for redelivery after ``delay`` (None: the backoff)."""
+        now = self.broker.clock()
+        for index, ref in enumerate(refs):
+            runtime = self._runtime(f"nak.refs[{index}]", ref)
+            dead = runtime.state.nak(ref.sequence, now, delay)
+            if dead is not None:
+                runtime.bury([dead])
+            runtime.wake.set()
+
+    def term(self, refs: Sequence[bus_pb2.MessageRef], reason: str) -> None:
+        """Dead-letter deliveries at once."""
+        for index, ref in enumerate(refs):
+            runtime = self._runtime(f"term.refs[{index}]", ref)
+            dead = runtime.state.term(ref.sequence, reason)
+            if dead is not None:
+                runtime.bury([dead])
+            runtime.wake.set()
+
+    async def close(self) -> None:
+        """Leave every group; in-flight deliveries go to other members at once."""
+        if self.closed:
+            return
+        self.closed = True
+        self.broker._subscriptions.discard(self)
+        for runtime in list(self.groups.values()):
+            await runtime.detach(self)
+        self.groups.clear()
+        self.outbox.put_nowait(None)
+
+
+@dataclass(eq=False)
+class GroupRuntime:
+    """A group on a topic with attached members and its dispatcher task."""
+
+    broker: Broker
+    topic: str
+    name: str
+    durable: bool
+    state: GroupState
+    members: list[Subscription] = field(default_factory=list)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    dirty: bool = False
+    burying: int = 0
+    task: asyncio.Task[None] | None = None
+    _turn: int = 0
+
+    def attach(self, member: Subscription) -> None:
+        """Add a member and make sure the dispatcher runs."""
+        self.members.append(member)
+        member.groups[self.topic] = self
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(self._dispatch(), name=f"bus-dispatch-{self.topic}-{self.name}")
+        self.wake.set()
+
+    async def detach(self, member: Subscription) -> None:
+        """Remove a member; its in-flight deliveries are offered again."""
+        if member in self.members:
+            self.members.remove(member)
+        dead = self.state.member_gone(member)
+        if dead:
+            self.bury(dead)
+        self.dirty = True
+        self.wake.set()
+        if not self.members:
+            await self.broker._retire(self)
+
+    def bury(self, dead: list[Dead]) -> None:
+        """Dead-letter messages the state gave up on (durable groups only)."""
+        self.dirty = True
+        if not self.durable:
+            for item in dead:
+                logger.info(
+                    "broadcast delivery of %s#%d dropped: %s", self.topic, item.message.sequence, item.reason
+                )
+            return
+        self.burying += 1
+        task = asyncio.create_task(self._bury(dead))
+        self.broker._background.add(task)
+        task.add_done_callback(self.broker._background.discard)
+
+    async def _bury(self, dead: list[Dead]) -> None:
+        try:
+            now_ns = time.time_ns()
+            letters = []
+            for item in dead:
+                letter = bus_pb2.DeadLetter(
+                    message=item.message, group=self.name, reason=item.reason, attempts=item.attempts
+                )
+                letter.dead_at.FromNanoseconds(now_ns)
+                letters.append(
+                    bus_pb2.BusMessage(
+                        payload=letter.SerializeToString(),
+                        content_type=DEAD_LETTER_CONTENT_TYPE,
+                        headers={
+                            "rpcmesh-dead-topic": self.topic,
+                            "rpcmesh-dead-group": self.name,
+                            "rpcmesh-dead-reason": item.reason,
+                            "rpcmesh-dead-attempts": str(item.attempts),
+                        },
+                    )
+                )
+            await self.broker.publish(topics.dead_letter_topic(self.topic, self.name), letters, dedup=False)
+        except Exception:
+            logger.exception("dead-lettering on %s/%s failed", self.topic, self.name)
+        finally:
+            self.burying -= 1
+
+    def record(self) -> GroupRecord:
+        """The durable state to persist."""
+        return GroupRecord(
+            topic=self.topic,
+            name=self.name,
+            ack_floor=self.state.ack_floor,
+            acked_above_floor=frozenset(self.state.acked_above_floor),
+            attempts={},
+        )
+
+    async def _dispatch(self) -> None:
+        broker = self.broker
+        store = broker.store
+        state = self.state
+        try:
+            while self.members:
+                self.wake.clear()
+                now = broker.clock()
+                dead = state.expire(now)
+                if dead:
+                    self.bury(dead)
+                if state.buffered < READ_AHEAD and state.next_sequence <= store.last_sequence(self.topic):
+                    messages, through = await store.read(self.topic, state.next_sequence, READ_AHEAD)
+                    state.add_read(messages, through)
+                    now = broker.clock()
+                    if not self.members:
+                        break
+                sent = False
+                count = len(self.members)
+                for offset in range(count):
+                    member = self.members[(self._turn + offset) % count]
+                    room = min(member.capacity, member.settings.max_batch)
+                    if room <= 0:
+                        continue
+                    entries = state.take(member, room, now, member.settings.policy)
+                    if entries:
+                        member.deliver(self.topic, entries)
+                        sent = True
+                self._turn += 1
+                if sent:
+                    await asyncio.sleep(0)
+                    continue
+                if self.wake.is_set():
+                    continue
+                timer = state.next_timer()
+                timeout = POLL_INTERVAL if timer is None else max(0.0, min(POLL_INTERVAL, timer - now))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), timeout)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("dispatcher of %s/%s failed", self.topic, self.name)
+
+
+class Broker:
+    """Everything the Bus servicer needs, over one store."""
+
+    def __init__(
+        self,
+        store: BusStore,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        node_id: str | None = None,
+    ) -> None:
+        self.store = store
+        self.clock = clock
+        self.node_id = node_id or uuid.uuid4().hex[:12]
+        self.reply_address = f"_reply.{self.node_id}"
+        self._groups: dict[tuple[str, str], GroupRuntime] = {}
+        self._subscriptions: set[Subscription] = set()
+        self._known_topics: set[str] = set()
+        self._requests: dict[str, asyncio.Future[bus_pb2.BusMessage]] = {}
+        self._background: set[asyncio.Task[None]] = set()
+        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        """Open the store and start housekeeping."""
+        await self.store.open()
+        after = ""
+        while True:
+            page = await self.store.list_topics(after, 1000)
+            if not page:
+                break
+            self._known_topics.update(stats.name for stats in page)
+            after = page[-1].name
+        self._tasks = [
+            asyncio.create_task(self._flush_loop(), name="bus-flush"),
+            asyncio.create_task(self._retention_loop(), name="bus-retention"),
+        ]
+
+    async def stop(self) -> None:
+        """End subscriptions, persist progress and close the store."""
+        for subscription in list(self._subscriptions):
+            await subscription.close()
+        for task in [*self._tasks, *[runtime.task for runtime in self._groups.values() if runtime.task]]:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        await self._flush()
+        for future in self._requests.values():
+            if not future.done():
+                future.cancel()
+        await self.store.close()
+
+    # -- publishing ------------------------------------------------------------------
+
+    async def publish(
+        self, topic: str, messages: Sequence[bus_pb2.BusMessage], *, dedup: bool = True
+    ) -> list[AppendResult]:
+        """Store messages durably and wake the topic's dispatchers."""
+        results = await self.store.append(topic, messages, dedup=dedup)
+        if topic not in self._known_topics:
+            self._known_topics.add(topic)
+            await self._attach_patterns(topic)
+        for (group_topic, _), runtime in list(self._groups.items()):
+            if group_topic == topic:
+                runtime.wake.set()
+        return results
+
+    async def note_topic(self, name: str) -> None:
+        """Note a topic created through CreateTopic (attaches pattern subscribers)."""
+        if name not in self._known_topics:
+            self._known_topics.add(name)
+            await self._attach_patterns(name)
+
+    def forget_topic(self, name: str) -> None:
+        """A topic was deleted: stop its dispatchers and detach members."""
+        self._known_topics.discard(name)
+        for key, runtime in list(self._groups.items()):
+            if key[0] != name:
+                continue
+            if runtime.task is not None:
+                runtime.task.cancel()
+            for member in runtime.members:
+                member.groups.pop(name, None)
+            runtime.members.clear()
+            del self._groups[key]
+
+    def group_info(self, topic: str, name: str) -> bus_pb2.ConsumerGroupInfo | None:
+        """Live figures of a group with attached members, or None."""
+        runtime = self._groups.get((topic, name))
+        if runtime is None:
+            return None
+        last = self.store.last_sequence(topic)
+        done_above = len([seq for seq in runtime.state.acked_above_floor if seq <= last])
+        return bus_pb2.ConsumerGroupInfo(
+            name=name,
+            pending=max(0, last - runtime.state.ack_floor - done_above),
+            in_flight=len(runtime.state.in_flight),
+            ack_floor=runtime.state.ack_floor,
+        )
+
+    # -- subscriptions ---------------------------------------------------------------
+
+    def has_subscribers(self, topic: str) -> bool:
+        """True when an open subscription matches ``topic``."""
+        return any(topics.matches(sub.settings.topic, topic) for sub in self._subscriptions if not sub.closed)
+
+    async def subscribe(self, settings: SubscriptionSettings) -> Subscription:
+        """Open a subscription and attach it to every matching topic."""
+        subscription = Subscription(self, settings)
+        if topics.is_pattern(settings.topic):
+            matching = [name for name in sorted(self._known_topics) if topics.matches(settings.topic, name)]
+        else:
+            matching = [settings.topic]
+        for name in matching:
+            await self._attach(subscription, name, fresh_topic=False)
+        self._subscriptions.add(subscription)
+        return subscription
+
+    async def _attach_patterns(self, topic: str) -> None:
+        for subscription in list(self._subscriptions):
+            if (
+                not subscription.closed
+                and topic not in subscription.groups
+                and topics.is_pattern(subscription.settings.topic)
+                and topics.matches(subscription.settings.topic, topic)
+            ):
+                await self._attach(subscription, topic, fresh_topic=True)
+
+    async def _attach(self, subscription: Subscription, topic: str, *, fresh_topic: bool) -> None:
+        settings = subscription.settings
+        if settings.broadcast:
+            floor = await self._start_floor(topic, settings, fresh_topic)
+            ephemeral = GroupRuntime(
+                broker=self,
+                topic=topic,
+                name=f"_broadcast-{subscription.id}",
+                durable=False,
+                state=GroupState(ack_floor=floor),
+            )
+            self._groups[(topic, ephemeral.name)] = ephemeral
+            ephemeral.attach(subscription)
+            return
+        key = (topic, settings.group)
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            runtime = self._groups.get(key)
+            if runtime is None:
+                record = await self.store.load_group(topic, settings.group)
+                if record is None:
+                    floor = await self._start_floor(topic, settings, fresh_topic)
+                    record = GroupRecord(topic=topic, name=settings.group, ack_floor=floor)
+                    await self.store.save_group(record)
+                    self._known_topics.add(topic)
+                state = GroupState(
+                    ack_floor=record.ack_floor,
+                    acked_above_floor=record.acked_above_floor,
+                    attempts=record.attempts,
+                )
+                first = await self._first_sequence(topic)
+                state.skip_to(first)
+                runtime = GroupRuntime(
+                    broker=self, topic=topic, name=settings.group, durable=True, state=state
+                )
+                self._groups[key] = runtime
+            runtime.attach(subscription)
+
+    async def _first_sequence(self, topic: str) -> int:
+        stats = await self.store.get_topic(topic)
+        return stats.first_sequence if stats is not None else 1
+
+    async def _start_floor(self, topic: str, settings: SubscriptionSettings, fresh_topic: bool) -> int:
+        """The ack floor of a new group: everything before the start position counts as done."""
+        last = self.store.last_sequence(topic)
+        start = settings.start
+        if fresh_topic or start.kind == "earliest":
+            first = await self._first_sequence(topic)
+            return max(0, first - 1)
+        if start.kind == "sequence":
+            if start.sequence > last + 1:
+                raise OutOfRangeError(
+                    f"open.start.sequence: {start.sequence} is beyond the end of {topic!r} (last {last})"
+                )
+            return start.sequence - 1
+        if start.kind == "time":
+            return await self.store.sequence_at(topic, start.time_ns) - 1
+        return last
+
+    async def _retire(self, runtime: GroupRuntime) -> None:
+        """The last member left: persist and stop the dispatcher."""
+        key = (runtime.topic, runtime.name)
+        if self._groups.get(key) is runtime and not runtime.members:
+            del self._groups[key]
+            if runtime.task is not None and runtime.task is not asyncio.current_task():
+                runtime.task.cancel()
+            if runtime.durable:
+                await self.store.save_group(runtime.record())
+                runtime.dirty = False
+
+    # -- persistence -----------------------------------------------------------------
+
+    async def _flush(self) -> None:
+        for runtime in list(self._groups.values()):
+            if runtime.durable and runtime.dirty and runtime.burying == 0:
+                runtime.dirty = False
+                try:
+                    await self.store.save_group(runtime.record())
+                except Exception:
+                    runtime.dirty = True
+                    logger.exception("saving group %s/%s failed", runtime.topic, runtime.name)
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_INTERVAL)
+            await self._flush()
+
+    async def _retention_loop(self) -> None:
+        while True:
+            await asyncio.sleep(RETENTION_INTERVAL)
+            try:
+                await self.store.enforce_retention(time.time_ns())
+            except Exception:
+                logger.exception("retention sweep failed")
+
+    # -- request/reply ---------------------------------------------------------------
+
+    async def request(self, topic: str, message: bus_pb2.BusMessage, within: float) -> bus_pb2.BusMessage:
+        """Publish ``message`` with reply routing and wait for the first reply."""
+        if not self.has_subscribers(topic):
+            raise UnavailableError(f"no responders on topic {topic!r}")
+        correlation_id = uuid.uuid4().hex
+        message.correlation_id = correlation_id
+        message.reply_to = self.reply_address
+        future: asyncio.Future[bus_pb2.BusMessage] = asyncio.get_running_loop().create_future()
+        self._requests[correlation_id] = future
+        try:
+            async with asyncio.timeout(within):
+                await self.publish(topic, [message])
+                return await future
+        except TimeoutError:
+            raise DeadlineExceededError(f"no reply on {topic!r} within {within:g} s") from None
+        finally:
+            self._requests.pop(correlation_id, None)
+
+    def reply(self, reply_to: str, correlation_id: str, message: bus_pb2.BusMessage) -> bool:
+        """Complete the waiting request; False when it finished already (the reply is dropped)."""
+        if reply_to != self.reply_address:
+            return False
+        future = self._requests.get(correlation_id)
+        if future is None or future.done():
+            return False
+        message.correlation_id = correlation_id
+        future.set_result(message)
+        return True

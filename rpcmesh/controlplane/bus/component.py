@@ -1,0 +1,51 @@
+"""The Bus as a control-plane component: picks the store and serves ``rpcmesh.v1.Bus``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import grpc.aio
+
+from rpcmesh.controlplane.bus.broker import Broker
+from rpcmesh.controlplane.bus.servicer import BusServicer
+from rpcmesh.controlplane.bus.store import BusStore
+from rpcmesh.controlplane.component import ControlPlaneContext
+from rpcmesh.controlplane.config import ControlPlaneConfig
+from rpcmesh.v1 import bus_pb2, bus_pb2_grpc
+
+
+def make_store(config: ControlPlaneConfig) -> BusStore:
+    """The store the configuration asks for: NATS JetStream for ``--bus``, else SQLite."""
+    if config.bus is not None:
+        from rpcmesh.controlplane.bus.nats_store import NatsBusStore
+
+        return NatsBusStore(config.bus)
+    from rpcmesh.controlplane.bus.sqlite_store import SqliteBusStore
+
+    return SqliteBusStore(config.data_dir / "bus.db")
+
+
+class BusComponent:
+    """Serves the Bus from ``rpcmesh up``."""
+
+    def __init__(self, config: ControlPlaneConfig, store: BusStore | None = None) -> None:
+        self.config = config
+        self.broker = Broker(store or make_store(config))
+        self.servicer = BusServicer(self.broker)
+
+    @property
+    def service_names(self) -> Sequence[str]:
+        """``rpcmesh.v1.Bus``."""
+        return [bus_pb2.DESCRIPTOR.services_by_name["Bus"].full_name]
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        """Register the Bus servicer."""
+        bus_pb2_grpc.add_BusServicer_to_server(self.servicer, server)
+
+    async def start(self, context: ControlPlaneContext) -> None:
+        """Open the store and start housekeeping."""
+        await self.broker.start()
+
+    async def stop(self) -> None:
+        """Close subscriptions and the store."""
+        await self.broker.stop()
