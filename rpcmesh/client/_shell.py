@@ -1,0 +1,48 @@
+"""Helpers shared by the asyncio and sync shells: metadata, errors and outcomes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from rpcmesh.client.attempts import ATTEMPT_KEY, AttemptOutcome, attempt_reached_server, parse_pushback
+from rpcmesh.client.context import REQUEST_ID_KEY, current_call
+
+__all__ = ["attempt_metadata", "mesh_error", "outcome_of"]
+
+MetadataLike = Any
+
+
+def attempt_metadata(metadata: MetadataLike, attempt: int) -> tuple[tuple[str, str | bytes], ...]:
+    """A copy of the caller's metadata plus the attempt number and the propagated request id."""
+    items: list[tuple[str, str | bytes]] = [] if metadata is None else [(k, v) for k, v in metadata]
+    items.append((ATTEMPT_KEY, str(attempt)))
+    incoming = current_call.get()
+    if incoming is not None and incoming.request_id and all(k != REQUEST_ID_KEY for k, _ in items):
+        items.append((REQUEST_ID_KEY, incoming.request_id))
+    return tuple(items)
+
+
+def mesh_error(code: grpc.StatusCode, message: str) -> grpc.aio.AioRpcError:
+    """An RpcError raised by the mesh itself (no instance, open breaker, deadline spent)."""
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=message)
+
+
+def outcome_of(error: grpc.RpcError, duration: float, *, committed: bool = False) -> AttemptOutcome:
+    """The attempt outcome a failed call reports."""
+    code: grpc.StatusCode = error.code()
+    details: str = error.details() or ""
+    try:
+        trailing = error.trailing_metadata()
+    except Exception:  # a sync error may not carry metadata
+        trailing = None
+    return AttemptOutcome(
+        code=code,
+        details=details,
+        reached_server=attempt_reached_server(code, details),
+        pushback_ms=parse_pushback(trailing),
+        committed=committed,
+        duration=duration,
+    )

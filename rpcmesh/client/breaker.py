@@ -1,0 +1,206 @@
+"""Circuit breaker state machine: closed, open, half-open. Pure; the clock is injected.
+
+Closed: calls flow; outcomes go into a count-based sliding window. The breaker
+opens on ``consecutive_failures`` failures in a row, or, once the window holds
+``minimum_calls``, when the failure rate (or slow-call rate) reaches its
+threshold. Open: nothing is admitted until ``open_duration`` has passed, then
+it turns half-open and admits ``half_open_probes`` probe calls: if all succeed
+it closes, the first failure opens it again.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from rpcmesh.client.policy import BreakerPolicy
+
+__all__ = ["BreakerSnapshot", "BreakerState", "CircuitBreaker"]
+
+
+class BreakerState(enum.Enum):
+    """The three states of a circuit breaker."""
+
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+@dataclass(frozen=True)
+class BreakerSnapshot:
+    """A breaker's state as the API reports it."""
+
+    name: str
+    """e.g. ``instance echo/echo-1`` or ``service echo``."""
+
+    state: BreakerState
+    """Current state."""
+
+    failure_rate: float
+    """Share of failed calls in the window (0 when empty)."""
+
+    slow_call_rate: float
+    """Share of slow calls in the window (0 when empty)."""
+
+    calls_in_window: int
+    """Calls currently in the window."""
+
+    consecutive_failures: int
+    """Failures in a row."""
+
+    reason: str
+    """Why it last opened ('' when it never did)."""
+
+    retry_in: float
+    """Seconds until an open breaker turns half-open (0 otherwise)."""
+
+
+class CircuitBreaker:
+    """One circuit breaker; thread-safe so the sync and asyncio shells share it."""
+
+    def __init__(self, name: str, policy: BreakerPolicy, clock: Callable[[], float] = time.monotonic) -> None:
+        self.name = name
+        self.policy = policy
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._state = BreakerState.CLOSED
+        self._window: deque[tuple[bool, bool]] = deque(maxlen=policy.window)
+        self._failures_in_window = 0
+        self._slow_in_window = 0
+        self._consecutive = 0
+        self._opened_at = 0.0
+        self._probes_left = 0
+        self._probe_successes = 0
+        self._reason = ""
+        self.transitions: list[tuple[BreakerState, BreakerState]] = []
+
+    def _advance(self, now: float) -> None:
+        if self._state is BreakerState.OPEN and now - self._opened_at >= self.policy.open_duration:
+            self._move(BreakerState.HALF_OPEN)
+            self._probes_left = self.policy.half_open_probes
+            self._probe_successes = 0
+
+    def _move(self, state: BreakerState) -> None:
+        self.transitions.append((self._state, state))
+        if len(self.transitions) > 100:
+            del self.transitions[:50]
+        self._state = state
+
+    @property
+    def state(self) -> BreakerState:
+        """The current state (an open breaker turns half-open once its wait is over)."""
+        with self._lock:
+            self._advance(self._clock())
+            return self._state
+
+    def admits(self) -> bool:
+        """Whether a call would be admitted now, without taking a probe permit."""
+        with self._lock:
+            self._advance(self._clock())
+            if self._state is BreakerState.CLOSED:
+                return True
+            return self._state is BreakerState.HALF_OPEN and self._probes_left > 0
+
+    def acquire(self) -> bool:
+        """Admit one call: always when closed, a probe permit when half-open, never when open."""
+        with self._lock:
+            self._advance(self._clock())
+            if self._state is BreakerState.CLOSED:
+                return True
+            if self._state is BreakerState.HALF_OPEN and self._probes_left > 0:
+                self._probes_left -= 1
+                return True
+            return False
+
+    def record(self, *, failed: bool, duration: float = 0.0) -> None:
+        """Record the outcome of an admitted call."""
+        slow = self.policy.slow_call_duration is not None and duration >= self.policy.slow_call_duration
+        with self._lock:
+            self._advance(self._clock())
+            if self._state is BreakerState.OPEN:
+                return
+            if self._state is BreakerState.HALF_OPEN:
+                if failed or slow:
+                    self._open("probe failed" if failed else "probe was slow")
+                    return
+                self._probe_successes += 1
+                if self._probe_successes >= self.policy.half_open_probes:
+                    self._close()
+                return
+            self._push(failed, slow)
+            self._consecutive = self._consecutive + 1 if failed else 0
+            limit = self.policy.consecutive_failures
+            if limit and self._consecutive >= limit:
+                self._open(f"{self._consecutive} consecutive failures")
+                return
+            calls = len(self._window)
+            if calls >= self.policy.minimum_calls:
+                rate = self._failures_in_window / calls
+                if rate >= self.policy.failure_rate:
+                    self._open(f"failure rate {rate:.0%} over {calls} calls")
+                    return
+                slow_rate = self._slow_in_window / calls
+                if self.policy.slow_call_duration is not None and slow_rate >= self.policy.slow_call_rate:
+                    self._open(f"slow-call rate {slow_rate:.0%} over {calls} calls")
+
+    def release(self) -> None:
+        """Give back a probe permit taken by :meth:`acquire` for a call that never ran."""
+        with self._lock:
+            if self._state is BreakerState.HALF_OPEN:
+                self._probes_left = min(self._probes_left + 1, self.policy.half_open_probes)
+
+    def _push(self, failed: bool, slow: bool) -> None:
+        if len(self._window) == self._window.maxlen:
+            old_failed, old_slow = self._window[0]
+            self._failures_in_window -= old_failed
+            self._slow_in_window -= old_slow
+        self._window.append((failed, slow))
+        self._failures_in_window += failed
+        self._slow_in_window += slow
+
+    def _open(self, reason: str) -> None:
+        self._move(BreakerState.OPEN)
+        self._opened_at = self._clock()
+        self._reason = reason
+        self._probes_left = 0
+
+    def _close(self) -> None:
+        self._move(BreakerState.CLOSED)
+        self._window.clear()
+        self._failures_in_window = 0
+        self._slow_in_window = 0
+        self._consecutive = 0
+
+    def snapshot(self) -> BreakerSnapshot:
+        """The breaker's state for the API."""
+        with self._lock:
+            now = self._clock()
+            self._advance(now)
+            calls = len(self._window)
+            retry_in = 0.0
+            if self._state is BreakerState.OPEN:
+                retry_in = max(0.0, self.policy.open_duration - (now - self._opened_at))
+            return BreakerSnapshot(
+                name=self.name,
+                state=self._state,
+                failure_rate=self._failures_in_window / calls if calls else 0.0,
+                slow_call_rate=self._slow_in_window / calls if calls else 0.0,
+                calls_in_window=calls,
+                consecutive_failures=self._consecutive,
+                reason=self._reason,
+                retry_in=retry_in,
+            )
+
+    def describe(self) -> str:
+        """One line naming the breaker and its state, for error messages."""
+        snap = self.snapshot()
+        text = f"circuit breaker '{self.name}' is {snap.state.value}"
+        if snap.reason:
+            text += f" ({snap.reason})"
+        if snap.state is BreakerState.OPEN:
+            text += f"; half-open in {snap.retry_in:.1f}s"
+        return text

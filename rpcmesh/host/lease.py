@@ -1,0 +1,236 @@
+"""Keeps a service instance registered: one KeepAlive stream, registering again when the lease is lost.
+
+The keeper registers the instance, then renews its lease over a single
+``Registry.KeepAlive`` stream every third of the TTL. A renewal answered with
+NOT_FOUND (the lease expired, e.g. while the Registry was down or restarted
+with its leases gone) or PERMISSION_DENIED makes it register again, keeping the
+instance id. A broken stream or unreachable Registry is retried with
+exponential backoff, rotating over the configured Registry addresses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+
+import grpc
+import grpc.aio
+from google.protobuf import duration_pb2
+
+from rpcmesh.client.backoff import ExponentialBackoff
+from rpcmesh.v1 import registry_pb2, registry_pb2_grpc
+
+__all__ = ["LeaseKeeper", "LeaseLostError"]
+
+logger = logging.getLogger(__name__)
+
+_CODE_OK = 0
+_CODE_NOT_FOUND = 5
+_CODE_PERMISSION_DENIED = 7
+
+
+class LeaseLostError(Exception):
+    """The Registry no longer knows the lease; the instance must register again."""
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    value = duration_pb2.Duration()
+    value.FromMilliseconds(round(seconds * 1000))
+    return value
+
+
+class LeaseKeeper:
+    """Registers one instance and keeps its lease alive until stopped.
+
+    Attributes:
+        instance_id: The registered instance id (assigned by the Registry when not given).
+        registrations: How many times the instance was registered (1 + re-registrations).
+    """
+
+    def __init__(
+        self,
+        instance: registry_pb2.Instance,
+        *,
+        ttl: float,
+        registries: Sequence[str],
+        rpc_timeout: float = 3.0,
+    ) -> None:
+        self._instance = instance
+        self._ttl = ttl
+        self._registries = list(registries)
+        self._rpc_timeout = rpc_timeout
+        self._index = 0
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: registry_pb2_grpc.RegistryAsyncStub | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._lease_id = ""
+        self._lease_token = ""
+        self._registered = asyncio.Event()
+        self.instance_id = instance.instance_id
+        self.registrations = 0
+
+    @property
+    def registered(self) -> bool:
+        """Whether the instance currently holds a lease (as far as the keeper knows)."""
+        return self._registered.is_set()
+
+    @property
+    def lease_id(self) -> str:
+        """The current lease id, empty when not registered."""
+        return self._lease_id
+
+    async def start(self, wait: float = 10.0) -> bool:
+        """Start keeping the lease; waits up to ``wait`` seconds for the first registration.
+
+        Returns whether the instance is registered; when not, the keeper goes on
+        trying in the background.
+        """
+        self._task = asyncio.create_task(self._run(), name=f"lease-keeper-{self._instance.service}")
+        try:
+            await asyncio.wait_for(asyncio.shield(self._registered.wait()), wait)
+        except TimeoutError:
+            logger.warning("%s: not registered after %.1fs; still trying", self._instance.service, wait)
+        return self.registered
+
+    async def stop(self, *, deregister: bool = True) -> None:
+        """Stop renewing; report NOT_SERVING and deregister (best effort)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if deregister and self._lease_token and self._stub is not None:
+            try:
+                await self._stub.ReportHealth(
+                    registry_pb2.ReportHealthRequest(
+                        service=self._instance.service,
+                        instance_id=self.instance_id,
+                        lease_token=self._lease_token,
+                        status=registry_pb2.SERVING_STATUS_NOT_SERVING,
+                    ),
+                    timeout=self._rpc_timeout,
+                )
+            except grpc.aio.AioRpcError as exc:
+                logger.info("reporting NOT_SERVING failed: %s", exc.code().name)
+            try:
+                await self._stub.Deregister(
+                    registry_pb2.DeregisterRequest(
+                        service=self._instance.service,
+                        instance_id=self.instance_id,
+                        lease_token=self._lease_token,
+                    ),
+                    timeout=self._rpc_timeout,
+                )
+            except grpc.aio.AioRpcError as exc:
+                logger.warning("deregistering %s failed: %s", self.instance_id, exc.code().name)
+        self._registered.clear()
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+            self._stub = None
+
+    def _connect(self) -> registry_pb2_grpc.RegistryAsyncStub:
+        if self._stub is None:
+            address = self._registries[self._index % len(self._registries)]
+            self._channel = grpc.aio.insecure_channel(address)
+            self._stub = registry_pb2_grpc.RegistryStub(self._channel)
+        return self._stub
+
+    async def _rotate(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+        self._channel = None
+        self._stub = None
+        self._index += 1
+
+    async def _run(self) -> None:
+        backoff = ExponentialBackoff(initial=0.1, maximum=min(5.0, self._ttl / 3))
+        while True:
+            try:
+                if not self._lease_id:
+                    await self._register()
+                    backoff.reset()
+                await self._keep_alive(backoff)
+            except LeaseLostError as exc:
+                logger.warning(
+                    "%s/%s: lease lost (%s); registering again", self._instance.service, self.instance_id, exc
+                )
+                self._lease_id = ""
+                self._registered.clear()
+            except grpc.aio.AioRpcError as exc:
+                delay = backoff.next()
+                logger.info(
+                    "registry call failed (%s: %s); retrying in %.2fs", exc.code().name, exc.details(), delay
+                )
+                if exc.code() in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.ALREADY_EXISTS):
+                    # Our token no longer matches; register afresh under the same id.
+                    self._lease_token = ""
+                    self._lease_id = ""
+                    self._registered.clear()
+                if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    await self._rotate()
+                await asyncio.sleep(delay)
+
+    async def _register(self) -> None:
+        stub = self._connect()
+        instance = registry_pb2.Instance()
+        instance.CopyFrom(self._instance)
+        instance.instance_id = self.instance_id
+        response = await stub.Register(
+            registry_pb2.RegisterRequest(
+                instance=instance, ttl=_duration(self._ttl), lease_token=self._lease_token
+            ),
+            timeout=self._rpc_timeout,
+        )
+        self.instance_id = response.instance_id
+        self._lease_id = response.lease_id
+        self._lease_token = response.lease_token
+        self.registrations += 1
+        self._registered.set()
+        logger.info(
+            "registered %s/%s at %s (lease %s)",
+            instance.service,
+            self.instance_id,
+            instance.address,
+            self._lease_id,
+        )
+
+    async def _keep_alive(self, backoff: ExponentialBackoff) -> None:
+        stub = self._connect()
+        interval = self._ttl / 3
+        call = stub.KeepAlive()
+        try:
+            while True:
+                await call.write(
+                    registry_pb2.KeepAliveRequest(lease_id=self._lease_id, lease_token=self._lease_token)
+                )
+                response = await asyncio.wait_for(call.read(), timeout=max(interval, self._rpc_timeout))
+                if response is grpc.aio.EOF:
+                    raise grpc.aio.AioRpcError(
+                        grpc.StatusCode.UNAVAILABLE,
+                        grpc.aio.Metadata(),
+                        grpc.aio.Metadata(),
+                        "KeepAlive stream ended",
+                    )
+                assert isinstance(response, registry_pb2.KeepAliveResponse)
+                if response.code == _CODE_NOT_FOUND:
+                    raise LeaseLostError(response.message or "NOT_FOUND")
+                if response.code == _CODE_PERMISSION_DENIED:
+                    self._lease_token = ""
+                    raise LeaseLostError(response.message or "PERMISSION_DENIED")
+                if response.code != _CODE_OK:
+                    logger.warning("lease renewal answered %d: %s", response.code, response.message)
+                backoff.reset()
+                self._registered.set()
+                await asyncio.sleep(interval)
+        except TimeoutError as exc:
+            raise grpc.aio.AioRpcError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                grpc.aio.Metadata(),
+                grpc.aio.Metadata(),
+                "KeepAlive answer timed out",
+            ) from exc
+        finally:
+            call.cancel()
