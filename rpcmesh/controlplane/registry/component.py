@@ -9,6 +9,7 @@ import grpc.aio
 from rpcmesh.controlplane.component import ControlPlaneContext
 from rpcmesh.controlplane.config import ControlPlaneConfig
 from rpcmesh.controlplane.registry.node import RegistryNode
+from rpcmesh.controlplane.registry.prober import HealthProber
 from rpcmesh.controlplane.registry.servicer import RegistryServicer
 from rpcmesh.controlplane.registry.settings import RegistrySettings
 from rpcmesh.controlplane.registry.sqlite_store import SqliteRegistryStore
@@ -48,7 +49,7 @@ class RegistryComponent:
             store if store is not None else build_store(config, self.settings), self.settings
         )
         self.servicer = RegistryServicer(self.node)
-        self._prober: object | None = None
+        self.prober = HealthProber(self.node)
 
     @property
     def service_names(self) -> Sequence[str]:
@@ -62,7 +63,10 @@ class RegistryComponent:
     async def start(self, context: ControlPlaneContext) -> None:
         """Open the store, load the view and start lease expiry."""
         await self.node.start()
+        if self.settings.probes_enabled:
+            self.prober.start()
 
     async def stop(self) -> None:
         """End watches, stop background work and close the store."""
+        await self.prober.stop()
         await self.node.stop()

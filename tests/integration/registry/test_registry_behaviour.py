@@ -305,3 +305,49 @@ async def test_other_bad_requests(registry: registry_pb2_grpc.RegistryStub) -> N
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await watch.read()
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_active_probe_with_flap_damping(registry: registry_pb2_grpc.RegistryStub) -> None:
+    from google.protobuf import duration_pb2
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    server = grpc.aio.server()
+    servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    await servicer.set("echo", health_pb2.HealthCheckResponse.SERVING)
+    check = registry_pb2.GrpcHealthCheck(
+        service_name="echo",
+        interval=duration_pb2.Duration(nanos=200_000_000),
+        timeout=duration_pb2.Duration(nanos=150_000_000),
+        failures_before_critical=2,
+        successes_before_passing=2,
+    )
+    watch = None
+    try:
+        reg = await register(registry, port=port, health_check=check)
+        watch = registry.Watch(registry_pb2.WatchRequest(service="echo", after_revision=reg.revision))
+        assert await resolve_ids(registry, "echo") == {reg.instance_id}
+        await servicer.set("echo", health_pb2.HealthCheckResponse.NOT_SERVING)
+        await eventually(lambda: _absent(registry, reg.instance_id))
+        assert await resolve_ids(registry, "echo", include_unhealthy=True) == {reg.instance_id}
+        await servicer.set("echo", health_pb2.HealthCheckResponse.SERVING)
+        await eventually(lambda: _present(registry, reg.instance_id))
+        events: list[registry_pb2.WatchEvent] = []
+        while len(events) < 2:
+            events.extend((await asyncio.wait_for(watch.read(), 10)).events)
+        assert [(e.type, e.instance.health) for e in events] == [
+            (HEALTH, registry_pb2.HEALTH_STATE_CRITICAL),
+            (HEALTH, registry_pb2.HEALTH_STATE_PASSING),
+        ]
+        await server.stop(0)  # probes now fail to connect: critical again
+        await eventually(lambda: _absent(registry, reg.instance_id))
+    finally:
+        if watch is not None:
+            watch.cancel()
+        await server.stop(0)
+
+
+async def _present(registry: registry_pb2_grpc.RegistryStub, instance_id: str) -> bool:
+    return instance_id in await resolve_ids(registry, "echo")
