@@ -1,0 +1,240 @@
+"""A subscriber that runs a handler per delivery and acks, naks or terminates for it.
+
+The handler gets a :class:`Received` (the message and its attempt). Returning
+acks the message; raising :class:`Terminate` dead-letters it at once; any other
+exception naks it (the Bus redelivers after its backoff, then dead-letters
+after ``max_deliveries``). Acks are gathered and sent in batches. When the
+stream breaks (Bus restart, network) the subscriber reopens it with backoff;
+deliveries that were in flight come back, so handlers must be idempotent
+(at-least-once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+import grpc.aio
+from google.protobuf.message import Message
+
+from rpcmesh.bus.payloads import decode
+from rpcmesh.errors import RpcMeshError, StatusError, from_rpc_error
+from rpcmesh.v1 import bus_pb2, bus_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=Message)
+
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
+
+
+class Terminate(RpcMeshError):
+    """Raise from a handler to dead-letter the message without retrying."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Received:
+    """One delivery handed to a handler."""
+
+    message: bus_pb2.BusMessage
+    """The message, headers and all."""
+    attempt: int
+    """1 on first delivery."""
+
+    def payload(self, kind: type[M]) -> M:
+        """The payload parsed as a protobuf message of ``kind``."""
+        return decode(self.message, kind)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The message headers (traceparent, baggage, x-correlation-id...)."""
+        return dict(self.message.headers)
+
+
+Handler = Callable[[Received], Awaitable[object]]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SubscriberConfig:
+    """How a :class:`Subscriber` subscribes and runs its handler."""
+
+    topic: str
+    """Topic or pattern."""
+    group: str = ""
+    """Consumer group; empty with broadcast=True."""
+    broadcast: bool = False
+    """Every subscriber receives every message (no durable acks)."""
+    start: str = "new_only"
+    """Where a new group starts: ``new_only`` or ``earliest``."""
+    max_in_flight: int = 256
+    """Deliveries unacknowledged at once."""
+    concurrency: int = 64
+    """Handlers running at once."""
+    ack_deadline: float = 30.0
+    """Seconds before the Bus redelivers an unacknowledged message."""
+    max_deliveries: int = 5
+    """Attempts before dead-lettering."""
+    redelivery_backoff: float = 1.0
+    """First redelivery delay."""
+    ack_interval: float = 0.005
+    """Seconds acks are gathered before being sent."""
+    reconnect_backoff: float = 0.2
+    """First delay before reopening a broken stream (doubles to 5 s)."""
+
+    def __post_init__(self) -> None:
+        if not self.topic:
+            raise ValueError("topic: must not be empty")
+        if self.broadcast == bool(self.group):
+            raise ValueError("group: required unless broadcast=True (and empty then)")
+        if self.start not in ("new_only", "earliest"):
+            raise ValueError(f"start: must be 'new_only' or 'earliest', got {self.start!r}")
+        if self.max_in_flight < 1 or self.concurrency < 1:
+            raise ValueError("max_in_flight and concurrency: must be >= 1")
+
+    def options(self) -> bus_pb2.SubscriptionOptions:
+        """The first Subscribe request."""
+        options = bus_pb2.SubscriptionOptions(
+            topic=self.topic,
+            group=self.group,
+            mode=bus_pb2.DELIVERY_MODE_BROADCAST if self.broadcast else bus_pb2.DELIVERY_MODE_GROUP,
+            max_in_flight=self.max_in_flight,
+            max_deliveries=self.max_deliveries,
+        )
+        if self.start == "earliest":
+            options.start.earliest = True
+        else:
+            options.start.new_only = True
+        options.ack_deadline.FromNanoseconds(int(self.ack_deadline * 1e9))
+        options.redelivery_backoff.FromNanoseconds(int(self.redelivery_backoff * 1e9))
+        return options
+
+
+class Subscriber:
+    """Runs ``handler`` for every delivery (see module docstring).
+
+    Usage::
+
+        subscriber = Subscriber(channel, SubscriberConfig(topic="orders.*", group="billing"), handle)
+        await subscriber.start()
+        ...
+        await subscriber.stop()
+    """
+
+    def __init__(self, channel: grpc.aio.Channel, config: SubscriberConfig, handler: Handler) -> None:
+        self._stub = bus_pb2_grpc.BusStub(channel)
+        self.config = config
+        self.handler = handler
+        self._task: asyncio.Task[None] | None = None
+        self._opened = asyncio.Event()
+        self.error: StatusError | None = None
+        """The last error that ended a stream."""
+
+    async def start(self, wait_open: float | None = 10.0) -> None:
+        """Start the subscription; waits until the Bus confirmed it (None: do not wait)."""
+        self._task = asyncio.create_task(self.run())
+        if wait_open is not None:
+            opened = asyncio.create_task(self._opened.wait())
+            done, _ = await asyncio.wait(
+                {opened, self._task}, timeout=wait_open, return_when="FIRST_COMPLETED"
+            )
+            if self._task in done:
+                opened.cancel()
+                self._task.result()
+            if not done:
+                opened.cancel()
+                raise TimeoutError(f"subscription to {self.config.topic!r} not opened within {wait_open} s")
+
+    async def stop(self) -> None:
+        """End the subscription; handlers still running are cancelled (their messages come back)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def run(self) -> None:
+        """Subscribe until cancelled, reopening broken streams; non-retryable errors are raised."""
+        delay = self.config.reconnect_backoff
+        while True:
+            try:
+                await self._run_once()
+                delay = self.config.reconnect_backoff
+            except grpc.aio.AioRpcError as exc:
+                self.error = from_rpc_error(exc)
+                if exc.code() not in RETRYABLE:
+                    raise self.error from exc
+                logger.info(
+                    "bus subscription to %s broke (%s); reopening", self.config.topic, exc.code().name
+                )
+            self._opened.clear()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    async def _run_once(self) -> None:
+        requests: asyncio.Queue[bus_pb2.SubscribeRequest] = asyncio.Queue()
+        requests.put_nowait(bus_pb2.SubscribeRequest(open=self.config.options()))
+
+        async def iterate() -> AsyncIterator[bus_pb2.SubscribeRequest]:
+            while True:
+                yield await requests.get()
+
+        acks: list[bus_pb2.MessageRef] = []
+        ack_ready = asyncio.Event()
+        slots = asyncio.Semaphore(self.config.concurrency)
+        handlers: set[asyncio.Task[None]] = set()
+
+        async def send_acks() -> None:
+            while True:
+                await ack_ready.wait()
+                await asyncio.sleep(self.config.ack_interval)
+                ack_ready.clear()
+                refs = acks[:]
+                acks.clear()
+                if refs:
+                    requests.put_nowait(bus_pb2.SubscribeRequest(ack=bus_pb2.Ack(refs=refs)))
+
+        async def handle(delivery: bus_pb2.Delivery) -> None:
+            ref = bus_pb2.MessageRef(topic=delivery.message.topic, sequence=delivery.message.sequence)
+            try:
+                await self.handler(Received(delivery.message, delivery.attempt))
+            except Terminate as exc:
+                requests.put_nowait(
+                    bus_pb2.SubscribeRequest(term=bus_pb2.Term(refs=[ref], reason=exc.reason))
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("handler failed on %s#%d", ref.topic, ref.sequence)
+                requests.put_nowait(bus_pb2.SubscribeRequest(nak=bus_pb2.Nak(refs=[ref])))
+            else:
+                acks.append(ref)
+                ack_ready.set()
+            finally:
+                slots.release()
+
+        call = self._stub.Subscribe(iterate())
+        acker = asyncio.create_task(send_acks())
+        try:
+            async for response in call:
+                if response.opened:
+                    self._opened.set()
+                for delivery in response.deliveries:
+                    await slots.acquire()
+                    task = asyncio.create_task(handle(delivery))
+                    handlers.add(task)
+                    task.add_done_callback(handlers.discard)
+        finally:
+            call.cancel()
+            acker.cancel()
+            for task in list(handlers):
+                task.cancel()
+            await asyncio.gather(acker, *handlers, return_exceptions=True)
