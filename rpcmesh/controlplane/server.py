@@ -30,6 +30,11 @@ def build_components(config: ControlPlaneConfig) -> list[Component]:
     from rpcmesh.controlplane.bus.component import BusComponent
 
     components.append(BusComponent(config))
+    from rpcmesh.controlplane.eventstore.component import EventStoreComponent
+    from rpcmesh.controlplane.saga.component import SagaCoordinatorComponent
+
+    eventstore = EventStoreComponent(config)
+    components += [eventstore, SagaCoordinatorComponent(config, eventstore=eventstore)]
     return components
 
 

@@ -5,11 +5,11 @@ from pathlib import Path
 
 import grpc.aio
 import pytest
+from rpcmesh.v1 import eventstore_pb2_grpc
 
 from rpcmesh.controlplane.config import ControlPlaneConfig
 from rpcmesh.controlplane.eventstore.component import EventStoreComponent
 from rpcmesh.controlplane.server import ControlPlane
-from rpcmesh.v1 import eventstore_pb2_grpc
 from tests.support import backends
 
 

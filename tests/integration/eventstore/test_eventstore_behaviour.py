@@ -7,10 +7,10 @@ import asyncio
 import grpc
 import grpc.aio
 import pytest
-
-from rpcmesh.errors import FailedPreconditionError, InvalidArgumentError, from_rpc_error
 from rpcmesh.v1 import eventstore_pb2 as pb
 from rpcmesh.v1 import eventstore_pb2_grpc
+
+from rpcmesh.errors import FailedPreconditionError, InvalidArgumentError, from_rpc_error
 
 Stub = eventstore_pb2_grpc.EventStoreStub
 

@@ -1,0 +1,21 @@
+"""SagaCoordinator: orchestrated sagas with compensation, event-sourced on the EventStore.
+
+The decisions live in the pure :mod:`~rpcmesh.controlplane.saga.machine`;
+:class:`SagaEngine` does the I/O, writing every transition to the saga's
+stream before acting on it.
+"""
+
+from rpcmesh.controlplane.saga.component import SagaCoordinatorComponent
+from rpcmesh.controlplane.saga.definition import RetrySettings, validate_definition
+from rpcmesh.controlplane.saga.engine import SagaEngine
+from rpcmesh.controlplane.saga.invoker import RegistryStepInvoker, StepCallError, StepInvoker
+
+__all__ = [
+    "RegistryStepInvoker",
+    "RetrySettings",
+    "SagaCoordinatorComponent",
+    "SagaEngine",
+    "StepCallError",
+    "StepInvoker",
+    "validate_definition",
+]

@@ -1,0 +1,79 @@
+"""SagaCoordinator as a control-plane component, on the same process's EventStore storage."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+
+import grpc.aio
+
+from rpcmesh.controlplane.component import ControlPlaneContext
+from rpcmesh.controlplane.config import ControlPlaneConfig
+from rpcmesh.controlplane.eventstore.component import EventStoreComponent
+from rpcmesh.controlplane.saga.engine import SagaEngine
+from rpcmesh.controlplane.saga.invoker import RegistryStepInvoker, StepInvoker
+from rpcmesh.controlplane.saga.servicer import SagaCoordinatorServicer
+from rpcmesh.v1 import registry_pb2, registry_pb2_grpc, saga_pb2, saga_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+
+class SagaCoordinatorComponent:
+    """Serves rpcmesh.v1.SagaCoordinator; resumes unfinished sagas once the Registry answers."""
+
+    def __init__(
+        self,
+        config: ControlPlaneConfig,
+        *,
+        eventstore: EventStoreComponent,
+        invoker: StepInvoker | None = None,
+    ) -> None:
+        self.config = config
+        self.eventstore = eventstore
+        self._invoker = invoker
+        self._servicer = SagaCoordinatorServicer()
+        self.engine: SagaEngine | None = None
+        self._resume_task: asyncio.Task[None] | None = None
+
+    @property
+    def service_names(self) -> Sequence[str]:
+        """rpcmesh.v1.SagaCoordinator."""
+        return [saga_pb2.DESCRIPTOR.services_by_name["SagaCoordinator"].full_name]
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        """Register the servicer."""
+        saga_pb2_grpc.add_SagaCoordinatorServicer_to_server(self._servicer, server)
+
+    async def start(self, context: ControlPlaneContext) -> None:
+        """Load definitions and sagas; resume the unfinished ones in the background."""
+        await self.eventstore.ensure_open()
+        invoker = self._invoker or RegistryStepInvoker(context.address)
+        self.engine = SagaEngine(self.eventstore.storage, invoker)
+        await self.engine.start()
+        self._servicer.engine = self.engine
+        self._resume_task = asyncio.create_task(self._resume(context.address), name="saga-resume")
+
+    async def _resume(self, address: str) -> None:
+        # Components start before the server accepts calls; a resumed step must
+        # not burn its attempts on a Registry that is not serving yet.
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = registry_pb2_grpc.RegistryStub(channel)
+            for _ in range(300):
+                try:
+                    await stub.ListServices(registry_pb2.ListServicesRequest(page_size=1), timeout=1.0)
+                    break
+                except grpc.aio.AioRpcError:
+                    await asyncio.sleep(0.1)
+        assert self.engine is not None
+        self.engine.resume_all()
+
+    async def stop(self) -> None:
+        """Stop the runners (the EventStore component closes the storage)."""
+        if self._resume_task is not None:
+            self._resume_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._resume_task
+        if self.engine is not None:
+            await self.engine.stop()

@@ -1,0 +1,479 @@
+"""The saga engine: runs every saga's state machine, writing each transition to the EventStore first.
+
+Each saga has a runner task. Under the saga's lock the runner asks the pure
+state machine (:func:`decide`) what to do, records the transition in the
+saga's stream (``saga-<id>``) with the expected revision, then acts. Outcomes
+of calls are appended together with the next transition (one write per step),
+so a crash can lose only an outcome, and the call is then made again with the
+same idempotency key. A write conflict (another writer touched the stream)
+reloads the saga from its stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from rpcmesh.controlplane.eventstore.model import NO_STREAM, NewEvent, StoredEvent, WrongExpectedVersion
+from rpcmesh.controlplane.eventstore.storage import EventStorage
+from rpcmesh.controlplane.saga import machine
+from rpcmesh.controlplane.saga.definition import step_timeout, validate_definition, validate_input
+from rpcmesh.controlplane.saga.invoker import (
+    CORRELATION_ID_KEY,
+    IDEMPOTENCY_KEY,
+    SAGA_ID_KEY,
+    SAGA_PHASE_KEY,
+    SAGA_STEP_KEY,
+    StepCallError,
+    StepInvoker,
+)
+from rpcmesh.controlplane.saga.machine import SagaEvent, SagaView
+from rpcmesh.controlplane.saga.wire import WireError
+from rpcmesh.errors import (
+    AlreadyExistsError,
+    FailedPreconditionError,
+    NotFoundError,
+    invalid_argument,
+    status_code_name,
+)
+from rpcmesh.v1 import saga_pb2 as pb
+
+logger = logging.getLogger(__name__)
+
+SAGA_STREAM_PREFIX = "saga-"
+DEFINITION_STREAM_PREFIX = "sagadef-"
+DEFINITION_REGISTERED = "DefinitionRegistered"
+_JSON = "application/json"
+_KEY_NAMESPACE = uuid.UUID("6f1c1d52-7d8e-4a8e-9a51-3b1f3c7d2e10")
+
+
+def saga_stream(saga_id: str) -> str:
+    """The EventStore stream of a saga."""
+    return SAGA_STREAM_PREFIX + saga_id
+
+
+def saga_id_for_key(idempotency_key: str) -> str:
+    """Same client key, same saga id: the stream itself makes StartSaga idempotent."""
+    return uuid.uuid5(_KEY_NAMESPACE, idempotency_key).hex
+
+
+def to_stored(event: SagaEvent) -> NewEvent:
+    """A saga event as an EventStore event (JSON body; the time travels in the body)."""
+    body = {"time": event.time, **event.data}
+    return NewEvent(
+        event_id=str(uuid.uuid4()),
+        event_type=event.kind,
+        data=json.dumps(body, separators=(",", ":")).encode(),
+        content_type=_JSON,
+    )
+
+
+def from_stored(event: StoredEvent) -> SagaEvent:
+    """Inverse of :func:`to_stored`."""
+    body = json.loads(event.data)
+    when = float(body.pop("time", event.recorded_at))
+    return SagaEvent(event.event_type, body, when)
+
+
+@dataclass
+class _Saga:
+    view: SagaView
+    revision: int
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    pending: list[SagaEvent] = field(default_factory=list)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class SagaEngine:
+    """Owns definitions and sagas of one coordinator process."""
+
+    def __init__(
+        self, storage: EventStorage, invoker: StepInvoker, *, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.storage = storage
+        self.invoker = invoker
+        self.clock = clock
+        self._sagas: dict[str, _Saga] = {}
+        self._definitions: dict[str, list[pb.SagaDefinition]] = {}
+        self._def_lock = asyncio.Lock()
+        self._stopping = False
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load definitions and sagas from the EventStore (:meth:`resume_all` runs the unfinished)."""
+        for stream, events in (await self._load_streams(DEFINITION_STREAM_PREFIX)).items():
+            name = stream.removeprefix(DEFINITION_STREAM_PREFIX)
+            self._definitions[name] = [pb.SagaDefinition.FromString(e.data) for e in events]
+        for events in (await self._load_streams(SAGA_STREAM_PREFIX)).values():
+            view = machine.fold(from_stored(e) for e in events)
+            saga = _Saga(view=view, revision=events[-1].revision)
+            self._sagas[view.saga_id] = saga
+            if view.finished:
+                saga.done.set()
+
+    def resume_all(self) -> int:
+        """Start a runner for every unfinished saga that has none; returns how many."""
+        resumed = 0
+        for saga in self._sagas.values():
+            if not saga.view.finished and saga.task is None:
+                self._spawn(saga)
+                resumed += 1
+        logger.info("saga engine resumed %d unfinished sagas", resumed)
+        return resumed
+
+    async def _load_streams(self, prefix: str) -> dict[str, list[StoredEvent]]:
+        streams: dict[str, list[StoredEvent]] = {}
+        position = 1
+        while True:
+            events, _ = await self.storage.read_all(position, limit=1000, stream_prefixes=[prefix])
+            for event in events:
+                streams.setdefault(event.stream, []).append(event)
+            if len(events) < 1000:
+                return streams
+            position = events[-1].position + 1
+
+    async def stop(self) -> None:
+        """Cancel the runners; unrecorded outcomes are re-invoked (same key) after a restart."""
+        self._stopping = True
+        tasks = [s.task for s in self._sagas.values() if s.task is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self.invoker.close()
+
+    # -- definitions ----------------------------------------------------------------------------
+
+    async def register_definition(self, definition: pb.SagaDefinition) -> pb.SagaDefinition:
+        """Store a new version (or return the identical one already stored)."""
+        validate_definition(definition)
+        async with self._def_lock:
+            versions = self._definitions.get(definition.name, [])
+            if definition.version and definition.version <= len(versions):
+                existing = versions[definition.version - 1]
+                if existing == definition:
+                    return existing
+                raise AlreadyExistsError(
+                    f"definition.version: {definition.name} v{definition.version} exists with other content"
+                )
+            if definition.version and definition.version != len(versions) + 1:
+                raise invalid_argument("definition.version", f"next version is {len(versions) + 1} (or 0)")
+            stored = pb.SagaDefinition()
+            stored.CopyFrom(definition)
+            stored.version = len(versions) + 1
+            event = NewEvent(
+                event_id=f"v{stored.version}",
+                event_type=DEFINITION_REGISTERED,
+                data=stored.SerializeToString(),
+                content_type="application/x-protobuf; messageType=rpcmesh.v1.SagaDefinition",
+            )
+            await self.storage.append(DEFINITION_STREAM_PREFIX + stored.name, len(versions) - 1, [event])
+            self._definitions[stored.name] = [*versions, stored]
+            return stored
+
+    def get_definition(self, name: str, version: int = 0, field: str = "name") -> pb.SagaDefinition:
+        """One version (0: latest); NOT_FOUND if absent."""
+        versions = self._definitions.get(name)
+        if not versions:
+            raise NotFoundError(f"{field}: no saga definition named {name!r}")
+        if version == 0:
+            return versions[-1]
+        if not 1 <= version <= len(versions):
+            raise NotFoundError(f"{name!r} has no version {version} (latest is {len(versions)})")
+        return versions[version - 1]
+
+    def list_definitions(self) -> list[pb.SagaDefinition]:
+        """Latest version of every definition, by name."""
+        return [self._definitions[name][-1] for name in sorted(self._definitions)]
+
+    # -- sagas ----------------------------------------------------------------------------------
+
+    async def start_saga(
+        self,
+        definition: pb.SagaDefinition,
+        input_data: bytes,
+        *,
+        idempotency_key: str = "",
+        labels: Mapping[str, str] | None = None,
+        trace_context: Mapping[str, str] | None = None,
+        correlation_id: str = "",
+    ) -> tuple[SagaView, bool]:
+        """Record SagaStarted plus the first step's start in one write, then run; (view, created)."""
+        validate_definition(definition)
+        validate_input(input_data)
+        saga_id = saga_id_for_key(idempotency_key) if idempotency_key else uuid.uuid4().hex
+        existing = self._sagas.get(saga_id)
+        if existing is not None:
+            return existing.view, False
+        now = self.clock()
+        first = machine.started_event(
+            saga_id=saga_id,
+            definition=definition,
+            input_data=input_data,
+            idempotency_key=idempotency_key,
+            trace_context=trace_context or {},
+            correlation_id=correlation_id,
+            labels=labels or {},
+            now=now,
+        )
+        view = machine.fold([first])
+        events = [first]
+        decision = machine.decide(view, now)
+        if isinstance(decision, machine.Invoke):
+            # Record the first call's start in the same write: one fsync fewer per saga.
+            started = SagaEvent(machine.STEP_STARTED, {"step": view.steps[0].name, "attempt": 1}, now)
+            machine.apply(view, started)
+            events.append(started)
+        try:
+            result = await self.storage.append(
+                saga_stream(saga_id), NO_STREAM, [to_stored(e) for e in events]
+            )
+        except WrongExpectedVersion:
+            # Another start with the same key won the race (or this node has not loaded it yet).
+            saga = self._sagas.get(saga_id) or await self._load(saga_id)
+            return saga.view, False
+        saga = _Saga(view=view, revision=result.current_revision)
+        self._sagas[saga_id] = saga
+        self._spawn(saga, first_invoke=decision if isinstance(decision, machine.Invoke) else None)
+        return view, True
+
+    async def _load(self, saga_id: str) -> _Saga:
+        events, _ = await self.storage.read_stream(saga_stream(saga_id), 0, backwards=False, limit=1_000_000)
+        view = machine.fold(from_stored(e) for e in events)
+        saga = _Saga(view=view, revision=events[-1].revision)
+        self._sagas[saga_id] = saga
+        if view.finished:
+            saga.done.set()
+        else:
+            self._spawn(saga)
+        return saga
+
+    def get_saga(self, saga_id: str) -> SagaView:
+        """One saga; NOT_FOUND if unknown."""
+        saga = self._sagas.get(saga_id)
+        if saga is None:
+            raise NotFoundError(f"saga_id: no saga {saga_id!r}")
+        return saga.view
+
+    def list_sagas(self) -> list[SagaView]:
+        """Every saga, newest first."""
+        return sorted((s.view for s in self._sagas.values()), key=lambda v: (-v.started_at, v.saga_id))
+
+    async def abort_saga(self, saga_id: str, reason: str) -> SagaView:
+        """Record AbortRequested; the runner compensates what completed."""
+        saga = self._sagas.get(saga_id)
+        if saga is None:
+            raise NotFoundError(f"saga_id: no saga {saga_id!r}")
+        async with saga.lock:
+            if saga.view.state != pb.SAGA_STATE_RUNNING:
+                state = pb.SagaState.Name(pb.SagaState.ValueType(saga.view.state))
+                raise FailedPreconditionError(
+                    f"saga {saga_id} is {state}; only a RUNNING saga can be aborted"
+                )
+            await self._flush(saga, [SagaEvent(machine.ABORT_REQUESTED, {"reason": reason}, self.clock())])
+        saga.wake.set()
+        return saga.view
+
+    async def wait_finished(self, saga_id: str, wait_seconds: float | None = None) -> SagaView:
+        """Wait until a saga ends (tests and benchmarks)."""
+        saga = self._sagas[saga_id]
+        await asyncio.wait_for(saga.done.wait(), wait_seconds)
+        return saga.view
+
+    async def watch(self, saga_id: str) -> AsyncIterator[tuple[SagaEvent, SagaView]]:
+        """Every recorded transition of a saga with the saga after it, from the start until it ends."""
+        self.get_saga(saga_id)
+        stream = saga_stream(saga_id)
+        after = -1
+        view: SagaView | None = None
+        while True:
+            head = await self.storage.head()
+            events, _ = await self.storage.read_stream(stream, after + 1, backwards=False, limit=1000)
+            for stored in events:
+                event = from_stored(stored)
+                after = stored.revision
+                if view is None:
+                    view = machine.fold([event])
+                else:
+                    machine.apply(view, event)
+                yield event, view
+            if view is not None and view.finished:
+                return
+            if len(events) < 1000:
+                await self.storage.wait_for_append(head, 1.0)
+
+    # -- running --------------------------------------------------------------------------------
+
+    def _spawn(self, saga: _Saga, first_invoke: machine.Invoke | None = None) -> None:
+        if self._stopping:
+            return
+        saga.task = asyncio.create_task(self._run(saga, first_invoke), name=f"saga-{saga.view.saga_id}")
+
+    async def _flush(self, saga: _Saga, extra: Sequence[SagaEvent]) -> None:
+        """Append pending outcomes plus ``extra`` at the known revision (caller holds the lock)."""
+        events = [*saga.pending, *extra]
+        if not events:
+            return
+        try:
+            result = await self.storage.append(
+                saga_stream(saga.view.saga_id), saga.revision, [to_stored(e) for e in events]
+            )
+        except WrongExpectedVersion:
+            await self._reload(saga)
+            raise
+        saga.pending.clear()
+        saga.revision = result.current_revision
+        for event in extra:
+            machine.apply(saga.view, event)
+        saga.view.updated_at = events[-1].time
+
+    async def _reload(self, saga: _Saga) -> None:
+        events, _ = await self.storage.read_stream(
+            saga_stream(saga.view.saga_id), 0, backwards=False, limit=1_000_000
+        )
+        saga.view = machine.fold(from_stored(e) for e in events)
+        saga.revision = events[-1].revision
+        saga.pending.clear()
+
+    async def _run(self, saga: _Saga, first_invoke: machine.Invoke | None) -> None:
+        try:
+            invoke = first_invoke
+            while True:
+                if invoke is None:
+                    invoke = await self._next_invoke(saga)
+                    if invoke is None:
+                        return
+                await self._call(saga, invoke)
+                invoke = None
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("saga %s runner failed; it resumes on the next start", saga.view.saga_id)
+        finally:
+            if saga.view.finished:
+                saga.done.set()
+
+    async def _next_invoke(self, saga: _Saga) -> machine.Invoke | None:
+        """Decide under the lock until a call is due; record its start. None when finished."""
+        while True:
+            async with saga.lock:
+                decision = machine.decide(saga.view, self.clock())
+                if isinstance(decision, machine.Finished):
+                    await self._flush(saga, [])
+                    return None
+                if isinstance(decision, machine.Record):
+                    now = self.clock()
+                    for kind, data in decision.events:
+                        event = SagaEvent(kind, data, now)
+                        machine.apply(saga.view, event)
+                        saga.pending.append(event)
+                    if saga.view.finished:
+                        await self._flush(saga, [])
+                        return None
+                    continue
+                if decision.delay <= 0:
+                    step = saga.view.steps[decision.step].name
+                    started = SagaEvent(
+                        machine.started_kind(decision.compensation),
+                        {"step": step, "attempt": decision.attempt},
+                        self.clock(),
+                    )
+                    try:
+                        await self._flush(saga, [started])
+                    except WrongExpectedVersion:
+                        continue
+                    return decision
+                saga.wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(saga.wake.wait(), decision.delay)
+
+    async def _call(self, saga: _Saga, invoke: machine.Invoke) -> None:
+        view = saga.view
+        step_def = view.definition.steps[invoke.step]
+        step_name = step_def.name
+        method = step_def.compensation_method if invoke.compensation else step_def.method
+        metadata = [
+            (SAGA_ID_KEY, view.saga_id),
+            (SAGA_STEP_KEY, step_name),
+            (SAGA_PHASE_KEY, "compensate" if invoke.compensation else "execute"),
+            (IDEMPOTENCY_KEY, machine.idempotency_key(view.saga_id, step_name, invoke.compensation)),
+        ]
+        if view.correlation_id:
+            metadata.append((CORRELATION_ID_KEY, view.correlation_id))
+        metadata.extend(sorted(view.trace_context.items()))
+        result: bytes | None = None
+        code, error = 0, ""
+        try:
+            request = machine.request_for(view, invoke.step, invoke.compensation)
+            result = await self.invoker.invoke(
+                step_def.service, method, request, deadline=step_timeout(step_def), metadata=metadata
+            )
+        except StepCallError as exc:
+            code, error = exc.code, f"{status_code_name(exc.code)}: {exc.message}"
+        except WireError as exc:
+            code, error = 3, f"INVALID_ARGUMENT: building the request: {exc}"
+        kind, data = machine.outcome(step_name, invoke.compensation, result=result, code=code, error=error)
+        async with saga.lock:
+            if saga.view is not view:
+                return  # reloaded after a conflict: the call is made again with the same key
+            step = view.steps[invoke.step]
+            in_flight = step.compensation_in_flight if invoke.compensation else step.in_flight
+            if not in_flight:
+                return
+            event = SagaEvent(kind, data, self.clock())
+            machine.apply(view, event)
+            saga.pending.append(event)
+
+
+def view_to_proto(view: SagaView) -> pb.Saga:
+    """A saga as the wire message."""
+    saga = pb.Saga(
+        saga_id=view.saga_id,
+        definition_name=view.definition.name,
+        definition_version=view.definition.version,
+        state=view.state,  # type: ignore[arg-type]
+        input=view.input,
+        idempotency_key=view.idempotency_key,
+        trace_context=view.trace_context,
+        correlation_id=view.correlation_id,
+        error=view.error,
+        labels=view.labels,
+    )
+    saga.started_at.FromNanoseconds(int(view.started_at * 1e9))
+    saga.updated_at.FromNanoseconds(int(view.updated_at * 1e9))
+    if view.ended_at:
+        saga.ended_at.FromNanoseconds(int(view.ended_at * 1e9))
+    for step in view.steps:
+        state = step.state
+        if view.finished and state == pb.STEP_STATE_PENDING:
+            state = pb.STEP_STATE_SKIPPED
+        execution = pb.StepExecution(
+            name=step.name,
+            state=state,  # type: ignore[arg-type]
+            attempts=step.attempts,
+            compensation_attempts=step.compensation_attempts,
+            result=step.result,
+            error=step.error,
+        )
+        if step.started_at:
+            execution.started_at.FromNanoseconds(int(step.started_at * 1e9))
+        if step.ended_at:
+            execution.ended_at.FromNanoseconds(int(step.ended_at * 1e9))
+        saga.steps.append(execution)
+    return saga
+
+
+def event_data(event: SagaEvent) -> dict[str, Any]:
+    """The body of an event (for transitions)."""
+    return dict(event.data)

@@ -1,0 +1,370 @@
+"""The saga state machine: pure, I/O-free.
+
+A saga is the fold of the events recorded in its stream (:func:`apply`).
+:func:`decide` looks at that state and the clock and says what happens next:
+invoke a step or a compensation (maybe after a backoff delay), record a
+transition, or nothing (finished). The engine does the I/O and records every
+transition before acting on it, so replaying the stream after a crash leads to
+the same decisions; a call whose outcome was not recorded is invoked again
+with the same idempotency key.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from rpcmesh.controlplane.saga.definition import (
+    DEFAULT_COMPENSATION_ATTEMPTS,
+    DEFAULT_STEP_ATTEMPTS,
+    INPUT,
+    mappings,
+    retry_settings,
+)
+from rpcmesh.controlplane.saga.wire import build_payload
+from rpcmesh.v1 import saga_pb2 as pb
+
+# Event types recorded in a saga's stream.
+SAGA_STARTED = "SagaStarted"
+STEP_STARTED = "StepStarted"
+STEP_SUCCEEDED = "StepSucceeded"
+STEP_ATTEMPT_FAILED = "StepAttemptFailed"
+STEP_FAILED = "StepFailed"
+SAGA_COMPENSATING = "SagaCompensating"
+ABORT_REQUESTED = "AbortRequested"
+COMPENSATION_STARTED = "CompensationStarted"
+COMPENSATION_SUCCEEDED = "CompensationSucceeded"
+COMPENSATION_ATTEMPT_FAILED = "CompensationAttemptFailed"
+COMPENSATION_FAILED = "CompensationFailed"
+SAGA_COMPLETED = "SagaCompleted"
+SAGA_COMPENSATED = "SagaCompensated"
+SAGA_ABORTED = "SagaAborted"
+SAGA_FAILED_COMPENSATION = "SagaFailedCompensation"
+
+TERMINAL = frozenset(
+    {
+        pb.SAGA_STATE_COMPLETED,
+        pb.SAGA_STATE_COMPENSATED,
+        pb.SAGA_STATE_FAILED_COMPENSATION,
+        pb.SAGA_STATE_ABORTED,
+    }
+)
+# A call that ended with one of these may have taken effect at the participant:
+# its step is compensated like a completed one (compensations must tolerate
+# "nothing to undo").
+AMBIGUOUS_CODES = frozenset({1, 2, 4})  # CANCELLED, UNKNOWN, DEADLINE_EXCEEDED
+
+
+@dataclass(frozen=True)
+class SagaEvent:
+    """One recorded transition."""
+
+    kind: str
+    data: Mapping[str, Any]
+    time: float
+
+
+@dataclass
+class StepView:
+    """What the recorded events say about one step."""
+
+    name: str
+    state: int = pb.STEP_STATE_PENDING
+    attempts: int = 0
+    failures: int = 0
+    in_flight: bool = False
+    last_code: int = 0
+    last_failure_at: float = 0.0
+    result: bytes = b""
+    error: str = ""
+    compensation_attempts: int = 0
+    compensation_failures: int = 0
+    compensation_in_flight: bool = False
+    compensation_last_code: int = 0
+    compensation_last_failure_at: float = 0.0
+    started_at: float = 0.0
+    ended_at: float = 0.0
+
+
+@dataclass
+class SagaView:
+    """A saga as the fold of its events."""
+
+    saga_id: str
+    definition: pb.SagaDefinition
+    input: bytes
+    idempotency_key: str
+    trace_context: dict[str, str]
+    correlation_id: str
+    labels: dict[str, str]
+    started_at: float
+    state: int = pb.SAGA_STATE_RUNNING
+    error: str = ""
+    updated_at: float = 0.0
+    ended_at: float = 0.0
+    steps: list[StepView] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        """Whether the saga reached a terminal state."""
+        return self.state in TERMINAL
+
+    def step_index(self, name: str) -> int:
+        """Position of a step by name."""
+        for index, step in enumerate(self.steps):
+            if step.name == name:
+                return index
+        raise KeyError(name)
+
+
+def b64(data: bytes) -> str:
+    """Bytes as JSON-safe text."""
+    return base64.b64encode(data).decode()
+
+
+def unb64(text: str) -> bytes:
+    """Inverse of :func:`b64`."""
+    return base64.b64decode(text.encode())
+
+
+def started_event(
+    *,
+    saga_id: str,
+    definition: pb.SagaDefinition,
+    input_data: bytes,
+    idempotency_key: str,
+    trace_context: Mapping[str, str],
+    correlation_id: str,
+    labels: Mapping[str, str],
+    now: float,
+) -> SagaEvent:
+    """The first event of a saga: everything needed to run it, including its definition."""
+    return SagaEvent(
+        SAGA_STARTED,
+        {
+            "saga_id": saga_id,
+            "definition": b64(definition.SerializeToString()),
+            "input": b64(input_data),
+            "idempotency_key": idempotency_key,
+            "trace_context": dict(trace_context),
+            "correlation_id": correlation_id,
+            "labels": dict(labels),
+        },
+        now,
+    )
+
+
+def fold(events: Iterable[SagaEvent]) -> SagaView:
+    """The saga recorded by ``events`` (the first must be SagaStarted)."""
+    iterator = iter(events)
+    first = next(iterator)
+    if first.kind != SAGA_STARTED:
+        raise ValueError(f"a saga stream starts with {SAGA_STARTED}, not {first.kind}")
+    data = first.data
+    definition = pb.SagaDefinition.FromString(unb64(data["definition"]))
+    view = SagaView(
+        saga_id=data["saga_id"],
+        definition=definition,
+        input=unb64(data["input"]),
+        idempotency_key=data["idempotency_key"],
+        trace_context=dict(data["trace_context"]),
+        correlation_id=data["correlation_id"],
+        labels=dict(data["labels"]),
+        started_at=first.time,
+        updated_at=first.time,
+        steps=[StepView(name=step.name) for step in definition.steps],
+    )
+    for event in iterator:
+        apply(view, event)
+    return view
+
+
+def apply(view: SagaView, event: SagaEvent) -> None:
+    """Advance ``view`` by one recorded event."""
+    view.updated_at = event.time
+    data = event.data
+    kind = event.kind
+    step = view.steps[view.step_index(data["step"])] if "step" in data else None
+    if kind == STEP_STARTED and step:
+        step.state = pb.STEP_STATE_RUNNING
+        step.attempts += 1
+        step.in_flight = True
+        step.started_at = step.started_at or event.time
+    elif kind == STEP_SUCCEEDED and step:
+        step.state = pb.STEP_STATE_SUCCEEDED
+        step.in_flight = False
+        step.result = unb64(data["result"])
+        step.error = ""
+        step.ended_at = event.time
+    elif kind == STEP_ATTEMPT_FAILED and step:
+        step.in_flight = False
+        step.failures += 1
+        step.last_code = int(data["code"])
+        step.last_failure_at = event.time
+        step.error = data["error"]
+    elif kind == STEP_FAILED and step:
+        step.state = pb.STEP_STATE_FAILED
+        step.ended_at = event.time
+    elif kind == SAGA_COMPENSATING:
+        view.state = pb.SAGA_STATE_COMPENSATING
+        view.error = data.get("reason", "")
+    elif kind == ABORT_REQUESTED:
+        view.state = pb.SAGA_STATE_ABORTING
+        view.error = data.get("reason", "") or "aborted"
+    elif kind == COMPENSATION_STARTED and step:
+        step.state = pb.STEP_STATE_COMPENSATING
+        step.compensation_attempts += 1
+        step.compensation_in_flight = True
+    elif kind == COMPENSATION_SUCCEEDED and step:
+        step.state = pb.STEP_STATE_COMPENSATED
+        step.compensation_in_flight = False
+        step.ended_at = event.time
+    elif kind == COMPENSATION_ATTEMPT_FAILED and step:
+        step.compensation_in_flight = False
+        step.compensation_failures += 1
+        step.compensation_last_code = int(data["code"])
+        step.compensation_last_failure_at = event.time
+        step.error = data["error"]
+    elif kind == COMPENSATION_FAILED and step:
+        step.state = pb.STEP_STATE_COMPENSATION_FAILED
+        step.ended_at = event.time
+    elif kind in _FINAL_STATES:
+        view.state = _FINAL_STATES[kind]
+        view.ended_at = event.time
+        if data.get("reason"):
+            view.error = data["reason"]
+
+
+_FINAL_STATES = {
+    SAGA_COMPLETED: pb.SAGA_STATE_COMPLETED,
+    SAGA_COMPENSATED: pb.SAGA_STATE_COMPENSATED,
+    SAGA_ABORTED: pb.SAGA_STATE_ABORTED,
+    SAGA_FAILED_COMPENSATION: pb.SAGA_STATE_FAILED_COMPENSATION,
+}
+
+
+@dataclass(frozen=True)
+class Invoke:
+    """Call a step (or its compensation), after ``delay`` seconds."""
+
+    step: int
+    compensation: bool
+    attempt: int
+    delay: float = 0.0
+
+
+@dataclass(frozen=True)
+class Record:
+    """Record transitions (kind, data) that need no call."""
+
+    events: tuple[tuple[str, dict[str, Any]], ...]
+
+
+@dataclass(frozen=True)
+class Finished:
+    """Nothing more to do."""
+
+
+Decision = Invoke | Record | Finished
+
+
+def needs_compensation(view: SagaView, index: int) -> bool:
+    """Whether a step may have taken effect and has a compensation."""
+    step = view.steps[index]
+    if view.definition.steps[index].no_compensation:
+        return False
+    if step.state in (
+        pb.STEP_STATE_SUCCEEDED,
+        pb.STEP_STATE_COMPENSATING,
+        pb.STEP_STATE_COMPENSATED,
+        pb.STEP_STATE_COMPENSATION_FAILED,
+    ):
+        return True
+    return step.in_flight or (step.attempts > 0 and step.last_code in AMBIGUOUS_CODES)
+
+
+def decide(view: SagaView, now: float) -> Decision:
+    """The next thing to do for this saga."""
+    if view.finished:
+        return Finished()
+    if view.state == pb.SAGA_STATE_RUNNING:
+        return _decide_forward(view, now)
+    return _decide_compensation(view, now)
+
+
+def _decide_forward(view: SagaView, now: float) -> Decision:
+    for index, step in enumerate(view.steps):
+        if step.state == pb.STEP_STATE_SUCCEEDED:
+            continue
+        if step.in_flight or step.attempts == 0:
+            return Invoke(index, False, step.attempts + 1)
+        policy = retry_settings(view.definition.steps[index].retry, DEFAULT_STEP_ATTEMPTS)
+        if policy.retryable(step.last_code) and step.failures < policy.max_attempts:
+            delay = max(0.0, step.last_failure_at + policy.backoff(step.failures) - now)
+            return Invoke(index, False, step.attempts + 1, delay)
+        reason = f"step {step.name!r} failed: {step.error}"
+        return Record(((STEP_FAILED, {"step": step.name}), (SAGA_COMPENSATING, {"reason": reason})))
+    return Record(((SAGA_COMPLETED, {}),))
+
+
+def _decide_compensation(view: SagaView, now: float) -> Decision:
+    for index in reversed(range(len(view.steps))):
+        step = view.steps[index]
+        if step.state == pb.STEP_STATE_COMPENSATED or not needs_compensation(view, index):
+            continue
+        if step.compensation_in_flight or step.compensation_attempts == 0:
+            return Invoke(index, True, step.compensation_attempts + 1)
+        policy = retry_settings(
+            view.definition.steps[index].compensation_retry, DEFAULT_COMPENSATION_ATTEMPTS
+        )
+        if policy.retryable(step.compensation_last_code) and step.compensation_failures < policy.max_attempts:
+            delay = max(
+                0.0, step.compensation_last_failure_at + policy.backoff(step.compensation_failures) - now
+            )
+            return Invoke(index, True, step.compensation_attempts + 1, delay)
+        reason = f"compensation of step {step.name!r} failed: {step.error}"
+        return Record(
+            ((COMPENSATION_FAILED, {"step": step.name}), (SAGA_FAILED_COMPENSATION, {"reason": reason}))
+        )
+    final = SAGA_ABORTED if view.state == pb.SAGA_STATE_ABORTING else SAGA_COMPENSATED
+    return Record(((final, {}),))
+
+
+def started_kind(compensation: bool) -> str:
+    """Event type recorded before a call."""
+    return COMPENSATION_STARTED if compensation else STEP_STARTED
+
+
+def outcome(
+    step: str, compensation: bool, *, result: bytes | None, code: int = 0, error: str = ""
+) -> tuple[str, dict[str, Any]]:
+    """The event recording a call's outcome: its result, or its status code and message."""
+    if result is not None:
+        if compensation:
+            return COMPENSATION_SUCCEEDED, {"step": step}
+        return STEP_SUCCEEDED, {"step": step, "result": b64(result)}
+    kind = COMPENSATION_ATTEMPT_FAILED if compensation else STEP_ATTEMPT_FAILED
+    return kind, {"step": step, "code": code, "error": error}
+
+
+def idempotency_key(saga_id: str, step: str, compensation: bool) -> str:
+    """Stable per saga, step and phase: a re-invocation after a crash reuses it."""
+    return f"{saga_id}/{step}/{'compensate' if compensation else 'execute'}"
+
+
+def request_for(view: SagaView, index: int, compensation: bool) -> bytes:
+    """Build the request of a step or compensation from its template."""
+    step = view.definition.steps[index]
+    template = (
+        step.compensation_request if compensation and step.HasField("compensation_request") else step.request
+    )
+    sources = {INPUT: view.input}
+    sources.update({s.name: s.result for s in view.steps})
+    return build_payload(template.base, template.base_from, mappings(template), sources)
+
+
+def transition_kind(event_kind: str) -> str:
+    """snake_case name of an event type, as WatchSaga reports it."""
+    return "".join(f"_{c.lower()}" if c.isupper() else c for c in event_kind).lstrip("_")

@@ -1,0 +1,194 @@
+"""The rpcmesh.v1.SagaCoordinator gRPC servicer over a SagaEngine."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc.aio
+
+from rpcmesh.controlplane.eventstore.model import clamp_page_size, decode_page_token, encode_page_token
+from rpcmesh.controlplane.saga.definition import validate_definition
+from rpcmesh.controlplane.saga.engine import SagaEngine, view_to_proto
+from rpcmesh.controlplane.saga.invoker import CORRELATION_ID_KEY, TRACE_KEYS
+from rpcmesh.controlplane.saga.machine import SagaView, transition_kind
+from rpcmesh.errors import invalid_argument
+from rpcmesh.v1 import saga_pb2 as pb
+from rpcmesh.v1 import saga_pb2_grpc as pb_grpc
+
+MAX_IDEMPOTENCY_KEY = 256
+MAX_LABELS = 64
+MAX_LABEL_BYTES = 256
+
+
+def _page_size(field: str, value: int) -> int:
+    if value < 0:
+        raise invalid_argument(field, "must be between 0 and 1000")
+    return clamp_page_size(value)
+
+
+def _timestamp_seconds(ts: Any) -> float:
+    return float(ts.seconds + ts.nanos / 1e9)
+
+
+class SagaCoordinatorServicer(pb_grpc.SagaCoordinatorServicer):
+    """Serves rpcmesh.v1.SagaCoordinator."""
+
+    def __init__(self, engine: SagaEngine | None = None) -> None:
+        self.engine: SagaEngine | None = engine
+
+    def _engine(self) -> SagaEngine:
+        assert self.engine is not None, "the SagaCoordinator component was not started"
+        return self.engine
+
+    async def RegisterDefinition(
+        self, request: pb.RegisterDefinitionRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.RegisterDefinitionResponse:
+        """Store a definition as its next version."""
+        if not request.HasField("definition"):
+            raise invalid_argument("definition", "required")
+        stored = await self._engine().register_definition(request.definition)
+        return pb.RegisterDefinitionResponse(definition=stored)
+
+    async def GetDefinition(
+        self, request: pb.GetDefinitionRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GetDefinitionResponse:
+        """One version of a definition (0: latest)."""
+        if not request.name:
+            raise invalid_argument("name", "required")
+        if request.version < 0:
+            raise invalid_argument("version", "must be >= 0")
+        return pb.GetDefinitionResponse(
+            definition=self._engine().get_definition(request.name, request.version)
+        )
+
+    async def ListDefinitions(
+        self, request: pb.ListDefinitionsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListDefinitionsResponse:
+        """Latest versions by name, paginated."""
+        limit = _page_size("page_size", request.page_size)
+        definitions = self._engine().list_definitions()
+        start = 0
+        if request.page_token:
+            try:
+                start = decode_page_token(request.page_token, "defs", "")
+            except ValueError as exc:
+                raise invalid_argument("page_token", str(exc)) from exc
+        page = definitions[start : start + limit]
+        token = encode_page_token("defs", "", start + limit) if start + limit < len(definitions) else ""
+        return pb.ListDefinitionsResponse(definitions=page, next_page_token=token)
+
+    async def StartSaga(
+        self, request: pb.StartSagaRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.StartSagaResponse:
+        """Start (or, for a known idempotency key, return) a saga."""
+        engine = self._engine()
+        which = request.WhichOneof("definition_ref")
+        if which == "definition":
+            validate_definition(request.definition)
+            definition = request.definition
+        elif which == "definition_name":
+            if request.definition_version < 0:
+                raise invalid_argument("definition_version", "must be >= 0")
+            definition = engine.get_definition(
+                request.definition_name, request.definition_version, "definition_name"
+            )
+        else:
+            raise invalid_argument("definition_name", "set definition_name or an inline definition")
+        if len(request.idempotency_key) > MAX_IDEMPOTENCY_KEY:
+            raise invalid_argument("idempotency_key", f"at most {MAX_IDEMPOTENCY_KEY} characters")
+        if len(request.labels) > MAX_LABELS:
+            raise invalid_argument("labels", f"at most {MAX_LABELS} labels")
+        for key, value in request.labels.items():
+            if not key or len(key) + len(value) > MAX_LABEL_BYTES:
+                raise invalid_argument(
+                    f"labels[{key}]", f"key required; key and value at most {MAX_LABEL_BYTES}"
+                )
+        metadata = {
+            key: value for key, value in (context.invocation_metadata() or ()) if isinstance(value, str)
+        }
+        trace_context = {key: metadata[key] for key in TRACE_KEYS if key in metadata}
+        view, created = await engine.start_saga(
+            definition,
+            request.input,
+            idempotency_key=request.idempotency_key,
+            labels=dict(request.labels),
+            trace_context=trace_context,
+            correlation_id=metadata.get(CORRELATION_ID_KEY, ""),
+        )
+        return pb.StartSagaResponse(saga=view_to_proto(view), created=created)
+
+    async def GetSaga(
+        self, request: pb.GetSagaRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GetSagaResponse:
+        """One saga."""
+        if not request.saga_id:
+            raise invalid_argument("saga_id", "required")
+        return pb.GetSagaResponse(saga=view_to_proto(self._engine().get_saga(request.saga_id)))
+
+    async def ListSagas(
+        self, request: pb.ListSagasRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListSagasResponse:
+        """Sagas matching the filters, newest first, paginated."""
+        limit = _page_size("page_size", request.page_size)
+        for index, state in enumerate(request.states):
+            if state not in pb.SagaState.values() or state == pb.SAGA_STATE_UNSPECIFIED:
+                raise invalid_argument(f"states[{index}]", "unknown saga state")
+        scope = json.dumps(
+            [
+                sorted(request.states),
+                request.definition_name,
+                request.started_after.ToNanoseconds(),
+                request.started_before.ToNanoseconds(),
+            ]
+        )
+        offset = 0
+        if request.page_token:
+            try:
+                offset = decode_page_token(request.page_token, "sagas", scope)
+            except ValueError as exc:
+                raise invalid_argument("page_token", str(exc)) from exc
+        states = set(request.states)
+        lower = _timestamp_seconds(request.started_after) if request.HasField("started_after") else None
+        upper = _timestamp_seconds(request.started_before) if request.HasField("started_before") else None
+
+        def keep(view: SagaView) -> bool:
+            return (
+                (not states or view.state in states)
+                and (not request.definition_name or view.definition.name == request.definition_name)
+                and (lower is None or view.started_at >= lower)
+                and (upper is None or view.started_at < upper)
+            )
+
+        matching = [view for view in self._engine().list_sagas() if keep(view)]
+        page = matching[offset : offset + limit]
+        token = ""
+        if offset + limit < len(matching):
+            token = encode_page_token("sagas", scope, offset + limit)
+        return pb.ListSagasResponse(sagas=[view_to_proto(v) for v in page], next_page_token=token)
+
+    async def WatchSaga(
+        self, request: pb.WatchSagaRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.WatchSagaResponse]:
+        """Every transition from the start, then live ones, until the saga ends."""
+        if not request.saga_id:
+            raise invalid_argument("saga_id", "required")
+        async for event, view in self._engine().watch(request.saga_id):
+            transition = pb.SagaTransition(
+                kind=transition_kind(event.kind),
+                step=str(event.data.get("step", "")),
+                state=view.state,  # type: ignore[arg-type]
+                detail=str(event.data.get("error") or event.data.get("reason") or ""),
+            )
+            transition.time.FromNanoseconds(int(event.time * 1e9))
+            yield pb.WatchSagaResponse(transition=transition, saga=view_to_proto(view))
+
+    async def AbortSaga(
+        self, request: pb.AbortSagaRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.AbortSagaResponse:
+        """Stop a running saga; its completed steps are compensated."""
+        if not request.saga_id:
+            raise invalid_argument("saga_id", "required")
+        view = await self._engine().abort_saga(request.saga_id, request.reason or "aborted by request")
+        return pb.AbortSagaResponse(saga=view_to_proto(view))

@@ -1,0 +1,128 @@
+"""Make a Python participant's handler idempotent on the saga's ``x-idempotency-key``.
+
+The SagaCoordinator may call a step or compensation more than once with the
+same key (a retry after a timeout, a re-invocation after a coordinator crash).
+Wrap the handler and the first successful response for a key is stored in
+SQLite; later calls with that key get the stored response without running the
+handler again. Failed calls are not stored (they are expected to have had no
+effect), so a retry runs the handler again.
+
+Usage::
+
+    store = IdempotencyStore(Path("payments-idem.db"))
+
+    class Payments(payments_pb2_grpc.PaymentsServicer):
+        @idempotent(store)
+        async def Charge(self, request, context): ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc.aio
+from google.protobuf import descriptor_pool, message_factory
+from google.protobuf.message import Message
+
+IDEMPOTENCY_KEY = "x-idempotency-key"
+
+_Handler = TypeVar("_Handler", bound=Callable[..., Awaitable[Any]])
+
+
+class IdempotencyStore:
+    """Key -> stored response, in one SQLite file (WAL, synchronous=FULL)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="idempotency")
+        self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.execute(
+            "CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, type TEXT NOT NULL, "
+            "body BLOB NOT NULL, stored_at REAL NOT NULL)"
+        )
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def lock(self, key: str) -> asyncio.Lock:
+        """Serialises concurrent calls with the same key in this process."""
+        return self._locks.setdefault(key, asyncio.Lock())
+
+    async def get(self, key: str) -> Message | None:
+        """The stored response for ``key``, if any."""
+
+        def run() -> tuple[str, bytes] | None:
+            row = self._conn.execute("SELECT type, body FROM responses WHERE key = ?", (key,)).fetchone()
+            return None if row is None else (row[0], bytes(row[1]))
+
+        found = await asyncio.get_running_loop().run_in_executor(self._executor, run)
+        if found is None:
+            return None
+        descriptor = descriptor_pool.Default().FindMessageTypeByName(found[0])
+        message: Message = message_factory.GetMessageClass(descriptor).FromString(found[1])
+        return message
+
+    async def put(self, key: str, response: Message) -> None:
+        """Store the response of ``key`` (the first one stored wins)."""
+        name = response.DESCRIPTOR.full_name
+        body = response.SerializeToString()
+
+        def run() -> None:
+            self._conn.execute(
+                "INSERT OR IGNORE INTO responses VALUES (?, ?, ?, ?)", (key, name, body, time.time())
+            )
+
+        await asyncio.get_running_loop().run_in_executor(self._executor, run)
+
+    async def count(self) -> int:
+        """How many keys are stored."""
+
+        def run() -> int:
+            return int(self._conn.execute("SELECT COUNT(*) FROM responses").fetchone()[0])
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, run)
+
+    def close(self) -> None:
+        """Close the file."""
+        self._executor.shutdown(wait=True)
+        self._conn.close()
+
+
+def idempotency_key(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    """The call's ``x-idempotency-key`` ("" when absent)."""
+    for key, value in context.invocation_metadata() or ():
+        if key == IDEMPOTENCY_KEY and isinstance(value, str):
+            return value
+    return ""
+
+
+def idempotent(store: IdempotencyStore) -> Callable[[_Handler], _Handler]:
+    """Decorate a grpc.aio unary handler (method or function) to replay stored responses by key."""
+
+    def decorate(handler: _Handler) -> _Handler:
+        @functools.wraps(handler)
+        async def wrapper(*args: Any) -> Any:
+            context: grpc.aio.ServicerContext[Any, Any] = args[-1]
+            key = idempotency_key(context)
+            if not key:
+                return await handler(*args)
+            async with store.lock(key):
+                stored = await store.get(key)
+                if stored is not None:
+                    return stored
+                response = await handler(*args)
+                if isinstance(response, Message):
+                    await store.put(key, response)
+                return response
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate

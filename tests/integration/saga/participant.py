@@ -1,0 +1,191 @@
+"""A saga participant for tests and benchmarks: a real process that registers itself in the Registry.
+
+Serves ``test.v1.Ledger`` methods over ``google.protobuf.StringValue``:
+``Do`` applies an effect (idempotent on ``x-idempotency-key`` through
+``rpcmesh.saga.idempotent``), ``Undo`` reverts the effect of the same saga
+step once (a compensation with nothing to revert records a tombstone, so a
+late ``Do`` cannot apply afterwards), ``Fail`` always answers
+FAILED_PRECONDITION and ``Flaky`` answers UNAVAILABLE on the first attempt of
+each key. Every invocation is logged in SQLite (``calls``), every effect in
+``effects``: the fault test checks its invariants there.
+
+Run: python participant.py --registry HOST:PORT --service NAME --db PATH
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+from google.protobuf import duration_pb2, wrappers_pb2
+from rpcmesh.v1 import registry_pb2, registry_pb2_grpc
+
+from rpcmesh.saga import IdempotencyStore, idempotency_key, idempotent
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS calls (
+    id INTEGER PRIMARY KEY, method TEXT, key TEXT, saga_id TEXT, step TEXT, at REAL, traceparent TEXT,
+    correlation_id TEXT
+);
+CREATE TABLE IF NOT EXISTS effects (
+    saga_id TEXT, step TEXT, applied INTEGER, undone INTEGER, tombstone INTEGER, PRIMARY KEY (saga_id, step)
+);
+"""
+
+
+def _meta(context: grpc.aio.ServicerContext[Any, Any]) -> dict[str, str]:
+    return {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+
+
+class Ledger:
+    def __init__(self, db: Path, name: str) -> None:
+        self.name = name
+        self.db = sqlite3.connect(db, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.executescript(SCHEMA)
+        self.store = IdempotencyStore(db.with_suffix(".idem.db"))
+        self.flaky_seen: set[str] = set()
+
+    def log(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> dict[str, str]:
+        meta = _meta(context)
+        self.db.execute(
+            "INSERT INTO calls (method, key, saga_id, step, at, traceparent, correlation_id) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                method,
+                meta.get("x-idempotency-key", ""),
+                meta.get("x-saga-id", ""),
+                meta.get("x-saga-step", ""),
+                time.time(),
+                meta.get("traceparent", ""),
+                meta.get("x-correlation-id", ""),
+            ),
+        )
+        return meta
+
+    def handlers(self) -> grpc.GenericRpcHandler:
+        store = self.store
+
+        async def apply_effect(
+            request: wrappers_pb2.StringValue,
+            context: grpc.aio.ServicerContext[Any, Any],
+            meta: dict[str, str],
+        ) -> Any:
+            saga, step = meta.get("x-saga-id", ""), meta.get("x-saga-step", "")
+            row = self.db.execute(
+                "SELECT tombstone FROM effects WHERE saga_id = ? AND step = ?", (saga, step)
+            ).fetchone()
+            if row is not None and row[0]:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "already compensated")
+            self.db.execute(
+                "INSERT INTO effects VALUES (?, ?, 1, 0, 0) ON CONFLICT DO UPDATE SET applied = applied + 1",
+                (saga, step),
+            )
+            return wrappers_pb2.StringValue(value=f"{self.name}:{request.value}")
+
+        @idempotent(store)
+        async def do(request: wrappers_pb2.StringValue, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            return await apply_effect(request, context, self.log("Do", context))
+
+        @idempotent(store)
+        async def undo(request: wrappers_pb2.StringValue, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            meta = self.log("Undo", context)
+            saga, step = meta.get("x-saga-id", ""), meta.get("x-saga-step", "")
+            row = self.db.execute(
+                "SELECT applied FROM effects WHERE saga_id = ? AND step = ?", (saga, step)
+            ).fetchone()
+            if row is None:
+                self.db.execute("INSERT INTO effects VALUES (?, ?, 0, 0, 1)", (saga, step))
+                return wrappers_pb2.StringValue(value="nothing to undo")
+            self.db.execute(
+                "UPDATE effects SET undone = undone + 1 WHERE saga_id = ? AND step = ?", (saga, step)
+            )
+            return wrappers_pb2.StringValue(value="undone")
+
+        async def fail(request: wrappers_pb2.StringValue, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            self.log("Fail", context)
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "insufficient funds")
+
+        @idempotent(store)
+        async def flaky(
+            request: wrappers_pb2.StringValue, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> Any:
+            meta = self.log("Flaky", context)
+            key = idempotency_key(context)
+            if key not in self.flaky_seen:
+                self.flaky_seen.add(key)
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "try again")
+            return await apply_effect(request, context, meta)
+
+        def unary(fn: Any) -> grpc.RpcMethodHandler:
+            return grpc.unary_unary_rpc_method_handler(
+                fn,
+                request_deserializer=wrappers_pb2.StringValue.FromString,
+                response_serializer=wrappers_pb2.StringValue.SerializeToString,
+            )
+
+        return grpc.method_handlers_generic_handler(
+            "test.v1.Ledger",
+            {"Do": unary(do), "Undo": unary(undo), "Fail": unary(fail), "Flaky": unary(flaky)},
+        )
+
+
+async def keep_registered(registry: str, service: str, address: str) -> None:
+    """Register with a lease and heartbeat; register again whenever the Registry lost it."""
+    async with grpc.aio.insecure_channel(registry) as channel:
+        stub = registry_pb2_grpc.RegistryStub(channel)
+        lease: registry_pb2.RegisterResponse | None = None
+        while True:
+            try:
+                if lease is None:
+                    lease = await stub.Register(
+                        registry_pb2.RegisterRequest(
+                            instance=registry_pb2.Instance(service=service, address=address),
+                            ttl=duration_pb2.Duration(seconds=60),
+                        ),
+                        timeout=2.0,
+                    )
+                    print(f"registered {service} at {address}", flush=True)
+                else:
+                    await stub.Heartbeat(
+                        registry_pb2.HeartbeatRequest(lease_id=lease.lease_id, lease_token=lease.lease_token),
+                        timeout=2.0,
+                    )
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    lease = None
+            await asyncio.sleep(0.5 if lease is None else 2.0)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--registry", required=True)
+    parser.add_argument("--service", required=True)
+    parser.add_argument("--db", type=Path, required=True)
+    args = parser.parse_args()
+    ledger = Ledger(args.db, args.service)
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((ledger.handlers(),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    address = f"127.0.0.1:{port}"
+    task = asyncio.create_task(keep_registered(args.registry, args.service, address))
+    print(f"participant {args.service} listening on {address}", flush=True)
+    try:
+        await server.wait_for_termination()
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
