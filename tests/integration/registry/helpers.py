@@ -23,10 +23,12 @@ async def register(
     service: str = "echo",
     port: int = 5000,
     ttl_seconds: float = 30,
+    deadline: float | None = None,
     **fields: object,
 ) -> registry_pb2.RegisterResponse:
     response: registry_pb2.RegisterResponse = await stub.Register(
-        registry_pb2.RegisterRequest(instance=instance(service, port, **fields), ttl=ttl(ttl_seconds))
+        registry_pb2.RegisterRequest(instance=instance(service, port, **fields), ttl=ttl(ttl_seconds)),
+        timeout=deadline,
     )
     return response
 
