@@ -14,13 +14,30 @@ import sys
 import uuid
 from pathlib import Path
 
+import grpc
+import grpc.aio
+
 if __package__ in (None, ""):
     # Run as a script: make `echo.v1` and `echo.servicer` importable.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from echo.servicer import EchoServicer
-from echo.v1 import echo_pb2_grpc
+from echo.v1 import echo_pb2, echo_pb2_grpc
 from rpcmesh.host import ServiceHost, ServiceHostConfig
+
+
+class SlowEchoServicer(EchoServicer):
+    """An Echo instance that answers unary calls late, to show hedging against a slow instance."""
+
+    def __init__(self, instance_id: str, delay_ms: int) -> None:
+        super().__init__(instance_id)
+        self.delay = delay_ms / 1000
+
+    async def Echo(
+        self, request: echo_pb2.EchoRequest, context: grpc.aio.ServicerContext
+    ) -> echo_pb2.EchoResponse:
+        await asyncio.sleep(self.delay)
+        return await super().Echo(request, context)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -33,6 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ttl", type=float, default=10.0, help="lease TTL in seconds")
     parser.add_argument("--zone", default="", help="zone to register")
     parser.add_argument("--grace", type=float, default=5.0, help="seconds to drain calls on shutdown")
+    parser.add_argument(
+        "--delay-ms", type=int, default=0, help="extra latency of every call (a slow instance)"
+    )
     parser.add_argument("--log-level", default="WARNING")
     return parser.parse_args(argv)
 
@@ -54,7 +74,8 @@ async def main(argv: list[str] | None = None) -> None:
         grace=args.grace,
     )
     host = ServiceHost(config)
-    host.add_servicer(echo_pb2_grpc.add_EchoServicer_to_server, EchoServicer(instance_id))
+    servicer = SlowEchoServicer(instance_id, args.delay_ms) if args.delay_ms else EchoServicer(instance_id)
+    host.add_servicer(echo_pb2_grpc.add_EchoServicer_to_server, servicer)
     await host.run()
 
 
