@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rpcmesh.security.settings import SecuritySettings
+
 
 @dataclass(frozen=True, kw_only=True)
 class ControlPlaneConfig:
@@ -30,6 +32,13 @@ class ControlPlaneConfig:
     grace: float = 5.0
     """Seconds in-flight calls get to finish on shutdown."""
 
+    security: SecuritySettings = field(default_factory=SecuritySettings)
+    """TLS/mTLS, token secret and issuer, policy file, development mode and limits.
+
+    The default is plaintext without authentication, which the server announces
+    loudly at start.
+    """
+
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port: must be 0-65535, got {self.port}")
@@ -47,7 +56,8 @@ class ControlPlaneConfig:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ControlPlaneConfig:
-        """Read RPCMESH_HOST, RPCMESH_PORT, RPCMESH_DATA_DIR, RPCMESH_STORE and RPCMESH_BUS."""
+        """Read RPCMESH_HOST, RPCMESH_PORT, RPCMESH_DATA_DIR, RPCMESH_STORE, RPCMESH_BUS and the security
+        variables (see :meth:`SecuritySettings.from_env`)."""  # noqa: D205, D209
         env = os.environ if environ is None else environ
         return cls(
             host=env.get("RPCMESH_HOST", "127.0.0.1"),
@@ -55,4 +65,5 @@ class ControlPlaneConfig:
             data_dir=Path(env.get("RPCMESH_DATA_DIR", ".rpcmesh")),
             store=env.get("RPCMESH_STORE") or None,
             bus=env.get("RPCMESH_BUS") or None,
+            security=SecuritySettings.from_env(env),
         )

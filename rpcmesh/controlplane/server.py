@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections.abc import Sequence
 
 import grpc
@@ -14,12 +15,14 @@ from grpc_reflection.v1alpha import reflection
 from rpcmesh.controlplane.component import Component, ControlPlaneContext
 from rpcmesh.controlplane.config import ControlPlaneConfig
 from rpcmesh.errors import StatusErrorInterceptor
+from rpcmesh.security.settings import ServerSecurity
 
 logger = logging.getLogger(__name__)
 
 # Control-plane requests are small; the cap keeps a hostile client from
-# making the server buffer large messages.
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+# making the server buffer large messages. The limit in force is
+# config.security.limits.max_receive_message_bytes (about 1.5 MiB).
+MAX_MESSAGE_BYTES = 3 * 1024 * 1024 // 2
 
 
 def build_components(config: ControlPlaneConfig) -> list[Component]:
@@ -56,6 +59,7 @@ class ControlPlane:
         self._health = health.aio.HealthServicer()
         self._started: list[Component] = []
         self.address = ""
+        self.security: ServerSecurity | None = None
 
     @property
     def service_names(self) -> list[str]:
@@ -65,20 +69,21 @@ class ControlPlane:
 
     async def start(self) -> str:
         """Bind, start every component and begin serving; returns the bound host:port."""
+        # Reads certificates, token secret and policy now: a bad file fails the start.
+        security = ServerSecurity.build(self.config.security)
+        self.security = security
         server = grpc.aio.server(
-            interceptors=[StatusErrorInterceptor()],
-            options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.so_reuseport", 0),
-            ],
+            # The security interceptor is outermost: refused calls cost the least.
+            interceptors=[*security.interceptors, StatusErrorInterceptor()],
+            options=security.options,
+            maximum_concurrent_rpcs=security.maximum_concurrent_rpcs,
         )
         self._server = server
         for component in self.components:
             component.add_to_server(server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection([*self.service_names, reflection.SERVICE_NAME], server)
-        port = server.add_insecure_port(self.config.address)
+        port = security.add_port(server, self.config.address)
         if port == 0:
             raise OSError(f"cannot listen on {self.config.address}")
         self.address = f"{self.config.host}:{port}"
@@ -122,6 +127,9 @@ async def serve(config: ControlPlaneConfig, ready: asyncio.Event | None = None) 
     plane = ControlPlane(config)
     try:
         address = await plane.start()
+        if plane.security is not None:
+            for line in plane.security.warnings(address):
+                print(line, file=sys.stderr, flush=True)
         print(f"rpcmesh control plane listening on {address}", flush=True)
         if ready is not None:
             ready.set()
