@@ -1,10 +1,419 @@
-"""The Bus store on NATS JetStream (placeholder until the backend lands)."""
+"""The Bus store on NATS JetStream: one stream per topic, group state in a KV bucket.
+
+Mapping:
+
+* topic ``orders.created`` -> stream ``RMB_orders_created_<hash>`` with subject
+  ``rpcmesh.bus.orders.created``; retention maps onto the stream's max_msgs,
+  max_bytes and max_age, deduplication onto its duplicate window (the message
+  id travels as ``Nats-Msg-Id``). Stream names are sanitised and hashed so that
+  any topic name maps to a valid, unique stream; the topic name is kept in the
+  stream description.
+* an append publishes every message of the batch asynchronously (pipelined)
+  and returns once JetStream acknowledged all of them.
+* reads use ephemeral pull consumers (no acks) positioned by sequence; a reader
+  is kept per position so sequential reads reuse it.
+* consumer-group progress (ack floor and acks above it) lives in the KV bucket
+  ``rpcmesh_bus_groups`` under ``<stream>.<group>``.
+
+Delivery decisions stay in the broker, as on SQLite, so both backends behave
+the same; a group is served by the Bus node its subscribers are attached to.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import hashlib
+import itertools
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.js import api
+
+from rpcmesh.controlplane.bus.store import AppendResult, GroupRecord, RetentionPolicy, TopicStats
+from rpcmesh.errors import NotFoundError, UnavailableError
+from rpcmesh.v1 import bus_pb2
+
+logger = logging.getLogger(__name__)
+
+STREAM_PREFIX = "RMB"
+SUBJECT_PREFIX = "rpcmesh.bus."
+GROUP_BUCKET = "rpcmesh_bus_groups"
+DEFAULT_DEDUP_WINDOW = 120.0
+REFRESH_INTERVAL = 0.25
+MAX_READERS_PER_TOPIC = 8
+
+
+def stream_name(topic: str) -> str:
+    """The JetStream stream holding ``topic``."""
+    digest = hashlib.sha1(topic.encode()).hexdigest()[:12]
+    readable = re.sub(r"[^A-Za-z0-9_-]", "_", topic)[:120]
+    return f"{STREAM_PREFIX}_{readable}_{digest}"
+
+
+def subject(topic: str) -> str:
+    """The NATS subject messages of ``topic`` are published on."""
+    return SUBJECT_PREFIX + topic
+
+
+@dataclass
+class _Reader:
+    sub: Any
+    next_seq: int
+    used: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class _TopicCache:
+    stream: str
+    retention: RetentionPolicy
+    last_seq: int = 0
+    readers: dict[int, _Reader] = field(default_factory=dict)
+    watched: float = 0.0
+
 
 class NatsBusStore:
-    """Not implemented yet."""
+    """The Bus log on NATS JetStream (see module docstring)."""
 
-    def __init__(self, url: str) -> None:
-        raise NotImplementedError("the NATS JetStream bus store is not implemented yet")
+    def __init__(self, url: str, *, dedup_window: float = DEFAULT_DEDUP_WINDOW) -> None:
+        self.url = url
+        self.dedup_window = dedup_window
+        self._nc: Any = None
+        self._js: Any = None
+        self._kv: Any = None
+        self._topics: dict[str, _TopicCache] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._refresher: asyncio.Task[None] | None = None
+        self._ids = itertools.count(1)
+        self._id_prefix = f"{os.getpid():x}{int(time.time() * 1000):x}-"
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Connect, make sure the group bucket exists, load topics."""
+        try:
+            self._nc = await nats.connect(self.url, connect_timeout=5, max_reconnect_attempts=-1)
+        except Exception as exc:
+            raise UnavailableError(f"bus: cannot connect to NATS at {self.url}: {exc}") from exc
+        self._js = self._nc.jetstream(publish_async_max_pending=20_000)
+        try:
+            self._kv = await self._js.key_value(GROUP_BUCKET)
+        except nats.js.errors.BucketNotFoundError:
+            self._kv = await self._js.create_key_value(bucket=GROUP_BUCKET, history=1)
+        await self._load_topics()
+        self._refresher = asyncio.create_task(self._refresh_loop(), name="bus-nats-refresh")
+
+    async def close(self) -> None:
+        """Close readers and the connection."""
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
+        for cache in self._topics.values():
+            for reader in cache.readers.values():
+                with contextlib.suppress(Exception):
+                    await reader.sub.unsubscribe()
+            cache.readers.clear()
+        if self._nc is not None:
+            with contextlib.suppress(Exception):
+                await self._js.publish_async_completed()
+            await self._nc.close()
+            self._nc = None
+
+    async def _load_topics(self) -> list[TopicStats]:
+        found = []
+        for info in await self._js.streams_info():
+            config = info.config
+            if not (config.name or "").startswith(STREAM_PREFIX + "_") or not config.description:
+                continue
+            stats = self._remember(config.description, info)
+            found.append(stats)
+        return found
+
+    def _remember(self, topic: str, info: Any) -> TopicStats:
+        config = info.config
+        retention = RetentionPolicy(
+            max_messages=max(0, config.max_msgs or 0),
+            max_bytes=max(0, config.max_bytes or 0),
+            max_age=float(config.max_age or 0.0),
+        )
+        cache = self._topics.get(topic)
+        if cache is None:
+            cache = self._topics[topic] = _TopicCache(stream=config.name, retention=retention)
+        cache.retention = retention
+        cache.last_seq = max(cache.last_seq, info.state.last_seq)
+        empty = info.state.messages == 0
+        return TopicStats(
+            name=topic,
+            retention=retention,
+            first_sequence=info.state.last_seq + 1 if empty else info.state.first_seq,
+            last_sequence=info.state.last_seq,
+            message_count=info.state.messages,
+        )
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(REFRESH_INTERVAL)
+            now = time.monotonic()
+            for cache in list(self._topics.values()):
+                if now - cache.watched > 5.0:
+                    continue
+                with contextlib.suppress(Exception):
+                    info = await self._js.stream_info(cache.stream)
+                    cache.last_seq = max(cache.last_seq, info.state.last_seq)
+
+    # -- topics ----------------------------------------------------------------------
+
+    def _stream_config(self, topic: str, retention: RetentionPolicy) -> api.StreamConfig:
+        return api.StreamConfig(
+            name=stream_name(topic),
+            description=topic,
+            subjects=[subject(topic)],
+            storage=api.StorageType.FILE,
+            max_msgs=retention.max_messages or -1,
+            max_bytes=retention.max_bytes or -1,
+            max_age=retention.max_age or 0.0,
+            duplicate_window=self.dedup_window,
+        )
+
+    async def _ensure(self, topic: str, retention: RetentionPolicy) -> tuple[_TopicCache, bool]:
+        cache = self._topics.get(topic)
+        if cache is not None:
+            return cache, False
+        lock = self._locks.setdefault(topic, asyncio.Lock())
+        async with lock:
+            cache = self._topics.get(topic)
+            if cache is not None:
+                return cache, False
+            name = stream_name(topic)
+            created = False
+            try:
+                info = await self._js.stream_info(name)
+            except nats.js.errors.NotFoundError:
+                info = await self._js.add_stream(self._stream_config(topic, retention))
+                created = True
+            self._remember(topic, info)
+            return self._topics[topic], created
+
+    async def create_topic(self, name: str, retention: RetentionPolicy) -> tuple[TopicStats, bool]:
+        """Create the topic's stream (or find it)."""
+        _, created = await self._ensure(name, retention)
+        stats = await self.get_topic(name)
+        assert stats is not None
+        return stats, created
+
+    async def get_topic(self, name: str) -> TopicStats | None:
+        """The topic's stream state and groups."""
+        try:
+            info = await self._js.stream_info(stream_name(name))
+        except nats.js.errors.NotFoundError:
+            self._topics.pop(name, None)
+            return None
+        stats = self._remember(name, info)
+        groups = tuple(sorted(await self._group_names(self._topics[name].stream)))
+        return TopicStats(
+            name=stats.name,
+            retention=stats.retention,
+            first_sequence=stats.first_sequence,
+            last_sequence=stats.last_sequence,
+            message_count=stats.message_count,
+            groups=groups,
+        )
+
+    async def _group_names(self, stream: str) -> list[str]:
+        try:
+            keys = await self._kv.keys()
+        except nats.js.errors.NoKeysError:
+            return []
+        prefix = stream + "."
+        return [key[len(prefix) :] for key in keys if key.startswith(prefix)]
+
+    async def list_topics(self, after: str, limit: int) -> list[TopicStats]:
+        """Topics sorted by name, after ``after``."""
+        names = sorted(stats.name for stats in await self._load_topics() if stats.name > after)[:limit]
+        result = []
+        for name in names:
+            stats = await self.get_topic(name)
+            if stats is not None:
+                result.append(stats)
+        return result
+
+    async def delete_topic(self, name: str) -> bool:
+        """Delete the stream and the topic's group state."""
+        stream = stream_name(name)
+        cache = self._topics.pop(name, None)
+        if cache is not None:
+            for reader in cache.readers.values():
+                with contextlib.suppress(Exception):
+                    await reader.sub.unsubscribe()
+        for group in await self._group_names(stream):
+            with contextlib.suppress(Exception):
+                await self._kv.purge(f"{stream}.{group}")
+        try:
+            return bool(await self._js.delete_stream(stream))
+        except nats.js.errors.NotFoundError:
+            return False
+
+    async def purge_prefix(self, prefix: str) -> None:
+        """Delete every topic whose name mentions the token ``prefix`` (test clean-up)."""
+        for stats in await self._load_topics():
+            if prefix in stats.name.split("."):
+                await self.delete_topic(stats.name)
+
+    def last_sequence(self, topic: str) -> int:
+        """The newest sequence known to this process."""
+        cache = self._topics.get(topic)
+        if cache is None:
+            return 0
+        cache.watched = time.monotonic()
+        return cache.last_seq
+
+    # -- messages --------------------------------------------------------------------
+
+    async def append(
+        self, topic: str, messages: Sequence[bus_pb2.BusMessage], *, dedup: bool = True
+    ) -> list[AppendResult]:
+        """Publish the batch pipelined; returns once JetStream acknowledged every message."""
+        cache, _ = await self._ensure(topic, RetentionPolicy())
+        target = subject(topic)
+        futures = []
+        for message in messages:
+            headers = None
+            if message.id and dedup:
+                headers = {"Nats-Msg-Id": message.id}
+            elif not message.id:
+                message.id = f"{self._id_prefix}{next(self._ids):x}"
+            message.topic = topic
+            futures.append(await self._js.publish_async(target, message.SerializeToString(), headers=headers))
+        try:
+            acks = await asyncio.gather(*futures)
+        except Exception as exc:
+            raise UnavailableError(f"bus: NATS JetStream did not acknowledge the publish: {exc}") from exc
+        now_ns = time.time_ns()
+        results = []
+        for message, ack in zip(messages, acks, strict=True):
+            message.sequence = ack.seq
+            message.publish_time.FromNanoseconds(now_ns)
+            cache.last_seq = max(cache.last_seq, ack.seq)
+            results.append(AppendResult(id=message.id, sequence=ack.seq, duplicate=bool(ack.duplicate)))
+        return results
+
+    async def _reader(self, topic: str, cache: _TopicCache, from_sequence: int) -> _Reader:
+        reader = cache.readers.pop(from_sequence, None)
+        if reader is not None:
+            return reader
+        if len(cache.readers) >= MAX_READERS_PER_TOPIC:
+            oldest = min(cache.readers, key=lambda seq: cache.readers[seq].used)
+            stale = cache.readers.pop(oldest)
+            with contextlib.suppress(Exception):
+                await stale.sub.unsubscribe()
+        config = api.ConsumerConfig(
+            ack_policy=api.AckPolicy.NONE,
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=from_sequence,
+            inactive_threshold=60.0,
+            mem_storage=True,
+        )
+        sub = await self._js.pull_subscribe(subject(topic), stream=cache.stream, config=config)
+        return _Reader(sub=sub, next_seq=from_sequence)
+
+    async def read(self, topic: str, from_sequence: int, limit: int) -> tuple[list[bus_pb2.BusMessage], int]:
+        """Up to ``limit`` messages from ``from_sequence`` on."""
+        cache = self._topics.get(topic)
+        if cache is None or from_sequence > cache.last_seq:
+            return [], from_sequence - 1
+        reader = await self._reader(topic, cache, from_sequence)
+        try:
+            raw = await reader.sub.fetch(min(limit, 4096), timeout=0.2)
+        except (TimeoutError, nats.errors.TimeoutError):
+            raw = []
+        messages = []
+        for item in raw:
+            message = bus_pb2.BusMessage.FromString(item.data)
+            metadata = item.metadata
+            message.sequence = metadata.sequence.stream
+            message.publish_time.FromNanoseconds(int(metadata.timestamp.timestamp() * 1e9))
+            messages.append(message)
+        through = messages[-1].sequence if messages else from_sequence - 1
+        reader.next_seq = through + 1
+        reader.used = time.monotonic()
+        cache.readers[reader.next_seq] = reader
+        return messages, through
+
+    async def sequence_at(self, topic: str, time_ns: int) -> int:
+        """The first sequence published at or after ``time_ns``."""
+        cache = self._topics.get(topic)
+        if cache is None:
+            return 1
+        from datetime import UTC, datetime
+
+        start = datetime.fromtimestamp(time_ns / 1e9, tz=UTC)
+        config = api.ConsumerConfig(
+            ack_policy=api.AckPolicy.NONE,
+            deliver_policy=api.DeliverPolicy.BY_START_TIME,
+            opt_start_time=start,
+            inactive_threshold=5.0,
+            mem_storage=True,
+        )
+        sub = await self._js.pull_subscribe(subject(topic), stream=cache.stream, config=config)
+        try:
+            found = await sub.fetch(1, timeout=0.5)
+            return int(found[0].metadata.sequence.stream)
+        except (TimeoutError, nats.errors.TimeoutError):
+            return cache.last_seq + 1
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def delete_messages(self, topic: str, sequences: Sequence[int]) -> int:
+        """Remove single messages from the stream."""
+        cache = self._topics.get(topic)
+        if cache is None:
+            raise NotFoundError(f"topic {topic!r} does not exist")
+        removed = 0
+        for seq in sequences:
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                if await self._js.delete_msg(cache.stream, seq):
+                    removed += 1
+        return removed
+
+    async def enforce_retention(self, now_ns: int) -> None:
+        """JetStream enforces max_age itself."""
+
+    # -- groups ----------------------------------------------------------------------
+
+    async def load_group(self, topic: str, name: str) -> GroupRecord | None:
+        """A group's progress from the KV bucket."""
+        try:
+            entry = await self._kv.get(f"{stream_name(topic)}.{name}")
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        if entry.value is None:
+            return None
+        state = json.loads(entry.value)
+        return GroupRecord(
+            topic=topic,
+            name=name,
+            ack_floor=int(state["floor"]),
+            acked_above_floor=frozenset(int(seq) for seq in state.get("done", [])),
+            attempts={int(seq): int(count) for seq, count in state.get("attempts", {}).items()},
+        )
+
+    async def save_group(self, record: GroupRecord) -> None:
+        """Store a group's progress."""
+        await self._ensure(record.topic, RetentionPolicy())
+        state = {
+            "floor": record.ack_floor,
+            "done": sorted(record.acked_above_floor),
+            "attempts": {str(k): v for k, v in record.attempts.items()},
+        }
+        await self._kv.put(f"{stream_name(record.topic)}.{record.name}", json.dumps(state).encode())

@@ -12,6 +12,7 @@ import pytest
 from rpcmesh.v1 import bus_pb2_grpc
 
 from rpcmesh.controlplane.bus.component import BusComponent
+from rpcmesh.controlplane.bus.nats_store import NatsBusStore
 from rpcmesh.controlplane.config import ControlPlaneConfig
 from rpcmesh.controlplane.server import ControlPlane
 from tests.support import backends
@@ -27,6 +28,7 @@ class BusHandle:
     prefix: str
     """Unique topic prefix for this test (runs share the NATS server)."""
     plane: ControlPlane
+    config: ControlPlaneConfig
 
     def topic(self, name: str) -> str:
         return f"{self.prefix}.{name}"
@@ -37,18 +39,22 @@ async def bus(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[B
     """The Bus on each backend, in-process on a free port."""
     nats = backends.nats_url() if request.param == "nats" else None
     config = ControlPlaneConfig(port=0, data_dir=tmp_path / "data", bus=nats, grace=0.5)
-    component = BusComponent(config)
-    plane = ControlPlane(config, components=[component])
+    plane = ControlPlane(config, components=[BusComponent(config)])
     address = await plane.start()
     channel = grpc.aio.insecure_channel(address)
     prefix = f"t{uuid.uuid4().hex[:10]}"
     try:
-        yield BusHandle(address, channel, bus_pb2_grpc.BusStub(channel), prefix, plane)
+        yield BusHandle(address, channel, bus_pb2_grpc.BusStub(channel), prefix, plane, config)
     finally:
         await channel.close()
-        if nats is not None:
-            await component.broker.store.purge_prefix(prefix)  # type: ignore[attr-defined]
         await plane.stop()
+        if nats is not None:
+            cleaner = NatsBusStore(nats)
+            await cleaner.open()
+            try:
+                await cleaner.purge_prefix(prefix)
+            finally:
+                await cleaner.close()
 
 
 @pytest.fixture
@@ -59,7 +65,7 @@ async def sqlite_bus(tmp_path: Path) -> AsyncIterator[BusHandle]:
     address = await plane.start()
     channel = grpc.aio.insecure_channel(address)
     try:
-        yield BusHandle(address, channel, bus_pb2_grpc.BusStub(channel), "t", plane)
+        yield BusHandle(address, channel, bus_pb2_grpc.BusStub(channel), "t", plane, config)
     finally:
         await channel.close()
         await plane.stop()

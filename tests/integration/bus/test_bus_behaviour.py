@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
 import grpc.aio
 import pytest
-from rpcmesh.v1 import bus_pb2
+from rpcmesh.v1 import bus_pb2, bus_pb2_grpc
 
+from rpcmesh.controlplane.bus.component import BusComponent
+from rpcmesh.controlplane.server import ControlPlane
 from rpcmesh.errors import from_rpc_error
 from tests.integration.bus.conftest import BusHandle
 from tests.integration.bus.streams import RawSubscriber, options
@@ -377,3 +380,51 @@ async def _first(sub: RawSubscriber) -> None:
         await sub.opened()
     finally:
         await sub.close()
+
+
+async def test_start_at_sequence_and_time(bus: BusHandle) -> None:
+    topic = bus.topic("history")
+    await publish(bus, topic, b"1", b"2")
+    await asyncio.sleep(0.05)
+    marker = time.time_ns()
+    await asyncio.sleep(0.05)
+    await publish(bus, topic, b"3", b"4")
+    by_sequence = options(topic, "from-two")
+    by_sequence.start.sequence = 2
+    by_time = options(topic, "from-time")
+    by_time.start.time.FromNanoseconds(marker)
+    one = await subscriber(bus, by_sequence)
+    two = await subscriber(bus, by_time)
+    try:
+        assert [d.message.payload for d in await one.receive(3)] == [b"2", b"3", b"4"]
+        assert [d.message.payload for d in await two.receive(2)] == [b"3", b"4"]
+    finally:
+        await one.close()
+        await two.close()
+
+
+async def test_group_progress_survives_a_restart(bus: BusHandle) -> None:
+    topic = bus.topic("durable")
+    await publish(bus, topic, b"a", b"b", b"c")
+    sub = await subscriber(bus, options(topic))
+    got = await sub.receive(3)
+    sub.ack(got[:2])
+    await asyncio.sleep(0.3)
+    await sub.close()
+    await bus.channel.close()
+    await bus.plane.stop()
+    plane = ControlPlane(bus.config, components=[BusComponent(bus.config)])
+    address = await plane.start()
+    channel = grpc.aio.insecure_channel(address)
+    try:
+        stub = bus_pb2_grpc.BusStub(channel)
+        await stub.Publish(bus_pb2.PublishRequest(topic=topic, messages=[msg(b"d")]))
+        again = RawSubscriber(stub, options(topic))
+        await again.opened()
+        try:
+            assert [d.message.payload for d in await again.receive(2)] == [b"c", b"d"]
+        finally:
+            await again.close()
+    finally:
+        await channel.close()
+        await plane.stop()
