@@ -83,7 +83,9 @@ def test_server_security_warns_loudly_for_plaintext() -> None:
 
 
 def test_build_fails_on_unreadable_files(tmp_path: Path) -> None:
-    settings = SecuritySettings(tls=ServerTlsConfig(cert_file=tmp_path / "no.crt", key_file=tmp_path / "no.key"))
+    settings = SecuritySettings(
+        tls=ServerTlsConfig(cert_file=tmp_path / "no.crt", key_file=tmp_path / "no.key")
+    )
     with pytest.raises(ValueError, match="cannot read"):
         ServerSecurity.build(settings)
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from rpcmesh.v1 import bus_pb2, eventstore_pb2, registry_pb2, saga_pb2
 
 from rpcmesh.security.methods import accesses_for, known_methods, stream_kind
 from rpcmesh.security.policy import ALL, Access, Action, Policy, load_policy, topic_covers
-from rpcmesh.v1 import bus_pb2, eventstore_pb2, registry_pb2, saga_pb2
 
 POLICY = Policy.from_mapping(
     {
@@ -138,8 +138,12 @@ def test_every_control_plane_method_is_in_the_table() -> None:
 
 def test_table_names_the_resources() -> None:
     register = registry_pb2.RegisterRequest(instance=registry_pb2.Instance(service="order-service"))
-    assert accesses_for("/rpcmesh.v1.Registry/Register", register) == [Access(Action.REGISTER, "order-service")]
-    publish = bus_pb2.PublishRequest(topic="a.b", messages=[bus_pb2.BusMessage(topic="c.d"), bus_pb2.BusMessage()])
+    assert accesses_for("/rpcmesh.v1.Registry/Register", register) == [
+        Access(Action.REGISTER, "order-service")
+    ]
+    publish = bus_pb2.PublishRequest(
+        topic="a.b", messages=[bus_pb2.BusMessage(topic="c.d"), bus_pb2.BusMessage()]
+    )
     assert accesses_for("/rpcmesh.v1.Bus/Publish", publish) == [
         Access(Action.PUBLISH, "a.b"),
         Access(Action.PUBLISH, "c.d"),
@@ -149,7 +153,9 @@ def test_table_names_the_resources() -> None:
     )
     assert accesses_for("/rpcmesh.v1.Bus/Subscribe", ack) == [Access(Action.SUBSCRIBE, "x.y")]
     event = bus_pb2.PublishEventRequest(event_type="order-placed")
-    assert accesses_for("/rpcmesh.v1.Bus/PublishEvent", event) == [Access(Action.PUBLISH, "events.order-placed")]
+    assert accesses_for("/rpcmesh.v1.Bus/PublishEvent", event) == [
+        Access(Action.PUBLISH, "events.order-placed")
+    ]
     start = saga_pb2.StartSagaRequest(definition=saga_pb2.SagaDefinition(name="inline"))
     assert accesses_for("/rpcmesh.v1.SagaCoordinator/StartSaga", start) == [Access(Action.SAGA, "inline")]
     read_all = eventstore_pb2.ReadAllRequest()
