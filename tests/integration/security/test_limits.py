@@ -1,4 +1,4 @@
-"""Limits: message and metadata size, concurrent calls per connection and identity, watch/subscription caps."""
+"""Limits: message and metadata size, calls per connection and identity, watch and subscription caps."""
 
 from __future__ import annotations
 
@@ -136,7 +136,7 @@ async def test_caps_per_identity_and_connection(small_plane: tuple[ControlPlane,
         # Another connection of the same identity still works.
         other = registry_pb2_grpc.RegistryStub(channel("ops"))
         await other.Resolve(registry_pb2.ResolveRequest(service="x"), timeout=TIMEOUT)
-        # Per identity (6 in flight): order-service holds 2 watches + 2 subscriptions; 2 more unary-stream fit.
+        # order-service holds 2 watches and 2 subscriptions of its 6 calls in flight.
         assert plane.security is not None
         assert plane.security.interceptor.tracker.in_flight(identity="order-service") == 4
     finally:
