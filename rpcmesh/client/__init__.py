@@ -15,6 +15,8 @@ from rpcmesh.client.policy import (
     RetryPolicy,
     ServicePolicy,
 )
+from rpcmesh.client.policy_file import load_policy, parse_policy
+from rpcmesh.client.sync import SyncMesh, SyncMeshChannel
 
 __all__ = [
     "BreakerPolicy",
@@ -32,6 +34,10 @@ __all__ = [
     "RetryBudgetPolicy",
     "RetryPolicy",
     "ServicePolicy",
+    "SyncMesh",
+    "SyncMeshChannel",
     "current_call",
     "deadline_scope",
+    "load_policy",
+    "parse_policy",
 ]

@@ -12,6 +12,7 @@ _END = object()
 
 
 def _size(item: Any) -> int:
+    """Approximate wire size of a request, for the replay limit."""
     byte_size = getattr(item, "ByteSize", None)
     if callable(byte_size):
         return int(byte_size())

@@ -75,6 +75,7 @@ class ServiceCore:
         self.synced = False
         self._endpoints: dict[str, EndpointState] = {}
         self._order: list[EndpointState] = []
+        self._prepare: Callable[[EndpointState], None] | None = None
         self.picker = Picker(
             policy.load_balancing,
             prefer_zone=policy.prefer_zone,
@@ -90,9 +91,20 @@ class ServiceCore:
 
     # -- discovery ---------------------------------------------------------------------------------------
 
-    def apply(self, response: registry_pb2.WatchResponse) -> EndpointChanges:
-        """Apply one watch response (a snapshot replaces everything; events patch it)."""
+    def apply(
+        self,
+        response: registry_pb2.WatchResponse,
+        prepare: Callable[[EndpointState], None] | None = None,
+    ) -> EndpointChanges:
+        """Apply one watch response (a snapshot replaces everything; events patch it).
+
+        Args:
+            response: The watch response.
+            prepare: Called for each new endpoint before other threads can pick it
+                (the sync shell opens its sub-channel there).
+        """
         with self.lock:
+            self._prepare = prepare
             added: list[EndpointState] = []
             removed: list[EndpointState] = []
             if response.snapshot:
@@ -145,6 +157,8 @@ class ServiceCore:
                 else None
             ),
         )
+        if self._prepare is not None:
+            self._prepare(endpoint)
         self._endpoints[instance.instance_id] = endpoint
         return endpoint
 

@@ -1,0 +1,567 @@
+"""The sync API: :class:`SyncMesh` and its channels, for scripts and threads.
+
+Same policies and the same decision core (:class:`~rpcmesh.client.attempts.CallController`,
+:class:`~rpcmesh.client.endpoints.ServiceCore`) as the asyncio :class:`~rpcmesh.client.Mesh`;
+only the I/O differs: a watch thread per service, ``grpc.Channel`` sub-channels,
+blocking attempts and ``time.sleep`` backoff. Hedged unary calls use the
+sub-channels' futures.
+
+Usage::
+
+    with SyncMesh("127.0.0.1:50051") as mesh:
+        stub = echo_pb2_grpc.EchoStub(mesh.channel("echo"))
+        reply = stub.Echo(echo_pb2.EchoRequest(message="hi"))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import grpc
+
+from rpcmesh.client._replay import _size
+from rpcmesh.client._shell import attempt_metadata, mesh_error, outcome_of
+from rpcmesh.client.attempts import AttemptOutcome, CallController
+from rpcmesh.client.backoff import ExponentialBackoff
+from rpcmesh.client.breaker import BreakerSnapshot
+from rpcmesh.client.context import effective_deadline
+from rpcmesh.client.endpoints import EndpointChanges, EndpointView, ServiceCore
+from rpcmesh.client.picker import EndpointState, NoEndpointError
+from rpcmesh.client.policy import MeshPolicy, MethodPolicy, ServicePolicy
+from rpcmesh.v1 import registry_pb2, registry_pb2_grpc
+
+__all__ = ["SyncMesh", "SyncMeshChannel"]
+
+logger = logging.getLogger(__name__)
+
+_CHANNEL = "sync_channel"
+_CALLABLES = "sync_callables"
+_OK = grpc.StatusCode.OK
+DISCOVERY_WAIT = 10.0
+
+
+class _SyncService:
+    """Watch thread and sub-channels of one service."""
+
+    def __init__(
+        self,
+        service: str,
+        policy: ServicePolicy,
+        registries: Sequence[str],
+        options: Sequence[tuple[str, Any]],
+    ) -> None:
+        self.core = ServiceCore(service, policy)
+        self._registries = list(registries)
+        self._options = list(options)
+        self._synced = threading.Event()
+        self._stopped = threading.Event()
+        self._call: Any = None
+        self._channel: grpc.Channel | None = None
+        self._thread = threading.Thread(target=self._watch, name=f"mesh-watch-{service}", daemon=True)
+        self._thread.start()
+
+    def wait_synced(self, within: float) -> bool:
+        return self._synced.wait(within)
+
+    def _watch(self) -> None:
+        backoff = ExponentialBackoff(initial=0.1, maximum=5.0)
+        index = 0
+        while not self._stopped.is_set():
+            address = self._registries[index % len(self._registries)]
+            after = self.core.revision if self.core.synced else 0
+            try:
+                with grpc.insecure_channel(address) as channel:
+                    self._channel = channel
+                    stub = registry_pb2_grpc.RegistryStub(channel)
+                    self._call = stub.Watch(
+                        registry_pb2.WatchRequest(service=self.core.service, after_revision=after)
+                    )
+                    for response in self._call:
+                        self._apply(self.core.apply(response, self._open))
+                        if self.core.synced:
+                            self._synced.set()
+                        backoff.reset()
+            except grpc.RpcError as exc:
+                code = exc.code()
+                if code is grpc.StatusCode.OUT_OF_RANGE:
+                    self.core.synced = False
+                    continue
+                if code is grpc.StatusCode.CANCELLED and self._stopped.is_set():
+                    return
+                index += 1
+                logger.info(
+                    "watch of %s failed (%s); last known instances keep serving", self.core.service, code.name
+                )
+            self._stopped.wait(backoff.next())
+
+    def _apply(self, changes: EndpointChanges) -> None:
+        for endpoint in changes.removed:
+            channel = endpoint.extra.pop(_CHANNEL, None)
+            if isinstance(channel, grpc.Channel):
+                channel.close()
+
+    def _open(self, endpoint: EndpointState) -> None:
+        channel = grpc.insecure_channel(endpoint.address, options=self._options)
+        endpoint.extra[_CHANNEL] = channel
+        endpoint.extra[_CALLABLES] = {}
+        channel.subscribe(_connectivity_tracker(endpoint), try_to_connect=True)
+
+    def close(self) -> None:
+        self._stopped.set()
+        if self._call is not None:
+            self._call.cancel()
+        self._thread.join(timeout=5)
+        for endpoint in self.core.clear():
+            channel = endpoint.extra.pop(_CHANNEL, None)
+            if isinstance(channel, grpc.Channel):
+                channel.close()
+
+
+def _connectivity_tracker(endpoint: EndpointState) -> Callable[[grpc.ChannelConnectivity], None]:
+    def track(state: grpc.ChannelConnectivity) -> None:
+        if state is grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+            endpoint.connection_failed = True
+        elif state is grpc.ChannelConnectivity.READY:
+            endpoint.connection_failed = False
+
+    return track
+
+
+class _Replay:
+    """Request-stream replay for retried client-streaming calls (sync)."""
+
+    def __init__(self, source: Iterable[Any], limit: int) -> None:
+        self._source = iter(source)
+        self._buffer: list[Any] = []
+        self._size = 0
+        self._limit = limit
+        self._lock = threading.Lock()
+        self._attempt = 0
+        self.overflowed = False
+
+    def attempt(self) -> Iterator[Any]:
+        self._attempt += 1
+        return self._feed(self._attempt, list(self._buffer))
+
+    def _feed(self, attempt: int, replay: list[Any]) -> Iterator[Any]:
+        yield from replay
+        while attempt == self._attempt:
+            with self._lock:
+                item = next(self._source, _END)
+                if item is _END:
+                    return
+                if not self.overflowed:
+                    size = _size(item)
+                    self._size += size
+                    if self._size > self._limit:
+                        self.overflowed = True
+                        self._buffer.clear()
+                    else:
+                        self._buffer.append(item)
+            yield item
+
+
+_END = object()
+
+
+class _SyncMethod:
+    def __init__(self, service: _SyncService, method: str, shape: str, ser: Any, deser: Any) -> None:
+        self.service = service
+        self.method = method
+        self.shape = shape
+        self.ser = ser
+        self.deser = deser
+        self.policy: MethodPolicy = service.core.policy.for_method(method)
+
+    def callable_for(self, endpoint: EndpointState) -> Any:
+        cache = endpoint.extra.get(_CALLABLES)
+        if not isinstance(cache, dict):
+            raise mesh_error(grpc.StatusCode.UNAVAILABLE, f"instance {endpoint.instance_id} was removed")
+        found = cache.get(self)
+        if found is None:
+            channel = endpoint.extra[_CHANNEL]
+            found = getattr(channel, self.shape)(
+                self.method, request_serializer=self.ser, response_deserializer=self.deser
+            )
+            cache[self] = found
+        return found
+
+    def controller(self, timeout: float | None) -> CallController:
+        now = time.monotonic()
+        deadline = effective_deadline(timeout, self.policy.timeout, now)
+        if not self.service.core.synced:
+            wait = DISCOVERY_WAIT if deadline is None else max(0.0, min(DISCOVERY_WAIT, deadline - now))
+            if not self.service.wait_synced(wait):
+                raise mesh_error(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"no instances known for service '{self.service.core.service}': watch not synced",
+                )
+        controller = CallController(self.service.core, self.method, self.policy, deadline)
+        try:
+            controller.start()
+        except NoEndpointError as exc:
+            raise mesh_error(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
+        return controller
+
+    def begin(self, controller: CallController) -> EndpointState:
+        remaining = controller.remaining()
+        if remaining is not None and remaining <= 0:
+            controller.finish(grpc.StatusCode.DEADLINE_EXCEEDED)
+            raise mesh_error(
+                grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the call could be sent"
+            )
+        try:
+            return controller.begin_attempt()
+        except NoEndpointError as exc:
+            controller.finish(grpc.StatusCode.UNAVAILABLE)
+            raise mesh_error(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
+
+    def kwargs(
+        self, controller: CallController, metadata: Any, wait_for_ready: bool | None, compression: Any
+    ) -> dict[str, Any]:
+        return {
+            "timeout": controller.remaining(),
+            "metadata": attempt_metadata(metadata, controller.attempts),
+            "wait_for_ready": self.policy.wait_for_ready if wait_for_ready is None else wait_for_ready,
+            "compression": compression,
+        }
+
+    # -- unary response ----------------------------------------------------------------------------------
+
+    def unary_response(
+        self,
+        request: Any,
+        replay: _Replay | None,
+        timeout: float | None,
+        metadata: Any,
+        wait_for_ready: bool | None,
+        compression: Any,
+    ) -> Any:
+        controller = self.controller(timeout)
+        if self.policy.hedging is not None and replay is None:
+            return self._hedged(controller, request, metadata, wait_for_ready, compression)
+        while True:
+            endpoint = self.begin(controller)
+            started = time.monotonic()
+            try:
+                payload = replay.attempt() if replay is not None else request
+                response = self.callable_for(endpoint)(
+                    payload, **self.kwargs(controller, metadata, wait_for_ready, compression)
+                )
+            except grpc.RpcError as error:
+                committed = replay is not None and replay.overflowed
+                outcome = outcome_of(error, time.monotonic() - started, committed=committed)
+                delay = controller.end_attempt(endpoint, outcome)
+                if delay is None:
+                    controller.finish(outcome.code)
+                    raise
+                time.sleep(delay)
+                continue
+            except BaseException:
+                controller.abandon_attempt(endpoint)
+                raise
+            controller.end_attempt(endpoint, AttemptOutcome(code=_OK, duration=time.monotonic() - started))
+            controller.finish(_OK)
+            return response
+
+    def _hedged(
+        self,
+        controller: CallController,
+        request: Any,
+        metadata: Any,
+        wait_for_ready: bool | None,
+        compression: Any,
+    ) -> Any:
+        hedging = self.policy.hedging
+        assert hedging is not None
+        running: dict[Any, tuple[EndpointState, float]] = {}
+        finished = threading.Event()
+
+        def launch() -> None:
+            endpoint = self.begin(controller)
+            future = self.callable_for(endpoint).future(
+                request, **self.kwargs(controller, metadata, wait_for_ready, compression)
+            )
+            running[future] = (endpoint, time.monotonic())
+            future.add_done_callback(lambda _: finished.set())
+
+        last: grpc.RpcError | None = None
+        try:
+            launch()
+            while running:
+                timeout = hedging.delay if controller.may_hedge_soon() else None
+                finished.wait(timeout)
+                finished.clear()
+                done = [future for future in running if future.done()]
+                if not done:
+                    if controller.may_hedge():
+                        with contextlib.suppress(grpc.RpcError):
+                            launch()
+                    continue
+                for future in done:
+                    endpoint, started = running.pop(future)
+                    error = future.exception()
+                    if error is None:
+                        controller.end_hedge(
+                            endpoint, AttemptOutcome(code=_OK, duration=time.monotonic() - started)
+                        )
+                        controller.finish(_OK)
+                        return future.result()
+                    assert isinstance(error, grpc.RpcError)
+                    last = error
+                    outcome = outcome_of(error, time.monotonic() - started)
+                    if not controller.end_hedge(endpoint, outcome):
+                        controller.finish(outcome.code)
+                        raise error
+                    if controller.may_hedge():
+                        with contextlib.suppress(grpc.RpcError):
+                            launch()
+            assert last is not None
+            controller.finish(last.code())
+            raise last
+        finally:
+            for future, (endpoint, _) in running.items():
+                future.cancel()
+                controller.abandon_attempt(endpoint)
+
+    # -- streamed responses ------------------------------------------------------------------------------
+
+    def stream_response(
+        self,
+        request: Any,
+        replay: _Replay | None,
+        timeout: float | None,
+        metadata: Any,
+        wait_for_ready: bool | None,
+        compression: Any,
+    ) -> Iterator[Any]:
+        controller = self.controller(timeout)
+        while True:
+            endpoint = self.begin(controller)
+            started = time.monotonic()
+            committed = False
+            ended = False
+            call: Any = None
+            try:
+                payload = replay.attempt() if replay is not None else request
+                call = self.callable_for(endpoint)(
+                    payload, **self.kwargs(controller, metadata, wait_for_ready, compression)
+                )
+                for response in call:
+                    committed = True
+                    yield response
+            except grpc.RpcError as error:
+                ended = True
+                committed = committed or (replay is not None and replay.overflowed)
+                outcome = outcome_of(error, time.monotonic() - started, committed=committed)
+                delay = controller.end_attempt(endpoint, outcome)
+                if delay is None:
+                    controller.finish(outcome.code)
+                    raise
+                time.sleep(delay)
+                continue
+            finally:
+                if not ended and call is not None and call.is_active():
+                    call.cancel()
+                    controller.abandon_attempt(endpoint)
+                    ended = True
+            if not ended:
+                controller.end_attempt(
+                    endpoint, AttemptOutcome(code=_OK, duration=time.monotonic() - started)
+                )
+                controller.finish(_OK)
+            return
+
+
+class _Callable:
+    def __init__(self, method: _SyncMethod) -> None:
+        self._method = method
+
+
+class _UnaryUnary(_Callable):
+    def __call__(
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: Any = None,
+        wait_for_ready: bool | None = None,
+        compression: Any = None,
+    ) -> Any:
+        return self._method.unary_response(request, None, timeout, metadata, wait_for_ready, compression)
+
+
+class _StreamUnary(_Callable):
+    def __call__(
+        self,
+        request_iterator: Iterable[Any],
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: Any = None,
+        wait_for_ready: bool | None = None,
+        compression: Any = None,
+    ) -> Any:
+        replay = _Replay(request_iterator, self._method.service.core.policy.max_buffered_request_bytes)
+        return self._method.unary_response(None, replay, timeout, metadata, wait_for_ready, compression)
+
+
+class _UnaryStream(_Callable):
+    def __call__(
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: Any = None,
+        wait_for_ready: bool | None = None,
+        compression: Any = None,
+    ) -> Iterator[Any]:
+        return self._method.stream_response(request, None, timeout, metadata, wait_for_ready, compression)
+
+
+class _StreamStream(_Callable):
+    def __call__(
+        self,
+        request_iterator: Iterable[Any],
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: Any = None,
+        wait_for_ready: bool | None = None,
+        compression: Any = None,
+    ) -> Iterator[Any]:
+        replay = _Replay(request_iterator, self._method.service.core.policy.max_buffered_request_bytes)
+        return self._method.stream_response(None, replay, timeout, metadata, wait_for_ready, compression)
+
+
+class SyncMeshChannel:
+    """A blocking channel to every passing instance of one service; use it like a ``grpc.Channel``."""
+
+    def __init__(self, service: _SyncService) -> None:
+        self._service = service
+
+    def unary_unary(
+        self,
+        method: str,
+        request_serializer: Any = None,
+        response_deserializer: Any = None,
+        _registered_method: bool | None = False,
+    ) -> _UnaryUnary:
+        """A unary-unary multicallable (raw bytes without serializers)."""
+        return _UnaryUnary(
+            _SyncMethod(self._service, method, "unary_unary", request_serializer, response_deserializer)
+        )
+
+    def unary_stream(
+        self,
+        method: str,
+        request_serializer: Any = None,
+        response_deserializer: Any = None,
+        _registered_method: bool | None = False,
+    ) -> _UnaryStream:
+        """A unary-stream multicallable."""
+        return _UnaryStream(
+            _SyncMethod(self._service, method, "unary_stream", request_serializer, response_deserializer)
+        )
+
+    def stream_unary(
+        self,
+        method: str,
+        request_serializer: Any = None,
+        response_deserializer: Any = None,
+        _registered_method: bool | None = False,
+    ) -> _StreamUnary:
+        """A stream-unary multicallable."""
+        return _StreamUnary(
+            _SyncMethod(self._service, method, "stream_unary", request_serializer, response_deserializer)
+        )
+
+    def stream_stream(
+        self,
+        method: str,
+        request_serializer: Any = None,
+        response_deserializer: Any = None,
+        _registered_method: bool | None = False,
+    ) -> _StreamStream:
+        """A stream-stream multicallable."""
+        return _StreamStream(
+            _SyncMethod(self._service, method, "stream_stream", request_serializer, response_deserializer)
+        )
+
+    def close(self) -> None:
+        """No-op: sub-channels belong to the SyncMesh."""
+
+
+class SyncMesh:
+    """Blocking counterpart of :class:`~rpcmesh.client.Mesh`, with the same policies and core."""
+
+    def __init__(
+        self,
+        registry: str | Sequence[str],
+        *,
+        policy: MeshPolicy | None = None,
+        channel_options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self._registries = [registry] if isinstance(registry, str) else list(registry)
+        if not self._registries:
+            raise ValueError("registry: at least one address is needed")
+        self.policy = policy or MeshPolicy()
+        self._options = list(channel_options)
+        self._services: dict[str, _SyncService] = {}
+        self._lock = threading.Lock()
+
+    def _service(self, name: str) -> _SyncService:
+        with self._lock:
+            service = self._services.get(name)
+            if service is None:
+                service = _SyncService(name, self.policy.for_service(name), self._registries, self._options)
+                self._services[name] = service
+            return service
+
+    def channel(self, service: str) -> SyncMeshChannel:
+        """A channel to ``service``, usable with any generated stub."""
+        return SyncMeshChannel(self._service(service))
+
+    def wait_for_instances(self, service: str, count: int = 1, within: float = 10.0) -> list[EndpointView]:
+        """Block until at least ``count`` passing instances of ``service`` are known."""
+        core = self._service(service).core
+        deadline = time.monotonic() + within
+        while True:
+            views = core.endpoints()
+            if len(views) >= count:
+                return views
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"{service}: {len(views)} instance(s) known, wanted {count}")
+            time.sleep(0.02)
+
+    def endpoints(self, service: str) -> list[EndpointView]:
+        """The known passing instances of ``service`` with load, picks and breaker state."""
+        return self._service(service).core.endpoints()
+
+    def breakers(self, service: str) -> dict[str, BreakerSnapshot]:
+        """Breaker states of ``service`` by breaker name."""
+        core = self._service(service).core
+        found: dict[str, BreakerSnapshot] = {}
+        if core.breaker is not None:
+            found[core.breaker.name] = core.breaker.snapshot()
+        for view in core.endpoints():
+            if view.breaker is not None:
+                found[view.breaker.name] = view.breaker
+        return found
+
+    def close(self) -> None:
+        """Stop every watch thread and close every sub-channel."""
+        with self._lock:
+            services = list(self._services.values())
+            self._services.clear()
+        for service in services:
+            service.close()
+
+    def __enter__(self) -> SyncMesh:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
