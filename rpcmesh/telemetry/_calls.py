@@ -236,6 +236,5 @@ def set_peer(record: CallRecord, peer: str | None) -> None:
     host, port = split_address(peer)
     if host is not None:
         record.span.set_attribute("network.peer.address", host)
-        record.span.set_attribute("client.address", host)
     if port is not None:
         record.span.set_attribute("network.peer.port", port)

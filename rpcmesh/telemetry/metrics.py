@@ -9,6 +9,7 @@ the latest value and the SDK reads it at collection time.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Iterable
 
@@ -209,7 +210,9 @@ class OtelMeshMetrics(MeshMetrics):
         ]
 
 
+@functools.lru_cache(maxsize=4096)
 def _rpc_attributes(service: str, method: str, code: grpc.StatusCode) -> dict[str, str | int]:
+    # Cached: built once per (service, method, code) rather than per call; callers never mutate it.
     return {
         "rpc.system": "grpc",
         "rpc.service": service,
