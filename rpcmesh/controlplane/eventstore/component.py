@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import grpc.aio
-from rpcmesh.v1 import eventstore_pb2, eventstore_pb2_grpc
 
 from rpcmesh.controlplane.component import ControlPlaneContext
 from rpcmesh.controlplane.config import ControlPlaneConfig
 from rpcmesh.controlplane.eventstore.servicer import EventStoreServicer
 from rpcmesh.controlplane.eventstore.storage import EventStorage
+from rpcmesh.v1 import eventstore_pb2, eventstore_pb2_grpc
 
 SQLITE_FILE = "events.db"
 

@@ -7,8 +7,6 @@ from typing import Any
 
 import grpc.aio
 from google.protobuf import timestamp_pb2
-from rpcmesh.v1 import eventstore_pb2 as pb
-from rpcmesh.v1 import eventstore_pb2_grpc as pb_grpc
 
 from rpcmesh.controlplane.eventstore.model import (
     ANY,
@@ -24,6 +22,8 @@ from rpcmesh.controlplane.eventstore.model import (
 )
 from rpcmesh.controlplane.eventstore.storage import EventStorage
 from rpcmesh.errors import FailedPreconditionError, invalid_argument, register_detail_type
+from rpcmesh.v1 import eventstore_pb2 as pb
+from rpcmesh.v1 import eventstore_pb2_grpc as pb_grpc
 
 register_detail_type(pb.WrongExpectedVersion)
 

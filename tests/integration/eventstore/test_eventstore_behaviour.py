@@ -248,7 +248,14 @@ async def test_concurrent_writers_at_the_same_expected_version(eventstore: Stub)
 
 @pytest.mark.parametrize("count", [300])
 async def test_many_concurrent_appends_get_distinct_ordered_positions(eventstore: Stub, count: int) -> None:
-    results = await asyncio.gather(*(append(eventstore, f"s-{i % 7}", [ev(), ev()]) for i in range(count)))
+    # Bounded: the control plane caps concurrent streams per connection.
+    gate = asyncio.Semaphore(32)
+
+    async def one(i: int) -> pb.AppendToStreamResponse:
+        async with gate:
+            return await append(eventstore, f"s-{i % 7}", [ev(), ev()])
+
+    results = await asyncio.gather(*(one(i) for i in range(count)))
     positions = sorted(r.position for r in results)
     assert positions == list(range(2, 2 * count + 1, 2))
     everything: list[pb.RecordedEvent] = []
