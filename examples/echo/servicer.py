@@ -30,6 +30,9 @@ class EchoServicer(echo_pb2_grpc.EchoServicer):
         self, request: echo_pb2.EchoRequest, context: grpc.aio.ServicerContext
     ) -> echo_pb2.EchoResponse:
         await self._behave(request.behaviour, context)
+        # The caller's own x-* metadata comes back as trailers, so a proxy can be checked for passing it on.
+        echoed = [(f"echoed-{k}", v) for k, v in context.invocation_metadata() or () if k.startswith("x-")]
+        context.set_trailing_metadata(tuple(echoed))
         return echo_pb2.EchoResponse(
             message=request.message, instance_id=self.instance_id, served=self.served
         )

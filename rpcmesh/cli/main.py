@@ -19,7 +19,14 @@ from pathlib import Path
 
 import grpc
 
-from rpcmesh.cli import bus_commands, certs_commands, event_commands, registry_commands, saga_commands
+from rpcmesh.cli import (
+    bus_commands,
+    certs_commands,
+    event_commands,
+    gateway_command,
+    registry_commands,
+    saga_commands,
+)
 from rpcmesh.cli.common import CliError
 from rpcmesh.controlplane.config import ControlPlaneConfig
 from rpcmesh.errors import from_rpc_error
@@ -74,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     saga_commands.register(commands)
     event_commands.register(commands)
     certs_commands.register(commands)
+    gateway_command.register(commands)
     return parser
 
 

@@ -77,22 +77,24 @@ class Forwarder:
         timeout = remaining if remaining is not None and remaining < 1e9 else None
         metadata = forwardable_metadata(incoming)
         try:
-            if shape is Shape.UNARY_UNARY:
-                request = await _only_request(requests)
-                yield await channel.unary_unary(method)(request, timeout=timeout, metadata=metadata)
-            elif shape is Shape.UNARY_STREAM:
-                request = await _only_request(requests)
-                async for response in channel.unary_stream(method)(
-                    request, timeout=timeout, metadata=metadata
-                ):
-                    yield response
-            elif shape is Shape.STREAM_UNARY:
-                yield await channel.stream_unary(method)(requests, timeout=timeout, metadata=metadata)
+            if shape in (Shape.UNARY_UNARY, Shape.STREAM_UNARY):
+                if shape is Shape.UNARY_UNARY:
+                    request = await _only_request(requests)
+                    call = channel.unary_unary(method)(request, timeout=timeout, metadata=metadata)
+                else:
+                    call = channel.stream_unary(method)(requests, timeout=timeout, metadata=metadata)
+                response = await call
+                context.set_trailing_metadata(tuple(await call.trailing_metadata() or ()))
+                yield response
             else:
-                async for response in channel.stream_stream(method)(
-                    requests, timeout=timeout, metadata=metadata
-                ):
+                if shape is Shape.UNARY_STREAM:
+                    request = await _only_request(requests)
+                    stream = channel.unary_stream(method)(request, timeout=timeout, metadata=metadata)
+                else:
+                    stream = channel.stream_stream(method)(requests, timeout=timeout, metadata=metadata)
+                async for response in stream:
                     yield response
+                context.set_trailing_metadata(tuple(await stream.trailing_metadata() or ()))
         except grpc.aio.AioRpcError as error:
             await context.abort(error.code(), error.details() or "", tuple(error.trailing_metadata() or ()))
 
@@ -124,10 +126,11 @@ class _ProxyHandler(grpc.GenericRpcHandler):
             return None
         forward = self._forwarder.forward
 
-        def behavior(
+        async def behavior(
             requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[bytes, bytes]
         ) -> AsyncIterator[bytes]:
-            return forward(method, requests, context)
+            async for response in forward(method, requests, context):
+                yield response
 
         return grpc.stream_stream_rpc_method_handler(behavior)
 

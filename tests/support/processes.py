@@ -156,3 +156,37 @@ def start_control_plane(
         proc.kill()
         raise
     return proc, address
+
+
+def start_echo(registry: str, instance_id: str, *args: str, name: str = "echo") -> ManagedProcess:
+    """Start `examples/echo/server.py` registered as ``name``; waits until it serves."""
+    proc = ManagedProcess(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "echo" / "server.py"),
+            "--registry",
+            registry,
+            "--name",
+            name,
+            "--instance-id",
+            instance_id,
+            *args,
+        ]
+    )
+    try:
+        proc.wait_for_address()
+    except BaseException:
+        proc.kill()
+        raise
+    return proc
+
+
+def start_gateway(registry: str, *args: str) -> tuple[ManagedProcess, str]:
+    """Start `rpcmesh gateway` on a free port; returns the process and its address."""
+    proc = ManagedProcess(rpcmesh_command("gateway", "--registry", registry, "--port", "0", *args))
+    try:
+        address = proc.wait_for_address()
+    except BaseException:
+        proc.kill()
+        raise
+    return proc, address

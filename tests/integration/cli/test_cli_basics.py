@@ -25,6 +25,8 @@ COMMANDS = [
     ["saga", "list"],
     ["saga", "abort"],
     ["saga", "watch"],
+    ["gateway"],
+    ["certs"],
     ["events"],
     ["events", "append"],
     ["events", "read"],
