@@ -1,4 +1,4 @@
-"""The gateway as a real process: four RPC shapes, metadata, deadlines, errors, an instance killed under load."""
+"""The gateway as a real process: four RPC shapes, metadata, deadlines, errors, a kill under load."""
 
 from __future__ import annotations
 
