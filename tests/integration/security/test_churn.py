@@ -1,5 +1,7 @@
-"""A client opening and cancelling streams as fast as it can for 10 s: the server stays up and a
-legitimate client's p99 latency stays within 2x its baseline, measured in the same test.
+"""Stream churn: the server stays up and a legitimate client's p99 stays within 2x its baseline.
+
+A client opens and cancels streams as fast as it can for 10 s; the baseline is
+measured in the same test, before the churn.
 """
 
 from __future__ import annotations
