@@ -30,10 +30,15 @@ class Limits:
     max_metadata_bytes: int = 16 * 1024
     """Largest request metadata (headers) per call."""
 
-    max_calls_per_connection: int = 256
-    """Calls and streams in flight on one connection; more answer RESOURCE_EXHAUSTED."""
+    max_calls_per_connection: int = 1024
+    """Calls and streams in flight on one connection; more answer RESOURCE_EXHAUSTED.
 
-    max_calls_per_identity: int = 1024
+    Note that grpc shares one connection between channels with equal target and
+    options (global subchannel pool); a client that needs more in flight opens
+    channels with ``("grpc.use_local_subchannel_pool", 1)``.
+    """
+
+    max_calls_per_identity: int = 4096
     """Calls and streams in flight per identity, over all its connections."""
 
     max_watches_per_identity: int = 64
