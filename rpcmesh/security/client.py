@@ -126,15 +126,24 @@ class ClientSecurity:
 
 
 def aio_channel(
-    target: str, security: ClientSecurity | None = None, options: Sequence[tuple[str, Any]] = ()
+    target: str,
+    security: ClientSecurity | None = None,
+    options: Sequence[tuple[str, Any]] = (),
+    interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
 ) -> grpc.aio.Channel:
-    """A grpc.aio channel to ``target`` with ``security`` (plaintext without token when None)."""
+    """A grpc.aio channel to ``target`` with ``security`` (plaintext without token when None).
+
+    ``interceptors`` run outside the token interceptor (development mode), in order.
+    """
     security = security or ClientSecurity()
     all_options = [*options, *security.options()]
     credentials = security.credentials()
     if credentials is not None:
-        return grpc.aio.secure_channel(target, credentials, options=all_options)
-    return grpc.aio.insecure_channel(target, options=all_options, interceptors=security.aio_interceptors())
+        return grpc.aio.secure_channel(
+            target, credentials, options=all_options, interceptors=list(interceptors) or None
+        )
+    chain = [*interceptors, *security.aio_interceptors()]
+    return grpc.aio.insecure_channel(target, options=all_options, interceptors=chain or None)
 
 
 def sync_channel(
