@@ -1,0 +1,78 @@
+"""The examples run: `make demo` end to end, and the Node.js client as a full member of the mesh."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support.processes import ROOT, ManagedProcess, python_env, start_echo, start_gateway
+
+NODE_DIR = ROOT / "examples" / "node"
+
+
+def leftover_processes(marker: str) -> list[str]:
+    found = subprocess.run(["pgrep", "-af", marker], capture_output=True, text=True, check=False).stdout
+    return [line for line in found.splitlines() if "pgrep" not in line]
+
+
+@pytest.mark.slow
+def test_make_demo_tells_the_whole_story_and_leaves_nothing_behind() -> None:
+    result = subprocess.run(
+        ["make", "-s", "demo"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=python_env(),
+        check=False,
+    )
+    out = result.stdout
+    assert result.returncode == 0, out + result.stderr
+    assert "saga COMPLETED" in out and "ORDER_STATE_CONFIRMED" in out
+    assert "saga COMPENSATED" in out and "card declined" in out and "ORDER_STATE_CANCELLED" in out
+    assert "(users-1 killed with -9)" in out and ", 0 failed" in out
+    assert "is confirmed" in out and "is cancelled" in out
+    assert "demo finished" in out
+    assert leftover_processes("rpcmesh-demo-") == []
+    assert leftover_processes("shop/run_service.py") == []
+
+
+@pytest.fixture
+def node_modules() -> Iterator[None]:
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        pytest.skip("node and npm are needed for the Node.js example")
+    if not (NODE_DIR / "node_modules" / "@grpc" / "grpc-js").exists():
+        subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=NODE_DIR, check=True, timeout=300)
+    yield
+
+
+@pytest.mark.slow
+def test_node_client_registers_uses_bus_and_sagas_and_calls_python_through_the_gateway(
+    node_modules: None, control_plane: tuple[ManagedProcess, str]
+) -> None:
+    _, registry = control_plane
+    echo = start_echo(registry, "py-echo-1")
+    gateway, gateway_address = start_gateway(registry)
+    try:
+        result = subprocess.run(
+            ["node", "mesh_client.js", "--target", registry, "--gateway", gateway_address],
+            cwd=NODE_DIR,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    finally:
+        gateway.kill()
+        echo.kill()
+    out = result.stdout
+    assert result.returncode == 0, out + result.stderr
+    assert "node: registered echo-node/" in out
+    assert "node: resolved echo-node: 127.0.0.1:" in out
+    assert 'node: bus received {"hello":"from node"} with x-correlation-id node-' in out
+    assert "ended SAGA_STATE_COMPLETED" in out
+    assert 'node: gateway answered "hello from node" from python instance py-echo-1' in out
+    assert out.rstrip().endswith("node: done")
