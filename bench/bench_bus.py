@@ -13,8 +13,8 @@ In one run, on this machine:
 3. JetStream publish: nats-py ``publish_async`` pipelined into a file-backed
    stream, counted until every PubAck arrived.
 4. JetStream deliver: a durable pull consumer, ``fetch(1000)`` and an ack per message.
-5. Latency: 1,000 msgs/s published one at a time through the Bus for a few
-   seconds; p50/p99 of publish -> delivery at the subscriber.
+5. Latency: 1,000 msgs/s, each published on its own (the batching Publisher
+   with no linger) for a few seconds; p50/p99 of publish -> delivery at the subscriber.
 
 Prints one JSON line: rates, ``publish_ratio`` and ``deliver_ratio`` (Bus / JetStream)
 and ``p99_ms_at_1k``.
@@ -28,7 +28,6 @@ import json
 import os
 import statistics
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,6 +42,8 @@ import grpc.aio  # noqa: E402
 import nats  # noqa: E402
 from nats.js import api  # noqa: E402
 from rpcmesh.v1 import bus_pb2, bus_pb2_grpc  # noqa: E402
+
+from rpcmesh.bus import Publisher, PublisherConfig  # noqa: E402
 
 PAYLOAD = b"x" * 100
 BATCH = 1000
@@ -70,7 +71,9 @@ async def bus_publish(stub: bus_pb2_grpc.BusStub, topic: str, count: int) -> flo
     async def requests() -> AsyncIterator[bus_pb2.PublishStreamRequest]:
         for batch_id in range(batches):
             yield bus_pb2.PublishStreamRequest(
-                topic=topic, batch_id=batch_id, messages=[bus_pb2.BusMessage(payload=PAYLOAD) for _ in range(BATCH)]
+                topic=topic,
+                batch_id=batch_id,
+                messages=[bus_pb2.BusMessage(payload=PAYLOAD) for _ in range(BATCH)],
             )
 
     started = time.perf_counter()
@@ -111,7 +114,8 @@ async def bus_deliver(stub: bus_pb2_grpc.BusStub, topic: str, count: int) -> flo
     return received / elapsed
 
 
-async def bus_latency(stub: bus_pb2_grpc.BusStub, topic: str, seconds: float, rate: int) -> list[float]:
+async def bus_latency(channel: grpc.aio.Channel, topic: str, seconds: float, rate: int) -> list[float]:
+    stub = bus_pb2_grpc.BusStub(channel)
     queue: asyncio.Queue[bus_pb2.SubscribeRequest] = asyncio.Queue()
     options = bus_pb2.SubscriptionOptions(topic=topic, group="latency", mode=bus_pb2.DELIVERY_MODE_GROUP)
     options.start.new_only = True
@@ -141,17 +145,16 @@ async def bus_latency(stub: bus_pb2_grpc.BusStub, topic: str, seconds: float, ra
                 return
 
     consumer = asyncio.create_task(consume())
+    publisher = Publisher(channel, PublisherConfig(linger=0.0))
     started = time.perf_counter()
-    pending = set()
+    pending: set[asyncio.Future[bus_pb2.PublishResult]] = set()
     for index in range(total):
         due = started + index / rate
         delay = due - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
         payload = struct.pack("d", time.perf_counter()) + PAYLOAD[8:]
-        task = asyncio.ensure_future(
-            stub.Publish(bus_pb2.PublishRequest(topic=topic, messages=[bus_pb2.BusMessage(payload=payload)]))
-        )
+        task = asyncio.ensure_future(publisher.publish(topic, payload))
         pending.add(task)
         task.add_done_callback(pending.discard)
     try:
@@ -159,6 +162,7 @@ async def bus_latency(stub: bus_pb2_grpc.BusStub, topic: str, seconds: float, ra
     except TimeoutError:
         print("latency: got", len(latencies), "of", total, file=sys.stderr)
         raise
+    await publisher.close()
     call.cancel()
     return latencies
 
@@ -193,15 +197,17 @@ async def jetstream(url: str, count: int) -> tuple[float, float]:
 
 async def run(args: argparse.Namespace) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as data_dir:
-        server = subprocess.Popen(
-            [sys.executable, __file__, "--serve", data_dir],
-            stdout=subprocess.PIPE,
-            text=True,
+        server = await asyncio.create_subprocess_exec(
+            sys.executable,
+            __file__,
+            "--serve",
+            data_dir,
+            stdout=asyncio.subprocess.PIPE,
             env={**os.environ, "PYTHONPATH": str(ROOT)},
         )
         try:
             assert server.stdout is not None
-            line = server.stdout.readline()
+            line = (await server.stdout.readline()).decode()
             address = line.split("listening on ")[1].strip()
             channel = grpc.aio.insecure_channel(
                 address, options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)]
@@ -209,11 +215,11 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
             stub = bus_pb2_grpc.BusStub(channel)
             bus_publish_rate = await bus_publish(stub, "bench.rate", args.messages)
             bus_deliver_rate = await bus_deliver(stub, "bench.rate", args.messages)
-            latencies = await bus_latency(stub, "bench.latency", args.latency_seconds, 1000)
+            latencies = await bus_latency(channel, "bench.latency", args.latency_seconds, 1000)
             await channel.close()
         finally:
             server.terminate()
-            server.wait(timeout=20)
+            await asyncio.wait_for(server.wait(), 20)
     js_publish_rate, js_deliver_rate = await jetstream(args.nats, args.messages)
     quantiles = statistics.quantiles(latencies, n=100)
     return {

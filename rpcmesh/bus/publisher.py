@@ -20,7 +20,14 @@ import grpc.aio
 from google.protobuf.message import Message
 
 from rpcmesh.bus.payloads import encode
-from rpcmesh.errors import RpcMeshError, UnavailableError, code_from_value, from_rpc_error, from_status
+from rpcmesh.errors import (
+    RpcMeshError,
+    StatusError,
+    UnavailableError,
+    code_from_value,
+    from_rpc_error,
+    from_status,
+)
 from rpcmesh.v1 import bus_pb2, bus_pb2_grpc
 
 
@@ -174,6 +181,8 @@ class Publisher:
                         future.set_result(result)
         except grpc.aio.AioRpcError as exc:
             error = from_rpc_error(exc)
+        except StatusError as exc:
+            error = exc
         except asyncio.CancelledError:
             error = RpcMeshError("publisher closed")
         if error is None:

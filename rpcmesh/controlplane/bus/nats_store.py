@@ -92,6 +92,7 @@ class NatsBusStore:
         self._kv: Any = None
         self._topics: dict[str, _TopicCache] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._tails: dict[str, asyncio.Future[None]] = {}
         self._refresher: asyncio.Task[None] | None = None
         self._ids = itertools.count(1)
         self._id_prefix = f"{os.getpid():x}{int(time.time() * 1000):x}-"
@@ -283,17 +284,31 @@ class NatsBusStore:
         self, topic: str, messages: Sequence[bus_pb2.BusMessage], *, dedup: bool = True
     ) -> list[AppendResult]:
         """Publish the batch pipelined; returns once JetStream acknowledged every message."""
-        cache, _ = await self._ensure(topic, RetentionPolicy())
-        target = subject(topic)
+        # Batches of one topic are written in call order (so sequences follow
+        # batch order): each call takes its turn, synchronously, before any
+        # await; acks are then awaited outside the turn, pipelined.
+        previous = self._tails.get(topic)
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._tails[topic] = turn
         futures = []
-        for message in messages:
-            headers = None
-            if message.id and dedup:
-                headers = {"Nats-Msg-Id": message.id}
-            elif not message.id:
-                message.id = f"{self._id_prefix}{next(self._ids):x}"
-            message.topic = topic
-            futures.append(await self._js.publish_async(target, message.SerializeToString(), headers=headers))
+        try:
+            if previous is not None:
+                await asyncio.shield(previous)
+            cache, _ = await self._ensure(topic, RetentionPolicy())
+            target = subject(topic)
+            for message in messages:
+                headers = None
+                if message.id and dedup:
+                    headers = {"Nats-Msg-Id": message.id}
+                elif not message.id:
+                    message.id = f"{self._id_prefix}{next(self._ids):x}"
+                message.topic = topic
+                body = message.SerializeToString()
+                futures.append(await self._js.publish_async(target, body, headers=headers))
+        finally:
+            turn.set_result(None)
+            if self._tails.get(topic) is turn:
+                del self._tails[topic]
         try:
             acks = await asyncio.gather(*futures)
         except Exception as exc:
