@@ -15,11 +15,18 @@ __all__ = ["attempt_metadata", "mesh_error", "outcome_of"]
 MetadataLike = Any
 
 
-def attempt_metadata(metadata: MetadataLike, attempt: int) -> tuple[tuple[str, str | bytes], ...]:
-    """A copy of the caller's metadata plus the attempt number and the propagated request id."""
-    items: list[tuple[str, str | bytes]] = [] if metadata is None else [(k, v) for k, v in metadata]
-    items.append((ATTEMPT_KEY, str(attempt)))
+def attempt_metadata(metadata: MetadataLike, attempt: int) -> tuple[tuple[str, str | bytes], ...] | None:
+    """A copy of the caller's metadata plus the attempt number and the propagated request id.
+
+    Like gRFC A6's ``grpc-previous-rpc-attempts``, the attempt number is only
+    sent on retries and hedges (attempt >= 2): no header means the first attempt.
+    """
     incoming = current_call.get()
+    if metadata is None and attempt == 1 and (incoming is None or not incoming.request_id):
+        return None  # the common case: nothing to send
+    items: list[tuple[str, str | bytes]] = [] if metadata is None else [(k, v) for k, v in metadata]
+    if attempt > 1:
+        items.append((ATTEMPT_KEY, str(attempt)))
     if incoming is not None and incoming.request_id and all(k != REQUEST_ID_KEY for k, _ in items):
         items.append((REQUEST_ID_KEY, incoming.request_id))
     return tuple(items)

@@ -45,7 +45,7 @@ __all__ = [
 ]
 
 ATTEMPT_KEY = "rpcmesh-attempt"
-"""Metadata key carrying the attempt number (1 for the first attempt)."""
+"""Metadata key carrying the attempt number on retries and hedges (2, 3, ...); absent on the first."""
 
 PUSHBACK_KEY = "grpc-retry-pushback-ms"
 """Trailing metadata a server sends to delay (or, when negative, forbid) retries."""

@@ -99,6 +99,9 @@ class CircuitBreaker:
 
     def admits(self) -> bool:
         """Whether a call would be admitted now, without taking a probe permit."""
+        fast = self._state  # fast path: an attribute read needs no lock
+        if fast is BreakerState.CLOSED:
+            return True
         with self._lock:
             self._advance(self._clock())
             if self._state is BreakerState.CLOSED:
@@ -107,6 +110,9 @@ class CircuitBreaker:
 
     def acquire(self) -> bool:
         """Admit one call: always when closed, a probe permit when half-open, never when open."""
+        fast = self._state
+        if fast is BreakerState.CLOSED:
+            return True
         with self._lock:
             self._advance(self._clock())
             if self._state is BreakerState.CLOSED:
@@ -120,7 +126,8 @@ class CircuitBreaker:
         """Record the outcome of an admitted call."""
         slow = self.policy.slow_call_duration is not None and duration >= self.policy.slow_call_duration
         with self._lock:
-            self._advance(self._clock())
+            if self._state is not BreakerState.CLOSED:
+                self._advance(self._clock())
             if self._state is BreakerState.OPEN:
                 return
             if self._state is BreakerState.HALF_OPEN:

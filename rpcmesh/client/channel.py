@@ -71,6 +71,8 @@ class _Method:
     async def controller(self, timeout: float | None) -> CallController:  # noqa: ASYNC109
         now = time.monotonic()
         deadline = effective_deadline(timeout, self.policy.timeout, now)
+        if self.service.core.synced:
+            return self.start(deadline)
         if not self.service.core.synced:
             wait = DISCOVERY_WAIT if deadline is None else max(0.0, min(DISCOVERY_WAIT, deadline - now))
             if not await self.service.wait_synced(wait):
@@ -78,6 +80,9 @@ class _Method:
                     grpc.StatusCode.UNAVAILABLE,
                     f"no instances known for service '{self.service.name}': Registry watch not synced",
                 )
+        return self.start(deadline)
+
+    def start(self, deadline: float | None) -> CallController:
         controller = CallController(self.service.core, self.method, self.policy, deadline)
         try:
             controller.start()

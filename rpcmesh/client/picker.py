@@ -82,13 +82,17 @@ class Picker:
         """
         if not endpoints:
             raise NoEndpointError(f"no passing instance of service '{service}' is registered")
+        pool: Sequence[EndpointState] = endpoints
         ejected = self._ejected(endpoints)
-        pool = [e for e in endpoints if e not in ejected]
-        if not pool:
-            reasons = "; ".join(e.breaker.describe() for e in ejected if e.breaker is not None)
-            raise NoEndpointError(f"no admissible instance of service '{service}': {reasons}")
-        pool = _prefer(pool, lambda e: e.instance_id not in exclude)
-        pool = _prefer(pool, lambda e: not e.connection_failed)
+        if ejected:
+            pool = [e for e in endpoints if e not in ejected]
+            if not pool:
+                reasons = "; ".join(e.breaker.describe() for e in ejected if e.breaker is not None)
+                raise NoEndpointError(f"no admissible instance of service '{service}': {reasons}")
+        if exclude:
+            pool = _prefer(pool, lambda e: e.instance_id not in exclude)
+        if any(e.connection_failed for e in pool):
+            pool = _prefer(pool, lambda e: not e.connection_failed)
         if self.prefer_zone:
             pool = _prefer(pool, lambda e: e.zone == self.prefer_zone)
         chosen = self._choose(pool)
@@ -99,6 +103,8 @@ class Picker:
 
     def _ejected(self, endpoints: Sequence[EndpointState]) -> list[EndpointState]:
         refusing = [e for e in endpoints if e.breaker is not None and not e.breaker.admits()]
+        if not refusing:
+            return refusing
         cap = max(1, math.floor(self.max_ejection_share * len(endpoints)))
         # Beyond the cap, instances stay pickable despite their open breakers,
         # so a wide outage cannot eject the whole service on breaker noise.
@@ -118,7 +124,7 @@ class Picker:
         return pool[self._next % len(pool)]
 
 
-def _prefer(pool: list[EndpointState], keep: Callable[[EndpointState], bool]) -> list[EndpointState]:
+def _prefer(pool: Sequence[EndpointState], keep: Callable[[EndpointState], bool]) -> list[EndpointState]:
     """The endpoints that satisfy ``keep``, or all of them when none does."""
     preferred = [e for e in pool if keep(e)]
-    return preferred or pool
+    return preferred or list(pool)

@@ -114,14 +114,17 @@ def test_sync_budget_breaker_hedging_and_idempotency(
             started = time.monotonic()
             assert stub.Echo(echo_pb2.EchoRequest(message="h"), timeout=10).instance_id == "fast"
             assert time.monotonic() - started < 1.0
-        # Non-idempotent: one attempt only, although UNAVAILABLE is retryable.
-        before = total_picks(mesh)
-        with pytest.raises(grpc.RpcError):
-            stub.Collect(iter([echo_pb2.CollectRequest(message="x")]), metadata=(("x", "y"),), timeout=0.001)
-        assert total_picks(mesh) - before <= 1
         # Breakers open on failures and the state is readable.
         for _ in range(10):
             with pytest.raises(grpc.RpcError):
                 list(stub.Expand(echo_pb2.ExpandRequest(repeat=1, behaviour=failing.behaviour)))
         states = {name: snap.state for name, snap in mesh.breakers("echo").items()}
         assert BreakerState.OPEN in states.values()
+    # Non-idempotent (the default): one attempt only, although UNAVAILABLE is retryable.
+    with SyncMesh(control_plane[1]) as plain:
+        plain.wait_for_instances("echo", 2)
+        stub = echo_pb2_grpc.EchoStub(plain.channel("echo"))
+        before = total_picks(plain)
+        with pytest.raises(grpc.RpcError):
+            stub.Echo(failing)
+        assert total_picks(plain) - before == 1

@@ -1,0 +1,135 @@
+"""Client benchmark: the same Echo service through a raw grpc.aio channel and through the mesh channel.
+
+Starts a real `rpcmesh up` and one `examples/echo/server.py` instance, then, in
+this process, alternates raw and mesh rounds (discovery, retries, breakers and
+the retry budget all on, default policies with the method marked idempotent):
+
+* throughput: calls/s with 32 calls in flight for ``--seconds`` per slice;
+* latency: p50 of sequential calls (1 in flight), ``--calls`` per slice.
+
+Raw and mesh slices alternate ``--rounds`` times, so both see the same machine
+load (the machine is shared); figures are medians over the slices. Prints one JSON line with
+``throughput_ratio`` (mesh / raw, goal >= 0.90) and ``p50_ratio`` (mesh / raw,
+goal <= 1.10) plus the raw and mesh figures.
+
+    .venv/bin/python bench/bench_client.py [--rounds 12] [--seconds 1.5] [--calls 500]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "examples")]
+
+import grpc.aio  # noqa: E402
+from echo.v1 import echo_pb2, echo_pb2_grpc  # noqa: E402
+
+from rpcmesh.client import Mesh, MeshPolicy, MethodPolicy, ServicePolicy  # noqa: E402
+from tests.support.processes import ManagedProcess, python_env, start_control_plane  # noqa: E402
+
+REQUEST = echo_pb2.EchoRequest(message="x" * 32)
+
+
+async def throughput(call: Callable[[], Awaitable[Any]], seconds: float, in_flight: int = 32) -> float:
+    done = 0
+    stop_at = time.perf_counter() + seconds
+
+    async def worker() -> None:
+        nonlocal done
+        while time.perf_counter() < stop_at:
+            await call()
+            done += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(in_flight)))
+    return done / (time.perf_counter() - started)
+
+
+async def p50_ms(call: Callable[[], Awaitable[Any]], calls: int) -> float:
+    samples = []
+    for _ in range(calls):
+        started = time.perf_counter()
+        await call()
+        samples.append(time.perf_counter() - started)
+    return statistics.median(samples) * 1000
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        plane, registry = start_control_plane(Path(tmp) / "data")
+        echo = ManagedProcess(
+            [
+                sys.executable,
+                str(ROOT / "examples/echo/server.py"),
+                "--registry",
+                registry,
+                "--instance-id",
+                "b1",
+            ],
+            env=python_env(),
+        )
+        try:
+            address = echo.wait_for_address()
+            policy = MeshPolicy(default=ServicePolicy(method=MethodPolicy(idempotent=True)))
+            async with (
+                grpc.aio.insecure_channel(address) as raw_channel,
+                Mesh(registry, policy=policy) as mesh,
+            ):
+                raw = echo_pb2_grpc.EchoStub(raw_channel)
+                meshed = echo_pb2_grpc.EchoStub(mesh.channel("echo"))
+                await mesh.wait_for_instances("echo", 1)
+
+                async def raw_call() -> Any:
+                    return await raw.Echo(REQUEST)
+
+                async def mesh_call() -> Any:
+                    return await meshed.Echo(REQUEST)
+
+                for call in (raw_call, mesh_call):  # warm-up: connections, caches
+                    await throughput(call, 0.5)
+                figures: dict[str, list[float]] = {
+                    k: [] for k in ("raw_tps", "mesh_tps", "raw_p50", "mesh_p50")
+                }
+                for round_number in range(args.rounds):
+                    # Alternate which goes first so neither always follows the other.
+                    order = [("raw", raw_call), ("mesh", mesh_call)]
+                    for kind, call in order if round_number % 2 == 0 else order[::-1]:
+                        figures[f"{kind}_tps"].append(await throughput(call, args.seconds))
+                        figures[f"{kind}_p50"].append(await p50_ms(call, args.calls))
+        finally:
+            echo.kill()
+            plane.kill()
+    med = {key: statistics.median(values) for key, values in figures.items()}
+    return {
+        "throughput_ratio": round(med["mesh_tps"] / med["raw_tps"], 3),
+        "p50_ratio": round(med["mesh_p50"] / med["raw_p50"], 3),
+        "raw_throughput_per_s": round(med["raw_tps"], 1),
+        "mesh_throughput_per_s": round(med["mesh_tps"], 1),
+        "raw_p50_ms": round(med["raw_p50"], 4),
+        "mesh_p50_ms": round(med["mesh_p50"], 4),
+        "rounds": args.rounds,
+        "in_flight": 32,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--seconds", type=float, default=1.5)
+    parser.add_argument("--calls", type=int, default=500)
+    args = parser.parse_args()
+    print(json.dumps(asyncio.run(run(args))), flush=True)
+
+
+if __name__ == "__main__":
+    main()
