@@ -1,4 +1,4 @@
-"""Interceptor order: the mesh wraps the whole call; Mesh interceptors run per attempt, first listed outermost."""
+"""Interceptor order: the mesh wraps the call; Mesh interceptors run per attempt, first listed outermost."""
 
 from __future__ import annotations
 
