@@ -329,9 +329,17 @@ class Broker:
         if topic not in self._known_topics:
             self._known_topics.add(topic)
             await self._attach_patterns(topic)
+        # The stored messages are at hand: hand them to dispatchers that are
+        # caught up, sparing a read of the log (the sequences of one append
+        # are contiguous).
+        stored = [message for message, result in zip(messages, results, strict=True) if not result.duplicate]
         for (group_topic, _), runtime in list(self._groups.items()):
-            if group_topic == topic:
-                runtime.wake.set()
+            if group_topic != topic:
+                continue
+            state = runtime.state
+            if stored and state.next_sequence == stored[0].sequence and state.buffered < READ_AHEAD:
+                state.add_read(stored, stored[-1].sequence)
+            runtime.wake.set()
         return results
 
     async def note_topic(self, name: str) -> None:
