@@ -4,8 +4,10 @@ The SagaCoordinator may call a step or compensation more than once with the
 same key (a retry after a timeout, a re-invocation after a coordinator crash).
 Wrap the handler and the first successful response for a key is stored in
 SQLite; later calls with that key get the stored response without running the
-handler again. Failed calls are not stored (they are expected to have had no
-effect), so a retry runs the handler again.
+handler again. The response is recorded even when the caller goes away
+(a coordinator killed mid-call cancels the handler's task): the effect has
+happened, so its record must not be lost. Failed calls are not stored (they are
+expected to have had no effect), so a retry runs the handler again.
 
 Usage::
 
@@ -104,6 +106,21 @@ def idempotency_key(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     return ""
 
 
+async def _record(store: IdempotencyStore, key: str, response: Message) -> None:
+    """Store a response even if the call is cancelled meanwhile (the caller went away).
+
+    The handler's effect has happened by now; losing its record would let the
+    re-invocation with the same key run the handler a second time. The write
+    finishes before the key's lock is released.
+    """
+    put = asyncio.ensure_future(store.put(key, response))
+    try:
+        await asyncio.shield(put)
+    except asyncio.CancelledError:
+        await put
+        raise
+
+
 def idempotent(store: IdempotencyStore) -> Callable[[_Handler], _Handler]:
     """Decorate a grpc.aio unary handler (method or function) to replay stored responses by key."""
 
@@ -120,7 +137,7 @@ def idempotent(store: IdempotencyStore) -> Callable[[_Handler], _Handler]:
                     return stored
                 response = await handler(*args)
                 if isinstance(response, Message):
-                    await store.put(key, response)
+                    await _record(store, key, response)
                 return response
 
         return wrapper  # type: ignore[return-value]

@@ -8,14 +8,22 @@ stream before acting on it.
 from rpcmesh.controlplane.saga.component import SagaCoordinatorComponent
 from rpcmesh.controlplane.saga.definition import RetrySettings, validate_definition
 from rpcmesh.controlplane.saga.engine import SagaEngine
-from rpcmesh.controlplane.saga.invoker import RegistryStepInvoker, StepCallError, StepInvoker
+from rpcmesh.controlplane.saga.invoker import (
+    MeshStepInvoker,
+    StepCallError,
+    StepInvoker,
+    check_coordinator_policy,
+    coordinator_policy,
+)
 
 __all__ = [
-    "RegistryStepInvoker",
+    "MeshStepInvoker",
     "RetrySettings",
     "SagaCoordinatorComponent",
     "SagaEngine",
     "StepCallError",
     "StepInvoker",
+    "check_coordinator_policy",
+    "coordinator_policy",
     "validate_definition",
 ]

@@ -9,11 +9,12 @@ from collections.abc import Sequence
 
 import grpc.aio
 
+from rpcmesh.client.policy import MeshPolicy
 from rpcmesh.controlplane.component import ControlPlaneContext
 from rpcmesh.controlplane.config import ControlPlaneConfig
 from rpcmesh.controlplane.eventstore.component import EventStoreComponent
 from rpcmesh.controlplane.saga.engine import SagaEngine
-from rpcmesh.controlplane.saga.invoker import RegistryStepInvoker, StepInvoker
+from rpcmesh.controlplane.saga.invoker import MeshStepInvoker, StepInvoker, check_coordinator_policy
 from rpcmesh.controlplane.saga.servicer import SagaCoordinatorServicer
 from rpcmesh.v1 import registry_pb2, registry_pb2_grpc, saga_pb2, saga_pb2_grpc
 
@@ -21,7 +22,16 @@ logger = logging.getLogger(__name__)
 
 
 class SagaCoordinatorComponent:
-    """Serves rpcmesh.v1.SagaCoordinator; resumes unfinished sagas once the Registry answers."""
+    """Serves rpcmesh.v1.SagaCoordinator; resumes unfinished sagas once the Registry answers.
+
+    Args:
+        config: The control plane's configuration.
+        eventstore: The EventStore component whose storage holds the sagas.
+        invoker: How steps are called; default a :class:`MeshStepInvoker` whose
+            Mesh discovers participants from this control plane's own Registry.
+        mesh_policy: Policy of that default invoker's Mesh (see
+            :func:`~rpcmesh.controlplane.saga.invoker.check_coordinator_policy`).
+    """
 
     def __init__(
         self,
@@ -29,10 +39,14 @@ class SagaCoordinatorComponent:
         *,
         eventstore: EventStoreComponent,
         invoker: StepInvoker | None = None,
+        mesh_policy: MeshPolicy | None = None,
     ) -> None:
+        if mesh_policy is not None:
+            check_coordinator_policy(mesh_policy)
         self.config = config
         self.eventstore = eventstore
         self._invoker = invoker
+        self._mesh_policy = mesh_policy
         self._servicer = SagaCoordinatorServicer()
         self.engine: SagaEngine | None = None
         self._resume_task: asyncio.Task[None] | None = None
@@ -49,7 +63,7 @@ class SagaCoordinatorComponent:
     async def start(self, context: ControlPlaneContext) -> None:
         """Load definitions and sagas; resume the unfinished ones in the background."""
         await self.eventstore.ensure_open()
-        invoker = self._invoker or RegistryStepInvoker(context.address)
+        invoker = self._invoker or MeshStepInvoker(context.address, policy=self._mesh_policy)
         self.engine = SagaEngine(self.eventstore.storage, invoker)
         await self.engine.start()
         self._servicer.engine = self.engine

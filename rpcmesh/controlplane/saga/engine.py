@@ -413,17 +413,19 @@ class SagaEngine:
             metadata.append((CORRELATION_ID_KEY, view.correlation_id))
         metadata.extend(sorted(view.trace_context.items()))
         result: bytes | None = None
-        code, error = 0, ""
+        code, error, sent = 0, "", True
         try:
             request = machine.request_for(view, invoke.step, invoke.compensation)
             result = await self.invoker.invoke(
                 step_def.service, method, request, deadline=step_timeout(step_def), metadata=metadata
             )
         except StepCallError as exc:
-            code, error = exc.code, f"{status_code_name(exc.code)}: {exc.message}"
+            code, error, sent = exc.code, f"{status_code_name(exc.code)}: {exc.message}", exc.sent
         except WireError as exc:
             code, error = 3, f"INVALID_ARGUMENT: building the request: {exc}"
-        kind, data = machine.outcome(step_name, invoke.compensation, result=result, code=code, error=error)
+        kind, data = machine.outcome(
+            step_name, invoke.compensation, result=result, code=code, error=error, sent=sent
+        )
         async with saga.lock:
             if saga.view is not view:
                 return  # reloaded after a conflict: the call is made again with the same key

@@ -1,23 +1,67 @@
-"""How the coordinator calls participants: a small StepInvoker protocol and its gRPC implementation.
+"""How the coordinator calls participants: the StepInvoker protocol and its rpcmesh-client implementation.
 
 Calls are generic, byte-level unary gRPC calls: the coordinator sends the
 bytes its PayloadTemplate built and keeps the bytes it gets back, so a
-participant is an ordinary gRPC method in any language. Targets are found by
-their Registry name.
+participant is an ordinary gRPC method in any language.
+
+:class:`MeshStepInvoker` makes every step and compensation call through
+:class:`rpcmesh.client.Mesh`: discovery (a Registry watch per service, no
+lookup per call), load balancing, per-instance and per-service circuit
+breakers, and the client's retry layer all apply.
+
+Who retries what:
+
+* **The mesh** retries only attempts that provably never reached a
+  participant (the connection could not be set up), on another instance when
+  there is one, within the step's deadline. Every method is treated as
+  non-idempotent and hedging is refused (:func:`check_coordinator_policy`), so
+  the mesh never sends a request twice once it may have reached a server.
+* **The saga's RetryPolicy** retries everything else: a failure that may have
+  reached the participant counts as one attempt against ``max_attempts``,
+  codes in ``non_retryable_codes`` end the step at once, and the backoff
+  between attempts is the definition's. Each such attempt is recorded
+  (StepStarted before the call, its outcome after) and carries the same
+  ``x-idempotency-key``.
+* A call that never reached any participant (no instance registered, every
+  instance ejected by a breaker, the service breaker open, connection refused
+  on every mesh attempt) raises :class:`StepCallError` with ``sent=False``. The
+  saga records it and retries with the definition's backoff, but it does not
+  use up one of ``max_attempts`` (an open breaker must delay a saga, not fail
+  it); such unsent attempts are capped separately (see
+  :data:`~rpcmesh.controlplane.saga.machine.MAX_UNSENT_ATTEMPTS`).
+
+Whether an attempt was sent is known structurally, not from error messages:
+an interceptor on the mesh's sub-channels notes every attempt of the current
+call, and the call was sent when any attempt may have reached a server
+(:func:`rpcmesh.client.attempts.attempt_reached_server`).
 """
 
 from __future__ import annotations
 
-import asyncio
-import itertools
-import time
-from collections.abc import Sequence
-from typing import Protocol
+import contextvars
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import grpc
 import grpc.aio
 
-from rpcmesh.v1 import registry_pb2, registry_pb2_grpc
+from rpcmesh.client.attempts import attempt_reached_server
+from rpcmesh.client.mesh import Mesh
+from rpcmesh.client.policy import MeshPolicy, MethodPolicy, PolicyError, RetryPolicy, ServicePolicy
+
+__all__ = [
+    "CORRELATION_ID_KEY",
+    "IDEMPOTENCY_KEY",
+    "SAGA_ID_KEY",
+    "SAGA_PHASE_KEY",
+    "SAGA_STEP_KEY",
+    "TRACE_KEYS",
+    "MeshStepInvoker",
+    "StepCallError",
+    "StepInvoker",
+    "check_coordinator_policy",
+    "coordinator_policy",
+]
 
 # Metadata every step and compensation call carries.
 SAGA_ID_KEY = "x-saga-id"
@@ -29,12 +73,19 @@ TRACE_KEYS = ("traceparent", "tracestate", "baggage")
 
 
 class StepCallError(Exception):
-    """A participant call failed with a gRPC status."""
+    """A participant call failed with a gRPC status.
 
-    def __init__(self, code: int, message: str) -> None:
+    Attributes:
+        code: The status code as an integer (google.rpc.Code).
+        message: The status message.
+        sent: False only when the call provably never reached a participant.
+    """
+
+    def __init__(self, code: int, message: str, *, sent: bool = True) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        self.sent = sent
 
 
 class StepInvoker(Protocol):
@@ -57,35 +108,105 @@ class StepInvoker(Protocol):
         ...
 
 
-def _identity(data: bytes) -> bytes:
-    return data
+def coordinator_policy() -> MeshPolicy:
+    """The coordinator's default mesh policy: client defaults, methods non-idempotent.
+
+    Breakers and the retry budget keep the client's defaults; the retry
+    policy only ever re-sends attempts that never reached a server, because
+    no method is marked idempotent.
+    """
+    return MeshPolicy(
+        default=ServicePolicy(method=MethodPolicy(idempotent=False, retry=RetryPolicy(max_attempts=3)))
+    )
 
 
-class RegistryStepInvoker:
-    """Resolves services through the Registry and calls them over cached channels, round robin."""
+def _check_method(field: str, policy: MethodPolicy) -> None:
+    if policy.idempotent or policy.hedging is not None:
+        raise PolicyError(
+            f"{field}: saga calls must not be idempotent or hedged at the mesh layer "
+            "(the saga's RetryPolicy retries calls that reached a participant)"
+        )
 
-    def __init__(self, registry_address: str, *, cache_seconds: float = 2.0) -> None:
-        self._registry_channel = grpc.aio.insecure_channel(registry_address)
-        self._registry = registry_pb2_grpc.RegistryStub(self._registry_channel)
-        self._cache_seconds = cache_seconds
-        self._resolved: dict[str, tuple[float, list[str]]] = {}
-        self._channels: dict[str, grpc.aio.Channel] = {}
-        self._turn = itertools.count()
-        self._lock = asyncio.Lock()
 
-    async def _addresses(self, service: str) -> list[str]:
-        cached = self._resolved.get(service)
-        if cached and time.monotonic() - cached[0] < self._cache_seconds:
-            return cached[1]
-        try:
-            response = await self._registry.Resolve(registry_pb2.ResolveRequest(service=service), timeout=5.0)
-        except grpc.aio.AioRpcError as exc:
-            raise StepCallError(
-                grpc.StatusCode.UNAVAILABLE.value[0], f"resolving {service!r}: {exc.details()}"
-            ) from exc
-        addresses = [instance.address for instance in response.instances]
-        self._resolved[service] = (time.monotonic(), addresses)
-        return addresses
+def check_coordinator_policy(policy: MeshPolicy) -> None:
+    """Refuse a policy that would let the mesh re-send a call that may have reached a participant.
+
+    Raises:
+        PolicyError: naming the offending field.
+    """
+    services = {"default": policy.default, **{f"services[{k}]": v for k, v in policy.services.items()}}
+    for name, service in services.items():
+        _check_method(f"{name}.method", service.method)
+        for method, method_policy in service.methods.items():
+            _check_method(f"{name}.methods[{method}]", method_policy)
+
+
+class _Attempts:
+    """The attempts of one logical call, as the sub-channel interceptor saw them."""
+
+    __slots__ = ("calls",)
+
+    def __init__(self) -> None:
+        self.calls: list[grpc.aio.Call] = []
+
+    async def any_sent(self) -> bool:
+        for call in self.calls:
+            code = await call.code()
+            if attempt_reached_server(code, await call.details()):
+                return True
+        return False
+
+
+_CURRENT: contextvars.ContextVar[_Attempts | None] = contextvars.ContextVar("saga_attempts", default=None)
+
+
+class _AttemptRecorder(grpc.aio.UnaryUnaryClientInterceptor):
+    """Notes each attempt a mesh sub-channel makes for the current step call."""
+
+    async def intercept_unary_unary(
+        self,
+        continuation: Callable[[grpc.aio.ClientCallDetails, Any], Any],
+        client_call_details: grpc.aio.ClientCallDetails,
+        request: Any,
+    ) -> Any:
+        call = await continuation(client_call_details, request)
+        attempts = _CURRENT.get()
+        if attempts is not None:
+            attempts.calls.append(call)
+        return call
+
+
+class MeshStepInvoker:
+    """Step and compensation calls through :class:`rpcmesh.client.Mesh`.
+
+    Args:
+        registry: Registry address(es) the mesh discovers participants from.
+        policy: Mesh policy (default :func:`coordinator_policy`); refused when
+            it marks a method idempotent or hedged.
+        channel_options: gRPC options of every sub-channel.
+    """
+
+    def __init__(
+        self,
+        registry: str | Sequence[str],
+        *,
+        policy: MeshPolicy | None = None,
+        channel_options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        policy = policy or coordinator_policy()
+        check_coordinator_policy(policy)
+        self.mesh = Mesh(
+            registry, policy=policy, channel_options=channel_options, interceptors=[_AttemptRecorder()]
+        )
+        self._callables: dict[tuple[str, str], Any] = {}
+
+    def _callable(self, service: str, method: str) -> Any:
+        # One multicallable per (service, method): the mesh caches per-instance state on it.
+        found = self._callables.get((service, method))
+        if found is None:
+            found = self.mesh.channel(service).unary_unary(method)
+            self._callables[(service, method)] = found
+        return found
 
     async def invoke(
         self,
@@ -96,28 +217,21 @@ class RegistryStepInvoker:
         deadline: float,
         metadata: Sequence[tuple[str, str]],
     ) -> bytes:
-        """One attempt against one instance; the coordinator owns retries."""
-        addresses = await self._addresses(service)
-        if not addresses:
-            raise StepCallError(
-                grpc.StatusCode.UNAVAILABLE.value[0], f"no instance of {service!r} is registered"
-            )
-        address = addresses[next(self._turn) % len(addresses)]
-        channel = self._channels.get(address)
-        if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(address)
-        call = channel.unary_unary(method, request_serializer=_identity, response_deserializer=_identity)
+        """Call ``method`` on an instance of ``service``; raises StepCallError."""
+        attempts = _Attempts()
+        token = _CURRENT.set(attempts)
         try:
-            response: bytes = await call(request, timeout=deadline, metadata=tuple(metadata))
+            response: bytes = await self._callable(service, method)(
+                request, timeout=deadline, metadata=tuple(metadata)
+            )
         except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.UNAVAILABLE:
-                self._resolved.pop(service, None)
-            raise StepCallError(exc.code().value[0], exc.details() or "") from exc
+            sent = await attempts.any_sent()
+            raise StepCallError(exc.code().value[0], exc.details() or "", sent=sent) from exc
+        finally:
+            _CURRENT.reset(token)
         return response
 
     async def close(self) -> None:
-        """Close every channel."""
-        for channel in self._channels.values():
-            await channel.close()
-        self._channels.clear()
-        await self._registry_channel.close()
+        """Stop the mesh's watches and close its sub-channels."""
+        self._callables.clear()
+        await self.mesh.close()

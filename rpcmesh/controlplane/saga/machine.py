@@ -20,6 +20,7 @@ from rpcmesh.controlplane.saga.definition import (
     DEFAULT_COMPENSATION_ATTEMPTS,
     DEFAULT_STEP_ATTEMPTS,
     INPUT,
+    RetrySettings,
     mappings,
     retry_settings,
 )
@@ -55,6 +56,10 @@ TERMINAL = frozenset(
 # its step is compensated like a completed one (compensations must tolerate
 # "nothing to undo").
 AMBIGUOUS_CODES = frozenset({1, 2, 4})  # CANCELLED, UNKNOWN, DEADLINE_EXCEEDED
+# Attempts that provably never reached a participant (no instance, breaker open,
+# connection refused) do not use up the RetryPolicy's max_attempts; they are
+# retried with its backoff, up to this many per step or compensation.
+MAX_UNSENT_ATTEMPTS = 60
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,9 @@ class StepView:
     state: int = pb.STEP_STATE_PENDING
     attempts: int = 0
     failures: int = 0
+    unsent_failures: int = 0
+    last_unsent: bool = False
+    maybe_applied: bool = False
     in_flight: bool = False
     last_code: int = 0
     last_failure_at: float = 0.0
@@ -81,6 +89,8 @@ class StepView:
     error: str = ""
     compensation_attempts: int = 0
     compensation_failures: int = 0
+    compensation_unsent_failures: int = 0
+    compensation_last_unsent: bool = False
     compensation_in_flight: bool = False
     compensation_last_code: int = 0
     compensation_last_failure_at: float = 0.0
@@ -200,8 +210,13 @@ def apply(view: SagaView, event: SagaEvent) -> None:
         step.ended_at = event.time
     elif kind == STEP_ATTEMPT_FAILED and step:
         step.in_flight = False
-        step.failures += 1
         step.last_code = int(data["code"])
+        step.last_unsent = not data.get("sent", True)
+        if step.last_unsent:
+            step.unsent_failures += 1
+        else:
+            step.failures += 1
+            step.maybe_applied = step.maybe_applied or step.last_code in AMBIGUOUS_CODES
         step.last_failure_at = event.time
         step.error = data["error"]
     elif kind == STEP_FAILED and step:
@@ -223,8 +238,12 @@ def apply(view: SagaView, event: SagaEvent) -> None:
         step.ended_at = event.time
     elif kind == COMPENSATION_ATTEMPT_FAILED and step:
         step.compensation_in_flight = False
-        step.compensation_failures += 1
         step.compensation_last_code = int(data["code"])
+        step.compensation_last_unsent = not data.get("sent", True)
+        if step.compensation_last_unsent:
+            step.compensation_unsent_failures += 1
+        else:
+            step.compensation_failures += 1
         step.compensation_last_failure_at = event.time
         step.error = data["error"]
     elif kind == COMPENSATION_FAILED and step:
@@ -282,7 +301,8 @@ def needs_compensation(view: SagaView, index: int) -> bool:
         pb.STEP_STATE_COMPENSATION_FAILED,
     ):
         return True
-    return step.in_flight or (step.attempts > 0 and step.last_code in AMBIGUOUS_CODES)
+    # Any attempt that ended ambiguously may have taken effect, even if a later one failed cleanly.
+    return step.in_flight or step.maybe_applied
 
 
 def decide(view: SagaView, now: float) -> Decision:
@@ -301,12 +321,20 @@ def _decide_forward(view: SagaView, now: float) -> Decision:
         if step.in_flight or step.attempts == 0:
             return Invoke(index, False, step.attempts + 1)
         policy = retry_settings(view.definition.steps[index].retry, DEFAULT_STEP_ATTEMPTS)
-        if policy.retryable(step.last_code) and step.failures < policy.max_attempts:
-            delay = max(0.0, step.last_failure_at + policy.backoff(step.failures) - now)
+        if _may_retry(policy, step.last_code, step.last_unsent, step.failures, step.unsent_failures):
+            backoff = policy.backoff(step.failures + step.unsent_failures)
+            delay = max(0.0, step.last_failure_at + backoff - now)
             return Invoke(index, False, step.attempts + 1, delay)
         reason = f"step {step.name!r} failed: {step.error}"
         return Record(((STEP_FAILED, {"step": step.name}), (SAGA_COMPENSATING, {"reason": reason})))
     return Record(((SAGA_COMPLETED, {}),))
+
+
+def _may_retry(policy: RetrySettings, code: int, unsent: bool, failures: int, unsent_failures: int) -> bool:
+    """Retry eligibility: unsent attempts have their own cap; the rest obey the RetryPolicy."""
+    if unsent:
+        return unsent_failures < MAX_UNSENT_ATTEMPTS
+    return policy.retryable(code) and failures < policy.max_attempts
 
 
 def _decide_compensation(view: SagaView, now: float) -> Decision:
@@ -319,10 +347,15 @@ def _decide_compensation(view: SagaView, now: float) -> Decision:
         policy = retry_settings(
             view.definition.steps[index].compensation_retry, DEFAULT_COMPENSATION_ATTEMPTS
         )
-        if policy.retryable(step.compensation_last_code) and step.compensation_failures < policy.max_attempts:
-            delay = max(
-                0.0, step.compensation_last_failure_at + policy.backoff(step.compensation_failures) - now
-            )
+        if _may_retry(
+            policy,
+            step.compensation_last_code,
+            step.compensation_last_unsent,
+            step.compensation_failures,
+            step.compensation_unsent_failures,
+        ):
+            backoff = policy.backoff(step.compensation_failures + step.compensation_unsent_failures)
+            delay = max(0.0, step.compensation_last_failure_at + backoff - now)
             return Invoke(index, True, step.compensation_attempts + 1, delay)
         reason = f"compensation of step {step.name!r} failed: {step.error}"
         return Record(
@@ -338,15 +371,21 @@ def started_kind(compensation: bool) -> str:
 
 
 def outcome(
-    step: str, compensation: bool, *, result: bytes | None, code: int = 0, error: str = ""
+    step: str, compensation: bool, *, result: bytes | None, code: int = 0, error: str = "", sent: bool = True
 ) -> tuple[str, dict[str, Any]]:
-    """The event recording a call's outcome: its result, or its status code and message."""
+    """The event recording a call's outcome: its result, or its status code and message.
+
+    ``sent=False`` marks a failure that provably never reached a participant.
+    """
     if result is not None:
         if compensation:
             return COMPENSATION_SUCCEEDED, {"step": step}
         return STEP_SUCCEEDED, {"step": step, "result": b64(result)}
     kind = COMPENSATION_ATTEMPT_FAILED if compensation else STEP_ATTEMPT_FAILED
-    return kind, {"step": step, "code": code, "error": error}
+    data: dict[str, Any] = {"step": step, "code": code, "error": error}
+    if not sent:
+        data["sent"] = False
+    return kind, data
 
 
 def idempotency_key(saga_id: str, step: str, compensation: bool) -> str:

@@ -153,3 +153,52 @@ def test_idempotency_keys_are_stable_per_phase() -> None:
     assert machine.idempotency_key("s", "a", False) == "s/a/execute"
     assert machine.idempotency_key("s", "a", True) == "s/a/compensate"
     assert machine.transition_kind("StepAttemptFailed") == "step_attempt_failed"
+
+
+def test_unsent_failures_back_off_without_using_up_attempts() -> None:
+    view = start(definition(attempts=1))
+    for number in range(1, 4):
+        record(view, machine.STEP_STARTED, step="a")
+        kind, data = machine.outcome("a", False, result=None, code=14, error="no instance", sent=False)
+        assert data["sent"] is False
+        record(view, kind, now=10.0, **data)
+        decision = machine.decide(view, 10.0)
+        assert isinstance(decision, Invoke) and decision.step == 0 and not decision.compensation
+        assert decision.delay == pytest.approx(0.1 * 2 ** (number - 1))
+    assert view.steps[0].failures == 0 and view.steps[0].unsent_failures == 3
+    assert not machine.needs_compensation(view, 0)  # never reached the participant
+    record(view, machine.STEP_STARTED, step="a")
+    record(view, machine.STEP_ATTEMPT_FAILED, step="a", code=14, error="UNAVAILABLE: busy")
+    decision = machine.decide(view, 100.0)
+    assert isinstance(decision, Record)  # the one sent attempt (max_attempts=1) was spent
+    assert decision.events[0][0] == machine.STEP_FAILED
+
+
+def test_unsent_failures_are_capped() -> None:
+    view = start()
+    for _ in range(machine.MAX_UNSENT_ATTEMPTS):
+        record(view, machine.STEP_STARTED, step="a")
+        record(view, machine.STEP_ATTEMPT_FAILED, step="a", code=14, error="down", sent=False)
+    decision = machine.decide(view, 1e9)
+    assert isinstance(decision, Record) and decision.events[0][0] == machine.STEP_FAILED
+
+
+def test_unsent_compensation_failures_do_not_park_the_saga() -> None:
+    defn = definition()
+    defn.steps[0].compensation_retry.max_attempts = 1
+    view = start(defn)
+    succeed(view, "a")
+    record(view, machine.ABORT_REQUESTED, reason="stop")
+    record(view, machine.COMPENSATION_STARTED, step="a")
+    record(view, machine.COMPENSATION_ATTEMPT_FAILED, step="a", code=14, error="breaker open", sent=False)
+    decision = machine.decide(view, 100)
+    assert isinstance(decision, Invoke) and decision.compensation and decision.attempt == 2
+
+
+def test_an_earlier_ambiguous_attempt_still_needs_compensation() -> None:
+    view = start()
+    record(view, machine.STEP_STARTED, step="a")
+    record(view, machine.STEP_ATTEMPT_FAILED, step="a", code=4, error="DEADLINE_EXCEEDED")
+    record(view, machine.STEP_STARTED, step="a")
+    record(view, machine.STEP_ATTEMPT_FAILED, step="a", code=9, error="FAILED_PRECONDITION")
+    assert machine.needs_compensation(view, 0)
