@@ -183,7 +183,10 @@ class NatsBusStore:
             max_msgs=retention.max_messages or -1,
             max_bytes=retention.max_bytes or -1,
             max_age=retention.max_age or 0.0,
-            duplicate_window=self.dedup_window,
+            # JetStream refuses a duplicate window longer than max_age.
+            duplicate_window=min(self.dedup_window, retention.max_age)
+            if retention.max_age
+            else self.dedup_window,
         )
 
     async def _ensure(self, topic: str, retention: RetentionPolicy) -> tuple[_TopicCache, bool]:

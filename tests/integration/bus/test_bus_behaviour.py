@@ -428,3 +428,63 @@ async def test_group_progress_survives_a_restart(bus: BusHandle) -> None:
     finally:
         await channel.close()
         await plane.stop()
+
+
+async def test_retention_by_bytes_and_age(bus: BusHandle) -> None:
+    by_bytes = bus.topic("by-bytes")
+    await bus.stub.CreateTopic(
+        bus_pb2.CreateTopicRequest(name=by_bytes, retention=bus_pb2.Retention(max_bytes=2000))
+    )
+    await publish(bus, by_bytes, *[b"x" * 300 for _ in range(20)])
+    info = (await bus.stub.GetTopic(bus_pb2.GetTopicRequest(name=by_bytes))).topic
+    assert info.last_sequence == 20 and 0 < info.message_count < 20 and info.first_sequence > 1
+
+    by_age = bus.topic("by-age")
+    retention = bus_pb2.Retention()
+    retention.max_age.FromMilliseconds(500)
+    await bus.stub.CreateTopic(bus_pb2.CreateTopicRequest(name=by_age, retention=retention))
+    await publish(bus, by_age, b"old")
+    for _ in range(100):
+        info = (await bus.stub.GetTopic(bus_pb2.GetTopicRequest(name=by_age))).topic
+        if info.message_count == 0:
+            break
+        await asyncio.sleep(0.1)
+    assert info.message_count == 0 and info.last_sequence == 1
+
+
+async def test_list_and_delete_topics(bus: BusHandle) -> None:
+    names = [bus.topic(f"list.t{i}") for i in range(3)]
+    for name in names:
+        await bus.stub.CreateTopic(bus_pb2.CreateTopicRequest(name=name))
+    seen: list[str] = []
+    token = ""
+    while True:
+        page = await bus.stub.ListTopics(bus_pb2.ListTopicsRequest(page_size=2, page_token=token))
+        seen.extend(t.name for t in page.topics)
+        token = page.next_page_token
+        if not token:
+            break
+    assert [n for n in seen if n in names] == names
+    await bus.stub.DeleteTopic(bus_pb2.DeleteTopicRequest(name=names[0]))
+    error = await status_of(bus.stub.GetTopic(bus_pb2.GetTopicRequest(name=names[0])))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    error = await status_of(bus.stub.DeleteTopic(bus_pb2.DeleteTopicRequest(name=names[0])))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_ack_of_a_sequence_never_published_is_out_of_range(bus: BusHandle) -> None:
+    topic = bus.topic("acks")
+    await publish(bus, topic, b"one")
+    sub = await subscriber(bus, options(topic))
+    try:
+        got = await sub.receive(1)
+        sub.send(
+            bus_pb2.SubscribeRequest(ack=bus_pb2.Ack(refs=[bus_pb2.MessageRef(topic=topic, sequence=99)]))
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await sub.receive(1)
+        assert info.value.code() == grpc.StatusCode.OUT_OF_RANGE
+        assert "ack.refs[0].sequence" in (info.value.details() or "")
+        assert got[0].attempt == 1
+    finally:
+        await sub.close()
