@@ -306,11 +306,10 @@ class Broker:
         """End subscriptions, persist progress and close the store."""
         for subscription in list(self._subscriptions):
             await subscription.close()
-        for task in [*self._tasks, *[runtime.task for runtime in self._groups.values() if runtime.task]]:
+        tasks = [*self._tasks, *[runtime.task for runtime in self._groups.values() if runtime.task]]
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         await self._flush()
