@@ -13,6 +13,8 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from rpcmesh.security.client import ClientSecurity, sync_channel
+
 DEFAULT_TARGET = "127.0.0.1:50051"
 
 M = TypeVar("M", bound=Message)
@@ -31,8 +33,16 @@ class Target:
     timeout: float
 
     def channel(self) -> grpc.Channel:
-        """A plaintext channel to the control plane."""
-        return grpc.insecure_channel(self.address)
+        """A channel to the control plane: TLS, client certificate and token from the environment.
+
+        ``RPCMESH_TLS_CA``/``_CLIENT_CERT``/``_CLIENT_KEY``/``_SERVER_NAME``, ``RPCMESH_TOKEN``
+        (or ``RPCMESH_TOKEN_FILE``) and ``RPCMESH_INSECURE``; plaintext when none is set.
+        """
+        try:
+            security = ClientSecurity.from_env()
+        except ValueError as exc:
+            raise CliError(str(exc)) from exc
+        return sync_channel(self.address, security)
 
 
 def add_target_arguments(parser: argparse.ArgumentParser) -> None:

@@ -11,10 +11,14 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from rpcmesh.client._telemetry import breaker_listener
 from rpcmesh.client.backoff import ExponentialBackoff
 from rpcmesh.client.endpoints import EndpointChanges, ServiceCore
 from rpcmesh.client.picker import EndpointState
 from rpcmesh.client.policy import ServicePolicy
+from rpcmesh.security.client import ClientSecurity, aio_channel
+from rpcmesh.telemetry.grpc_aio import aio_client_interceptors
+from rpcmesh.telemetry.setup import Telemetry, get_telemetry
 from rpcmesh.v1 import registry_pb2, registry_pb2_grpc
 
 __all__ = ["AioService"]
@@ -36,8 +40,12 @@ class AioService:
         *,
         channel_options: Sequence[tuple[str, Any]] = (),
         interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
+        security: ClientSecurity | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
-        self.core = ServiceCore(service, policy)
+        self.telemetry = telemetry
+        self.core = ServiceCore(service, policy, on_breaker_transition=breaker_listener(telemetry))
+        self._security = security
         self._registry_stub = registry_stub
         self._options = list(channel_options)
         self._interceptors = list(interceptors)
@@ -97,8 +105,14 @@ class AioService:
         for endpoint in changes.removed:
             self._close_endpoint(endpoint)
         for endpoint in changes.added:
-            channel = grpc.aio.insecure_channel(
-                endpoint.address, options=self._options, interceptors=self._interceptors or None
+            interceptors = self._interceptors
+            if (self.telemetry or get_telemetry()).active:
+                # Per attempt: each attempt is a CLIENT span of its own. With telemetry off the
+                # sub-channel stays uninstrumented (zero cost); the mesh sends the correlation id.
+                tracing = aio_client_interceptors(self.telemetry, target=endpoint.address)
+                interceptors = [*tracing, *self._interceptors]
+            channel = aio_channel(
+                endpoint.address, self._security, options=self._options, interceptors=interceptors
             )
             endpoint.extra[CHANNEL_KEY] = channel
             endpoint.extra[CALLABLES_KEY] = {}

@@ -9,6 +9,7 @@ import grpc.aio
 
 from rpcmesh.client.attempts import ATTEMPT_KEY, AttemptOutcome, attempt_reached_server, parse_pushback
 from rpcmesh.client.context import REQUEST_ID_KEY, current_call
+from rpcmesh.telemetry.correlation import CORRELATION_METADATA_KEY, correlation_id
 
 __all__ = ["attempt_metadata", "mesh_error", "outcome_of"]
 
@@ -16,19 +17,29 @@ MetadataLike = Any
 
 
 def attempt_metadata(metadata: MetadataLike, attempt: int) -> tuple[tuple[str, str | bytes], ...] | None:
-    """A copy of the caller's metadata plus the attempt number and the propagated request id.
+    """A copy of the caller's metadata plus the attempt number, the request id and the correlation id.
 
     Like gRFC A6's ``grpc-previous-rpc-attempts``, the attempt number is only
     sent on retries and hedges (attempt >= 2): no header means the first attempt.
     """
     incoming = current_call.get()
-    if metadata is None and attempt == 1 and (incoming is None or not incoming.request_id):
+    correlation = correlation_id()
+    if (
+        metadata is None
+        and attempt == 1
+        and correlation is None
+        and (incoming is None or not incoming.request_id)
+    ):
         return None  # the common case: nothing to send
     items: list[tuple[str, str | bytes]] = [] if metadata is None else [(k, v) for k, v in metadata]
     if attempt > 1:
         items.append((ATTEMPT_KEY, str(attempt)))
     if incoming is not None and incoming.request_id and all(k != REQUEST_ID_KEY for k, _ in items):
         items.append((REQUEST_ID_KEY, incoming.request_id))
+    if correlation is not None and all(k != CORRELATION_METADATA_KEY for k, _ in items):
+        # Telemetry off: the correlation id still travels (the tracing interceptors, when on,
+        # replace this entry with their own).
+        items.append((CORRELATION_METADATA_KEY, correlation))
     return tuple(items)
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from rpcmesh.client.policy import BreakerPolicy
 
-__all__ = ["BreakerSnapshot", "BreakerState", "CircuitBreaker"]
+__all__ = ["BreakerSnapshot", "BreakerState", "CircuitBreaker", "TransitionListener"]
 
 
 class BreakerState(enum.Enum):
@@ -59,11 +59,27 @@ class BreakerSnapshot:
     """Seconds until an open breaker turns half-open (0 otherwise)."""
 
 
-class CircuitBreaker:
-    """One circuit breaker; thread-safe so the sync and asyncio shells share it."""
+TransitionListener = Callable[[str, str, str], None]
+"""Called as ``listener(breaker_name, from_state, to_state)`` on every state change (states by value)."""
 
-    def __init__(self, name: str, policy: BreakerPolicy, clock: Callable[[], float] = time.monotonic) -> None:
+
+class CircuitBreaker:
+    """One circuit breaker; thread-safe so the sync and asyncio shells share it.
+
+    ``on_transition`` (optional) hears every state change; it runs under the
+    breaker's lock, so it must be quick and must not call back into the breaker.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        policy: BreakerPolicy,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        on_transition: TransitionListener | None = None,
+    ) -> None:
         self.name = name
+        self._on_transition = on_transition
         self.policy = policy
         self._clock = clock
         self._lock = threading.Lock()
@@ -88,7 +104,9 @@ class CircuitBreaker:
         self.transitions.append((self._state, state))
         if len(self.transitions) > 100:
             del self.transitions[:50]
-        self._state = state
+        previous, self._state = self._state, state
+        if self._on_transition is not None:
+            self._on_transition(self.name, previous.value, state.value)
 
     @property
     def state(self) -> BreakerState:

@@ -11,7 +11,10 @@ the method's policy says. The decisions are made by
 
 Interceptor order: the mesh layer (deadline, breaker, retries, hedging, picking)
 is outermost, around the whole call; client interceptors given to the Mesh run
-per attempt, on each sub-channel, the first listed outermost.
+per attempt, on each sub-channel, the first listed outermost. With telemetry on,
+the call has a span of its own (:mod:`rpcmesh.client._telemetry`) and the
+tracing interceptors come first on each sub-channel, so every attempt is a
+CLIENT span under it.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Generator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Generator, Iterable
 from typing import Any
 
 import grpc
@@ -28,6 +31,7 @@ import grpc.aio
 from rpcmesh.client._aio_service import CALLABLES_KEY, CHANNEL_KEY, AioService
 from rpcmesh.client._replay import RequestReplay
 from rpcmesh.client._shell import attempt_metadata, mesh_error, outcome_of
+from rpcmesh.client._telemetry import CallTelemetry
 from rpcmesh.client.attempts import AttemptOutcome, CallController
 from rpcmesh.client.context import effective_deadline
 from rpcmesh.client.picker import EndpointState, NoEndpointError
@@ -68,11 +72,15 @@ class _Method:
             cache[self] = found
         return found
 
-    async def controller(self, timeout: float | None) -> CallController:  # noqa: ASYNC109
+    async def controller(
+        self,
+        timeout: float | None,  # noqa: ASYNC109
+        telemetry: CallTelemetry | None,
+    ) -> CallController:
         now = time.monotonic()
         deadline = effective_deadline(timeout, self.policy.timeout, now)
         if self.service.core.synced:
-            return self.start(deadline)
+            return self.start(deadline, telemetry)
         if not self.service.core.synced:
             wait = DISCOVERY_WAIT if deadline is None else max(0.0, min(DISCOVERY_WAIT, deadline - now))
             if not await self.service.wait_synced(wait):
@@ -80,18 +88,33 @@ class _Method:
                     grpc.StatusCode.UNAVAILABLE,
                     f"no instances known for service '{self.service.name}': Registry watch not synced",
                 )
-        return self.start(deadline)
+        return self.start(deadline, telemetry)
 
-    def start(self, deadline: float | None) -> CallController:
+    def start(self, deadline: float | None, telemetry: CallTelemetry | None) -> CallController:
         controller = CallController(self.service.core, self.method, self.policy, deadline)
         try:
             controller.start()
         except NoEndpointError as exc:
+            if telemetry is not None:
+                telemetry.rejected(exc)
             raise mesh_error(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
         return controller
 
 
-def _begin(controller: CallController) -> EndpointState:
+def _end(
+    controller: CallController,
+    endpoint: EndpointState,
+    outcome: AttemptOutcome,
+    telemetry: CallTelemetry | None,
+) -> float | None:
+    """``controller.end_attempt``, with the call's span current (breaker transitions become its events)."""
+    if telemetry is None:
+        return controller.end_attempt(endpoint, outcome)
+    with telemetry.scope():
+        return controller.end_attempt(endpoint, outcome)
+
+
+def _begin(controller: CallController, telemetry: CallTelemetry | None = None) -> EndpointState:
     remaining = controller.remaining()
     if remaining is not None and remaining <= 0:
         controller.finish(grpc.StatusCode.DEADLINE_EXCEEDED)
@@ -100,7 +123,22 @@ def _begin(controller: CallController) -> EndpointState:
         return controller.begin_attempt()
     except NoEndpointError as exc:
         controller.finish(grpc.StatusCode.UNAVAILABLE)
+        if telemetry is not None:
+            telemetry.rejected(exc)
         raise mesh_error(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
+
+
+def _end_hedge(
+    controller: CallController,
+    endpoint: EndpointState,
+    outcome: AttemptOutcome,
+    telemetry: CallTelemetry | None,
+) -> bool:
+    """``controller.end_hedge``, with the call's span current."""
+    if telemetry is None:
+        return controller.end_hedge(endpoint, outcome)
+    with telemetry.scope():
+        return controller.end_hedge(endpoint, outcome)
 
 
 class _CallOptions:
@@ -185,54 +223,85 @@ class _UnaryResponseCall(_CallBase):
 
     async def _run(self) -> Any:
         method = self._method
-        controller = await method.controller(self._options.timeout)
+        telemetry = CallTelemetry.begin(method.service.telemetry, method.method)
         try:
+            controller = await method.controller(self._options.timeout, telemetry)
             if method.policy.hedging is not None and self._replay is None:
-                return await self._hedged(controller)
-            return await self._retried(controller)
+                response = await self._hedged(controller, telemetry)
+            else:
+                response = await self._retried(controller, telemetry)
+        except BaseException as exc:
+            if telemetry is not None:
+                telemetry.finish_with_error(exc)
+            raise
         finally:
             if self._replay is not None:
                 self._replay.close()
+        if telemetry is not None:
+            telemetry.finish(_OK)
+        return response
 
-    async def _retried(self, controller: CallController) -> Any:
+    async def _retried(self, controller: CallController, telemetry: CallTelemetry | None) -> Any:
         method = self._method
+        delay: float | None = None
+        reason: str | None = None
         while True:
-            endpoint = _begin(controller)
+            endpoint = _begin(controller, telemetry)
             started = time.monotonic()
             try:
                 request = self._replay.attempt() if self._replay is not None else self._request
-                call = method.callable_for(endpoint)(
-                    request, **self._options.attempt(controller, method.policy)
-                )
+                if telemetry is None:
+                    call = method.callable_for(endpoint)(
+                        request, **self._options.attempt(controller, method.policy)
+                    )
+                else:
+                    with telemetry.scope():
+                        telemetry.attempt(
+                            controller.attempts, endpoint.address, backoff_s=delay, reason=reason
+                        )
+                        call = method.callable_for(endpoint)(
+                            request, **self._options.attempt(controller, method.policy)
+                        )
                 self._attempt_call = call
                 response = await call
             except grpc.RpcError as error:
                 committed = self._replay is not None and self._replay.overflowed
                 outcome = outcome_of(error, time.monotonic() - started, committed=committed)
-                delay = controller.end_attempt(endpoint, outcome)
+                delay = _end(controller, endpoint, outcome, telemetry)
                 if delay is None or self._cancelled:
                     controller.finish(outcome.code)
                     raise
+                reason = outcome.code.name
                 await asyncio.sleep(delay)
                 continue
             except BaseException:
                 controller.abandon_attempt(endpoint)
                 raise
-            controller.end_attempt(endpoint, AttemptOutcome(code=_OK, duration=time.monotonic() - started))
+            _end(
+                controller, endpoint, AttemptOutcome(code=_OK, duration=time.monotonic() - started), telemetry
+            )
             controller.finish(_OK)
             return response
 
-    async def _hedged(self, controller: CallController) -> Any:
+    async def _hedged(self, controller: CallController, telemetry: CallTelemetry | None) -> Any:
         method = self._method
         hedging = method.policy.hedging
         assert hedging is not None
         running: dict[asyncio.Task[Any], tuple[EndpointState, float]] = {}
 
         def launch() -> None:
-            endpoint = _begin(controller)
-            call = method.callable_for(endpoint)(
-                self._request, **self._options.attempt(controller, method.policy)
-            )
+            endpoint = _begin(controller, telemetry)
+            if telemetry is None:
+                call = method.callable_for(endpoint)(
+                    self._request, **self._options.attempt(controller, method.policy)
+                )
+            else:
+                with telemetry.scope():
+                    number = controller.attempts
+                    telemetry.attempt(number, endpoint.address, hedge=number > 1)
+                    call = method.callable_for(endpoint)(
+                        self._request, **self._options.attempt(controller, method.policy)
+                    )
             self._attempt_call = call
             running[asyncio.ensure_future(call)] = (endpoint, time.monotonic())
 
@@ -250,8 +319,11 @@ class _UnaryResponseCall(_CallBase):
                     endpoint, started = running.pop(task)
                     error = task.exception()
                     if error is None:
-                        controller.end_hedge(
-                            endpoint, AttemptOutcome(code=_OK, duration=time.monotonic() - started)
+                        _end_hedge(
+                            controller,
+                            endpoint,
+                            AttemptOutcome(code=_OK, duration=time.monotonic() - started),
+                            telemetry,
                         )
                         controller.finish(_OK)
                         return task.result()
@@ -259,7 +331,7 @@ class _UnaryResponseCall(_CallBase):
                         raise error
                     last_error = error
                     outcome = outcome_of(error, time.monotonic() - started)
-                    if not controller.end_hedge(endpoint, outcome):
+                    if not _end_hedge(controller, endpoint, outcome, telemetry):
                         controller.finish(outcome.code)
                         raise error
                     if controller.may_hedge():
@@ -298,7 +370,10 @@ class _StreamResponseCall(_CallBase):
 
     def __aiter__(self) -> AsyncIterator[Any]:
         if self._iterator is None:
-            self._iterator = self._responses()
+            method = self._method
+            telemetry = CallTelemetry.begin(method.service.telemetry, method.method)
+            # Telemetry off: the attempts generator itself, no extra layer.
+            self._iterator = self._attempts(None) if telemetry is None else self._traced(telemetry)
         return self._iterator
 
     async def read(self) -> Any:
@@ -318,20 +393,44 @@ class _StreamResponseCall(_CallBase):
         assert self._replay is not None
         await self._replay.done_writing()
 
-    async def _responses(self) -> AsyncIterator[Any]:
+    async def _traced(self, telemetry: CallTelemetry) -> AsyncIterator[Any]:
+        """The attempts, with the call's span ended by the stream's end, error or close."""
+        attempts = self._attempts(telemetry)
+        try:
+            async for response in attempts:
+                yield response
+        except BaseException as exc:
+            telemetry.finish_with_error(exc)
+            raise
+        finally:
+            await attempts.aclose()
+        telemetry.finish(_OK)
+
+    async def _attempts(self, telemetry: CallTelemetry | None) -> AsyncGenerator[Any, None]:
         method = self._method
-        controller = await method.controller(self._options.timeout)
+        controller = await method.controller(self._options.timeout, telemetry)
+        delay: float | None = None
+        reason: str | None = None
         try:
             while True:
-                endpoint = _begin(controller)
+                endpoint = _begin(controller, telemetry)
                 started = time.monotonic()
                 committed = False
                 ended = False
                 try:
                     request = self._replay.attempt() if self._replay is not None else self._request
-                    call = method.callable_for(endpoint)(
-                        request, **self._options.attempt(controller, method.policy)
-                    )
+                    if telemetry is None:
+                        call = method.callable_for(endpoint)(
+                            request, **self._options.attempt(controller, method.policy)
+                        )
+                    else:
+                        with telemetry.scope():
+                            telemetry.attempt(
+                                controller.attempts, endpoint.address, backoff_s=delay, reason=reason
+                            )
+                            call = method.callable_for(endpoint)(
+                                request, **self._options.attempt(controller, method.policy)
+                            )
                     self._attempt_call = call
                     async for response in call:
                         committed = True
@@ -340,10 +439,11 @@ class _StreamResponseCall(_CallBase):
                     ended = True
                     committed = committed or (self._replay is not None and self._replay.overflowed)
                     outcome = outcome_of(error, time.monotonic() - started, committed=committed)
-                    delay = controller.end_attempt(endpoint, outcome)
+                    delay = _end(controller, endpoint, outcome, telemetry)
                     if delay is None or self._cancelled:
                         controller.finish(outcome.code)
                         raise
+                    reason = outcome.code.name
                     await asyncio.sleep(delay)
                     continue
                 finally:
@@ -352,8 +452,11 @@ class _StreamResponseCall(_CallBase):
                         controller.abandon_attempt(endpoint)
                         ended = True
                 if not ended:
-                    controller.end_attempt(
-                        endpoint, AttemptOutcome(code=_OK, duration=time.monotonic() - started)
+                    _end(
+                        controller,
+                        endpoint,
+                        AttemptOutcome(code=_OK, duration=time.monotonic() - started),
+                        telemetry,
                     )
                     controller.finish(_OK)
                 return

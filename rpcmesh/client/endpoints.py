@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
-from rpcmesh.client.breaker import BreakerSnapshot, CircuitBreaker
+from rpcmesh.client.breaker import BreakerSnapshot, CircuitBreaker, TransitionListener
 from rpcmesh.client.budget import RetryBudget
 from rpcmesh.client.picker import EndpointState, NoEndpointError, Picker
 from rpcmesh.client.policy import ServicePolicy
@@ -65,8 +65,10 @@ class ServiceCore:
         *,
         clock: Callable[[], float] = time.monotonic,
         rand: Callable[[], float] = random.random,
+        on_breaker_transition: TransitionListener | None = None,
     ) -> None:
         self.service = service
+        self._on_breaker_transition = on_breaker_transition
         self.policy = policy
         self.clock = clock
         self.rand = rand
@@ -84,7 +86,9 @@ class ServiceCore:
         )
         self.budget = RetryBudget(policy.retry_budget)
         self.breaker = (
-            CircuitBreaker(f"service {service}", policy.service_breaker, clock)
+            CircuitBreaker(
+                f"service {service}", policy.service_breaker, clock, on_transition=on_breaker_transition
+            )
             if policy.service_breaker is not None
             else None
         )
@@ -152,7 +156,12 @@ class ServiceCore:
             address=instance.address,
             zone=instance.zone,
             breaker=(
-                CircuitBreaker(f"instance {self.service}/{instance.instance_id}", breaker_policy, self.clock)
+                CircuitBreaker(
+                    f"instance {self.service}/{instance.instance_id}",
+                    breaker_policy,
+                    self.clock,
+                    on_transition=self._on_breaker_transition,
+                )
                 if breaker_policy is not None
                 else None
             ),
@@ -186,7 +195,7 @@ class ServiceCore:
             NoEndpointError: The service breaker is open.
         """
         if self.breaker is not None and not self.breaker.acquire():
-            raise NoEndpointError(self.breaker.describe())
+            raise NoEndpointError(self.breaker.describe(), breakers=(self.breaker.name,))
 
     def endpoints(self) -> list[EndpointView]:
         """The current instances with their load and breaker state."""

@@ -24,6 +24,8 @@ from rpcmesh.client.breaker import BreakerSnapshot
 from rpcmesh.client.channel import MeshChannel
 from rpcmesh.client.endpoints import EndpointView
 from rpcmesh.client.policy import MeshPolicy
+from rpcmesh.security.client import ClientSecurity, aio_channel
+from rpcmesh.telemetry.setup import Telemetry
 from rpcmesh.v1 import registry_pb2_grpc
 
 __all__ = ["Mesh"]
@@ -38,6 +40,13 @@ class Mesh:
         channel_options: gRPC channel options for every sub-channel.
         interceptors: Client interceptors run per attempt on every sub-channel
             (the first listed is the outermost); the mesh's retry layer wraps them all.
+        security: TLS/mTLS and bearer token for the Registry and every instance;
+            ``ClientSecurity.from_env()`` when None (plaintext when nothing is set).
+        telemetry: The telemetry handle to record into; None follows
+            ``rpcmesh.telemetry.get_telemetry()``. While it is active every call gets
+            a span with one CLIENT span per attempt under it (the tracing interceptors
+            are listed before ``interceptors``); while it is off no interceptor is added
+            and only a current correlation id travels (``x-correlation-id``).
     """
 
     def __init__(
@@ -47,7 +56,11 @@ class Mesh:
         policy: MeshPolicy | None = None,
         channel_options: Sequence[tuple[str, Any]] = (),
         interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
+        security: ClientSecurity | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
+        self.security = security if security is not None else ClientSecurity.from_env()
+        self._telemetry = telemetry
         self._registries = [registry] if isinstance(registry, str) else list(registry)
         if not self._registries:
             raise ValueError("registry: at least one address is needed")
@@ -68,7 +81,7 @@ class Mesh:
             self._registry_index += 1
         if self._registry_channel is None or self._registry_stub is None:
             address = self._registries[self._registry_index % len(self._registries)]
-            self._registry_channel = grpc.aio.insecure_channel(address)
+            self._registry_channel = aio_channel(address, self.security)
             self._registry_stub = registry_pb2_grpc.RegistryStub(self._registry_channel)
         return self._registry_stub
 
@@ -83,6 +96,8 @@ class Mesh:
                 self._stub,
                 channel_options=self._options,
                 interceptors=self._interceptors,
+                security=self.security,
+                telemetry=self._telemetry,
             )
             self._services[name] = service
             service.start()

@@ -18,7 +18,17 @@ __all__ = ["EndpointState", "NoEndpointError", "Picker"]
 
 
 class NoEndpointError(Exception):
-    """No instance can take the call; the message says why (and names breakers)."""
+    """No instance can take the call; the message says why (and names breakers).
+
+    Attributes:
+        breakers: Names of the breakers that refused the call (empty when none did).
+        peers: Addresses of the instances whose breakers refused it.
+    """
+
+    def __init__(self, message: str, *, breakers: tuple[str, ...] = (), peers: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.breakers = breakers
+        self.peers = peers
 
 
 @dataclass(eq=False)
@@ -88,7 +98,11 @@ class Picker:
             pool = [e for e in endpoints if e not in ejected]
             if not pool:
                 reasons = "; ".join(e.breaker.describe() for e in ejected if e.breaker is not None)
-                raise NoEndpointError(f"no admissible instance of service '{service}': {reasons}")
+                raise NoEndpointError(
+                    f"no admissible instance of service '{service}': {reasons}",
+                    breakers=tuple(e.breaker.name for e in ejected if e.breaker is not None),
+                    peers=tuple(e.address for e in ejected if e.breaker is not None),
+                )
         if exclude:
             pool = _prefer(pool, lambda e: e.instance_id not in exclude)
         if any(e.connection_failed for e in pool):

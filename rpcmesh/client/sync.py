@@ -26,6 +26,7 @@ import grpc
 
 from rpcmesh.client._replay import _size
 from rpcmesh.client._shell import attempt_metadata, mesh_error, outcome_of
+from rpcmesh.client._telemetry import CallTelemetry, breaker_listener
 from rpcmesh.client.attempts import AttemptOutcome, CallController
 from rpcmesh.client.backoff import ExponentialBackoff
 from rpcmesh.client.breaker import BreakerSnapshot
@@ -33,6 +34,9 @@ from rpcmesh.client.context import effective_deadline
 from rpcmesh.client.endpoints import EndpointChanges, EndpointView, ServiceCore
 from rpcmesh.client.picker import EndpointState, NoEndpointError
 from rpcmesh.client.policy import MeshPolicy, MethodPolicy, ServicePolicy
+from rpcmesh.security.client import ClientSecurity, sync_channel
+from rpcmesh.telemetry.grpc_sync import sync_client_interceptors
+from rpcmesh.telemetry.setup import Telemetry, get_telemetry
 from rpcmesh.v1 import registry_pb2, registry_pb2_grpc
 
 __all__ = ["SyncMesh", "SyncMeshChannel"]
@@ -40,6 +44,7 @@ __all__ = ["SyncMesh", "SyncMeshChannel"]
 logger = logging.getLogger(__name__)
 
 _CHANNEL = "sync_channel"
+_RAW_CHANNEL = "sync_raw_channel"
 _CALLABLES = "sync_callables"
 _OK = grpc.StatusCode.OK
 DISCOVERY_WAIT = 10.0
@@ -54,8 +59,12 @@ class _SyncService:
         policy: ServicePolicy,
         registries: Sequence[str],
         options: Sequence[tuple[str, Any]],
+        security: ClientSecurity | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
-        self.core = ServiceCore(service, policy)
+        self.telemetry = telemetry
+        self._security = security
+        self.core = ServiceCore(service, policy, on_breaker_transition=breaker_listener(telemetry))
         self._registries = list(registries)
         self._options = list(options)
         self._synced = threading.Event()
@@ -75,7 +84,7 @@ class _SyncService:
             address = self._registries[index % len(self._registries)]
             after = self.core.revision if self.core.synced else 0
             try:
-                with grpc.insecure_channel(address) as channel:
+                with sync_channel(address, self._security) as channel:
                     self._channel = channel
                     stub = registry_pb2_grpc.RegistryStub(channel)
                     self._call = stub.Watch(
@@ -101,15 +110,20 @@ class _SyncService:
 
     def _apply(self, changes: EndpointChanges) -> None:
         for endpoint in changes.removed:
-            channel = endpoint.extra.pop(_CHANNEL, None)
-            if isinstance(channel, grpc.Channel):
-                channel.close()
+            _close_endpoint(endpoint)
 
     def _open(self, endpoint: EndpointState) -> None:
-        channel = grpc.insecure_channel(endpoint.address, options=self._options)
+        raw = sync_channel(endpoint.address, self._security, options=self._options)
+        channel = raw
+        if (self.telemetry or get_telemetry()).active:
+            # Per attempt, like the asyncio mesh; with telemetry off the sub-channel stays bare.
+            channel = grpc.intercept_channel(
+                raw, *sync_client_interceptors(self.telemetry, target=endpoint.address)
+            )
+        endpoint.extra[_RAW_CHANNEL] = raw
         endpoint.extra[_CHANNEL] = channel
         endpoint.extra[_CALLABLES] = {}
-        channel.subscribe(_connectivity_tracker(endpoint), try_to_connect=True)
+        raw.subscribe(_connectivity_tracker(endpoint), try_to_connect=True)
 
     def close(self) -> None:
         self._stopped.set()
@@ -117,9 +131,26 @@ class _SyncService:
             self._call.cancel()
         self._thread.join(timeout=5)
         for endpoint in self.core.clear():
-            channel = endpoint.extra.pop(_CHANNEL, None)
-            if isinstance(channel, grpc.Channel):
-                channel.close()
+            _close_endpoint(endpoint)
+
+
+def _close_endpoint(endpoint: EndpointState) -> None:
+    endpoint.extra.pop(_CHANNEL, None)
+    raw = endpoint.extra.pop(_RAW_CHANNEL, None)
+    if isinstance(raw, grpc.Channel):
+        raw.close()
+
+
+def _end(
+    controller: CallController,
+    endpoint: EndpointState,
+    outcome: AttemptOutcome,
+    telemetry: CallTelemetry | None,
+) -> float | None:
+    if telemetry is None:
+        return controller.end_attempt(endpoint, outcome)
+    with telemetry.scope():
+        return controller.end_attempt(endpoint, outcome)
 
 
 def _connectivity_tracker(endpoint: EndpointState) -> Callable[[grpc.ChannelConnectivity], None]:
@@ -191,7 +222,7 @@ class _SyncMethod:
             cache[self] = found
         return found
 
-    def controller(self, timeout: float | None) -> CallController:
+    def controller(self, timeout: float | None, telemetry: CallTelemetry | None) -> CallController:
         now = time.monotonic()
         deadline = effective_deadline(timeout, self.policy.timeout, now)
         if not self.service.core.synced:
@@ -205,10 +236,12 @@ class _SyncMethod:
         try:
             controller.start()
         except NoEndpointError as exc:
+            if telemetry is not None:
+                telemetry.rejected(exc)
             raise mesh_error(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
         return controller
 
-    def begin(self, controller: CallController) -> EndpointState:
+    def begin(self, controller: CallController, telemetry: CallTelemetry | None) -> EndpointState:
         remaining = controller.remaining()
         if remaining is not None and remaining <= 0:
             controller.finish(grpc.StatusCode.DEADLINE_EXCEEDED)
@@ -219,6 +252,8 @@ class _SyncMethod:
             return controller.begin_attempt()
         except NoEndpointError as exc:
             controller.finish(grpc.StatusCode.UNAVAILABLE)
+            if telemetry is not None:
+                telemetry.rejected(exc)
             raise mesh_error(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
 
     def kwargs(
@@ -242,36 +277,72 @@ class _SyncMethod:
         wait_for_ready: bool | None,
         compression: Any,
     ) -> Any:
-        controller = self.controller(timeout)
+        telemetry = CallTelemetry.begin(self.service.telemetry, self.method)
+        if telemetry is None:
+            return self._unary(None, request, replay, timeout, metadata, wait_for_ready, compression)
+        try:
+            response = self._unary(telemetry, request, replay, timeout, metadata, wait_for_ready, compression)
+        except BaseException as exc:
+            telemetry.finish_with_error(exc)
+            raise
+        telemetry.finish(_OK)
+        return response
+
+    def _unary(
+        self,
+        telemetry: CallTelemetry | None,
+        request: Any,
+        replay: _Replay | None,
+        timeout: float | None,
+        metadata: Any,
+        wait_for_ready: bool | None,
+        compression: Any,
+    ) -> Any:
+        controller = self.controller(timeout, telemetry)
         if self.policy.hedging is not None and replay is None:
-            return self._hedged(controller, request, metadata, wait_for_ready, compression)
+            return self._hedged(controller, telemetry, request, metadata, wait_for_ready, compression)
+        delay: float | None = None
+        reason: str | None = None
         while True:
-            endpoint = self.begin(controller)
+            endpoint = self.begin(controller, telemetry)
             started = time.monotonic()
             try:
                 payload = replay.attempt() if replay is not None else request
-                response = self.callable_for(endpoint)(
-                    payload, **self.kwargs(controller, metadata, wait_for_ready, compression)
-                )
+                if telemetry is None:
+                    response = self.callable_for(endpoint)(
+                        payload, **self.kwargs(controller, metadata, wait_for_ready, compression)
+                    )
+                else:
+                    with telemetry.scope():
+                        telemetry.attempt(
+                            controller.attempts, endpoint.address, backoff_s=delay, reason=reason
+                        )
+                        response = self.callable_for(endpoint)(
+                            payload, **self.kwargs(controller, metadata, wait_for_ready, compression)
+                        )
             except grpc.RpcError as error:
                 committed = replay is not None and replay.overflowed
                 outcome = outcome_of(error, time.monotonic() - started, committed=committed)
-                delay = controller.end_attempt(endpoint, outcome)
+                delay = _end(controller, endpoint, outcome, telemetry)
                 if delay is None:
                     controller.finish(outcome.code)
                     raise
+                reason = outcome.code.name
                 time.sleep(delay)
                 continue
             except BaseException:
                 controller.abandon_attempt(endpoint)
                 raise
-            controller.end_attempt(endpoint, AttemptOutcome(code=_OK, duration=time.monotonic() - started))
+            _end(
+                controller, endpoint, AttemptOutcome(code=_OK, duration=time.monotonic() - started), telemetry
+            )
             controller.finish(_OK)
             return response
 
     def _hedged(
         self,
         controller: CallController,
+        telemetry: CallTelemetry | None,
         request: Any,
         metadata: Any,
         wait_for_ready: bool | None,
@@ -283,10 +354,18 @@ class _SyncMethod:
         finished = threading.Event()
 
         def launch() -> None:
-            endpoint = self.begin(controller)
-            future = self.callable_for(endpoint).future(
-                request, **self.kwargs(controller, metadata, wait_for_ready, compression)
-            )
+            endpoint = self.begin(controller, telemetry)
+            if telemetry is None:
+                future = self.callable_for(endpoint).future(
+                    request, **self.kwargs(controller, metadata, wait_for_ready, compression)
+                )
+            else:
+                with telemetry.scope():
+                    number = controller.attempts
+                    telemetry.attempt(number, endpoint.address, hedge=number > 1)
+                    future = self.callable_for(endpoint).future(
+                        request, **self.kwargs(controller, metadata, wait_for_ready, compression)
+                    )
             running[future] = (endpoint, time.monotonic())
             future.add_done_callback(lambda _: finished.set())
 
@@ -340,18 +419,51 @@ class _SyncMethod:
         wait_for_ready: bool | None,
         compression: Any,
     ) -> Iterator[Any]:
-        controller = self.controller(timeout)
+        telemetry = CallTelemetry.begin(self.service.telemetry, self.method)
+        try:
+            yield from self._stream(
+                telemetry, request, replay, timeout, metadata, wait_for_ready, compression
+            )
+        except BaseException as exc:
+            if telemetry is not None:
+                telemetry.finish_with_error(exc)
+            raise
+        if telemetry is not None:
+            telemetry.finish(_OK)
+
+    def _stream(
+        self,
+        telemetry: CallTelemetry | None,
+        request: Any,
+        replay: _Replay | None,
+        timeout: float | None,
+        metadata: Any,
+        wait_for_ready: bool | None,
+        compression: Any,
+    ) -> Iterator[Any]:
+        controller = self.controller(timeout, telemetry)
+        delay: float | None = None
+        reason: str | None = None
         while True:
-            endpoint = self.begin(controller)
+            endpoint = self.begin(controller, telemetry)
             started = time.monotonic()
             committed = False
             ended = False
             call: Any = None
             try:
                 payload = replay.attempt() if replay is not None else request
-                call = self.callable_for(endpoint)(
-                    payload, **self.kwargs(controller, metadata, wait_for_ready, compression)
-                )
+                if telemetry is None:
+                    call = self.callable_for(endpoint)(
+                        payload, **self.kwargs(controller, metadata, wait_for_ready, compression)
+                    )
+                else:
+                    with telemetry.scope():
+                        telemetry.attempt(
+                            controller.attempts, endpoint.address, backoff_s=delay, reason=reason
+                        )
+                        call = self.callable_for(endpoint)(
+                            payload, **self.kwargs(controller, metadata, wait_for_ready, compression)
+                        )
                 for response in call:
                     committed = True
                     yield response
@@ -359,10 +471,11 @@ class _SyncMethod:
                 ended = True
                 committed = committed or (replay is not None and replay.overflowed)
                 outcome = outcome_of(error, time.monotonic() - started, committed=committed)
-                delay = controller.end_attempt(endpoint, outcome)
+                delay = _end(controller, endpoint, outcome, telemetry)
                 if delay is None:
                     controller.finish(outcome.code)
                     raise
+                reason = outcome.code.name
                 time.sleep(delay)
                 continue
             finally:
@@ -496,7 +609,10 @@ class SyncMeshChannel:
 
 
 class SyncMesh:
-    """Blocking counterpart of :class:`~rpcmesh.client.Mesh`, with the same policies and core."""
+    """Blocking counterpart of :class:`~rpcmesh.client.Mesh`, with the same policies and core.
+
+    ``security`` and ``telemetry`` mean what they mean for :class:`~rpcmesh.client.Mesh`.
+    """
 
     def __init__(
         self,
@@ -504,11 +620,15 @@ class SyncMesh:
         *,
         policy: MeshPolicy | None = None,
         channel_options: Sequence[tuple[str, Any]] = (),
+        security: ClientSecurity | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self._registries = [registry] if isinstance(registry, str) else list(registry)
         if not self._registries:
             raise ValueError("registry: at least one address is needed")
         self.policy = policy or MeshPolicy()
+        self.security = security if security is not None else ClientSecurity.from_env()
+        self._telemetry = telemetry
         self._options = list(channel_options)
         self._services: dict[str, _SyncService] = {}
         self._lock = threading.Lock()
@@ -517,7 +637,14 @@ class SyncMesh:
         with self._lock:
             service = self._services.get(name)
             if service is None:
-                service = _SyncService(name, self.policy.for_service(name), self._registries, self._options)
+                service = _SyncService(
+                    name,
+                    self.policy.for_service(name),
+                    self._registries,
+                    self._options,
+                    security=self.security,
+                    telemetry=self._telemetry,
+                )
                 self._services[name] = service
             return service
 

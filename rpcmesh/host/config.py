@@ -6,7 +6,28 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["ServiceHostConfig"]
+from rpcmesh.security.client import ClientSecurity
+from rpcmesh.security.limits import Limits
+from rpcmesh.security.settings import SecuritySettings
+
+__all__ = ["HOST_LIMITS", "ServiceHostConfig", "host_security_from_env"]
+
+HOST_LIMITS = Limits(max_receive_message_bytes=4 * 1024 * 1024)
+"""Limits of a service host: the control plane's, but gRPC's usual 4 MiB request size for user services."""
+
+
+def host_security_from_env(environ: Mapping[str, str] | None = None) -> SecuritySettings:
+    """``SecuritySettings.from_env`` (``RPCMESH_TLS_CERT``/``_KEY``/``_CA``/``_CLIENT_AUTH``,
+    ``RPCMESH_TOKEN_SECRET_FILE``, ``RPCMESH_INSECURE``) with the service-host limits."""  # noqa: D205, D209
+    settings = SecuritySettings.from_env(environ)
+    return SecuritySettings(
+        tls=settings.tls,
+        token_secret_file=settings.token_secret_file,
+        token_issuer=settings.token_issuer,
+        insecure=settings.insecure,
+        limits=HOST_LIMITS,
+    )
+
 
 _SERVICE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
@@ -53,6 +74,15 @@ class ServiceHostConfig:
 
     register: bool = True
     """Whether to register with the Registry at all (False serves only)."""
+
+    security: SecuritySettings = field(default_factory=lambda: SecuritySettings(limits=HOST_LIMITS))
+    """How the host's own port is protected: TLS/mTLS, accepted tokens, limits (default plaintext,
+    which the host says loudly at start). Any authenticated caller may call any method; handlers
+    read the caller with ``rpcmesh.security.current_identity``. A policy file is not used here."""
+
+    registry_security: ClientSecurity | None = None
+    """How the host reaches the Registry (TLS, client certificate, its identity's token);
+    None: ``ClientSecurity.from_env()`` when the host starts."""
 
     def __post_init__(self) -> None:
         if not _SERVICE_NAME.match(self.service):

@@ -20,6 +20,7 @@ import grpc.aio
 from google.protobuf import duration_pb2
 
 from rpcmesh.client.backoff import ExponentialBackoff
+from rpcmesh.security.client import ClientSecurity, aio_channel
 from rpcmesh.v1 import registry_pb2, registry_pb2_grpc
 
 __all__ = ["LeaseKeeper", "LeaseLostError"]
@@ -56,8 +57,10 @@ class LeaseKeeper:
         ttl: float,
         registries: Sequence[str],
         rpc_timeout: float = 3.0,
+        security: ClientSecurity | None = None,
     ) -> None:
         self._instance = instance
+        self._security = security
         self._ttl = ttl
         self._registries = list(registries)
         self._rpc_timeout = rpc_timeout
@@ -134,7 +137,7 @@ class LeaseKeeper:
     def _connect(self) -> registry_pb2_grpc.RegistryAsyncStub:
         if self._stub is None:
             address = self._registries[self._index % len(self._registries)]
-            self._channel = grpc.aio.insecure_channel(address)
+            self._channel = aio_channel(address, self._security)
             self._stub = registry_pb2_grpc.RegistryStub(self._channel)
         return self._stub
 

@@ -11,16 +11,26 @@ to the Registry, deregisters so clients stop picking the instance, waits
 ``drain_delay`` for watchers to hear of it, then lets in-flight calls finish
 within ``grace`` seconds before the server exits.
 
-Server interceptors, outermost first: :class:`CallContextInterceptor` (deadline
-and request id for outgoing mesh calls), :class:`~rpcmesh.errors.StatusErrorInterceptor`
-(rpcmesh errors raised by handlers become precise statuses), then the user's.
+Server interceptors, outermost first: the security interceptor (TLS identity or
+bearer token, per-connection and per-identity limits; ``config.security``), the
+tracing interceptor (SERVER span, correlation id for ``correlation_id()``; with
+telemetry off it only adopts the correlation id), :class:`CallContextInterceptor`
+(deadline and request id for outgoing mesh calls),
+:class:`~rpcmesh.errors.StatusErrorInterceptor` (rpcmesh errors raised by handlers
+become precise statuses), then the user's.
+
+Telemetry: :meth:`run` (the process entry point) sets it up from the standard
+``OTEL_*`` variables and shuts it down on stop; an embedding application that
+manages telemetry itself uses :meth:`start`/:meth:`stop` and passes ``telemetry``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -33,6 +43,12 @@ from rpcmesh.errors import StatusErrorInterceptor
 from rpcmesh.host.config import ServiceHostConfig
 from rpcmesh.host.interceptors import CallContextInterceptor
 from rpcmesh.host.lease import LeaseKeeper
+from rpcmesh.security.client import ClientSecurity
+from rpcmesh.security.settings import ServerSecurity
+from rpcmesh.telemetry.config import TelemetryConfig
+from rpcmesh.telemetry.correlation import install_log_correlation
+from rpcmesh.telemetry.grpc_aio import AioServerTracingInterceptor
+from rpcmesh.telemetry.setup import Telemetry, get_telemetry, setup_telemetry
 from rpcmesh.v1 import registry_pb2
 
 __all__ = ["ServiceHost"]
@@ -81,8 +97,12 @@ class ServiceHost:
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
         options: Sequence[tuple[str, Any]] = (),
         drain_delay: float = 0.5,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.config = config
+        self._telemetry = telemetry
+        self._owned_telemetry: Telemetry | None = None
+        self.security: ServerSecurity | None = None
         self._user_interceptors = list(interceptors)
         self._options = list(options)
         self._drain_delay = drain_delay
@@ -126,9 +146,19 @@ class ServiceHost:
 
     async def start(self) -> str:
         """Bind, start serving and register; returns the bound ``host:port``."""
+        # Reads certificates and the token secret now: a bad file fails the start.
+        security = ServerSecurity.build(self.config.security, authorize=False)
+        self.security = security
         server = grpc.aio.server(
-            interceptors=[CallContextInterceptor(), StatusErrorInterceptor(), *self._user_interceptors],
-            options=[("grpc.so_reuseport", 0), *self._options],
+            interceptors=[
+                *security.interceptors,
+                AioServerTracingInterceptor(self._telemetry),
+                CallContextInterceptor(),
+                StatusErrorInterceptor(),
+                *self._user_interceptors,
+            ],
+            options=[*security.options, *self._options],
+            maximum_concurrent_rpcs=security.maximum_concurrent_rpcs,
         )
         recorder = _RecordingServer(server)
         for add_to_server, servicer, names in self._adders:
@@ -139,7 +169,7 @@ class ServiceHost:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         self.service_names = [*recorder.names, _HEALTH_SERVICE]
         reflection.enable_server_reflection([*self.service_names, reflection.SERVICE_NAME], server)
-        port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        port = security.add_port(server, f"{self.config.host}:{self.config.port}")
         if port == 0:
             raise OSError(f"cannot listen on {self.config.host}:{self.config.port}")
         self._server = server
@@ -157,7 +187,12 @@ class ServiceHost:
                 tags=list(self.config.tags),
                 metadata=dict(self.config.metadata),
             )
-            self._lease = LeaseKeeper(instance, ttl=self.config.ttl, registries=self.config.registries)
+            registry_security = self.config.registry_security
+            if registry_security is None:
+                registry_security = ClientSecurity.from_env()
+            self._lease = LeaseKeeper(
+                instance, ttl=self.config.ttl, registries=self.config.registries, security=registry_security
+            )
             await self._lease.start()
         logger.info("%s serving %s on %s", self.config.service, ", ".join(self.service_names), self.address)
         return self.address
@@ -180,6 +215,10 @@ class ServiceHost:
         if self._stopping is not None:
             self._stopping.set()
         logger.info("%s on %s stopped", self.config.service, self.address)
+        if self._owned_telemetry is not None:
+            telemetry, self._owned_telemetry = self._owned_telemetry, None
+            # Flushing exports over the network: keep it off the event loop.
+            await asyncio.to_thread(telemetry.shutdown)
 
     async def wait(self) -> None:
         """Block until the host is stopped."""
@@ -187,7 +226,19 @@ class ServiceHost:
             await self._server.wait_for_termination()
 
     async def run(self, *, print_address: bool = True) -> None:
-        """Start, print ``listening on HOST:PORT``, serve until SIGTERM/SIGINT, then stop gracefully."""
+        """Start, print ``listening on HOST:PORT``, serve until SIGTERM/SIGINT, then stop gracefully.
+
+        Also the process's telemetry: set up from the ``OTEL_*`` variables (service name
+        defaults to the registered service name) unless a handle was given or one is
+        installed already; the correlation id is added to every log record.
+        """
+        install_log_correlation()
+        if self._telemetry is None and not get_telemetry().active:
+            named = "OTEL_SERVICE_NAME" in os.environ or "service.name" in os.environ.get(
+                "OTEL_RESOURCE_ATTRIBUTES", ""
+            )
+            overrides = {} if named else {"service_name": self.config.service}
+            self._owned_telemetry = setup_telemetry(TelemetryConfig.from_env(None, **overrides))
         loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
         stop_requested = asyncio.Event()
@@ -196,6 +247,9 @@ class ServiceHost:
         try:
             await self.start()
             if print_address:
+                assert self.security is not None
+                for line in self.security.warnings(self.address):
+                    print(line, file=sys.stderr, flush=True)
                 print(f"{self.config.service} listening on {self.address}", flush=True)
             await stop_requested.wait()
         finally:
