@@ -7,23 +7,27 @@ Both the asyncio and the sync interceptors (client and server) are thin shells a
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 import grpc
-from opentelemetry import trace
+from opentelemetry import baggage, trace
+from opentelemetry import context as otel_context
 from opentelemetry.context import Context
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from rpcmesh.errors import StatusError
 from rpcmesh.telemetry.correlation import (
     CORRELATION_ATTRIBUTE,
+    CORRELATION_BAGGAGE_KEY,
     CORRELATION_METADATA_KEY,
     choose_correlation_id,
     correlation_id,
     new_correlation_id,
 )
 from rpcmesh.telemetry.propagation import (
+    BAGGAGE_PROPAGATOR,
     PROPAGATED_KEYS,
     carrier_from_metadata,
     context_with_correlation,
@@ -31,6 +35,12 @@ from rpcmesh.telemetry.propagation import (
     inject_carrier,
 )
 from rpcmesh.telemetry.setup import Telemetry
+from rpcmesh.telemetry.traceparent import (
+    correlation_baggage,
+    format_traceparent,
+    own_baggage_only,
+    parse_traceparent,
+)
 
 # Server spans are errors only for codes that mean the server failed (semconv for gRPC servers).
 _SERVER_ERROR_CODES = frozenset(
@@ -164,6 +174,38 @@ def _is_cancellation(error: BaseException) -> bool:
     return isinstance(error, asyncio.CancelledError | GeneratorExit)
 
 
+class MethodInfo:
+    """What every call of one method shares: names, the span name and the pre-built span attributes."""
+
+    __slots__ = ("base", "method", "name", "service")
+
+    def __init__(self, full_method: str | bytes, target: str | None) -> None:
+        self.service, self.method = split_method(full_method)
+        self.name = f"{self.service}/{self.method}"
+        base: dict[str, Any] = {"rpc.system": "grpc", "rpc.service": self.service, "rpc.method": self.method}
+        host, port = split_address(target)
+        if host is not None:
+            base["server.address"] = host
+        if port is not None:
+            base["server.port"] = port
+        self.base: Mapping[str, Any] = MappingProxyType(base)
+
+
+_methods: dict[tuple[str | bytes, str | None], MethodInfo] = {}
+_MAX_CACHED = 4096
+
+
+def method_info(full_method: str | bytes, target: str | None = None) -> MethodInfo:
+    """The cached ``MethodInfo`` of a method (bounded: unknown method names cannot grow it forever)."""
+    key = (full_method, target)
+    info = _methods.get(key)
+    if info is None:
+        info = MethodInfo(full_method, target)
+        if len(_methods) < _MAX_CACHED:
+            _methods[key] = info
+    return info
+
+
 def begin_client_call(
     telemetry: Telemetry,
     full_method: str | bytes,
@@ -171,32 +213,51 @@ def begin_client_call(
     target: str | None,
 ) -> tuple[CallRecord, list[tuple[str, Any]]]:
     """Start a client call: its span (child of the current one) and the metadata to send."""
-    service, method = split_method(full_method)
+    info = method_info(full_method, target)
     correlation = correlation_id() or new_correlation_id()
-    carrier: dict[str, str] = {}
+    outgoing = [(k, v) for k, v in metadata if k not in PROPAGATED_KEYS] if metadata else []
     span: Span | None = None
     context: Context | None = None
     if telemetry.tracing:
-        attributes: dict[str, Any] = {
-            "rpc.system": "grpc",
-            "rpc.service": service,
-            "rpc.method": method,
-            CORRELATION_ATTRIBUTE: correlation,
-        }
-        host, port = split_address(target)
-        if host is not None:
-            attributes["server.address"] = host
-        if port is not None:
-            attributes["server.port"] = port
-        span = telemetry.tracer.start_span(f"{service}/{method}", kind=SpanKind.CLIENT, attributes=attributes)
-        context = context_with_correlation(correlation, trace.set_span_in_context(span))
-        inject_carrier(carrier, None, context)
-        carrier[CORRELATION_METADATA_KEY] = correlation
-    else:
-        carrier[CORRELATION_METADATA_KEY] = correlation
-    outgoing = [(k, v) for k, v in (metadata or ()) if k not in PROPAGATED_KEYS]
-    outgoing.extend(carrier.items())
-    record = CallRecord(telemetry, SpanKind.CLIENT, service, method, correlation, span, context)
+        call_tracer = telemetry.call_tracer
+        current = otel_context.get_current()
+        if call_tracer is not None:
+            parent = trace.get_current_span(current).get_span_context()
+            started = call_tracer.start(
+                info.name,
+                SpanKind.CLIENT,
+                parent if parent.is_valid else None,
+                info.base,
+                {CORRELATION_ATTRIBUTE: correlation},
+            )
+            context = trace.set_span_in_context(started, current)
+            span_context = started.get_span_context()
+            outgoing.append(
+                (
+                    "traceparent",
+                    format_traceparent(span_context.trace_id, span_context.span_id, span_context.trace_flags),
+                )
+            )
+            if span_context.trace_state:
+                outgoing.append(("tracestate", span_context.trace_state.to_header()))
+            entries = baggage.get_all(current)
+            if not entries or (len(entries) == 1 and CORRELATION_BAGGAGE_KEY in entries):
+                outgoing.append(("baggage", correlation_baggage(correlation)))
+            else:  # other baggage entries travel too: the generic propagator encodes them
+                carrier: dict[str, str] = {}
+                BAGGAGE_PROPAGATOR.inject(carrier, context_with_correlation(correlation, current))
+                outgoing.extend(carrier.items())
+            if started.is_recording():
+                span = started
+        else:
+            attributes = {**info.base, CORRELATION_ATTRIBUTE: correlation}
+            span = telemetry.tracer.start_span(info.name, kind=SpanKind.CLIENT, attributes=attributes)
+            context = context_with_correlation(correlation, trace.set_span_in_context(span))
+            carrier = {}
+            inject_carrier(carrier, None, context)
+            outgoing.extend(carrier.items())
+    outgoing.append((CORRELATION_METADATA_KEY, correlation))
+    record = CallRecord(telemetry, SpanKind.CLIENT, info.service, info.method, correlation, span, context)
     return record, outgoing
 
 
@@ -204,29 +265,46 @@ def begin_server_call(
     telemetry: Telemetry, full_method: str, invocation_metadata: Iterable[Any] | None
 ) -> CallRecord:
     """Start a server call: continue the caller's trace and adopt (or create) its correlation id."""
-    service, method = split_method(full_method)
+    info = method_info(full_method)
     carrier = carrier_from_metadata(invocation_metadata)
     span: Span | None = None
     context: Context | None = None
-    if telemetry.tracing:
+    call_tracer = telemetry.call_tracer
+    if call_tracer is not None:
+        remote: Context | None = None
+        from_baggage: str | None = None
+        header = carrier.get("baggage")
+        if header is not None:
+            from_baggage = own_baggage_only(header)
+            if from_baggage is None:  # other entries: the generic parser keeps them all
+                remote = BAGGAGE_PROPAGATOR.extract(carrier)
+                found = baggage.get_baggage(CORRELATION_BAGGAGE_KEY, remote)
+                from_baggage = found if isinstance(found, str) else None
+        correlation = choose_correlation_id(carrier.get(CORRELATION_METADATA_KEY), from_baggage)
+        traceparent = carrier.get("traceparent")
+        parent = parse_traceparent(traceparent, carrier.get("tracestate")) if traceparent else None
+        started = call_tracer.start(
+            info.name, SpanKind.SERVER, parent, info.base, {CORRELATION_ATTRIBUTE: correlation}
+        )
+        context = trace.set_span_in_context(
+            started, context_with_correlation(correlation, remote if remote is not None else Context())
+        )
+        if started.is_recording():
+            span = started
+    elif telemetry.tracing:
         remote, correlation = extract_carrier(carrier)
         span = telemetry.tracer.start_span(
-            f"{service}/{method}",
+            info.name,
             context=remote,
             kind=SpanKind.SERVER,
-            attributes={
-                "rpc.system": "grpc",
-                "rpc.service": service,
-                "rpc.method": method,
-                CORRELATION_ATTRIBUTE: correlation,
-            },
+            attributes={**info.base, CORRELATION_ATTRIBUTE: correlation},
         )
         context = trace.set_span_in_context(span, remote)
     elif "baggage" in carrier and CORRELATION_METADATA_KEY not in carrier:
         _, correlation = extract_carrier(carrier)
     else:
         correlation = choose_correlation_id(carrier.get(CORRELATION_METADATA_KEY))
-    return CallRecord(telemetry, SpanKind.SERVER, service, method, correlation, span, context)
+    return CallRecord(telemetry, SpanKind.SERVER, info.service, info.method, correlation, span, context)
 
 
 def set_peer(record: CallRecord, peer: str | None) -> None:

@@ -84,6 +84,15 @@ class TelemetryConfig:
     sampler_ratio: float = 1.0
     """Ratio for the ``traceidratio`` samplers (``OTEL_TRACES_SAMPLER_ARG``), in [0, 1]."""
 
+    span_queue_size: int = 65536
+    """Ended spans held for export at most; more are dropped (``OTEL_BSP_MAX_QUEUE_SIZE``)."""
+
+    span_batch_size: int = 512
+    """Spans per export call (``OTEL_BSP_MAX_EXPORT_BATCH_SIZE``)."""
+
+    span_schedule_delay_s: float = 1.0
+    """Longest an ended span waits before export (``OTEL_BSP_SCHEDULE_DELAY``, in ms there)."""
+
     metric_export_interval_s: float = 60.0
     """Push interval of the periodic metric reader (``OTEL_METRIC_EXPORT_INTERVAL``, in ms there)."""
 
@@ -126,6 +135,20 @@ class TelemetryConfig:
         if self.otlp_timeout_s <= 0:
             raise TelemetryConfigError(
                 f"otlp_timeout_s (OTEL_EXPORTER_OTLP_TIMEOUT) must be > 0, got {self.otlp_timeout_s}"
+            )
+        if self.span_queue_size < 1:
+            raise TelemetryConfigError(
+                f"span_queue_size (OTEL_BSP_MAX_QUEUE_SIZE) must be >= 1, got {self.span_queue_size}"
+            )
+        if not 1 <= self.span_batch_size <= self.span_queue_size:
+            raise TelemetryConfigError(
+                "span_batch_size (OTEL_BSP_MAX_EXPORT_BATCH_SIZE) must be in [1, span_queue_size], "
+                f"got {self.span_batch_size}"
+            )
+        if self.span_schedule_delay_s <= 0:
+            raise TelemetryConfigError(
+                "span_schedule_delay_s (OTEL_BSP_SCHEDULE_DELAY) must be > 0, "
+                f"got {self.span_schedule_delay_s}"
             )
         if self.metric_export_interval_s <= 0:
             raise TelemetryConfigError(
@@ -204,6 +227,17 @@ class TelemetryConfig:
             values["sampler"] = env["OTEL_TRACES_SAMPLER"].strip().lower()
         if env.get("OTEL_TRACES_SAMPLER_ARG"):
             values["sampler_ratio"] = _number(env, "OTEL_TRACES_SAMPLER_ARG")
+        for variable, name in (
+            ("OTEL_BSP_MAX_QUEUE_SIZE", "span_queue_size"),
+            ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "span_batch_size"),
+        ):
+            if env.get(variable):
+                size = _number(env, variable)
+                if size != int(size):
+                    raise TelemetryConfigError(f"{variable} must be an integer, got {size}")
+                values[name] = int(size)
+        if env.get("OTEL_BSP_SCHEDULE_DELAY"):
+            values["span_schedule_delay_s"] = _number(env, "OTEL_BSP_SCHEDULE_DELAY") / 1000.0
         if env.get("OTEL_METRIC_EXPORT_INTERVAL"):
             values["metric_export_interval_s"] = _number(env, "OTEL_METRIC_EXPORT_INTERVAL") / 1000.0
         if env.get("OTEL_EXPORTER_PROMETHEUS_HOST"):

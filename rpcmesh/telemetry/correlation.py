@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
-import uuid
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar, Token
 from typing import Any
@@ -41,7 +41,7 @@ def correlation_id() -> str | None:
 
 def new_correlation_id() -> str:
     """A fresh random correlation id (32 hex digits)."""
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()
 
 
 def is_valid_correlation_id(value: str | None) -> bool:

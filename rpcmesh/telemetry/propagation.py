@@ -24,7 +24,10 @@ from rpcmesh.telemetry.correlation import (
     choose_correlation_id,
 )
 
-PROPAGATOR = CompositePropagator([TraceContextTextMapPropagator(), W3CBaggagePropagator()])
+BAGGAGE_PROPAGATOR = W3CBaggagePropagator()
+"""The baggage half of ``PROPAGATOR`` (used when baggage carries more than the correlation id)."""
+
+PROPAGATOR = CompositePropagator([TraceContextTextMapPropagator(), BAGGAGE_PROPAGATOR])
 """The propagator rpcmesh injects and extracts with."""
 
 PROPAGATED_KEYS = frozenset({"traceparent", "tracestate", "baggage", CORRELATION_METADATA_KEY})

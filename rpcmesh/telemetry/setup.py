@@ -12,7 +12,7 @@ import logging
 import sys
 import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import metrics as otel_metrics
 from opentelemetry import trace
@@ -22,6 +22,9 @@ from opentelemetry.trace import Tracer
 from rpcmesh.telemetry.config import TelemetryConfig
 from rpcmesh.telemetry.correlation import install_log_correlation
 from rpcmesh.telemetry.metrics import MeshMetrics, OtelMeshMetrics
+
+if TYPE_CHECKING:
+    from rpcmesh.telemetry.spans import CallTracer
 
 INSTRUMENTATION_NAME = "rpcmesh"
 """Instrumentation scope name of every span and instrument rpcmesh creates."""
@@ -48,6 +51,7 @@ class Telemetry:
         tracer_provider: Any = None,
         meter_provider: Any = None,
         prometheus_server: Any = None,
+        call_tracer: Any = None,
     ) -> None:
         self.config = config
         self.tracing = tracer is not None
@@ -56,6 +60,8 @@ class Telemetry:
         self.propagate_correlation = (
             self.tracing or self.metrics.enabled or config.propagate_correlation_when_off
         )
+        self.call_tracer: CallTracer | None = call_tracer if self.tracing else None
+        """The cheap span path of the call interceptors (None: they use ``tracer``)."""
         self._tracer_provider = tracer_provider
         self._meter_provider = meter_provider
         self._prometheus_server = prometheus_server
@@ -135,6 +141,8 @@ def setup_telemetry(
         span_exporters: Extra span exporters (tests: an in-memory exporter); they turn tracing on.
         metric_readers: Extra metric readers (tests: ``InMemoryMetricReader``); they turn metrics on.
         simple_span_processor: Export each span as it ends instead of in batches (tests, debugging).
+            Batches otherwise: one ``SpanPipeline`` (bounded queue, one exporter thread) for all
+            exporters, sized by ``config.span_*``.
 
     Returns:
         The telemetry handle; call ``shutdown()`` when done.
@@ -154,10 +162,19 @@ def setup_telemetry(
     from opentelemetry.sdk.resources import Resource
 
     resource = Resource.create({**dict(config.resource_attributes), "service.name": config.service_name})
-    tracer = tracer_provider = meter = meter_provider = prometheus_server = None
+    tracer = tracer_provider = meter = meter_provider = prometheus_server = call_tracer = None
     if tracing:
-        tracer_provider = _tracer_provider(config, resource, span_exporters, simple_span_processor)
+        from rpcmesh.telemetry.spans import CallTracer
+
+        tracer_provider, pipeline = _tracer_provider(config, resource, span_exporters, simple_span_processor)
         tracer = tracer_provider.get_tracer(INSTRUMENTATION_NAME)
+        call_tracer = CallTracer(
+            pipeline,
+            sampler=config.sampler,
+            ratio=config.sampler_ratio,
+            resource=resource,
+            instrumentation_scope=getattr(tracer, "_instrumentation_scope", None),
+        )
     if metering:
         meter_provider, prometheus_server = _meter_provider(config, resource, metric_readers)
         meter = meter_provider.get_meter(INSTRUMENTATION_NAME)
@@ -173,6 +190,7 @@ def setup_telemetry(
         tracer_provider=tracer_provider,
         meter_provider=meter_provider,
         prometheus_server=prometheus_server,
+        call_tracer=call_tracer,
     )
     if install:
         install_telemetry(telemetry)
@@ -212,9 +230,11 @@ def _otlp_kwargs(config: TelemetryConfig, endpoint: str | None) -> dict[str, Any
 
 def _tracer_provider(
     config: TelemetryConfig, resource: Any, extra_exporters: Sequence[Any], simple: bool
-) -> Any:
+) -> tuple[Any, Any]:
     from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+    from rpcmesh.telemetry.spans import SpanPipeline
 
     provider = TracerProvider(resource=resource, sampler=_sampler(config))
     exporters: list[Any] = list(extra_exporters)
@@ -226,9 +246,15 @@ def _tracer_provider(
                 exporters.append(OTLPSpanExporter(**_otlp_kwargs(config, config.otlp_traces_endpoint)))
             elif name == "console":
                 exporters.append(ConsoleSpanExporter(out=sys.stderr))
-    for exporter in exporters:
-        provider.add_span_processor(SimpleSpanProcessor(exporter) if simple else BatchSpanProcessor(exporter))
-    return provider
+    pipeline = SpanPipeline(
+        exporters,
+        simple=simple,
+        max_queue=config.span_queue_size,
+        max_batch=config.span_batch_size,
+        schedule_delay_s=config.span_schedule_delay_s,
+    )
+    provider.add_span_processor(pipeline)
+    return provider, pipeline
 
 
 def _meter_provider(config: TelemetryConfig, resource: Any, extra_readers: Sequence[Any]) -> tuple[Any, Any]:
