@@ -3,6 +3,11 @@
     python examples/echo/server.py --registry 127.0.0.1:50051 [--name echo] [--instance-id ID] [--port 0]
 
 Prints ``listening on HOST:PORT`` once serving and exits cleanly on SIGTERM.
+
+Security from the environment: its own port from ``RPCMESH_TLS_CERT``/``_KEY``/``_CA``/
+``_CLIENT_AUTH`` and ``RPCMESH_TOKEN_SECRET_FILE``; the Registry is reached with
+``RPCMESH_TLS_CA``, ``RPCMESH_TLS_CLIENT_CERT``/``_KEY`` and ``RPCMESH_TOKEN`` (its identity).
+Telemetry from the ``OTEL_*`` variables.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ if __package__ in (None, ""):
 from echo.servicer import EchoServicer
 from echo.v1 import echo_pb2, echo_pb2_grpc
 from rpcmesh.host import ServiceHost, ServiceHostConfig
+from rpcmesh.host.config import host_security_from_env
 
 
 class SlowEchoServicer(EchoServicer):
@@ -72,6 +78,7 @@ async def main(argv: list[str] | None = None) -> None:
         ttl=args.ttl,
         zone=args.zone,
         grace=args.grace,
+        security=host_security_from_env(),
     )
     host = ServiceHost(config)
     servicer = SlowEchoServicer(instance_id, args.delay_ms) if args.delay_ms else EchoServicer(instance_id)

@@ -1,4 +1,12 @@
-"""`rpcmesh gateway`: one gRPC address that forwards every method to mesh services."""
+"""`rpcmesh gateway`: one gRPC address that forwards every method to mesh services.
+
+Security: the gateway's own port takes the same TLS/mTLS and token flags as
+``rpcmesh up`` (``--tls-cert``/``--tls-key``/``--tls-ca``/``--tls-client-auth``,
+``--token-secret-file``, ``--insecure``, or their ``RPCMESH_*`` variables); the
+gateway reaches the Registry and the services with ``ClientSecurity.from_env()``
+(``RPCMESH_TLS_CA``, ``RPCMESH_TLS_CLIENT_CERT``/``_KEY``, ``RPCMESH_TOKEN``...).
+Telemetry comes from the ``OTEL_*`` variables.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +15,12 @@ import asyncio
 import contextlib
 import os
 import signal
+import sys
+from pathlib import Path
 from typing import Any
 
 from rpcmesh.cli.common import CliError
+from rpcmesh.security.settings import SecuritySettings
 
 
 def register(commands: Any) -> None:
@@ -37,29 +48,119 @@ def register(commands: Any) -> None:
     gateway.add_argument("--no-header-routing", action="store_true", help="ignore x-rpcmesh-service")
     gateway.add_argument("--policy", help="call policies (YAML or TOML) for the forwarded calls")
     gateway.add_argument("--grace", type=float, default=5.0, help="seconds to drain calls on shutdown")
+    _add_security_arguments(gateway)
     gateway.set_defaults(func=run_gateway)
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _add_security_arguments(parser: argparse.ArgumentParser) -> None:
+    env = os.environ.get
+    group = parser.add_argument_group(
+        "security", "TLS, mTLS and bearer tokens of the gateway's port (`rpcmesh certs` makes certificates)"
+    )
+    group.add_argument("--tls-cert", type=Path, default=env("RPCMESH_TLS_CERT"), help="env RPCMESH_TLS_CERT")
+    group.add_argument("--tls-key", type=Path, default=env("RPCMESH_TLS_KEY"), help="env RPCMESH_TLS_KEY")
+    group.add_argument(
+        "--tls-ca",
+        type=Path,
+        default=env("RPCMESH_TLS_CA"),
+        help="CA of client certificates (env RPCMESH_TLS_CA)",
+    )
+    group.add_argument(
+        "--tls-client-auth",
+        action="store_true",
+        default=_env_flag("RPCMESH_TLS_CLIENT_AUTH"),
+        help="require client certificates (mTLS) (env RPCMESH_TLS_CLIENT_AUTH)",
+    )
+    group.add_argument(
+        "--token-secret-file",
+        type=Path,
+        default=env("RPCMESH_TOKEN_SECRET_FILE"),
+        help="HS256 secret of accepted bearer tokens (env RPCMESH_TOKEN_SECRET_FILE)",
+    )
+    group.add_argument(
+        "--token-issuer",
+        default=env("RPCMESH_TOKEN_ISSUER") or "rpcmesh",
+        help="issuer tokens must name (env RPCMESH_TOKEN_ISSUER)",
+    )
+    group.add_argument(
+        "--insecure",
+        action="store_true",
+        default=_env_flag("RPCMESH_INSECURE"),
+        help="development mode: accept bearer tokens over plaintext (env RPCMESH_INSECURE)",
+    )
+
+
+def _security_settings(args: argparse.Namespace) -> SecuritySettings:
+    from rpcmesh.host.config import HOST_LIMITS
+    from rpcmesh.security.tls import ServerTlsConfig
+
+    tls = None
+    if args.tls_cert is not None or args.tls_key is not None:
+        if args.tls_cert is None or args.tls_key is None:
+            raise ValueError("--tls-cert and --tls-key: give both or neither")
+        tls = ServerTlsConfig(
+            cert_file=args.tls_cert,
+            key_file=args.tls_key,
+            ca_file=args.tls_ca,
+            client_auth=args.tls_client_auth,
+        )
+    elif args.tls_client_auth:
+        raise ValueError("--tls-client-auth: needs --tls-cert and --tls-key")
+    return SecuritySettings(
+        tls=tls,
+        token_secret_file=args.token_secret_file,
+        token_issuer=args.token_issuer,
+        insecure=args.insecure,
+        limits=HOST_LIMITS,
+    )
 
 
 def run_gateway(args: argparse.Namespace) -> int:
     """Run `rpcmesh gateway` until SIGINT/SIGTERM."""
     from rpcmesh.client import PolicyError, load_policy
     from rpcmesh.gateway import GatewayConfig, RouteTable
+    from rpcmesh.security.client import ClientSecurity
+    from rpcmesh.telemetry import TelemetryConfig
 
     registry = args.registry or [os.environ.get("RPCMESH_REGISTRY") or "127.0.0.1:50051"]
     try:
         routes = RouteTable.parse(args.route, allow_header=not args.no_header_routing)
         config = GatewayConfig(
-            registry=registry, host=args.host, port=args.port, routes=routes, grace=args.grace
+            registry=registry,
+            host=args.host,
+            port=args.port,
+            routes=routes,
+            grace=args.grace,
+            security=_security_settings(args),
         )
         policy = load_policy(args.policy) if args.policy else None
+        client_security = ClientSecurity.from_env()
+        telemetry_config = TelemetryConfig.from_env(
+            None, **({} if os.environ.get("OTEL_SERVICE_NAME") else {"service_name": "rpcmesh-gateway"})
+        )
     except (ValueError, PolicyError, OSError) as exc:
         raise CliError(str(exc)) from exc
-    asyncio.run(_serve(config, policy))
+    asyncio.run(_serve(config, policy, client_security, telemetry_config))
     print("rpcmesh gateway stopped", flush=True)
     return 0
 
 
-async def _serve(config: Any, policy: Any) -> None:
+async def _serve(config: Any, policy: Any, client_security: Any, telemetry_config: Any) -> None:
+    from rpcmesh.telemetry import install_log_correlation, setup_telemetry
+
+    install_log_correlation()
+    telemetry = setup_telemetry(telemetry_config)
+    try:
+        await _serve_gateway(config, policy, client_security)
+    finally:
+        await asyncio.to_thread(telemetry.shutdown)
+
+
+async def _serve_gateway(config: Any, policy: Any, client_security: Any) -> None:
     from rpcmesh.client import Mesh
     from rpcmesh.gateway import Gateway
 
@@ -68,10 +169,13 @@ async def _serve(config: Any, policy: Any) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, task.cancel)
-    async with Mesh(config.registry, policy=policy) as mesh:
+    async with Mesh(config.registry, policy=policy, security=client_security) as mesh:
         gateway = Gateway(config, mesh)
         try:
             address = await gateway.start()
+            assert gateway.security is not None
+            for line in gateway.security.warnings(address):
+                print(line, file=sys.stderr, flush=True)
             print(f"rpcmesh gateway listening on {address}", flush=True)
             with contextlib.suppress(asyncio.CancelledError):
                 await gateway.wait()

@@ -16,6 +16,10 @@ from rpcmesh.controlplane.component import Component, ControlPlaneContext
 from rpcmesh.controlplane.config import ControlPlaneConfig
 from rpcmesh.errors import StatusErrorInterceptor
 from rpcmesh.security.settings import ServerSecurity
+from rpcmesh.telemetry.config import TelemetryConfig
+from rpcmesh.telemetry.correlation import install_log_correlation
+from rpcmesh.telemetry.grpc_aio import AioServerTracingInterceptor
+from rpcmesh.telemetry.setup import setup_telemetry
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +77,10 @@ class ControlPlane:
         security = ServerSecurity.build(self.config.security)
         self.security = security
         server = grpc.aio.server(
-            # The security interceptor is outermost: refused calls cost the least.
-            interceptors=[*security.interceptors, StatusErrorInterceptor()],
+            # The security interceptor is outermost: refused calls cost the least. The tracing
+            # interceptor (SERVER spans, correlation id) comes before StatusErrorInterceptor so it
+            # sees the precise code of an rpcmesh error.
+            interceptors=[*security.interceptors, AioServerTracingInterceptor(), StatusErrorInterceptor()],
             options=security.options,
             maximum_concurrent_rpcs=security.maximum_concurrent_rpcs,
         )
@@ -123,7 +129,13 @@ class ControlPlane:
 
 
 async def serve(config: ControlPlaneConfig, ready: asyncio.Event | None = None) -> None:
-    """Run a control plane until cancelled (SIGINT/SIGTERM in the CLI)."""
+    """Run a control plane until cancelled (SIGINT/SIGTERM in the CLI).
+
+    Telemetry comes from the standard ``OTEL_*`` variables (off when none is set) and is
+    flushed and shut down on exit; every log record carries the correlation id.
+    """
+    install_log_correlation()
+    telemetry = setup_telemetry(TelemetryConfig.from_env())
     plane = ControlPlane(config)
     try:
         address = await plane.start()
@@ -135,4 +147,7 @@ async def serve(config: ControlPlaneConfig, ready: asyncio.Event | None = None) 
             ready.set()
         await plane.wait()
     finally:
-        await asyncio.shield(plane.stop())
+        try:
+            await asyncio.shield(plane.stop())
+        finally:
+            await asyncio.to_thread(telemetry.shutdown)

@@ -1,4 +1,12 @@
-"""The gateway server: accepts any method and forwards it through the mesh client stack."""
+"""The gateway server: accepts any method and forwards it through the mesh client stack.
+
+Server interceptors, outermost first: security (TLS/mTLS, tokens, limits from
+``GatewayConfig.security``), tracing (a SERVER span continuing the caller's
+``traceparent``; the mesh call and its attempts become its children, so the
+trace goes on through the gateway), then :class:`~rpcmesh.errors.StatusErrorInterceptor`.
+The caller's ``authorization`` header is not forwarded: the gateway calls
+backends under its own identity (the Mesh's ``ClientSecurity``).
+"""
 
 from __future__ import annotations
 
@@ -14,10 +22,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from rpcmesh.errors import StatusError, StatusErrorInterceptor
 from rpcmesh.gateway.routes import RouteTable, split_method
 from rpcmesh.gateway.shapes import Shape, ShapeCache
+from rpcmesh.host.config import HOST_LIMITS
+from rpcmesh.security.identity import AUTHORIZATION_KEY
+from rpcmesh.security.settings import SecuritySettings, ServerSecurity
+from rpcmesh.telemetry.grpc_aio import AioServerTracingInterceptor
 
 logger = logging.getLogger(__name__)
 
 _HEALTH_METHOD_PREFIX = "/grpc.health.v1.Health/"
+_HOP_HEADERS = frozenset({"user-agent", "content-type", "te", AUTHORIZATION_KEY})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,6 +52,9 @@ class GatewayConfig:
     grace: float = 5.0
     """Seconds in-flight calls get to finish on shutdown."""
 
+    security: SecuritySettings = field(default_factory=lambda: SecuritySettings(limits=HOST_LIMITS))
+    """How the gateway's port is protected (TLS/mTLS, accepted tokens, limits); default plaintext."""
+
     def __post_init__(self) -> None:
         if not self.registry:
             raise ValueError("registry: at least one Registry address is needed")
@@ -47,11 +63,14 @@ class GatewayConfig:
 
 
 def forwardable_metadata(metadata: Sequence[tuple[str, Any]]) -> tuple[tuple[str, Any], ...]:
-    """The caller's metadata minus what gRPC manages per hop (grpc-*, user-agent, pseudo-headers)."""
+    """The caller's metadata minus what gRPC manages per hop (grpc-*, user-agent, pseudo-headers).
+
+    The caller's credentials (``authorization``) stay at the gateway: backends see the gateway's identity.
+    """
     return tuple(
         (key, value)
         for key, value in metadata
-        if not key.startswith((":", "grpc-")) and key not in ("user-agent", "content-type", "te")
+        if not key.startswith((":", "grpc-")) and key not in _HOP_HEADERS
     )
 
 
@@ -150,14 +169,22 @@ class Gateway:
         self._forwarder = Forwarder(mesh, config.routes)
         self._health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
+        self.security: ServerSecurity | None = None
         self.address = ""
 
     async def start(self) -> str:
         """Bind and serve; returns host:port."""
-        server = grpc.aio.server(interceptors=[StatusErrorInterceptor()], options=[("grpc.so_reuseport", 0)])
+        # Reads certificates and the token secret now: a bad file fails the start.
+        security = ServerSecurity.build(self.config.security, authorize=False)
+        self.security = security
+        server = grpc.aio.server(
+            interceptors=[*security.interceptors, AioServerTracingInterceptor(), StatusErrorInterceptor()],
+            options=security.options,
+            maximum_concurrent_rpcs=security.maximum_concurrent_rpcs,
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         server.add_generic_rpc_handlers([_ProxyHandler(self._forwarder)])
-        port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        port = security.add_port(server, f"{self.config.host}:{self.config.port}")
         if port == 0:
             raise OSError(f"cannot listen on {self.config.host}:{self.config.port}")
         self._server = server

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from rpcmesh.controlplane.registry.model import Committed, Event
@@ -20,10 +20,18 @@ from rpcmesh.controlplane.registry.settings import RegistrySettings
 from rpcmesh.controlplane.registry.store import Decide, RegistryStore
 from rpcmesh.controlplane.registry.view import RegistryView
 from rpcmesh.controlplane.registry.watch import WatchHub
+from rpcmesh.telemetry.setup import get_telemetry
+from rpcmesh.v1 import registry_pb2
 
 logger = logging.getLogger(__name__)
 
 EventListener = Callable[[Event], None]
+
+_HEALTH_NAMES = {
+    registry_pb2.HEALTH_STATE_PASSING: "passing",
+    registry_pb2.HEALTH_STATE_CRITICAL: "critical",
+    registry_pb2.HEALTH_STATE_UNSPECIFIED: "unspecified",
+}
 
 
 class RegistryNode:
@@ -42,6 +50,7 @@ class RegistryNode:
         """Open the store, build the view and start expiring leases."""
         loaded = await self.store.open(self._on_events)
         self.view = RegistryView((stored.instance for stored in loaded.instances), loaded.revision)
+        self._report_instances({instance.service for instance in self.view.instances()})
         self._expiry_task = asyncio.create_task(self._expire_loop(), name="registry-expiry")
 
     async def stop(self) -> None:
@@ -58,16 +67,32 @@ class RegistryNode:
                 future.cancel()
         self._waiters.clear()
 
+    def _report_instances(self, services: Iterable[str]) -> None:
+        """Set the ``rpcmesh.registry.instances`` gauge (by service and health) for ``services``."""
+        metrics = get_telemetry().metrics
+        if not metrics.enabled:
+            return
+        for service in services:
+            counts = dict.fromkeys(_HEALTH_NAMES.values(), 0)
+            for instance in self.view.instances(service):
+                counts[_HEALTH_NAMES.get(instance.health, "unspecified")] += 1
+            for health, count in counts.items():
+                metrics.set_registry_instances(service, health, count)
+
     def _on_events(self, events: Sequence[Event]) -> None:
+        changed: set[str] = set()
         for event in events:
             if not self.view.apply(event):
                 continue
+            changed.add(event.instance.service)
             self.hub.publish(event)
             for listener in self.listeners:
                 try:
                     listener(event)
                 except Exception:
                     logger.exception("registry event listener failed")
+        if changed:
+            self._report_instances(changed)
         if self._waiters:
             revision = self.view.revision
             still_waiting = []
