@@ -19,10 +19,12 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from rpcmesh.controlplane.bus import topics
-from rpcmesh.controlplane.bus.group_state import Dead, Entry, GroupState
-from rpcmesh.controlplane.bus.store import AppendResult, BusStore, GroupRecord
+from rpcmesh.controlplane.bus.consumer_runtime import ConsumerGroupRuntime
+from rpcmesh.controlplane.bus.group_state import Dead, GroupState
+from rpcmesh.controlplane.bus.store import AppendResult, BusStore, GroupRecord, NativeGroupStore
 from rpcmesh.controlplane.bus.validation import SubscriptionSettings
 from rpcmesh.errors import (
     DeadlineExceededError,
@@ -31,6 +33,7 @@ from rpcmesh.errors import (
     UnavailableError,
     invalid_argument,
 )
+from rpcmesh.telemetry import get_telemetry
 from rpcmesh.v1 import bus_pb2
 
 logger = logging.getLogger(__name__)
@@ -49,6 +52,57 @@ POLL_INTERVAL = 0.5
 
 DEAD_LETTER_CONTENT_TYPE = "application/x-protobuf; messageType=rpcmesh.v1.DeadLetter"
 
+LAG_INTERVAL = 1.0
+"""Seconds between consumer-lag gauge updates."""
+
+
+class Delivered(Protocol):
+    """What a runtime hands to a subscription: a message and its attempt."""
+
+    @property
+    def message(self) -> bus_pb2.BusMessage:  # noqa: D102
+        ...
+
+    @property
+    def attempts(self) -> int:  # noqa: D102
+        ...
+
+
+class GroupRunner(Protocol):
+    """A group on a topic with members on this node.
+
+    :class:`GroupRuntime` (the broker decides deliveries) or
+    :class:`~rpcmesh.controlplane.bus.consumer_runtime.ConsumerGroupRuntime` (the backend does).
+    """
+
+    topic: str
+    name: str
+    durable: bool
+    members: list[Subscription]
+    wake: asyncio.Event
+    task: asyncio.Task[None] | None
+
+    def attach(self, member: Subscription) -> None:  # noqa: D102
+        ...
+
+    async def detach(self, member: Subscription) -> None:  # noqa: D102
+        ...
+
+    def held_by(self, member: Subscription) -> int:  # noqa: D102
+        ...
+
+    def ack(self, seq: int) -> None:  # noqa: D102
+        ...
+
+    def nak(self, seq: int, delay: float | None) -> None:  # noqa: D102
+        ...
+
+    def term(self, seq: int, reason: str) -> None:  # noqa: D102
+        ...
+
+    async def close(self) -> None:  # noqa: D102
+        ...
+
 
 class Subscription:
     """One Subscribe stream: a member of one group per matching topic."""
@@ -60,7 +114,7 @@ class Subscription:
         self.broker = broker
         self.settings = settings
         self.outbox: asyncio.Queue[list[bus_pb2.Delivery] | None] = asyncio.Queue()
-        self.groups: dict[str, GroupRuntime] = {}
+        self.groups: dict[str, GroupRunner] = {}
         self.closed = False
 
     def __hash__(self) -> int:
@@ -69,20 +123,27 @@ class Subscription:
     @property
     def capacity(self) -> int:
         """Deliveries this stream may still receive."""
-        held = sum(runtime.state.held_by(self) for runtime in self.groups.values())
+        held = sum(runtime.held_by(self) for runtime in self.groups.values())
         return self.settings.max_in_flight - held
 
-    def deliver(self, topic: str, entries: Sequence[Entry]) -> None:
+    def deliver(self, topic: str, group: str, entries: Sequence[Delivered]) -> None:
         """Queue a batch for the stream writer."""
         deliveries = [bus_pb2.Delivery(message=entry.message, attempt=entry.attempts) for entry in entries]
         self.outbox.put_nowait(deliveries)
+        metrics = get_telemetry().metrics
+        if metrics.enabled:
+            again = sum(1 for entry in entries if entry.attempts > 1)
+            if again:
+                metrics.bus_redelivered(topic, group, again)
+            if len(entries) > again:
+                metrics.bus_delivered(topic, group, len(entries) - again)
 
     def wake_groups(self) -> None:
         """Capacity freed: let the dispatchers run."""
         for runtime in self.groups.values():
             runtime.wake.set()
 
-    def _runtime(self, field: str, ref: bus_pb2.MessageRef) -> GroupRuntime:
+    def _runtime(self, field: str, ref: bus_pb2.MessageRef) -> GroupRunner:
         runtime = self.groups.get(ref.topic)
         if runtime is None:
             if not topics.matches(self.settings.topic, ref.topic):
@@ -94,33 +155,18 @@ class Subscription:
 
     def ack(self, refs: Sequence[bus_pb2.MessageRef]) -> None:
         """Acknowledge deliveries; unknown (already done) ones are ignored."""
-        touched: set[GroupRuntime] = set()
         for index, ref in enumerate(refs):
-            runtime = self._runtime(f"ack.refs[{index}]", ref)
-            if runtime.state.ack(ref.sequence):
-                touched.add(runtime)
-        for runtime in touched:
-            runtime.dirty = True
-            runtime.wake.set()
+            self._runtime(f"ack.refs[{index}]", ref).ack(ref.sequence)
 
     def nak(self, refs: Sequence[bus_pb2.MessageRef], delay: float | None) -> None:
         """Return deliveries for redelivery after ``delay`` (None: the backoff)."""
-        now = self.broker.clock()
         for index, ref in enumerate(refs):
-            runtime = self._runtime(f"nak.refs[{index}]", ref)
-            dead = runtime.state.nak(ref.sequence, now, delay)
-            if dead is not None:
-                runtime.bury([dead])
-            runtime.wake.set()
+            self._runtime(f"nak.refs[{index}]", ref).nak(ref.sequence, delay)
 
     def term(self, refs: Sequence[bus_pb2.MessageRef], reason: str) -> None:
         """Dead-letter deliveries at once."""
         for index, ref in enumerate(refs):
-            runtime = self._runtime(f"term.refs[{index}]", ref)
-            dead = runtime.state.term(ref.sequence, reason)
-            if dead is not None:
-                runtime.bury([dead])
-            runtime.wake.set()
+            self._runtime(f"term.refs[{index}]", ref).term(ref.sequence, reason)
 
     async def close(self) -> None:
         """Leave every group; in-flight deliveries go to other members at once."""
@@ -170,6 +216,39 @@ class GroupRuntime:
         if not self.members:
             await self.broker._retire(self)
 
+    def held_by(self, member: Subscription) -> int:
+        """In-flight deliveries of ``member``."""
+        return self.state.held_by(member)
+
+    def ack(self, seq: int) -> None:
+        """Acknowledge a delivery (unknown ones are ignored)."""
+        if self.state.ack(seq):
+            self.dirty = True
+            self.wake.set()
+
+    def nak(self, seq: int, delay: float | None) -> None:
+        """Redeliver after ``delay`` (None: the backoff)."""
+        dead = self.state.nak(seq, self.broker.clock(), delay)
+        if dead is not None:
+            self.bury([dead])
+        self.dirty = True
+        self.wake.set()
+
+    def term(self, seq: int, reason: str) -> None:
+        """Dead-letter at once."""
+        dead = self.state.term(seq, reason)
+        if dead is not None:
+            self.bury([dead])
+        self.wake.set()
+
+    async def close(self) -> None:
+        """Stop the dispatcher and persist progress (the last member left or the broker stops)."""
+        if self.task is not None and self.task is not asyncio.current_task():
+            self.task.cancel()
+        if self.durable:
+            await self.broker.store.save_group(self.record())
+            self.dirty = False
+
     def bury(self, dead: list[Dead]) -> None:
         """Dead-letter messages the state gave up on (durable groups only)."""
         self.dirty = True
@@ -186,26 +265,7 @@ class GroupRuntime:
 
     async def _bury(self, dead: list[Dead]) -> None:
         try:
-            now_ns = time.time_ns()
-            letters = []
-            for item in dead:
-                letter = bus_pb2.DeadLetter(
-                    message=item.message, group=self.name, reason=item.reason, attempts=item.attempts
-                )
-                letter.dead_at.FromNanoseconds(now_ns)
-                letters.append(
-                    bus_pb2.BusMessage(
-                        payload=letter.SerializeToString(),
-                        content_type=DEAD_LETTER_CONTENT_TYPE,
-                        headers={
-                            "rpcmesh-dead-topic": self.topic,
-                            "rpcmesh-dead-group": self.name,
-                            "rpcmesh-dead-reason": item.reason,
-                            "rpcmesh-dead-attempts": str(item.attempts),
-                        },
-                    )
-                )
-            await self.broker.publish(topics.dead_letter_topic(self.topic, self.name), letters, dedup=False)
+            await self.broker.dead_letter(self.topic, self.name, dead)
         except Exception:
             logger.exception("dead-lettering on %s/%s failed", self.topic, self.name)
         finally:
@@ -218,7 +278,7 @@ class GroupRuntime:
             name=self.name,
             ack_floor=self.state.ack_floor,
             acked_above_floor=frozenset(self.state.acked_above_floor),
-            attempts={},
+            attempts=self.state.attempts_to_keep(),
         )
 
     async def _dispatch(self) -> None:
@@ -247,7 +307,8 @@ class GroupRuntime:
                         continue
                     entries = state.take(member, room, now, member.settings.policy)
                     if entries:
-                        member.deliver(self.topic, entries)
+                        member.deliver(self.topic, self.name, entries)
+                        self.dirty = True  # attempt counts are persisted with the group
                         sent = True
                 self._turn += 1
                 if sent:
@@ -279,7 +340,7 @@ class Broker:
         self.clock = clock
         self.node_id = node_id or uuid.uuid4().hex[:12]
         self.reply_address = f"_reply.{self.node_id}"
-        self._groups: dict[tuple[str, str], GroupRuntime] = {}
+        self._groups: dict[tuple[str, str], GroupRunner] = {}
         self._subscriptions: set[Subscription] = set()
         self._known_topics: set[str] = set()
         self._requests: dict[str, asyncio.Future[bus_pb2.BusMessage]] = {}
@@ -300,6 +361,7 @@ class Broker:
         self._tasks = [
             asyncio.create_task(self._flush_loop(), name="bus-flush"),
             asyncio.create_task(self._retention_loop(), name="bus-retention"),
+            asyncio.create_task(self._lag_loop(), name="bus-lag"),
         ]
 
     async def stop(self) -> None:
@@ -310,6 +372,9 @@ class Broker:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for runtime in list(self._groups.values()):
+            if isinstance(runtime, ConsumerGroupRuntime):
+                await runtime.close()
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         await self._flush()
@@ -325,6 +390,9 @@ class Broker:
     ) -> list[AppendResult]:
         """Store messages durably and wake the topic's dispatchers."""
         results = await self.store.append(topic, messages, dedup=dedup)
+        metrics = get_telemetry().metrics
+        if metrics.enabled:
+            metrics.bus_published(topic, sum(1 for result in results if not result.duplicate))
         if topic not in self._known_topics:
             self._known_topics.add(topic)
             await self._attach_patterns(topic)
@@ -333,7 +401,7 @@ class Broker:
         # are contiguous).
         stored = [message for message, result in zip(messages, results, strict=True) if not result.duplicate]
         for (group_topic, _), runtime in list(self._groups.items()):
-            if group_topic != topic:
+            if group_topic != topic or not isinstance(runtime, GroupRuntime):
                 continue
             state = runtime.state
             if stored and state.next_sequence == stored[0].sequence and state.buffered < READ_AHEAD:
@@ -355,6 +423,10 @@ class Broker:
                 continue
             if runtime.task is not None:
                 runtime.task.cancel()
+            if isinstance(runtime, ConsumerGroupRuntime):
+                task = asyncio.create_task(runtime.consumer.close())
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
             for member in runtime.members:
                 member.groups.pop(name, None)
             runtime.members.clear()
@@ -363,7 +435,7 @@ class Broker:
     def group_info(self, topic: str, name: str) -> bus_pb2.ConsumerGroupInfo | None:
         """Live figures of a group with attached members, or None."""
         runtime = self._groups.get((topic, name))
-        if runtime is None:
+        if not isinstance(runtime, GroupRuntime):
             return None
         last = self.store.last_sequence(topic)
         done_above = len([seq for seq in runtime.state.acked_above_floor if seq <= last])
@@ -373,6 +445,60 @@ class Broker:
             in_flight=len(runtime.state.in_flight),
             ack_floor=runtime.state.ack_floor,
         )
+
+    async def describe_group(self, topic: str, name: str) -> bus_pb2.ConsumerGroupInfo | None:
+        """Figures of a durable group, or None when it does not exist."""
+        if isinstance(self.store, NativeGroupStore):
+            return await self.store.describe_group(topic, name)
+        info = self.group_info(topic, name)
+        if info is not None:
+            return info
+        record = await self.store.load_group(topic, name)
+        if record is None:
+            return None
+        last = self.store.last_sequence(topic)
+        return bus_pb2.ConsumerGroupInfo(
+            name=name,
+            pending=max(0, last - record.ack_floor - len(record.acked_above_floor)),
+            ack_floor=record.ack_floor,
+        )
+
+    async def dead_letter(self, topic: str, group: str, dead: Sequence[Dead]) -> None:
+        """Publish dead letters of ``group`` to ``$dlq.<topic>.<group>`` (durable on return).
+
+        Each letter's id names the topic, group, sequence and attempt count, so
+        retrying after a crash stores it once within the deduplication window.
+        """
+        now_ns = time.time_ns()
+        letters = []
+        for item in dead:
+            letter = bus_pb2.DeadLetter(
+                message=item.message, group=group, reason=item.reason, attempts=item.attempts
+            )
+            letter.dead_at.FromNanoseconds(now_ns)
+            headers = {
+                "rpcmesh-dead-topic": topic,
+                "rpcmesh-dead-group": group,
+                "rpcmesh-dead-reason": item.reason,
+                "rpcmesh-dead-attempts": str(item.attempts),
+            }
+            # The trace and correlation id of the message travel on with its dead letter.
+            for key in ("traceparent", "tracestate", "baggage", "x-correlation-id"):
+                if key in item.message.headers:
+                    headers[key] = item.message.headers[key]
+            letters.append(
+                bus_pb2.BusMessage(
+                    id=f"dead:{group}:{item.message.sequence}:{item.message.id}"[:256],
+                    payload=letter.SerializeToString(),
+                    content_type=DEAD_LETTER_CONTENT_TYPE,
+                    headers=headers,
+                )
+            )
+        await self.publish(topics.dead_letter_topic(topic, group), letters)
+        metrics = get_telemetry().metrics
+        if metrics.enabled:
+            for item in dead:
+                metrics.bus_dead_lettered(topic, group, item.reason)
 
     # -- subscriptions ---------------------------------------------------------------
 
@@ -420,7 +546,10 @@ class Broker:
         lock = self._locks.setdefault(key, asyncio.Lock())
         async with lock:
             runtime = self._groups.get(key)
-            if runtime is None:
+            if runtime is None and isinstance(self.store, NativeGroupStore):
+                runtime = await self._open_native(topic, settings, fresh_topic)
+                self._groups[key] = runtime
+            elif runtime is None:
                 record = await self.store.load_group(topic, settings.group)
                 if record is None:
                     floor = await self._start_floor(topic, settings, fresh_topic)
@@ -439,6 +568,25 @@ class Broker:
                 )
                 self._groups[key] = runtime
             runtime.attach(subscription)
+
+    async def _open_native(
+        self, topic: str, settings: SubscriptionSettings, fresh_topic: bool
+    ) -> ConsumerGroupRuntime:
+        assert isinstance(self.store, NativeGroupStore)
+        start: int | None = None
+        if fresh_topic or settings.start.kind != "new_only":
+            start = await self._start_floor(topic, settings, fresh_topic) + 1
+        holder: list[ConsumerGroupRuntime] = []
+
+        def wake() -> None:
+            if holder:
+                holder[0].wake.set()
+
+        consumer = await self.store.open_group_consumer(topic, settings.group, settings.policy, start, wake)
+        runtime = ConsumerGroupRuntime(self, topic, settings.group, consumer)
+        holder.append(runtime)
+        self._known_topics.add(topic)
+        return runtime
 
     async def _first_sequence(self, topic: str) -> int:
         stats = await self.store.get_topic(topic)
@@ -461,21 +609,19 @@ class Broker:
             return await self.store.sequence_at(topic, start.time_ns) - 1
         return last
 
-    async def _retire(self, runtime: GroupRuntime) -> None:
+    async def _retire(self, runtime: GroupRunner) -> None:
         """The last member left: persist and stop the dispatcher."""
         key = (runtime.topic, runtime.name)
         if self._groups.get(key) is runtime and not runtime.members:
             del self._groups[key]
-            if runtime.task is not None and runtime.task is not asyncio.current_task():
-                runtime.task.cancel()
-            if runtime.durable:
-                await self.store.save_group(runtime.record())
-                runtime.dirty = False
+            await runtime.close()
 
     # -- persistence -----------------------------------------------------------------
 
     async def _flush(self) -> None:
         for runtime in list(self._groups.values()):
+            if not isinstance(runtime, GroupRuntime):
+                continue
             if runtime.durable and runtime.dirty and runtime.burying == 0:
                 runtime.dirty = False
                 try:
@@ -488,6 +634,23 @@ class Broker:
         while True:
             await asyncio.sleep(FLUSH_INTERVAL)
             await self._flush()
+
+    async def _lag_loop(self) -> None:
+        while True:
+            await asyncio.sleep(LAG_INTERVAL)
+            metrics = get_telemetry().metrics
+            if not metrics.enabled:
+                continue
+            for (topic, name), runtime in list(self._groups.items()):
+                if not runtime.durable:
+                    continue
+                try:
+                    info = await self.describe_group(topic, name)
+                except Exception:
+                    logger.debug("lag of %s/%s unavailable", topic, name, exc_info=True)
+                    continue
+                if info is not None:
+                    metrics.set_consumer_lag(topic, name, int(info.pending))
 
     async def _retention_loop(self) -> None:
         while True:

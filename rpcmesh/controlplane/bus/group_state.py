@@ -236,6 +236,16 @@ class GroupState:
         """Messages read and not finished (in flight, ready, waiting or held back by key)."""
         return len(self._known)
 
+    def attempts_to_keep(self) -> dict[int, int]:
+        """Deliveries so far of every unfinished message delivered at least once (to persist)."""
+        kept = {
+            seq: count
+            for seq, count in self._attempts.items()
+            if seq > self.ack_floor and seq not in self._done
+        }
+        kept.update((seq, entry.attempts) for seq, entry in self._known.items() if entry.attempts > 0)
+        return kept
+
     @property
     def acked_above_floor(self) -> set[int]:
         """Done sequences above the ack floor (to persist)."""

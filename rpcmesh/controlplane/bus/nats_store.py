@@ -1,4 +1,4 @@
-"""The Bus store on NATS JetStream: one stream per topic, group state in a KV bucket.
+"""The Bus store on NATS JetStream: one stream per topic, one durable consumer per group.
 
 Mapping:
 
@@ -10,13 +10,12 @@ Mapping:
   stream description.
 * an append publishes every message of the batch asynchronously (pipelined)
   and returns once JetStream acknowledged all of them.
-* reads use ephemeral pull consumers (no acks) positioned by sequence; a reader
-  is kept per position so sequential reads reuse it.
-* consumer-group progress (ack floor and acks above it) lives in the KV bucket
-  ``rpcmesh_bus_groups`` under ``<stream>.<group>``.
-
-Delivery decisions stay in the broker, as on SQLite, so both backends behave
-the same; a group is served by the Bus node its subscribers are attached to.
+* a consumer group is a JetStream durable pull consumer on the topic's stream
+  (:mod:`jetstream_group`): JetStream tracks deliveries, redelivery counts,
+  acks and the ack floor, so several Bus nodes on one NATS share a group.
+* broadcast subscriptions and dead-letter listing read the log with
+  ephemeral pull consumers (no acks) positioned by sequence; a reader is kept
+  per position so sequential reads reuse it.
 """
 
 from __future__ import annotations
@@ -25,12 +24,11 @@ import asyncio
 import contextlib
 import hashlib
 import itertools
-import json
 import logging
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +37,8 @@ import nats.errors
 import nats.js.errors
 from nats.js import api
 
+from rpcmesh.controlplane.bus import jetstream_group
+from rpcmesh.controlplane.bus.group_state import DeliveryPolicy
 from rpcmesh.controlplane.bus.store import AppendResult, GroupRecord, RetentionPolicy, TopicStats
 from rpcmesh.errors import NotFoundError, UnavailableError
 from rpcmesh.v1 import bus_pb2
@@ -47,7 +47,6 @@ logger = logging.getLogger(__name__)
 
 STREAM_PREFIX = "RMB"
 SUBJECT_PREFIX = "rpcmesh.bus."
-GROUP_BUCKET = "rpcmesh_bus_groups"
 DEFAULT_DEDUP_WINDOW = 120.0
 REFRESH_INTERVAL = 0.25
 MAX_READERS_PER_TOPIC = 8
@@ -89,7 +88,6 @@ class NatsBusStore:
         self.dedup_window = dedup_window
         self._nc: Any = None
         self._js: Any = None
-        self._kv: Any = None
         self._topics: dict[str, _TopicCache] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._tails: dict[str, asyncio.Future[None]] = {}
@@ -100,16 +98,12 @@ class NatsBusStore:
     # -- lifecycle -------------------------------------------------------------------
 
     async def open(self) -> None:
-        """Connect, make sure the group bucket exists, load topics."""
+        """Connect and load topics."""
         try:
             self._nc = await nats.connect(self.url, connect_timeout=5, max_reconnect_attempts=-1)
         except Exception as exc:
             raise UnavailableError(f"bus: cannot connect to NATS at {self.url}: {exc}") from exc
         self._js = self._nc.jetstream(publish_async_max_pending=20_000)
-        try:
-            self._kv = await self._js.key_value(GROUP_BUCKET)
-        except nats.js.errors.BucketNotFoundError:
-            self._kv = await self._js.create_key_value(bucket=GROUP_BUCKET, history=1)
         await self._load_topics()
         self._refresher = asyncio.create_task(self._refresh_loop(), name="bus-nats-refresh")
 
@@ -235,11 +229,15 @@ class NatsBusStore:
 
     async def _group_names(self, stream: str) -> list[str]:
         try:
-            keys = await self._kv.keys()
-        except nats.js.errors.NoKeysError:
+            infos = await self._js.consumers_info(stream)
+        except nats.js.errors.NotFoundError:
             return []
-        prefix = stream + "."
-        return [key[len(prefix) :] for key in keys if key.startswith(prefix)]
+        names = []
+        for info in infos:
+            parsed = jetstream_group.parse_description(info.config.description)
+            if parsed is not None and info.config.durable_name:
+                names.append(parsed[0])
+        return names
 
     async def list_topics(self, after: str, limit: int) -> list[TopicStats]:
         """Topics sorted by name, after ``after``."""
@@ -252,16 +250,13 @@ class NatsBusStore:
         return result
 
     async def delete_topic(self, name: str) -> bool:
-        """Delete the stream and the topic's group state."""
+        """Delete the stream (with its consumers, the groups)."""
         stream = stream_name(name)
         cache = self._topics.pop(name, None)
         if cache is not None:
             for reader in cache.readers.values():
                 with contextlib.suppress(Exception):
                     await reader.sub.unsubscribe()
-        for group in await self._group_names(stream):
-            with contextlib.suppress(Exception):
-                await self._kv.purge(f"{stream}.{group}")
         try:
             return bool(await self._js.delete_stream(stream))
         except nats.js.errors.NotFoundError:
@@ -409,29 +404,41 @@ class NatsBusStore:
 
     # -- groups ----------------------------------------------------------------------
 
-    async def load_group(self, topic: str, name: str) -> GroupRecord | None:
-        """A group's progress from the KV bucket."""
-        try:
-            entry = await self._kv.get(f"{stream_name(topic)}.{name}")
-        except nats.js.errors.KeyNotFoundError:
-            return None
-        if entry.value is None:
-            return None
-        state = json.loads(entry.value)
-        return GroupRecord(
-            topic=topic,
-            name=name,
-            ack_floor=int(state["floor"]),
-            acked_above_floor=frozenset(int(seq) for seq in state.get("done", [])),
-            attempts={int(seq): int(count) for seq, count in state.get("attempts", {}).items()},
+    async def open_group_consumer(
+        self,
+        topic: str,
+        group: str,
+        policy: DeliveryPolicy,
+        start_sequence: int | None,
+        on_arrival: Callable[[], None],
+    ) -> jetstream_group.JetStreamGroupConsumer:
+        """Find or create the group's durable consumer and pull from it."""
+        cache, _ = await self._ensure(topic, RetentionPolicy())
+        return await jetstream_group.open_consumer(
+            nc=self._nc,
+            js=self._js,
+            stream=cache.stream,
+            filter_subject=subject(topic),
+            group=group,
+            policy=policy,
+            start_sequence=start_sequence,
+            on_arrival=on_arrival,
         )
 
+    async def describe_group(self, topic: str, group: str) -> bus_pb2.ConsumerGroupInfo | None:
+        """The group's figures from its consumer, or None."""
+        try:
+            info = await self._js.consumer_info(stream_name(topic), jetstream_group.consumer_name(group))
+        except nats.js.errors.NotFoundError:
+            return None
+        return jetstream_group.to_info(group, info)
+
+    async def load_group(self, topic: str, name: str) -> GroupRecord | None:
+        """The group's ack floor from its consumer (JetStream keeps the rest)."""
+        info = await self.describe_group(topic, name)
+        if info is None:
+            return None
+        return GroupRecord(topic=topic, name=name, ack_floor=info.ack_floor)
+
     async def save_group(self, record: GroupRecord) -> None:
-        """Store a group's progress."""
-        await self._ensure(record.topic, RetentionPolicy())
-        state = {
-            "floor": record.ack_floor,
-            "done": sorted(record.acked_above_floor),
-            "attempts": {str(k): v for k, v in record.attempts.items()},
-        }
-        await self._kv.put(f"{stream_name(record.topic)}.{record.name}", json.dumps(state).encode())
+        """Nothing to do: JetStream keeps group progress in the consumer."""

@@ -68,14 +68,9 @@ class BusServicer(bus_pb2_grpc.BusServicer):
         )
         dead_counts: dict[str, int] = {}
         for group in stats.groups:
-            info = self.broker.group_info(stats.name, group)
+            info = await self.broker.describe_group(stats.name, group)
             if info is None:
-                record = await self.broker.store.load_group(stats.name, group)
-                floor = record.ack_floor if record is not None else 0
-                done = len(record.acked_above_floor) if record is not None else 0
-                info = bus_pb2.ConsumerGroupInfo(
-                    name=group, pending=max(0, stats.last_sequence - floor - done), ack_floor=floor
-                )
+                info = bus_pb2.ConsumerGroupInfo(name=group, pending=stats.last_sequence)
             dead = dead_counts.get(group)
             if dead is None:
                 dead_stats = await self.broker.store.get_topic(topics.dead_letter_topic(stats.name, group))

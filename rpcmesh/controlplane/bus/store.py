@@ -9,10 +9,12 @@ implementations: :class:`~rpcmesh.controlplane.bus.sqlite_store.SqliteBusStore`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol, runtime_checkable
 
+from rpcmesh.controlplane.bus.consumer_ledger import Fetched
+from rpcmesh.controlplane.bus.group_state import DeliveryPolicy
 from rpcmesh.v1 import bus_pb2
 
 
@@ -154,4 +156,59 @@ class BusStore(Protocol):
 
     def last_sequence(self, topic: str) -> int:
         """The newest committed sequence of ``topic`` known to this process (0 if unknown)."""
+        ...
+
+
+class GroupConsumer(Protocol):
+    """A consumer group kept by the backend itself (a JetStream durable consumer).
+
+    The backend counts deliveries, redelivers and keeps the ack floor; the
+    broker only hands what it fetches to its members and reports outcomes.
+    """
+
+    policy: DeliveryPolicy
+    """The group's effective policy (the one the group was created with)."""
+
+    async def pull(self, room: int) -> None:
+        """Make sure up to ``room`` more messages are on their way (no-op while a pull is open)."""
+        ...
+
+    def pull_deadline(self) -> float | None:
+        """When the open pull runs out (``time.monotonic``), or None."""
+        ...
+
+    def arrivals(self) -> list[Fetched]:
+        """Messages fetched since the last call."""
+        ...
+
+    async def settle(self, actions: Sequence[tuple[str, Any, float | None]]) -> None:
+        """Tell the backend outcomes: ``("ack"|"nak"|"term"|"touch", handle, nak delay)``."""
+        ...
+
+    async def describe(self) -> bus_pb2.ConsumerGroupInfo:
+        """Live figures of the group (over every node serving it)."""
+        ...
+
+    async def close(self) -> None:
+        """Stop pulling (the durable consumer stays)."""
+        ...
+
+
+@runtime_checkable
+class NativeGroupStore(Protocol):
+    """A store whose backend keeps consumer groups itself (see :class:`GroupConsumer`)."""
+
+    async def open_group_consumer(
+        self,
+        topic: str,
+        group: str,
+        policy: DeliveryPolicy,
+        start_sequence: int | None,
+        on_arrival: Callable[[], None],
+    ) -> GroupConsumer:
+        """Create or find the group's consumer; ``start_sequence`` None means new messages only."""
+        ...
+
+    async def describe_group(self, topic: str, group: str) -> bus_pb2.ConsumerGroupInfo | None:
+        """Figures of a group, or None when it does not exist."""
         ...
