@@ -1,13 +1,23 @@
-"""Tracing overhead: an Echo service over grpc.aio with rpcmesh's telemetry interceptors on vs off.
+"""Tracing overhead: an Echo service over grpc.aio with rpcmesh's tracing and metrics on vs off.
 
-    .venv/bin/python bench/bench_tracing.py [--seconds 3] [--rounds 3] [--inflight 32]
+    .venv/bin/python bench/bench_tracing.py [--seconds 2] [--rounds 5] [--inflight 32]
+        [--sampler-ratio 1.0] [--exporter otlp|discard] [--with-interceptors]
 
-"on": client and server tracing interceptors, spans through a BatchSpanProcessor into an
-exporter that discards them (the export cost itself is the collector's), and metrics
-(call duration histograms) into an in-memory reader. "off": no interceptors at all.
-Each server runs in its own process; the client alternates on/off windows and takes
-medians. Prints one JSON line: ``tracing_throughput_ratio`` (on ÷ off), p50 ratio at
-1 in flight, and the raw figures. ``bench/bench_client.py`` can import ``run_tracing_bench``.
+Modes, each with its own server process (the client alternates between them, round after
+round, and takes medians):
+
+- ``off``: no tracing anywhere (plain channel, server without interceptors).
+- ``on``: client ``trace_aio_channel`` + server ``AioServerTracingInterceptor``; spans through
+  rpcmesh's batch ``SpanPipeline`` into the exporter, call-duration histograms into a reader.
+- ``interceptors`` (``--with-interceptors``): the same but the client uses
+  ``aio_client_interceptors`` (grpc.aio's interceptor machinery).
+
+``--exporter otlp`` (default): a real OTLP/gRPC span exporter in every traced process, sending to
+a local receiver process that parses each export and counts the spans. ``--exporter discard``:
+the batch pipeline with an exporter that drops the batches (rpcmesh's own cost only).
+
+Prints one JSON line: ``tracing_throughput_ratio`` (on ÷ off, 32 in flight), the p50 ratio (1 in
+flight), the per-call microseconds of the tracing work measured in-process, and the raw figures.
 """
 
 from __future__ import annotations
@@ -15,11 +25,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
+from concurrent import futures
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +50,13 @@ from rpcmesh.telemetry import (  # noqa: E402
     TelemetryConfig,
     aio_client_interceptors,
     setup_telemetry,
+    trace_aio_channel,
 )
 
-SAMPLER_RATIO = 1.0
+_TRACE_EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 
 
-def _telemetry(service_name: str) -> Telemetry:
+def _telemetry(service_name: str, ratio: float, endpoint: str | None) -> Telemetry:
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
     from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
@@ -50,39 +64,73 @@ def _telemetry(service_name: str) -> Telemetry:
         def export(self, spans: Sequence[Any]) -> SpanExportResult:
             return SpanExportResult.SUCCESS
 
+    config = TelemetryConfig(
+        service_name=service_name,
+        sampler="parentbased_traceidratio",
+        sampler_ratio=ratio,
+        traces_exporters=("otlp",) if endpoint else ("none",),
+        otlp_traces_endpoint=endpoint,
+    )
     return setup_telemetry(
-        TelemetryConfig(
-            service_name=service_name, sampler="parentbased_traceidratio", sampler_ratio=SAMPLER_RATIO
-        ),
+        config,
         install=False,
-        span_exporters=[DiscardingExporter()],
+        span_exporters=[] if endpoint else [DiscardingExporter()],
         metric_readers=[InMemoryMetricReader()],
     )
 
 
-class _PassThroughServer(grpc.aio.ServerInterceptor):
-    async def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
-        return await continuation(handler_call_details)
+def serve_collector() -> None:
+    """Child process: an OTLP/gRPC trace receiver that parses every export and counts its spans."""
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+
+    count = 0
+    lock = threading.Lock()
+
+    def export(request: trace_service_pb2.ExportTraceServiceRequest, context: Any) -> Any:
+        nonlocal count
+        spans = sum(len(scope.spans) for rs in request.resource_spans for scope in rs.scope_spans)
+        with lock:
+            count += spans
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+    handler = grpc.method_handlers_generic_handler(
+        "opentelemetry.proto.collector.trace.v1.TraceService",
+        {
+            "Export": grpc.unary_unary_rpc_method_handler(
+                export,
+                request_deserializer=trace_service_pb2.ExportTraceServiceRequest.FromString,
+                response_serializer=trace_service_pb2.ExportTraceServiceResponse.SerializeToString,
+            )
+        },
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), handlers=[handler])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    print(f"listening on 127.0.0.1:{port}", flush=True)
+    sys.stdin.readline()  # the parent closes stdin (or writes a line) when done
+    with lock:
+        print(f"spans {count}", flush=True)
+    server.stop(None)
 
 
-class _PassThroughClient(grpc.aio.UnaryUnaryClientInterceptor):
-    async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
-        return await continuation(client_call_details, request)
-
-
-async def serve(mode: str) -> None:
-    """Child process: serve Echo with the tracing interceptor (on), a pass-through one, or none (off)."""
+async def serve(mode: str, ratio: float, endpoint: str | None) -> None:
+    """Child process: serve Echo with the tracing interceptor (traced modes) or none (off)."""
     interceptors: list[grpc.aio.ServerInterceptor] = []
-    if mode == "on":
-        interceptors = [AioServerTracingInterceptor(_telemetry("bench-server"))]
-    elif mode == "passthrough":
-        interceptors = [_PassThroughServer()]
+    telemetry = None
+    if mode != "off":
+        telemetry = _telemetry(f"bench-server-{mode}", ratio, endpoint)
+        interceptors = [AioServerTracingInterceptor(telemetry)]
     server = grpc.aio.server(interceptors=interceptors)
     echo_pb2_grpc.add_EchoServicer_to_server(EchoServicer(mode), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     print(f"listening on 127.0.0.1:{port}", flush=True)
-    await server.wait_for_termination()
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+    await server.stop(None)
+    if telemetry is not None:
+        telemetry.shutdown()  # exports what is still queued
 
 
 async def _throughput(stub: echo_pb2_grpc.EchoStub, seconds: float, inflight: int) -> float:
@@ -112,33 +160,38 @@ async def _p50_ms(stub: echo_pb2_grpc.EchoStub, calls: int) -> float:
 
 
 async def run_tracing_bench(
-    addresses: dict[str, str], *, seconds: float = 3.0, rounds: int = 3, inflight: int = 32
+    addresses: dict[str, str],
+    *,
+    seconds: float = 2.0,
+    rounds: int = 5,
+    inflight: int = 32,
+    ratio: float = 1.0,
+    endpoint: str | None = None,
 ) -> dict[str, Any]:
-    """Measure the servers in ``addresses`` (modes ``off``, ``on``, optionally ``passthrough``).
-
-    The "on" channel carries the tracing client interceptors, "passthrough" one that does nothing
-    (the cost of grpc.aio's interceptor machinery alone, which any interceptor pays), "off" none.
-    """
-    telemetry = _telemetry("bench-client")
-    client_interceptors: dict[str, list[Any]] = {
-        "off": [],
-        "on": list(aio_client_interceptors(telemetry)),
-        "passthrough": [_PassThroughClient()],
-    }
-    channels = {
-        mode: grpc.aio.insecure_channel(address, interceptors=client_interceptors[mode])
-        for mode, address in addresses.items()
-    }
+    """Measure the servers in ``addresses`` (modes ``off``, ``on``, optionally ``interceptors``)."""
+    telemetry = _telemetry("bench-client", ratio, endpoint)
+    channels: dict[str, Any] = {}
+    for mode, address in addresses.items():
+        if mode == "on":
+            channels[mode] = trace_aio_channel(grpc.aio.insecure_channel(address), telemetry, target=address)
+        elif mode == "interceptors":
+            channels[mode] = grpc.aio.insecure_channel(
+                address, interceptors=aio_client_interceptors(telemetry, target=address)
+            )
+        else:
+            channels[mode] = grpc.aio.insecure_channel(address)
     rates: dict[str, list[float]] = {mode: [] for mode in channels}
     p50s: dict[str, list[float]] = {mode: [] for mode in channels}
     try:
         stubs = {mode: echo_pb2_grpc.EchoStub(channel) for mode, channel in channels.items()}
         for stub in stubs.values():  # warm up connections and code paths
             await _throughput(stub, 0.5, inflight)
-        for _ in range(rounds):
-            for mode, stub in stubs.items():
+        for index in range(rounds):
+            # Alternate the order too, so neither mode always runs right after the other.
+            order = list(stubs.items()) if index % 2 == 0 else list(reversed(stubs.items()))
+            for mode, stub in order:
                 rates[mode].append(await _throughput(stub, seconds, inflight))
-                p50s[mode].append(await _p50_ms(stub, 300))
+                p50s[mode].append(await _p50_ms(stub, 200))
     finally:
         for channel in channels.values():
             await channel.close()
@@ -148,55 +201,100 @@ async def run_tracing_bench(
     figures: dict[str, Any] = {
         "tracing_throughput_ratio": round(rate["on"] / rate["off"], 3),
         "tracing_p50_ratio": round(p50["on"] / p50["off"], 3),
-        "sampler_ratio": SAMPLER_RATIO,
+        "sampler_ratio": ratio,
+        "exporter": "otlp" if endpoint else "discard",
     }
-    if "passthrough" in rate:
-        figures["tracing_vs_passthrough_throughput_ratio"] = round(rate["on"] / rate["passthrough"], 3)
-        figures["passthrough_throughput_ratio"] = round(rate["passthrough"] / rate["off"], 3)
+    if "interceptors" in rate:
+        figures["interceptors_throughput_ratio"] = round(rate["interceptors"] / rate["off"], 3)
     for mode in rate:
         figures[f"{mode}_calls_per_s"] = round(rate[mode], 1)
         figures[f"{mode}_p50_ms"] = round(p50[mode], 3)
-    figures.update(
-        {
-            "inflight": inflight,
-            "seconds_per_window": seconds,
-            "rounds": rounds,
-        }
-    )
+    figures["on_ratio_per_round"] = [
+        round(on / off, 3) for on, off in zip(rates["on"], rates["off"], strict=True)
+    ]
+    figures.update({"inflight": inflight, "seconds_per_window": seconds, "rounds": rounds})
     return figures
 
 
-def _start_server(mode: str) -> tuple[subprocess.Popen[str], str]:
+def per_call_microseconds(ratio: float, calls: int = 20000) -> dict[str, float]:
+    """The tracing work of one call per side, in-process, without gRPC (median of 5 runs, µs)."""
+    from rpcmesh.telemetry._calls import begin_client_call, begin_server_call
+
+    telemetry = _telemetry("bench-micro", ratio, None)
+    method = "/echo.v1.Echo/Echo"
+    ok = grpc.StatusCode.OK
+    _, sent = begin_client_call(telemetry, method, None, "127.0.0.1:50051")
+
+    def client() -> None:
+        record, _ = begin_client_call(telemetry, method, None, "127.0.0.1:50051")
+        record.finish(ok)
+
+    def server() -> None:
+        begin_server_call(telemetry, method, sent).finish(ok)
+
+    def metrics() -> None:
+        telemetry.metrics.client_call("echo.v1.Echo", "Echo", ok, 0.001)
+
+    results: dict[str, float] = {}
+    try:
+        for name, work in (("client", client), ("server", server), ("metrics_record", metrics)):
+            samples = []
+            for _ in range(5):
+                started = time.perf_counter()
+                for _ in range(calls // 5):
+                    work()
+                samples.append((time.perf_counter() - started) / (calls // 5) * 1e6)
+            results[f"{name}_call_us" if name != "metrics_record" else "metrics_record_us"] = round(
+                statistics.median(samples), 1
+            )
+    finally:
+        telemetry.shutdown()
+    return results
+
+
+def _start(args: list[str]) -> tuple[subprocess.Popen[str], str]:
     process = subprocess.Popen(
-        [sys.executable, __file__, "--serve", mode, "--sampler-ratio", str(SAMPLER_RATIO)],
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
+        [sys.executable, __file__, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT
     )
     assert process.stdout is not None
     line = process.stdout.readline()
     if "listening on" not in line:
         process.kill()
-        raise RuntimeError(f"bench server ({mode}) did not start: {line!r}")
+        raise RuntimeError(f"bench child {args} did not start: {line!r}")
     return process, line.rsplit(" ", 1)[1].strip()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--serve", choices=["on", "off", "passthrough"], help=argparse.SUPPRESS)
-    parser.add_argument("--seconds", type=float, default=3.0)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--serve", choices=["on", "off", "interceptors"], help=argparse.SUPPRESS)
+    parser.add_argument("--serve-collector", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--endpoint", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--seconds", type=float, default=2.0)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--inflight", type=int, default=32)
     parser.add_argument(
         "--sampler-ratio", type=float, default=1.0, help="share of traces sampled (default all)"
     )
+    parser.add_argument("--exporter", choices=["otlp", "discard"], default="otlp")
+    parser.add_argument(
+        "--with-interceptors", action="store_true", help="also measure aio_client_interceptors"
+    )
     args = parser.parse_args()
-    global SAMPLER_RATIO
-    SAMPLER_RATIO = args.sampler_ratio
-    if args.serve:
-        asyncio.run(serve(args.serve))
+    if args.serve_collector:
+        serve_collector()
         return
-    servers = {mode: _start_server(mode) for mode in ("off", "on", "passthrough")}
+    if args.serve:
+        asyncio.run(serve(args.serve, args.sampler_ratio, args.endpoint))
+        return
+
+    collector: subprocess.Popen[str] | None = None
+    endpoint: str | None = None
+    if args.exporter == "otlp":
+        collector, address = _start(["--serve-collector"])
+        endpoint = f"http://{address}"
+    modes = ["off", "on"] + (["interceptors"] if args.with_interceptors else [])
+    child_args = ["--sampler-ratio", str(args.sampler_ratio)] + (["--endpoint", endpoint] if endpoint else [])
+    servers = {mode: _start(["--serve", mode, *child_args]) for mode in modes}
     try:
         figures = asyncio.run(
             run_tracing_bench(
@@ -204,12 +302,22 @@ def main() -> None:
                 seconds=args.seconds,
                 rounds=args.rounds,
                 inflight=args.inflight,
+                ratio=args.sampler_ratio,
+                endpoint=endpoint,
             )
         )
     finally:
         for process, _ in servers.values():
             process.terminate()
-            process.wait(timeout=10)
+        for process, _ in servers.values():
+            process.wait(timeout=30)
+    if collector is not None:
+        assert collector.stdin is not None and collector.stdout is not None
+        collector.stdin.close()
+        line = collector.stdout.readline()
+        collector.wait(timeout=10)
+        figures["spans_received_by_collector"] = int(line.split()[1]) if line.startswith("spans ") else None
+    figures.update(per_call_microseconds(args.sampler_ratio))
     print(json.dumps(figures))
 
 

@@ -6,9 +6,11 @@ hook takes its no-op path and only the correlation id travels.
 
 Pieces, and who plugs them in:
 
-- gRPC: ``aio_client_interceptors()`` / ``sync_client_interceptors()`` for channels (list them
-  first), ``AioServerTracingInterceptor`` / ``SyncServerTracingInterceptor`` for servers (list
-  it before ``StatusErrorInterceptor``).
+- gRPC: ``trace_aio_channel(channel)`` wraps a ``grpc.aio`` (or mesh) channel, the cheapest
+  client path (no grpc.aio interceptor machinery); ``aio_client_interceptors()`` /
+  ``sync_client_interceptors()`` for channels built with interceptors (list them first);
+  ``AioServerTracingInterceptor`` / ``SyncServerTracingInterceptor`` for servers (list it before
+  ``StatusErrorInterceptor``).
 - Client stack: ``record_attempt``, ``attempt_span`` + ``inject_metadata``,
   ``record_breaker_rejection``, ``record_breaker_transition``.
 - Bus: ``producer_span`` / ``inject_message_headers`` when publishing, ``consumer_span`` /
@@ -18,6 +20,7 @@ Pieces, and who plugs them in:
 - Handlers and logs: ``correlation_id()``, ``install_log_correlation()``.
 """
 
+from rpcmesh.telemetry.aio_channel import TracedUnaryCall, TracingChannel, trace_aio_channel
 from rpcmesh.telemetry.attempts import (
     attempt_span,
     record_attempt,
@@ -79,6 +82,8 @@ __all__ = [
     "Telemetry",
     "TelemetryConfig",
     "TelemetryConfigError",
+    "TracedUnaryCall",
+    "TracingChannel",
     "UnaryStreamTracingInterceptor",
     "UnaryUnaryTracingInterceptor",
     "aio_client_interceptors",
@@ -100,6 +105,7 @@ __all__ = [
     "record_dead_letter",
     "setup_telemetry",
     "sync_client_interceptors",
+    "trace_aio_channel",
     "use_correlation_id",
     "use_trace_context",
 ]

@@ -307,11 +307,20 @@ def begin_server_call(
     return CallRecord(telemetry, SpanKind.SERVER, info.service, info.method, correlation, span, context)
 
 
+_peers: dict[str, tuple[str | None, int | None]] = {}
+
+
 def set_peer(record: CallRecord, peer: str | None) -> None:
     """Add the caller's address to a server span."""
-    if record.span is None:
+    if record.span is None or not peer:
         return
-    host, port = split_address(peer)
+    split = _peers.get(peer)
+    if split is None:
+        split = split_address(peer)
+        if len(_peers) >= _MAX_CACHED:  # one entry per client connection: start over rather than grow
+            _peers.clear()
+        _peers[peer] = split
+    host, port = split
     if host is not None:
         record.span.set_attribute("network.peer.address", host)
     if port is not None:

@@ -192,10 +192,18 @@ def aio_client_interceptors(
 
 
 class AioServerTracingInterceptor(grpc.aio.ServerInterceptor):
-    """Server spans, correlation ids and call durations for every RPC shape of a ``grpc.aio`` server."""
+    """Server spans, correlation ids and call durations for every RPC shape of a ``grpc.aio`` server.
+
+    The wrapped handler of each method is built once and reused (keyed by the handler object
+    the server found), so a call costs the span work only; handlers that an earlier
+    interceptor rebuilds per call are wrapped per call.
+    """
+
+    _MAX_CACHED = 1024
 
     def __init__(self, telemetry: Telemetry | None = None) -> None:
         self._telemetry = telemetry
+        self._wrapped: dict[int, tuple[Any, Telemetry, grpc.RpcMethodHandler[Any, Any]]] = {}
 
     async def intercept_service(
         self,
@@ -209,42 +217,54 @@ class AioServerTracingInterceptor(grpc.aio.ServerInterceptor):
         telemetry = self._telemetry or get_telemetry()
         if not telemetry.active and not telemetry.propagate_correlation:
             return handler
-        method = handler_call_details.method
-        metadata = handler_call_details.invocation_metadata
+        cached = self._wrapped.get(id(handler))
+        if cached is not None and cached[0] is handler and cached[1] is telemetry:
+            return cached[2]
+        wrapped = wrap_server_handler(handler, handler_call_details.method, telemetry)
+        if len(self._wrapped) < self._MAX_CACHED:
+            self._wrapped[id(handler)] = (handler, telemetry, wrapped)
+        return wrapped
 
-        def start(context: grpc.aio.ServicerContext[Any, Any]) -> CallRecord:
-            record = begin_server_call(telemetry, method, metadata)
+
+def wrap_server_handler(
+    handler: grpc.RpcMethodHandler[Any, Any], method: str, telemetry: Telemetry
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """``handler`` with a SERVER span, the caller's correlation id and a duration sample per call."""
+
+    def start(context: grpc.aio.ServicerContext[Any, Any]) -> CallRecord:
+        record = begin_server_call(telemetry, method, context.invocation_metadata())
+        if record.span is not None:
             set_peer(record, context.peer())
-            # Each grpc.aio RPC runs in its own task (a copy of the context): nothing to reset afterwards.
-            if record.context is not None:
-                otel_context.attach(record.context)
-            set_correlation_id(record.correlation)
-            return record
+        # Each grpc.aio RPC runs in its own task (a copy of the context): nothing to reset afterwards.
+        if record.context is not None:
+            otel_context.attach(record.context)
+        set_correlation_id(record.correlation)
+        return record
 
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary, start),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary(handler.stream_unary, start),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream, start),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        assert handler.stream_stream is not None
-        return grpc.stream_stream_rpc_method_handler(
-            _wrap_stream(handler.stream_stream, start),
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(
+            _wrap_unary(handler.unary_unary, start),
             handler.request_deserializer,
             handler.response_serializer,
         )
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(
+            _wrap_unary(handler.stream_unary, start),
+            handler.request_deserializer,
+            handler.response_serializer,
+        )
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(
+            _wrap_stream(handler.unary_stream, start),
+            handler.request_deserializer,
+            handler.response_serializer,
+        )
+    assert handler.stream_stream is not None
+    return grpc.stream_stream_rpc_method_handler(
+        _wrap_stream(handler.stream_stream, start),
+        handler.request_deserializer,
+        handler.response_serializer,
+    )
 
 
 Start = Callable[[Any], CallRecord]

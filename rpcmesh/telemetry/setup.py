@@ -280,7 +280,21 @@ def _meter_provider(config: TelemetryConfig, resource: Any, extra_readers: Seque
             elif name == "prometheus":
                 reader, prometheus_server = _prometheus(config)
                 readers.append(reader)
-    return MeterProvider(resource=resource, metric_readers=readers), prometheus_server
+    from opentelemetry.sdk.metrics import (
+        AlwaysOffExemplarFilter,
+        AlwaysOnExemplarFilter,
+        TraceBasedExemplarFilter,
+    )
+
+    exemplar_filter: Any
+    if config.exemplar_filter == "always_on":
+        exemplar_filter = AlwaysOnExemplarFilter()
+    elif config.exemplar_filter == "trace_based":
+        exemplar_filter = TraceBasedExemplarFilter()
+    else:
+        exemplar_filter = AlwaysOffExemplarFilter()
+    provider = MeterProvider(resource=resource, metric_readers=readers, exemplar_filter=exemplar_filter)
+    return provider, prometheus_server
 
 
 def _prometheus(config: TelemetryConfig) -> tuple[Any, Any]:
