@@ -101,6 +101,15 @@ class _Method:
         return controller
 
 
+def _finish(controller: CallController, code: grpc.StatusCode, telemetry: CallTelemetry | None) -> None:
+    """``controller.finish`` with the call's span current (service-breaker transitions become its events)."""
+    if telemetry is None:
+        controller.finish(code)
+        return
+    with telemetry.scope():
+        controller.finish(code)
+
+
 def _end(
     controller: CallController,
     endpoint: EndpointState,
@@ -117,12 +126,12 @@ def _end(
 def _begin(controller: CallController, telemetry: CallTelemetry | None = None) -> EndpointState:
     remaining = controller.remaining()
     if remaining is not None and remaining <= 0:
-        controller.finish(grpc.StatusCode.DEADLINE_EXCEEDED)
+        _finish(controller, grpc.StatusCode.DEADLINE_EXCEEDED, telemetry)
         raise mesh_error(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the call could be sent")
     try:
         return controller.begin_attempt()
     except NoEndpointError as exc:
-        controller.finish(grpc.StatusCode.UNAVAILABLE)
+        _finish(controller, grpc.StatusCode.UNAVAILABLE, telemetry)
         if telemetry is not None:
             telemetry.rejected(exc)
         raise mesh_error(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
@@ -269,7 +278,7 @@ class _UnaryResponseCall(_CallBase):
                 outcome = outcome_of(error, time.monotonic() - started, committed=committed)
                 delay = _end(controller, endpoint, outcome, telemetry)
                 if delay is None or self._cancelled:
-                    controller.finish(outcome.code)
+                    _finish(controller, outcome.code, telemetry)
                     raise
                 reason = outcome.code.name
                 await asyncio.sleep(delay)
@@ -280,7 +289,7 @@ class _UnaryResponseCall(_CallBase):
             _end(
                 controller, endpoint, AttemptOutcome(code=_OK, duration=time.monotonic() - started), telemetry
             )
-            controller.finish(_OK)
+            _finish(controller, _OK, telemetry)
             return response
 
     async def _hedged(self, controller: CallController, telemetry: CallTelemetry | None) -> Any:
@@ -325,19 +334,19 @@ class _UnaryResponseCall(_CallBase):
                             AttemptOutcome(code=_OK, duration=time.monotonic() - started),
                             telemetry,
                         )
-                        controller.finish(_OK)
+                        _finish(controller, _OK, telemetry)
                         return task.result()
                     if not isinstance(error, grpc.RpcError):
                         raise error
                     last_error = error
                     outcome = outcome_of(error, time.monotonic() - started)
                     if not _end_hedge(controller, endpoint, outcome, telemetry):
-                        controller.finish(outcome.code)
+                        _finish(controller, outcome.code, telemetry)
                         raise error
                     if controller.may_hedge():
                         self._try_launch(launch)
             assert last_error is not None
-            controller.finish(last_error.code())  # type: ignore[attr-defined]
+            _finish(controller, last_error.code(), telemetry)  # type: ignore[attr-defined]
             raise last_error
         finally:
             for task, (endpoint, _) in running.items():
@@ -441,7 +450,7 @@ class _StreamResponseCall(_CallBase):
                     outcome = outcome_of(error, time.monotonic() - started, committed=committed)
                     delay = _end(controller, endpoint, outcome, telemetry)
                     if delay is None or self._cancelled:
-                        controller.finish(outcome.code)
+                        _finish(controller, outcome.code, telemetry)
                         raise
                     reason = outcome.code.name
                     await asyncio.sleep(delay)
@@ -458,7 +467,7 @@ class _StreamResponseCall(_CallBase):
                         AttemptOutcome(code=_OK, duration=time.monotonic() - started),
                         telemetry,
                     )
-                    controller.finish(_OK)
+                    _finish(controller, _OK, telemetry)
                 return
         finally:
             if self._replay is not None:

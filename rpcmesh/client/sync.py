@@ -141,6 +141,15 @@ def _close_endpoint(endpoint: EndpointState) -> None:
         raw.close()
 
 
+def _finish(controller: CallController, code: grpc.StatusCode, telemetry: CallTelemetry | None) -> None:
+    """``controller.finish`` with the call's span current (service-breaker transitions become its events)."""
+    if telemetry is None:
+        controller.finish(code)
+        return
+    with telemetry.scope():
+        controller.finish(code)
+
+
 def _end(
     controller: CallController,
     endpoint: EndpointState,
@@ -244,14 +253,14 @@ class _SyncMethod:
     def begin(self, controller: CallController, telemetry: CallTelemetry | None) -> EndpointState:
         remaining = controller.remaining()
         if remaining is not None and remaining <= 0:
-            controller.finish(grpc.StatusCode.DEADLINE_EXCEEDED)
+            _finish(controller, grpc.StatusCode.DEADLINE_EXCEEDED, telemetry)
             raise mesh_error(
                 grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the call could be sent"
             )
         try:
             return controller.begin_attempt()
         except NoEndpointError as exc:
-            controller.finish(grpc.StatusCode.UNAVAILABLE)
+            _finish(controller, grpc.StatusCode.UNAVAILABLE, telemetry)
             if telemetry is not None:
                 telemetry.rejected(exc)
             raise mesh_error(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
@@ -325,7 +334,7 @@ class _SyncMethod:
                 outcome = outcome_of(error, time.monotonic() - started, committed=committed)
                 delay = _end(controller, endpoint, outcome, telemetry)
                 if delay is None:
-                    controller.finish(outcome.code)
+                    _finish(controller, outcome.code, telemetry)
                     raise
                 reason = outcome.code.name
                 time.sleep(delay)
@@ -336,7 +345,7 @@ class _SyncMethod:
             _end(
                 controller, endpoint, AttemptOutcome(code=_OK, duration=time.monotonic() - started), telemetry
             )
-            controller.finish(_OK)
+            _finish(controller, _OK, telemetry)
             return response
 
     def _hedged(
@@ -389,19 +398,19 @@ class _SyncMethod:
                         controller.end_hedge(
                             endpoint, AttemptOutcome(code=_OK, duration=time.monotonic() - started)
                         )
-                        controller.finish(_OK)
+                        _finish(controller, _OK, telemetry)
                         return future.result()
                     assert isinstance(error, grpc.RpcError)
                     last = error
                     outcome = outcome_of(error, time.monotonic() - started)
                     if not controller.end_hedge(endpoint, outcome):
-                        controller.finish(outcome.code)
+                        _finish(controller, outcome.code, telemetry)
                         raise error
                     if controller.may_hedge():
                         with contextlib.suppress(grpc.RpcError):
                             launch()
             assert last is not None
-            controller.finish(last.code())
+            _finish(controller, last.code(), telemetry)
             raise last
         finally:
             for future, (endpoint, _) in running.items():
@@ -473,7 +482,7 @@ class _SyncMethod:
                 outcome = outcome_of(error, time.monotonic() - started, committed=committed)
                 delay = _end(controller, endpoint, outcome, telemetry)
                 if delay is None:
-                    controller.finish(outcome.code)
+                    _finish(controller, outcome.code, telemetry)
                     raise
                 reason = outcome.code.name
                 time.sleep(delay)
@@ -487,7 +496,7 @@ class _SyncMethod:
                 controller.end_attempt(
                     endpoint, AttemptOutcome(code=_OK, duration=time.monotonic() - started)
                 )
-                controller.finish(_OK)
+                _finish(controller, _OK, telemetry)
             return
 
 
