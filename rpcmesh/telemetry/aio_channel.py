@@ -144,7 +144,7 @@ class _UnaryResponse(_Callable):
 
     __slots__ = ()
 
-    def __call__(self, request: Any, **kwargs: Any) -> Any:
+    def __call__(self, request: Any = None, **kwargs: Any) -> Any:
         record, call = self._start(request, kwargs)
         return call if record is None else TracedUnaryCall(record, call)
 
@@ -154,7 +154,7 @@ class _StreamResponse(_Callable):
 
     __slots__ = ()
 
-    def __call__(self, request: Any, **kwargs: Any) -> Any:
+    def __call__(self, request: Any = None, **kwargs: Any) -> Any:
         record, call = self._start(request, kwargs)
         if record is not None:
             try:
