@@ -241,9 +241,9 @@ def _tracer_provider(
     if config.traces_on:
         for name in dict.fromkeys(config.traces_exporters):
             if name == "otlp":
-                from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+                from rpcmesh.telemetry.otlp import CachingOtlpSpanExporter
 
-                exporters.append(OTLPSpanExporter(**_otlp_kwargs(config, config.otlp_traces_endpoint)))
+                exporters.append(CachingOtlpSpanExporter(**_otlp_kwargs(config, config.otlp_traces_endpoint)))
             elif name == "console":
                 exporters.append(ConsoleSpanExporter(out=sys.stderr))
     pipeline = SpanPipeline(
