@@ -30,6 +30,7 @@ from rpcmesh.telemetry.correlation import reset_correlation_id, set_correlation_
 from rpcmesh.telemetry.setup import Telemetry, get_telemetry
 
 _OK = grpc.StatusCode.OK
+_GRPC_UNARY_CALLS = (grpc.aio.UnaryUnaryCall, grpc.aio.StreamUnaryCall)
 
 # Tasks reading the final status of streams whose status could not be read at once.
 _finishers: set[asyncio.Task[None]] = set()
@@ -175,6 +176,15 @@ class TracedUnaryCall:
 
     def __await__(self) -> Generator[Any, None, Any]:
         record = self._record
+        if isinstance(self._call, _GRPC_UNARY_CALLS):
+            # grpc's own call runs in a task of its own: nothing below needs our context while we wait.
+            try:
+                response = yield from self._call.__await__()
+            except BaseException as exc:
+                record.finish_with_error(exc)
+                raise
+            record.finish(_OK)
+            return response
         token = otel_context.attach(record.context) if record.context is not None else None
         correlation_token = set_correlation_id(record.correlation)
         try:
