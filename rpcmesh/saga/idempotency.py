@@ -21,10 +21,11 @@ Usage::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -36,10 +37,16 @@ from google.protobuf.message import Message
 IDEMPOTENCY_KEY = "x-idempotency-key"
 
 _Handler = TypeVar("_Handler", bound=Callable[..., Awaitable[Any]])
+_T = TypeVar("_T")
 
 
 class IdempotencyStore:
-    """Key -> stored response, in one SQLite file (WAL, synchronous=FULL)."""
+    """Key -> stored response, in one SQLite file (WAL, synchronous=FULL).
+
+    Reads and writes run in order on one thread. Operations that queue up
+    while a transaction is being committed are run together in the next one
+    (group commit): concurrent calls share one fsync instead of one each.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -53,19 +60,76 @@ class IdempotencyStore:
             "body BLOB NOT NULL, stored_at REAL NOT NULL)"
         )
         self._locks: dict[str, asyncio.Lock] = {}
+        self._queue: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
+        self._wake: asyncio.Event | None = None
+        self._writer: asyncio.Task[None] | None = None
 
-    def lock(self, key: str) -> asyncio.Lock:
+    @contextlib.asynccontextmanager
+    async def lock(self, key: str) -> AsyncIterator[None]:
         """Serialises concurrent calls with the same key in this process."""
-        return self._locks.setdefault(key, asyncio.Lock())
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        try:
+            async with lock:
+                yield
+        finally:
+            if not lock.locked() and self._locks.get(key) is lock:
+                del self._locks[key]  # no one else holds or waits for it
+
+    async def _run(self, operation: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Queue ``operation`` for the next transaction; it runs even if the caller is cancelled."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[_T] = loop.create_future()
+        self._queue.append((operation, future))
+        if self._writer is None:
+            self._wake = asyncio.Event()
+            self._writer = loop.create_task(self._write_loop(), name="idempotency-writer")
+        assert self._wake is not None
+        self._wake.set()
+        return await future
+
+    async def _write_loop(self) -> None:
+        assert self._wake is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                batch, self._queue = self._queue, []
+                try:
+                    outcomes = await loop.run_in_executor(self._executor, self._transaction, batch)
+                except Exception as exc:  # the commit failed: so did every operation in it
+                    outcomes = [(False, exc)] * len(batch)
+                for (_, future), (ok, value) in zip(batch, outcomes, strict=True):
+                    if future.done():
+                        continue
+                    if ok:
+                        future.set_result(value)
+                    else:
+                        future.set_exception(value)
+
+    def _transaction(self, batch: list[tuple[Callable[[sqlite3.Connection], Any], Any]]) -> list[Any]:
+        outcomes: list[tuple[bool, Any]] = []
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            for operation, _ in batch:
+                try:
+                    outcomes.append((True, operation(self._conn)))
+                except sqlite3.Error as exc:
+                    outcomes.append((False, exc))
+            self._conn.execute("COMMIT")
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        return outcomes
 
     async def get(self, key: str) -> Message | None:
         """The stored response for ``key``, if any."""
 
-        def run() -> tuple[str, bytes] | None:
-            row = self._conn.execute("SELECT type, body FROM responses WHERE key = ?", (key,)).fetchone()
+        def run(conn: sqlite3.Connection) -> tuple[str, bytes] | None:
+            row = conn.execute("SELECT type, body FROM responses WHERE key = ?", (key,)).fetchone()
             return None if row is None else (row[0], bytes(row[1]))
 
-        found = await asyncio.get_running_loop().run_in_executor(self._executor, run)
+        found = await self._run(run)
         if found is None:
             return None
         descriptor = descriptor_pool.Default().FindMessageTypeByName(found[0])
@@ -77,23 +141,30 @@ class IdempotencyStore:
         name = response.DESCRIPTOR.full_name
         body = response.SerializeToString()
 
-        def run() -> None:
-            self._conn.execute(
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute(
                 "INSERT OR IGNORE INTO responses VALUES (?, ?, ?, ?)", (key, name, body, time.time())
             )
 
-        await asyncio.get_running_loop().run_in_executor(self._executor, run)
+        await self._run(run)
 
     async def count(self) -> int:
         """How many keys are stored."""
 
-        def run() -> int:
-            return int(self._conn.execute("SELECT COUNT(*) FROM responses").fetchone()[0])
+        def run(conn: sqlite3.Connection) -> int:
+            return int(conn.execute("SELECT COUNT(*) FROM responses").fetchone()[0])
 
-        return await asyncio.get_running_loop().run_in_executor(self._executor, run)
+        return await self._run(run)
 
     def close(self) -> None:
-        """Close the file."""
+        """Stop the writer and close the file (operations still queued fail)."""
+        if self._writer is not None:
+            self._writer.cancel()
+            self._writer = None
+        for _, future in self._queue:
+            if not future.done():
+                future.set_exception(RuntimeError("idempotency store closed"))
+        self._queue.clear()
         self._executor.shutdown(wait=True)
         self._conn.close()
 

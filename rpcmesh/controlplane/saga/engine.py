@@ -12,6 +12,7 @@ reloads the saga from its stream.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -82,15 +83,31 @@ def from_stored(event: StoredEvent) -> SagaEvent:
     return SagaEvent(event.event_type, body, when)
 
 
+# Finished sagas whose recorded transitions stay in memory for WatchSaga; older
+# ones are read back from their stream when watched.
+RECENT_FINISHED = 4096
+
+
 @dataclass
 class _Saga:
     view: SagaView
     revision: int
+    # Durable transitions, index == stream revision; None once trimmed (finished sagas only).
+    recorded: list[SagaEvent] | None = None
+    # Set (and replaced) whenever transitions become durable: wakes the watchers.
+    recorded_changed: asyncio.Event = field(default_factory=asyncio.Event)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     pending: list[SagaEvent] = field(default_factory=list)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def publish(self, events: Sequence[SagaEvent]) -> None:
+        """Make newly durable transitions visible to watchers."""
+        if self.recorded is not None:
+            self.recorded.extend(events)
+        changed, self.recorded_changed = self.recorded_changed, asyncio.Event()
+        changed.set()
 
 
 class SagaEngine:
@@ -106,6 +123,7 @@ class SagaEngine:
         self._definitions: dict[str, list[pb.SagaDefinition]] = {}
         self._def_lock = asyncio.Lock()
         self._stopping = False
+        self._recent_finished: collections.deque[str] = collections.deque()
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -115,11 +133,17 @@ class SagaEngine:
             name = stream.removeprefix(DEFINITION_STREAM_PREFIX)
             self._definitions[name] = [pb.SagaDefinition.FromString(e.data) for e in events]
         for events in (await self._load_streams(SAGA_STREAM_PREFIX)).values():
-            view = machine.fold(from_stored(e) for e in events)
-            saga = _Saga(view=view, revision=events[-1].revision)
-            self._sagas[view.saga_id] = saga
-            if view.finished:
-                saga.done.set()
+            self._adopt(events)
+
+    def _adopt(self, stored: Sequence[StoredEvent]) -> _Saga:
+        """Track a saga recorded in storage (unfinished ones keep their transitions in memory)."""
+        recorded = [from_stored(e) for e in stored]
+        view = machine.fold(recorded)
+        saga = _Saga(view=view, revision=stored[-1].revision, recorded=None if view.finished else recorded)
+        self._sagas[view.saga_id] = saga
+        if view.finished:
+            saga.done.set()
+        return saga
 
     def resume_all(self) -> int:
         """Start a runner for every unfinished saga that has none; returns how many."""
@@ -243,19 +267,15 @@ class SagaEngine:
             # Another start with the same key won the race (or this node has not loaded it yet).
             saga = self._sagas.get(saga_id) or await self._load(saga_id)
             return saga.view, False
-        saga = _Saga(view=view, revision=result.current_revision)
+        saga = _Saga(view=view, revision=result.current_revision, recorded=list(events))
         self._sagas[saga_id] = saga
         self._spawn(saga, first_invoke=decision if isinstance(decision, machine.Invoke) else None)
         return view, True
 
     async def _load(self, saga_id: str) -> _Saga:
         events, _ = await self.storage.read_stream(saga_stream(saga_id), 0, backwards=False, limit=1_000_000)
-        view = machine.fold(from_stored(e) for e in events)
-        saga = _Saga(view=view, revision=events[-1].revision)
-        self._sagas[saga_id] = saga
-        if view.finished:
-            saga.done.set()
-        else:
+        saga = self._adopt(events)
+        if not saga.view.finished:
             self._spawn(saga)
         return saga
 
@@ -292,17 +312,28 @@ class SagaEngine:
         return saga.view
 
     async def watch(self, saga_id: str) -> AsyncIterator[tuple[SagaEvent, SagaView]]:
-        """Every recorded transition of a saga with the saga after it, from the start until it ends."""
+        """Every recorded transition of a saga with the saga after it, from the start until it ends.
+
+        Served from the transitions this engine made durable (no storage read
+        per append); a finished saga whose transitions were trimmed from
+        memory is read back from its stream once.
+        """
         self.get_saga(saga_id)
-        stream = saga_stream(saga_id)
-        after = -1
+        after = 0  # next revision to report
         view: SagaView | None = None
         while True:
-            head = await self.storage.head()
-            events, _ = await self.storage.read_stream(stream, after + 1, backwards=False, limit=1000)
-            for stored in events:
-                event = from_stored(stored)
-                after = stored.revision
+            saga = self._sagas[saga_id]
+            changed = saga.recorded_changed
+            recorded = saga.recorded
+            if recorded is not None:
+                batch = recorded[after:]
+            else:
+                stored, _ = await self.storage.read_stream(
+                    saga_stream(saga_id), after, backwards=False, limit=1_000_000
+                )
+                batch = [from_stored(e) for e in stored]
+            for event in batch:
+                after += 1
                 if view is None:
                     view = machine.fold([event])
                 else:
@@ -310,8 +341,9 @@ class SagaEngine:
                 yield event, view
             if view is not None and view.finished:
                 return
-            if len(events) < 1000:
-                await self.storage.wait_for_append(head, 1.0)
+            if recorded is None and batch:
+                continue
+            await changed.wait()
 
     # -- running --------------------------------------------------------------------------------
 
@@ -337,14 +369,28 @@ class SagaEngine:
         for event in extra:
             machine.apply(saga.view, event)
         saga.view.updated_at = events[-1].time
+        saga.publish(events)
+        if saga.view.finished:
+            self._remember_finished(saga.view.saga_id)
+
+    def _remember_finished(self, saga_id: str) -> None:
+        """Keep the transitions of recently finished sagas; trim the oldest beyond the cap."""
+        self._recent_finished.append(saga_id)
+        while len(self._recent_finished) > RECENT_FINISHED:
+            old = self._sagas.get(self._recent_finished.popleft())
+            if old is not None:
+                old.recorded = None
 
     async def _reload(self, saga: _Saga) -> None:
         events, _ = await self.storage.read_stream(
             saga_stream(saga.view.saga_id), 0, backwards=False, limit=1_000_000
         )
-        saga.view = machine.fold(from_stored(e) for e in events)
+        recorded = [from_stored(e) for e in events]
+        saga.view = machine.fold(recorded)
         saga.revision = events[-1].revision
         saga.pending.clear()
+        saga.recorded = recorded
+        saga.publish(())
 
     async def _run(self, saga: _Saga, first_invoke: machine.Invoke | None) -> None:
         try:

@@ -19,6 +19,8 @@ import asyncio
 import contextlib
 import sqlite3
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -44,86 +46,144 @@ def _meta(context: grpc.aio.ServicerContext[Any, Any]) -> dict[str, str]:
     return {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
 
 
+class Journal:
+    """The participant's own SQLite file, written off the event loop with group commit.
+
+    Operations run in order on one thread; those queued while a commit is in
+    flight share the next transaction (one fsync), as a real service would.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=FULL")
+        self.conn.executescript(SCHEMA)
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal")
+        self.queue: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
+        self.wake = asyncio.Event()
+        self.writer: asyncio.Task[None] | None = None
+
+    async def run(self, operation: Callable[[sqlite3.Connection], Any]) -> Any:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.queue.append((operation, future))
+        if self.writer is None:
+            self.writer = asyncio.create_task(self.write_loop())
+        self.wake.set()
+        return await future
+
+    async def write_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            while self.queue:
+                batch, self.queue = self.queue, []
+                results = await loop.run_in_executor(self.executor, self.transaction, batch)
+                for (_, future), result in zip(batch, results, strict=True):
+                    if not future.done():
+                        future.set_result(result)
+
+    def transaction(self, batch: list[tuple[Callable[[sqlite3.Connection], Any], Any]]) -> list[Any]:
+        self.conn.execute("BEGIN IMMEDIATE")
+        results = [operation(self.conn) for operation, _ in batch]
+        self.conn.execute("COMMIT")
+        return results
+
+
+def log_call(conn: sqlite3.Connection, method: str, meta: dict[str, str]) -> None:
+    conn.execute(
+        "INSERT INTO calls (method, key, saga_id, step, at, traceparent, correlation_id) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (
+            method,
+            meta.get("x-idempotency-key", ""),
+            meta.get("x-saga-id", ""),
+            meta.get("x-saga-step", ""),
+            time.time(),
+            meta.get("traceparent", ""),
+            meta.get("x-correlation-id", ""),
+        ),
+    )
+
+
+def apply_effect(conn: sqlite3.Connection, meta: dict[str, str]) -> bool:
+    """Apply the step's effect; False when it was compensated already (tombstone)."""
+    saga, step = meta.get("x-saga-id", ""), meta.get("x-saga-step", "")
+    query = "SELECT tombstone FROM effects WHERE saga_id = ? AND step = ?"
+    row = conn.execute(query, (saga, step)).fetchone()
+    if row is not None and row[0]:
+        return False
+    conn.execute(
+        "INSERT INTO effects VALUES (?, ?, 1, 0, 0) ON CONFLICT DO UPDATE SET applied = applied + 1",
+        (saga, step),
+    )
+    return True
+
+
+def undo_effect(conn: sqlite3.Connection, meta: dict[str, str]) -> str:
+    saga, step = meta.get("x-saga-id", ""), meta.get("x-saga-step", "")
+    row = conn.execute("SELECT applied FROM effects WHERE saga_id = ? AND step = ?", (saga, step)).fetchone()
+    if row is None:
+        conn.execute("INSERT INTO effects VALUES (?, ?, 0, 0, 1)", (saga, step))
+        return "nothing to undo"
+    conn.execute("UPDATE effects SET undone = undone + 1 WHERE saga_id = ? AND step = ?", (saga, step))
+    return "undone"
+
+
 class Ledger:
     def __init__(self, db: Path, name: str) -> None:
         self.name = name
-        self.db = sqlite3.connect(db, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.executescript(SCHEMA)
+        self.journal = Journal(db)
         self.store = IdempotencyStore(db.with_suffix(".idem.db"))
         self.flaky_seen: set[str] = set()
 
-    def log(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> dict[str, str]:
-        meta = _meta(context)
-        self.db.execute(
-            "INSERT INTO calls (method, key, saga_id, step, at, traceparent, correlation_id) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (
-                method,
-                meta.get("x-idempotency-key", ""),
-                meta.get("x-saga-id", ""),
-                meta.get("x-saga-step", ""),
-                time.time(),
-                meta.get("traceparent", ""),
-                meta.get("x-correlation-id", ""),
-            ),
-        )
-        return meta
-
     def handlers(self) -> grpc.GenericRpcHandler:
         store = self.store
+        journal = self.journal
 
-        async def apply_effect(
-            request: wrappers_pb2.StringValue,
-            context: grpc.aio.ServicerContext[Any, Any],
-            meta: dict[str, str],
+        async def effect(
+            request: wrappers_pb2.StringValue, context: grpc.aio.ServicerContext[Any, Any], method: str
         ) -> Any:
-            saga, step = meta.get("x-saga-id", ""), meta.get("x-saga-step", "")
-            row = self.db.execute(
-                "SELECT tombstone FROM effects WHERE saga_id = ? AND step = ?", (saga, step)
-            ).fetchone()
-            if row is not None and row[0]:
+            meta = _meta(context)
+
+            def run(conn: sqlite3.Connection) -> bool:
+                log_call(conn, method, meta)
+                return apply_effect(conn, meta)
+
+            if not await journal.run(run):
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "already compensated")
-            self.db.execute(
-                "INSERT INTO effects VALUES (?, ?, 1, 0, 0) ON CONFLICT DO UPDATE SET applied = applied + 1",
-                (saga, step),
-            )
             return wrappers_pb2.StringValue(value=f"{self.name}:{request.value}")
 
         @idempotent(store)
         async def do(request: wrappers_pb2.StringValue, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            return await apply_effect(request, context, self.log("Do", context))
+            return await effect(request, context, "Do")
 
         @idempotent(store)
         async def undo(request: wrappers_pb2.StringValue, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            meta = self.log("Undo", context)
-            saga, step = meta.get("x-saga-id", ""), meta.get("x-saga-step", "")
-            row = self.db.execute(
-                "SELECT applied FROM effects WHERE saga_id = ? AND step = ?", (saga, step)
-            ).fetchone()
-            if row is None:
-                self.db.execute("INSERT INTO effects VALUES (?, ?, 0, 0, 1)", (saga, step))
-                return wrappers_pb2.StringValue(value="nothing to undo")
-            self.db.execute(
-                "UPDATE effects SET undone = undone + 1 WHERE saga_id = ? AND step = ?", (saga, step)
-            )
-            return wrappers_pb2.StringValue(value="undone")
+            meta = _meta(context)
+
+            def run(conn: sqlite3.Connection) -> str:
+                log_call(conn, "Undo", meta)
+                return undo_effect(conn, meta)
+
+            return wrappers_pb2.StringValue(value=await journal.run(run))
 
         async def fail(request: wrappers_pb2.StringValue, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            self.log("Fail", context)
+            meta = _meta(context)
+            await journal.run(lambda conn: log_call(conn, "Fail", meta))
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "insufficient funds")
 
         @idempotent(store)
         async def flaky(
             request: wrappers_pb2.StringValue, context: grpc.aio.ServicerContext[Any, Any]
         ) -> Any:
-            meta = self.log("Flaky", context)
             key = idempotency_key(context)
             if key not in self.flaky_seen:
                 self.flaky_seen.add(key)
+                meta = _meta(context)
+                await journal.run(lambda conn: log_call(conn, "Flaky", meta))
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "try again")
-            return await apply_effect(request, context, meta)
+            return await effect(request, context, "Flaky")
 
         def unary(fn: Any) -> grpc.RpcMethodHandler:
             return grpc.unary_unary_rpc_method_handler(
