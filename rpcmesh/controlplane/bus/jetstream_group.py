@@ -127,8 +127,10 @@ class JetStreamGroupConsumer:
         group: str,
         policy: DeliveryPolicy,
         on_arrival: Callable[[], None],
+        note_sequence: Callable[[int], None] = lambda seq: None,
     ) -> None:
         self.policy = policy
+        self._note_sequence = note_sequence
         self.group = group
         self._nc = nc
         self._js = js
@@ -161,9 +163,12 @@ class JetStreamGroupConsumer:
             logger.exception("undecodable message on consumer %s/%s", self._stream, self._durable)
             return
         message.sequence = metadata.sequence.stream
+        self._note_sequence(message.sequence)
         message.publish_time.FromNanoseconds(int(metadata.timestamp.timestamp() * 1e9))
         self._arrived.append(Fetched(message=message, attempts=int(metadata.num_delivered), handle=msg))
-        if msg.subject == self._open_pull:
+        # Delivered messages carry their stream subject, not the pull's reply
+        # subject; with one pull open at a time they count against it.
+        if self._open_pull is not None:
             self._pull_left -= 1
             if self._pull_left <= 0:
                 self._open_pull = None
@@ -238,6 +243,7 @@ async def open_consumer(
     policy: DeliveryPolicy,
     start_sequence: int | None,
     on_arrival: Callable[[], None],
+    note_sequence: Callable[[int], None] = lambda seq: None,
 ) -> JetStreamGroupConsumer:
     """Find or create the group's durable consumer and start pulling from it."""
     durable = consumer_name(group)
@@ -254,7 +260,13 @@ async def open_consumer(
     parsed = parse_description(info.config.description)
     effective = parsed[1] if parsed is not None else policy
     consumer = JetStreamGroupConsumer(
-        nc=nc, js=js, stream=stream, group=group, policy=effective, on_arrival=on_arrival
+        nc=nc,
+        js=js,
+        stream=stream,
+        group=group,
+        policy=effective,
+        on_arrival=on_arrival,
+        note_sequence=note_sequence,
     )
     await consumer.start()
     return consumer

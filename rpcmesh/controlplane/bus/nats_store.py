@@ -414,6 +414,11 @@ class NatsBusStore:
     ) -> jetstream_group.JetStreamGroupConsumer:
         """Find or create the group's durable consumer and pull from it."""
         cache, _ = await self._ensure(topic, RetentionPolicy())
+
+        def note_sequence(seq: int) -> None:
+            # Messages published through other Bus nodes arrive here first.
+            cache.last_seq = max(cache.last_seq, seq)
+
         return await jetstream_group.open_consumer(
             nc=self._nc,
             js=self._js,
@@ -423,6 +428,7 @@ class NatsBusStore:
             policy=policy,
             start_sequence=start_sequence,
             on_arrival=on_arrival,
+            note_sequence=note_sequence,
         )
 
     async def describe_group(self, topic: str, group: str) -> bus_pb2.ConsumerGroupInfo | None:

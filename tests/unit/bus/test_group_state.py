@@ -102,3 +102,18 @@ def test_skip_to_passes_retention_gap() -> None:
     state.skip_to(10)
     assert state.ack_floor == 9
     assert state.next_sequence == 10
+
+
+def test_attempt_counts_to_persist_cover_delivered_and_restored_messages() -> None:
+    from rpcmesh.v1 import bus_pb2
+
+    from rpcmesh.controlplane.bus.group_state import DeliveryPolicy, GroupState
+
+    state = GroupState(ack_floor=0, attempts={3: 2, 9: 4})
+    state.add_read([bus_pb2.BusMessage(sequence=s) for s in (1, 2, 3)], 3)
+    taken = state.take("m", 2, now=0.0, policy=DeliveryPolicy())
+    assert [(e.sequence, e.attempts) for e in taken] == [(1, 1), (2, 1)]
+    assert state.attempts_to_keep() == {1: 1, 2: 1, 3: 2, 9: 4}  # 3 read back with its restored count
+    state.ack(1)
+    assert state.take("m", 1, now=0.0, policy=DeliveryPolicy())[0].attempts == 3
+    assert state.attempts_to_keep() == {2: 1, 3: 3, 9: 4}
