@@ -8,7 +8,7 @@ from rpcmesh.bus.events import publish_event
 from rpcmesh.bus.payloads import content_type_of, decode, encode
 from rpcmesh.bus.publisher import Publisher, PublisherConfig, SyncPublisher, build_message
 from rpcmesh.bus.requests import Responder, request, request_sync
-from rpcmesh.bus.subscriber import Received, Subscriber, SubscriberConfig, Terminate
+from rpcmesh.bus.subscriber import Received, Subscriber, SubscriberConfig, SyncSubscriber, Terminate
 
 __all__ = [
     "Publisher",
@@ -18,6 +18,7 @@ __all__ = [
     "Subscriber",
     "SubscriberConfig",
     "SyncPublisher",
+    "SyncSubscriber",
     "Terminate",
     "build_message",
     "content_type_of",

@@ -10,6 +10,7 @@ from google.protobuf.message import Message
 
 from rpcmesh.bus.payloads import encode
 from rpcmesh.errors import from_rpc_error
+from rpcmesh.telemetry import producer_span
 from rpcmesh.v1 import bus_pb2, bus_pb2_grpc
 
 
@@ -33,8 +34,9 @@ async def publish_event(
         headers=dict(headers or {}),
         id=id,
     )
-    try:
-        response = await bus_pb2_grpc.BusStub(channel).PublishEvent(request)
-    except grpc.aio.AioRpcError as exc:
-        raise from_rpc_error(exc) from exc
+    with producer_span(f"events.{event_type}", request.headers, message_id=id or None):
+        try:
+            response = await bus_pb2_grpc.BusStub(channel).PublishEvent(request)
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from exc
     return response.result

@@ -5,6 +5,12 @@ Concurrent publishes are gathered into batches (up to ``max_batch`` messages or
 ``linger`` seconds) and streamed; the Bus answers each batch in order, which
 resolves every caller's future. One gRPC message carries many bus messages, so
 the rate is not bound by per-message RPC overhead.
+
+Tracing: every publish runs in a PRODUCER span (``publish <topic>``) that lasts
+until the message is durable, and writes the trace context (``traceparent``,
+``baggage``) and the correlation id (``x-correlation-id``; the current one, or
+a new one) into the message headers, replacing any the caller put there.
+Subscribers continue the trace from those headers.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from rpcmesh.errors import (
     from_rpc_error,
     from_status,
 )
+from rpcmesh.telemetry import inject_message_headers, producer_span
 from rpcmesh.v1 import bus_pb2, bus_pb2_grpc
 
 
@@ -113,17 +120,18 @@ class Publisher:
         return await self.publish_message(topic, message)
 
     async def publish_message(self, topic: str, message: bus_pb2.BusMessage) -> bus_pb2.PublishResult:
-        """Publish a prepared BusMessage."""
+        """Publish a prepared BusMessage (its trace headers are written here)."""
         if self._closed:
             raise RpcMeshError("publisher is closed")
-        future: asyncio.Future[bus_pb2.PublishResult] = asyncio.get_running_loop().create_future()
-        batch = self._pending.setdefault(topic, [])
-        batch.append((message, future))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush_loop())
-        if len(batch) >= self.config.max_batch:
-            self._wake.set()
-        return await future
+        with producer_span(topic, message.headers, message_id=message.id or None):
+            future: asyncio.Future[bus_pb2.PublishResult] = asyncio.get_running_loop().create_future()
+            batch = self._pending.setdefault(topic, [])
+            batch.append((message, future))
+            if self._flusher is None or self._flusher.done():
+                self._flusher = asyncio.create_task(self._flush_loop())
+            if len(batch) >= self.config.max_batch:
+                self._wake.set()
+            return await future
 
     async def _flush_loop(self) -> None:
         while self._pending:
@@ -242,11 +250,14 @@ class SyncPublisher:
     def publish_batch(
         self, topic: str, messages: list[bus_pb2.BusMessage], *, timeout: float | None = 10.0
     ) -> list[bus_pb2.PublishResult]:
-        """Publish prepared messages in one call."""
-        try:
-            response = self._stub.Publish(
-                bus_pb2.PublishRequest(topic=topic, messages=messages), timeout=timeout
-            )
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from exc
+        """Publish prepared messages in one call, in one PRODUCER span (each message points at it)."""
+        with producer_span(topic, batch_size=len(messages) if len(messages) > 1 else None):
+            for message in messages:
+                inject_message_headers(message.headers)
+            try:
+                response = self._stub.Publish(
+                    bus_pb2.PublishRequest(topic=topic, messages=messages), timeout=timeout
+                )
+            except grpc.RpcError as exc:
+                raise from_rpc_error(exc) from exc
         return list(response.results)

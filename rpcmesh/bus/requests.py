@@ -4,6 +4,11 @@
 comes in time, ``UnavailableError`` ("no responders") at once when nobody
 subscribes to the topic. :class:`Responder` subscribes to a topic and answers
 each request with whatever its handler returns, through ``Bus.Reply``.
+
+Tracing: a request runs in a PRODUCER span whose context and correlation id
+travel in the request's headers; the responder's handler runs in a CONSUMER
+span continuing it, and the reply carries that span's context and the same
+correlation id.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from google.protobuf.message import Message
 from rpcmesh.bus.publisher import build_message
 from rpcmesh.bus.subscriber import Received, Subscriber, SubscriberConfig
 from rpcmesh.errors import from_rpc_error
+from rpcmesh.telemetry import inject_message_headers, producer_span
 from rpcmesh.v1 import bus_pb2, bus_pb2_grpc
 
 
@@ -31,12 +37,13 @@ async def request(
 ) -> bus_pb2.BusMessage:
     """Publish a request on ``topic`` and return the first reply within ``within`` seconds."""
     message = build_message(payload, headers=headers, content_type=content_type)
-    call = bus_pb2.RequestRequest(topic=topic, message=message)
-    call.timeout.FromNanoseconds(int(within * 1e9))
-    try:
-        response = await bus_pb2_grpc.BusStub(channel).Request(call, timeout=within + 5.0)
-    except grpc.aio.AioRpcError as exc:
-        raise from_rpc_error(exc) from exc
+    with producer_span(topic, message.headers):
+        call = bus_pb2.RequestRequest(topic=topic, message=message)
+        call.timeout.FromNanoseconds(int(within * 1e9))
+        try:
+            response = await bus_pb2_grpc.BusStub(channel).Request(call, timeout=within + 5.0)
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from exc
     return response.reply
 
 
@@ -51,12 +58,13 @@ def request_sync(
 ) -> bus_pb2.BusMessage:
     """Blocking :func:`request` over a ``grpc.Channel``."""
     message = build_message(payload, headers=headers, content_type=content_type)
-    call = bus_pb2.RequestRequest(topic=topic, message=message)
-    call.timeout.FromNanoseconds(int(within * 1e9))
-    try:
-        response = bus_pb2_grpc.BusStub(channel).Request(call, timeout=within + 5.0)
-    except grpc.RpcError as exc:
-        raise from_rpc_error(exc) from exc
+    with producer_span(topic, message.headers):
+        call = bus_pb2.RequestRequest(topic=topic, message=message)
+        call.timeout.FromNanoseconds(int(within * 1e9))
+        try:
+            response = bus_pb2_grpc.BusStub(channel).Request(call, timeout=within + 5.0)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
     return response.reply
 
 
@@ -81,8 +89,9 @@ class Responder:
         if not message.reply_to:
             return
         reply = build_message(await self._handler(received))
-        if "x-correlation-id" in message.headers:
-            reply.headers["x-correlation-id"] = message.headers["x-correlation-id"]
+        # Runs inside the delivery's CONSUMER span: the reply points at it and
+        # carries the request's correlation id.
+        inject_message_headers(reply.headers)
         await self._stub.Reply(
             bus_pb2.ReplyRequest(
                 reply_to=message.reply_to, correlation_id=message.correlation_id, message=reply

@@ -7,6 +7,17 @@ after ``max_deliveries``). Acks are gathered and sent in batches. When the
 stream breaks (Bus restart, network) the subscriber reopens it with backoff;
 deliveries that were in flight come back, so handlers must be idempotent
 (at-least-once).
+
+Tracing: each handler call runs in a CONSUMER span (``process <topic>``) that
+continues the trace found in the message headers (the publisher's PRODUCER
+span is its parent, on every redelivery too), with the messaging attributes
+(destination, message id, consumer group, delivery attempt); the message's
+correlation id is current inside the handler (``rpcmesh.telemetry.correlation_id()``).
+A handler that terminates the message, or fails on its last allowed attempt,
+marks the span with a dead-letter event.
+
+:class:`SyncSubscriber` runs a plain function per delivery from a background
+thread, for scripts and threaded programs.
 """
 
 from __future__ import annotations
@@ -14,8 +25,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TypeVar
 
 import grpc
@@ -24,6 +37,7 @@ from google.protobuf.message import Message
 
 from rpcmesh.bus.payloads import decode
 from rpcmesh.errors import RpcMeshError, StatusError, from_rpc_error
+from rpcmesh.telemetry import consumer_span, record_dead_letter
 from rpcmesh.v1 import bus_pb2, bus_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -73,8 +87,9 @@ class SubscriberConfig:
     """Consumer group; empty with broadcast=True."""
     broadcast: bool = False
     """Every subscriber receives every message (no durable acks)."""
-    start: str = "new_only"
-    """Where a new group starts: ``new_only`` or ``earliest``."""
+    start: str | int | datetime = "new_only"
+    """Where a new group starts: ``"new_only"``, ``"earliest"``, a sequence (int, from 1, inclusive)
+    or a timezone-aware time (the first message published at or after it)."""
     max_in_flight: int = 256
     """Deliveries unacknowledged at once."""
     concurrency: int = 64
@@ -95,8 +110,16 @@ class SubscriberConfig:
             raise ValueError("topic: must not be empty")
         if self.broadcast == bool(self.group):
             raise ValueError("group: required unless broadcast=True (and empty then)")
-        if self.start not in ("new_only", "earliest"):
+        if isinstance(self.start, bool) or not isinstance(self.start, str | int | datetime):
+            raise ValueError(
+                f"start: must be 'new_only', 'earliest', a sequence or a datetime, got {self.start!r}"
+            )
+        if isinstance(self.start, str) and self.start not in ("new_only", "earliest"):
             raise ValueError(f"start: must be 'new_only' or 'earliest', got {self.start!r}")
+        if isinstance(self.start, int) and self.start < 1:
+            raise ValueError(f"start: a sequence must be >= 1, got {self.start}")
+        if isinstance(self.start, datetime) and self.start.tzinfo is None:
+            raise ValueError("start: the time must be timezone-aware")
         if self.max_in_flight < 1 or self.concurrency < 1:
             raise ValueError("max_in_flight and concurrency: must be >= 1")
 
@@ -109,7 +132,11 @@ class SubscriberConfig:
             max_in_flight=self.max_in_flight,
             max_deliveries=self.max_deliveries,
         )
-        if self.start == "earliest":
+        if isinstance(self.start, datetime):
+            options.start.time.FromDatetime(self.start)
+        elif isinstance(self.start, int):
+            options.start.sequence = self.start
+        elif self.start == "earliest":
             options.start.earliest = True
         else:
             options.start.new_only = True
@@ -179,6 +206,34 @@ class Subscriber:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
 
+    async def _traced(self, delivery: bus_pb2.Delivery) -> None:
+        message = delivery.message
+        config = self.config
+        with consumer_span(
+            message.topic,
+            message.headers,
+            message_id=message.id or None,
+            consumer_group=config.group or None,
+            delivery_attempt=delivery.attempt,
+        ):
+            try:
+                await self.handler(Received(message, delivery.attempt))
+            except Terminate as exc:
+                record_dead_letter(
+                    exc.reason, attempts=delivery.attempt, dead_letter_topic=self._dead(message)
+                )
+                raise
+            except Exception:
+                last = 0 < config.max_deliveries <= delivery.attempt
+                if last and not config.broadcast:
+                    record_dead_letter(
+                        "max_deliveries", attempts=delivery.attempt, dead_letter_topic=self._dead(message)
+                    )
+                raise
+
+    def _dead(self, message: bus_pb2.BusMessage) -> str | None:
+        return f"$dlq.{message.topic}.{self.config.group}" if self.config.group else None
+
     async def _run_once(self) -> None:
         requests: asyncio.Queue[bus_pb2.SubscribeRequest] = asyncio.Queue()
         requests.put_nowait(bus_pb2.SubscribeRequest(open=self.config.options()))
@@ -205,7 +260,7 @@ class Subscriber:
         async def handle(delivery: bus_pb2.Delivery) -> None:
             ref = bus_pb2.MessageRef(topic=delivery.message.topic, sequence=delivery.message.sequence)
             try:
-                await self.handler(Received(delivery.message, delivery.attempt))
+                await self._traced(delivery)
             except Terminate as exc:
                 requests.put_nowait(
                     bus_pb2.SubscribeRequest(term=bus_pb2.Term(refs=[ref], reason=exc.reason))
@@ -238,3 +293,94 @@ class Subscriber:
             for task in list(handlers):
                 task.cancel()
             await asyncio.gather(acker, *handlers, return_exceptions=True)
+
+
+SyncHandler = Callable[[Received], object]
+
+
+class SyncSubscriber:
+    """A :class:`Subscriber` for threaded code: runs a plain function per delivery.
+
+    The subscription runs on its own event loop in a background thread; ``handler``
+    runs in a worker thread per delivery (at most ``config.concurrency`` at once), so
+    it may block. It takes the same address as a blocking channel would (the
+    subscription needs a ``grpc.aio`` channel of its own, made in that thread).
+
+    Usage::
+
+        with SyncSubscriber("127.0.0.1:7000", SubscriberConfig(topic="jobs", group="w"), handle):
+            ...  # handle(received) runs for every delivery
+    """
+
+    def __init__(
+        self,
+        target: str,
+        config: SubscriberConfig,
+        handler: SyncHandler,
+        *,
+        channel_factory: Callable[[str], grpc.aio.Channel] | None = None,
+    ) -> None:
+        self.target = target
+        self.config = config
+        self.handler = handler
+        self._channel_factory = channel_factory or grpc.aio.insecure_channel
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopped: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._failure: BaseException | None = None
+        self.subscriber: Subscriber | None = None
+
+    def __enter__(self) -> SyncSubscriber:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self, wait_open: float = 10.0) -> None:
+        """Start the background thread; returns once the Bus confirmed the subscription."""
+        self._thread = threading.Thread(
+            target=self._main, name=f"bus-subscriber-{self.config.topic}", daemon=True
+        )
+        self._thread.start()
+        if not self._ready.wait(wait_open + 5.0):
+            raise TimeoutError(f"subscription to {self.config.topic!r} not opened within {wait_open} s")
+        if self._failure is not None:
+            self._thread.join()
+            raise self._failure
+
+    def stop(self) -> None:
+        """End the subscription and the thread (handlers still running are abandoned)."""
+        loop, stopped = self._loop, self._stopped
+        if loop is not None and stopped is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(stopped.set)
+        if self._thread is not None:
+            self._thread.join(30)
+            self._thread = None
+
+    def _main(self) -> None:
+        asyncio.run(self._serve())
+
+    async def _serve(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stopped = asyncio.Event()
+
+        async def run_handler(received: Received) -> None:
+            await asyncio.to_thread(self.handler, received)
+
+        channel = self._channel_factory(self.target)
+        try:
+            self.subscriber = Subscriber(channel, self.config, run_handler)
+            try:
+                await self.subscriber.start()
+            except BaseException as exc:
+                self._failure = exc
+                return
+            finally:
+                self._ready.set()
+            await self._stopped.wait()
+            await self.subscriber.stop()
+        finally:
+            await channel.close()
