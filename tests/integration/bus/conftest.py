@@ -69,3 +69,20 @@ async def sqlite_bus(tmp_path: Path) -> AsyncIterator[BusHandle]:
     finally:
         await channel.close()
         await plane.stop()
+
+
+@pytest.fixture
+async def prefix() -> AsyncIterator[str]:
+    """A unique topic prefix on the shared NATS server, purged afterwards (if NATS is up)."""
+    name = f"t{uuid.uuid4().hex[:10]}"
+    try:
+        yield name
+    finally:
+        host, _, port = backends.NATS_URL.removeprefix("nats://").partition(":")
+        if backends._reachable(host, int(port or 4222)):
+            cleaner = NatsBusStore(backends.NATS_URL)
+            await cleaner.open()
+            try:
+                await cleaner.purge_prefix(name)
+            finally:
+                await cleaner.close()

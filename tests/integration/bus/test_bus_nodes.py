@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc.aio
@@ -15,29 +13,13 @@ import pytest
 from rpcmesh.v1 import bus_pb2, bus_pb2_grpc
 
 from rpcmesh.controlplane.bus.jetstream_group import consumer_name
-from rpcmesh.controlplane.bus.nats_store import NatsBusStore, stream_name
+from rpcmesh.controlplane.bus.nats_store import stream_name
 from tests.integration.bus.streams import RawSubscriber, options
 from tests.integration.bus.test_bus_faults import worker
 from tests.support import backends
 from tests.support.processes import ManagedProcess, start_control_plane
 
 pytestmark = [pytest.mark.slow]
-
-
-@pytest.fixture
-async def prefix() -> AsyncIterator[str]:
-    """A unique topic prefix on the shared NATS server, purged afterwards."""
-    name = f"t{uuid.uuid4().hex[:10]}"
-    try:
-        yield name
-    finally:
-        url = backends.nats_url()
-        cleaner = NatsBusStore(url)
-        await cleaner.open()
-        try:
-            await cleaner.purge_prefix(name)
-        finally:
-            await cleaner.close()
 
 
 async def consumer_figures(topic: str, group: str) -> tuple[int, int, int, int]:

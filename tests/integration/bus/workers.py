@@ -4,6 +4,13 @@
 payload as a line in OUTFILE (before acking it), forever.
 ``respond ADDRESS TOPIC``: answers every request with its own payload.
 Both print ``ready`` once the Bus confirmed the subscription.
+
+With OpenTelemetry from the ``OTEL_*`` variables (exporting to the test's collector):
+``traced-subscribe ADDRESS TOPIC GROUP OUTFILE``: records ``payload attempt correlation_id``
+per delivery; fails attempt 1 of payloads starting with ``fail`` (nak, redelivery) and
+terminates payloads starting with ``dead`` (dead letter).
+``traced-publish ADDRESS TOPIC CORRELATION PAYLOAD...``: publishes each payload under the
+correlation id, flushes telemetry and prints ``published``.
 """
 
 from __future__ import annotations
@@ -14,7 +21,8 @@ import sys
 
 import grpc.aio
 
-from rpcmesh.bus import Received, Responder, Subscriber, SubscriberConfig
+from rpcmesh.bus import Publisher, Received, Responder, Subscriber, SubscriberConfig, Terminate
+from rpcmesh.telemetry import TelemetryConfig, correlation_id, setup_telemetry, use_correlation_id
 
 
 async def subscribe(address: str, topic: str, group: str, outfile: str, max_in_flight: int) -> None:
@@ -49,11 +57,45 @@ async def respond(address: str, topic: str) -> None:
         await asyncio.Event().wait()
 
 
+async def traced_subscribe(address: str, topic: str, group: str, outfile: str) -> None:
+    setup_telemetry(TelemetryConfig.from_env())
+    fd = os.open(outfile, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    async def record(item: Received) -> None:
+        payload = item.message.payload.decode()
+        os.write(fd, f"{payload} {item.attempt} {correlation_id()}\n".encode())
+        if payload.startswith("fail") and item.attempt == 1:
+            raise RuntimeError("first attempt fails")
+        if payload.startswith("dead"):
+            raise Terminate("poison")
+
+    async with grpc.aio.insecure_channel(address) as channel:
+        config = SubscriberConfig(topic=topic, group=group, start="earliest", redelivery_backoff=0.05)
+        subscriber = Subscriber(channel, config, record)
+        await subscriber.start()
+        print("ready", flush=True)
+        await asyncio.Event().wait()
+
+
+async def traced_publish(address: str, topic: str, correlation: str, payloads: list[str]) -> None:
+    telemetry = setup_telemetry(TelemetryConfig.from_env())
+    async with grpc.aio.insecure_channel(address) as channel, Publisher(channel) as publisher:
+        with use_correlation_id(correlation):
+            for payload in payloads:
+                await publisher.publish(topic, payload.encode())
+    await asyncio.to_thread(telemetry.shutdown)
+    print("published", flush=True)
+
+
 def main(argv: list[str]) -> None:
     if argv[0] == "subscribe":
         asyncio.run(subscribe(argv[1], argv[2], argv[3], argv[4], int(argv[5])))
     elif argv[0] == "respond":
         asyncio.run(respond(argv[1], argv[2]))
+    elif argv[0] == "traced-subscribe":
+        asyncio.run(traced_subscribe(argv[1], argv[2], argv[3], argv[4]))
+    elif argv[0] == "traced-publish":
+        asyncio.run(traced_publish(argv[1], argv[2], argv[3], argv[4:]))
     else:
         raise SystemExit(f"unknown mode {argv[0]!r}")
 
