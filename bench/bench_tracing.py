@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import statistics
 import subprocess
@@ -52,6 +53,7 @@ from rpcmesh.telemetry import (  # noqa: E402
     aio_client_interceptors,
     setup_telemetry,
     trace_aio_channel,
+    trace_aio_server,
 )
 
 _TRACE_EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
@@ -120,9 +122,12 @@ async def serve(mode: str, ratio: float, endpoint: str | None) -> None:
     telemetry = None
     if mode != "off":
         telemetry = _telemetry(f"bench-server-{mode}", ratio, endpoint)
+    if mode == "interceptors":
         interceptors = [AioServerTracingInterceptor(telemetry)]
     server = grpc.aio.server(interceptors=interceptors)
-    echo_pb2_grpc.add_EchoServicer_to_server(EchoServicer(mode), server)
+    # "on": the servicer is registered through trace_aio_server (no interceptor machinery).
+    target = trace_aio_server(server, telemetry) if mode == "on" else server
+    echo_pb2_grpc.add_EchoServicer_to_server(EchoServicer(mode), target)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     print(f"listening on 127.0.0.1:{port}", flush=True)
@@ -134,7 +139,24 @@ async def serve(mode: str, ratio: float, endpoint: str | None) -> None:
         telemetry.shutdown()  # exports what is still queued
 
 
+def _cpu_seconds(pid: int | None) -> float:
+    """CPU time (user + system, all threads) of a process so far; this process when ``pid`` is None."""
+    if pid is None:
+        return time.process_time()
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
 async def _throughput(stub: echo_pb2_grpc.EchoStub, seconds: float, inflight: int) -> float:
+    calls, elapsed = await _calls_in(stub, seconds, inflight)
+    return calls / elapsed
+
+
+async def _calls_in(stub: echo_pb2_grpc.EchoStub, seconds: float, inflight: int) -> tuple[int, float]:
     request = echo_pb2.EchoRequest(message="x" * 32)
     done = 0
     stop_at = time.perf_counter() + seconds
@@ -147,7 +169,7 @@ async def _throughput(stub: echo_pb2_grpc.EchoStub, seconds: float, inflight: in
 
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(inflight)))
-    return done / (time.perf_counter() - started)
+    return done, time.perf_counter() - started
 
 
 async def _p50_ms(stub: echo_pb2_grpc.EchoStub, calls: int) -> float:
@@ -168,6 +190,7 @@ async def run_tracing_bench(
     inflight: int = 32,
     ratio: float = 1.0,
     endpoint: str | None = None,
+    pids: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """Measure the servers in ``addresses`` (modes ``off``, ``on``, optionally ``interceptors``)."""
     telemetry = _telemetry("bench-client", ratio, endpoint)
@@ -183,6 +206,9 @@ async def run_tracing_bench(
             channels[mode] = grpc.aio.insecure_channel(address)
     rates: dict[str, list[float]] = {mode: [] for mode in channels}
     p50s: dict[str, list[float]] = {mode: [] for mode in channels}
+    # CPU seconds spent by the client and by the mode's server over all throughput windows, and calls.
+    cpu: dict[str, list[float]] = {mode: [0.0, 0.0, 0.0] for mode in channels}
+    pids = pids or {}
     try:
         stubs = {mode: echo_pb2_grpc.EchoStub(channel) for mode, channel in channels.items()}
         for stub in stubs.values():  # warm up connections and code paths
@@ -191,7 +217,12 @@ async def run_tracing_bench(
             # Alternate the order too, so neither mode always runs right after the other.
             order = list(stubs.items()) if index % 2 == 0 else list(reversed(stubs.items()))
             for mode, stub in order:
-                rates[mode].append(await _throughput(stub, seconds, inflight))
+                client_cpu, server_cpu = _cpu_seconds(None), _cpu_seconds(pids.get(mode))
+                calls, elapsed = await _calls_in(stub, seconds, inflight)
+                cpu[mode][0] += _cpu_seconds(None) - client_cpu
+                cpu[mode][1] += _cpu_seconds(pids.get(mode)) - server_cpu
+                cpu[mode][2] += calls
+                rates[mode].append(calls / elapsed)
                 p50s[mode].append(await _p50_ms(stub, 100))
     finally:
         for channel in channels.values():
@@ -216,9 +247,15 @@ async def run_tracing_bench(
     for mode in rate:
         figures[f"{mode}_calls_per_s"] = round(rate[mode], 1)
         figures[f"{mode}_p50_ms"] = round(p50[mode], 3)
-    figures["on_ratio_per_round"] = [
-        round(on / off, 3) for on, off in zip(rates["on"], rates["off"], strict=True)
-    ]
+    figures["on_ratio_per_round"] = [round(value, 3) for value in paired]
+    if pids:
+        # CPU per call of each process: robust to a shared machine's load, unlike wall-clock rates.
+        # With client and server each on a core of their own, the busier one bounds the throughput.
+        per_call = {mode: (c / n * 1e6, s / n * 1e6) for mode, (c, s, n) in cpu.items() if n}
+        for mode, (client_us, server_us) in per_call.items():
+            figures[f"{mode}_client_cpu_us_per_call"] = round(client_us, 1)
+            figures[f"{mode}_server_cpu_us_per_call"] = round(server_us, 1)
+        figures["cpu_throughput_ratio"] = round(max(per_call["off"]) / max(per_call["on"]), 3)
     figures.update({"inflight": inflight, "seconds_per_window": seconds, "rounds": rounds})
     return figures
 
@@ -311,6 +348,7 @@ def main() -> None:
                 inflight=args.inflight,
                 ratio=args.sampler_ratio,
                 endpoint=endpoint,
+                pids={mode: process.pid for mode, (process, _) in servers.items()},
             )
         )
     finally:

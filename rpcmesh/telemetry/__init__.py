@@ -21,6 +21,7 @@ Pieces, and who plugs them in:
 """
 
 from rpcmesh.telemetry.aio_channel import TracedUnaryCall, TracingChannel, trace_aio_channel
+from rpcmesh.telemetry.aio_server import TracingServer, trace_aio_server
 from rpcmesh.telemetry.attempts import (
     attempt_span,
     record_attempt,
@@ -84,6 +85,7 @@ __all__ = [
     "TelemetryConfigError",
     "TracedUnaryCall",
     "TracingChannel",
+    "TracingServer",
     "UnaryStreamTracingInterceptor",
     "UnaryUnaryTracingInterceptor",
     "aio_client_interceptors",
@@ -106,6 +108,7 @@ __all__ = [
     "setup_telemetry",
     "sync_client_interceptors",
     "trace_aio_channel",
+    "trace_aio_server",
     "use_correlation_id",
     "use_trace_context",
 ]

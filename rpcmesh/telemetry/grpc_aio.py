@@ -227,12 +227,21 @@ class AioServerTracingInterceptor(grpc.aio.ServerInterceptor):
 
 
 def wrap_server_handler(
-    handler: grpc.RpcMethodHandler[Any, Any], method: str, telemetry: Telemetry
+    handler: grpc.RpcMethodHandler[Any, Any], method: str, telemetry: Telemetry | None
 ) -> grpc.RpcMethodHandler[Any, Any]:
-    """``handler`` with a SERVER span, the caller's correlation id and a duration sample per call."""
+    """``handler`` with a SERVER span, the caller's correlation id and a duration sample per call.
 
-    def start(context: grpc.aio.ServicerContext[Any, Any]) -> CallRecord:
-        record = begin_server_call(telemetry, method, context.invocation_metadata())
+    Args:
+        handler: The method's handler (any shape).
+        method: The full method name (``/echo.v1.Echo/Echo``).
+        telemetry: The handle; None: ``get_telemetry()`` at each call (fully off: the call passes through).
+    """
+
+    def start(context: grpc.aio.ServicerContext[Any, Any]) -> CallRecord | None:
+        current = telemetry or get_telemetry()
+        if not current.propagate_correlation:
+            return None
+        record = begin_server_call(current, method, context.invocation_metadata())
         if record.span is not None:
             set_peer(record, context.peer())
         # Each grpc.aio RPC runs in its own task (a copy of the context): nothing to reset afterwards.
@@ -267,7 +276,7 @@ def wrap_server_handler(
     )
 
 
-Start = Callable[[Any], CallRecord]
+Start = Callable[[Any], CallRecord | None]
 
 
 def _final_code(context: Any) -> grpc.StatusCode:
@@ -287,6 +296,8 @@ def _error_code(context: Any, error: BaseException) -> grpc.StatusCode | None:
 def _wrap_unary(behavior: Callable[..., Any], start: Start) -> Callable[..., Any]:
     async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         record = start(context)
+        if record is None:
+            return await behavior(request, context)
         try:
             response = await behavior(request, context)
         except BaseException as exc:
@@ -305,6 +316,10 @@ def _wrap_stream(behavior: Callable[..., Any], start: Start) -> Callable[..., An
 
     async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
         record = start(context)
+        if record is None:
+            async for response in behavior(request, context):
+                yield response
+            return
         try:
             async for response in behavior(request, context):
                 yield response

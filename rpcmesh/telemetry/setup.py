@@ -40,6 +40,9 @@ class Telemetry:
         tracing: Whether spans are recorded (False: the interceptors skip all span work).
         tracer: The tracer (a no-op tracer when ``tracing`` is False).
         metrics: The metrics API (a no-op ``MeshMetrics`` when metrics are off).
+        call_tracer: The cheap span path the call interceptors use (``spans.CallTracer``), built by
+            ``setup_telemetry``; None (e.g. a handle built by hand around another tracer): they use
+            ``tracer``.
     """
 
     def __init__(
@@ -61,7 +64,6 @@ class Telemetry:
             self.tracing or self.metrics.enabled or config.propagate_correlation_when_off
         )
         self.call_tracer: CallTracer | None = call_tracer if self.tracing else None
-        """The cheap span path of the call interceptors (None: they use ``tracer``)."""
         self._tracer_provider = tracer_provider
         self._meter_provider = meter_provider
         self._prometheus_server = prometheus_server

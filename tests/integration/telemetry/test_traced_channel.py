@@ -1,4 +1,4 @@
-"""trace_aio_channel against a real grpc.aio server with AioServerTracingInterceptor: all four shapes."""
+"""trace_aio_channel against real grpc.aio servers traced by the interceptor or by trace_aio_server."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from rpcmesh.telemetry import (
     correlation_id,
     setup_telemetry,
     trace_aio_channel,
+    trace_aio_server,
     use_correlation_id,
 )
 
@@ -51,11 +52,18 @@ class CorrelatedEcho(EchoServicer):
         return await super().Echo(request, context)
 
 
-@pytest.fixture
-async def address(memory: tuple[Telemetry, InMemorySpanExporter]) -> AsyncIterator[str]:
+@pytest.fixture(params=["interceptor", "trace_aio_server"])
+async def address(
+    memory: tuple[Telemetry, InMemorySpanExporter], request: pytest.FixtureRequest
+) -> AsyncIterator[str]:
+    """An Echo server traced by AioServerTracingInterceptor, or by trace_aio_server (no interceptor)."""
     telemetry, _ = memory
-    server = grpc.aio.server(interceptors=[AioServerTracingInterceptor(telemetry)])
-    echo_pb2_grpc.add_EchoServicer_to_server(CorrelatedEcho("s1"), server)
+    if request.param == "interceptor":
+        server = grpc.aio.server(interceptors=[AioServerTracingInterceptor(telemetry)])
+        echo_pb2_grpc.add_EchoServicer_to_server(CorrelatedEcho("s1"), server)
+    else:
+        server = grpc.aio.server()
+        echo_pb2_grpc.add_EchoServicer_to_server(CorrelatedEcho("s1"), trace_aio_server(server, telemetry))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
@@ -180,3 +188,30 @@ async def test_telemetry_off_passes_calls_through(address: str) -> None:
                 echo_pb2.EchoRequest(message="cid"), timeout=10
             )
     assert reply.message == "off-chan"
+
+
+async def test_trace_aio_server_with_status_error_interceptor(
+    memory: tuple[Telemetry, InMemorySpanExporter],
+) -> None:
+    """StatusErrorInterceptor runs outside the wrapped handler: the span still gets the precise code."""
+    from rpcmesh.errors import NotFoundError, StatusErrorInterceptor
+
+    class Missing(EchoServicer):
+        async def Echo(self, request: echo_pb2.EchoRequest, context: Any) -> echo_pb2.EchoResponse:
+            raise NotFoundError("order 42 not found")
+
+    telemetry, exporter = memory
+    server = grpc.aio.server(interceptors=[StatusErrorInterceptor()])
+    echo_pb2_grpc.add_EchoServicer_to_server(Missing("m"), trace_aio_server(server, telemetry))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await echo_pb2_grpc.EchoStub(channel).Echo(echo_pb2.EchoRequest(), timeout=10)
+    finally:
+        await server.stop(None)
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+    (span,) = _by_kind(exporter, "SERVER")
+    assert span.attributes["rpc.grpc.status_code"] == grpc.StatusCode.NOT_FOUND.value[0]
+    assert span.status.status_code.name == "UNSET"  # NOT_FOUND is the caller's error, not the server's
