@@ -169,7 +169,10 @@ class Publisher:
         self._inflight[batch_id] = [future for _, future in items]
         requests = self._ensure_stream()
         requests.put_nowait(
-            bus_pb2.PublishStreamRequest(topic=topic, batch_id=batch_id, messages=[m for m, _ in items])
+            # partial: a bad message fails only its own caller, not the batch it shares.
+            bus_pb2.PublishStreamRequest(
+                topic=topic, batch_id=batch_id, messages=[m for m, _ in items], partial=True
+            )
         )
 
     async def _read(

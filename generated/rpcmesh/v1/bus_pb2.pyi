@@ -388,11 +388,24 @@ Global___DeleteTopicResponse: _TypeAlias = DeleteTopicResponse  # noqa: Y015
 
 @_typing.final
 class PublishRequest(_message.Message):
+    """A batch is atomic for validation unless partial is set: a message that
+    fails validation (too large, bad id, ...) rejects the whole request with the
+    precise status naming messages[i], and nothing is stored. With partial,
+    each such message gets its own result (code, error) and is not stored,
+    while the valid ones are. Request-level problems (bad topic, empty or
+    oversized batch) always reject the whole request. On storage failure the
+    call fails (UNAVAILABLE); on the NATS backend a prefix of the batch may
+    then be stored: retrying with the same message ids stores each once.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TOPIC_FIELD_NUMBER: _builtins.int
     MESSAGES_FIELD_NUMBER: _builtins.int
+    PARTIAL_FIELD_NUMBER: _builtins.int
     topic: _builtins.str
+    partial: _builtins.bool
+    """Per-message results for per-message problems instead of rejecting the batch."""
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___BusMessage]: ...
     def __init__(
@@ -400,10 +413,11 @@ class PublishRequest(_message.Message):
         *,
         topic: _builtins.str = ...,
         messages: _abc.Iterable[Global___BusMessage] | None = ...,
+        partial: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages", "topic", b"topic"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages", "partial", b"partial", "topic", b"topic"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -425,8 +439,11 @@ class PublishResult(_message.Message):
     sequence is then the original one.
     """
     code: _builtins.int
-    """google.rpc.Code for this message; 0 when stored."""
+    """google.rpc.Code for this message; 0 when stored. Non-zero only for
+    requests with partial set (see PublishRequest).
+    """
     error: _builtins.str
+    """Why the message was not stored, naming the field (messages[i]...)."""
     def __init__(
         self,
         *,
@@ -471,9 +488,12 @@ class PublishStreamRequest(_message.Message):
     TOPIC_FIELD_NUMBER: _builtins.int
     MESSAGES_FIELD_NUMBER: _builtins.int
     BATCH_ID_FIELD_NUMBER: _builtins.int
+    PARTIAL_FIELD_NUMBER: _builtins.int
     topic: _builtins.str
     batch_id: _builtins.int
     """Echoed in the response so the client can match acks to batches."""
+    partial: _builtins.bool
+    """As PublishRequest.partial; without it a bad message ends the stream."""
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___BusMessage]: ...
     def __init__(
@@ -482,10 +502,11 @@ class PublishStreamRequest(_message.Message):
         topic: _builtins.str = ...,
         messages: _abc.Iterable[Global___BusMessage] | None = ...,
         batch_id: _builtins.int = ...,
+        partial: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "messages", b"messages", "topic", b"topic"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "messages", b"messages", "partial", b"partial", "topic", b"topic"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

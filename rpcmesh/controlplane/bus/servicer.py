@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import grpc.aio
 
@@ -126,9 +126,28 @@ class BusServicer(bus_pb2_grpc.BusServicer):
 
     async def Publish(self, request: bus_pb2.PublishRequest, context: Context) -> bus_pb2.PublishResponse:
         """Store a batch durably; one result per message."""
-        check_batch(request.topic, request.messages, self.limits)
-        results = await self.broker.publish(request.topic, request.messages)
-        return bus_pb2.PublishResponse(results=[_result(r) for r in results])
+        problems = check_batch(request.topic, request.messages, self.limits, partial=request.partial)
+        results = await self._publish(request.topic, request.messages, problems)
+        return bus_pb2.PublishResponse(results=results)
+
+    async def _publish(
+        self, topic: str, messages: Sequence[bus_pb2.BusMessage], problems: dict[int, StatusError]
+    ) -> list[bus_pb2.PublishResult]:
+        """Store the messages without problems; results in request order."""
+        if not problems:
+            return [_result(r) for r in await self.broker.publish(topic, messages)]
+        valid = [message for index, message in enumerate(messages) if index not in problems]
+        stored = iter(await self.broker.publish(topic, valid) if valid else [])
+        results = []
+        for index, message in enumerate(messages):
+            problem = problems.get(index)
+            if problem is None:
+                results.append(_result(next(stored)))
+            else:
+                results.append(
+                    bus_pb2.PublishResult(id=message.id, code=problem.code.value[0], error=problem.message)
+                )
+        return results
 
     async def PublishStream(
         self, request_iterator: AsyncIterator[bus_pb2.PublishStreamRequest], context: Context
@@ -140,17 +159,17 @@ class BusServicer(bus_pb2_grpc.BusServicer):
         """
         queue: asyncio.Queue[asyncio.Task[bus_pb2.PublishStreamResponse] | None] = asyncio.Queue(maxsize=64)
 
-        async def store(batch: bus_pb2.PublishStreamRequest) -> bus_pb2.PublishStreamResponse:
-            results = await self.broker.publish(batch.topic, batch.messages)
-            return bus_pb2.PublishStreamResponse(
-                batch_id=batch.batch_id, results=[_result(r) for r in results]
-            )
+        async def store(
+            batch: bus_pb2.PublishStreamRequest, problems: dict[int, StatusError]
+        ) -> bus_pb2.PublishStreamResponse:
+            results = await self._publish(batch.topic, batch.messages, problems)
+            return bus_pb2.PublishStreamResponse(batch_id=batch.batch_id, results=results)
 
         async def read() -> None:
             try:
                 async for batch in request_iterator:
-                    check_batch(batch.topic, batch.messages, self.limits)
-                    await queue.put(asyncio.ensure_future(store(batch)))
+                    problems = check_batch(batch.topic, batch.messages, self.limits, partial=batch.partial)
+                    await queue.put(asyncio.ensure_future(store(batch, problems)))
             finally:
                 await queue.put(None)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from rpcmesh.controlplane.bus import topics
 from rpcmesh.controlplane.bus.group_state import DeliveryPolicy
 from rpcmesh.controlplane.bus.store import RetentionPolicy
-from rpcmesh.errors import ResourceExhaustedError, invalid_argument
+from rpcmesh.errors import ResourceExhaustedError, StatusError, invalid_argument
 from rpcmesh.v1 import bus_pb2
 
 
@@ -127,8 +127,15 @@ def check_message(field: str, message: bus_pb2.BusMessage, limits: BusLimits) ->
         raise invalid_argument(f"{field}.sequence", "is output only; leave it 0")
 
 
-def check_batch(topic: str, messages: Sequence[bus_pb2.BusMessage], limits: BusLimits) -> None:
-    """Validate a Publish batch as a whole: all or nothing."""
+def check_batch(
+    topic: str, messages: Sequence[bus_pb2.BusMessage], limits: BusLimits, *, partial: bool = False
+) -> dict[int, StatusError]:
+    """Validate a Publish batch.
+
+    Request-level problems always raise. A bad message raises too unless
+    ``partial``: then the problems are returned by message index (those
+    messages are not to be stored, the others are).
+    """
     check_topic("topic", topic)
     if not messages:
         raise invalid_argument("messages", "must hold at least one message")
@@ -136,10 +143,19 @@ def check_batch(topic: str, messages: Sequence[bus_pb2.BusMessage], limits: BusL
         raise ResourceExhaustedError(
             f"messages: {len(messages)} messages exceed the batch limit of {limits.max_batch}"
         )
+    problems: dict[int, StatusError] = {}
     for index, message in enumerate(messages):
-        if message.topic and message.topic != topic:
-            raise invalid_argument(f"messages[{index}].topic", "must be empty or equal to the request topic")
-        check_message(f"messages[{index}]", message, limits)
+        try:
+            if message.topic and message.topic != topic:
+                raise invalid_argument(
+                    f"messages[{index}].topic", "must be empty or equal to the request topic"
+                )
+            check_message(f"messages[{index}]", message, limits)
+        except StatusError as problem:
+            if not partial:
+                raise
+            problems[index] = problem
+    return problems
 
 
 def retention_from_proto(field: str, retention: bus_pb2.Retention) -> RetentionPolicy:

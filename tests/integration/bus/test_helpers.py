@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 
 import grpc
 import pytest
@@ -16,12 +19,14 @@ from rpcmesh.bus import (
     Subscriber,
     SubscriberConfig,
     SyncPublisher,
+    SyncSubscriber,
     Terminate,
     publish_event,
     request,
     request_sync,
 )
-from rpcmesh.errors import DeadlineExceededError, UnavailableError
+from rpcmesh.errors import DeadlineExceededError, ResourceExhaustedError, UnavailableError
+from rpcmesh.telemetry import correlation_id, use_correlation_id
 from tests.integration.bus.conftest import BusHandle
 
 
@@ -141,3 +146,98 @@ async def test_publish_event_helper(sqlite_bus: BusHandle) -> None:
         assert item.headers["rpcmesh-event-source"] == "accounts"
     finally:
         await subscriber.stop()
+
+
+async def test_partial_publish_reports_bad_messages_per_item(sqlite_bus: BusHandle) -> None:
+    big = bus_pb2.BusMessage(id="too-big", payload=b"y" * (1024 * 1024 + 1))
+    response = await sqlite_bus.stub.Publish(
+        bus_pb2.PublishRequest(
+            topic="partial",
+            messages=[bus_pb2.BusMessage(payload=b"a"), big, bus_pb2.BusMessage(payload=b"b")],
+            partial=True,
+        )
+    )
+    codes = [(r.code, r.sequence) for r in response.results]
+    assert codes == [(0, 1), (grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], 0), (0, 2)]
+    assert response.results[1].id == "too-big" and "messages[1].payload" in response.results[1].error
+    # The batching Publisher sends partial batches: only the bad message's caller fails.
+    async with Publisher(sqlite_bus.channel, PublisherConfig(max_batch=10, linger=0.01)) as publisher:
+        outcomes = await asyncio.gather(
+            publisher.publish("partial", b"c"),
+            publisher.publish("partial", b"y" * (1024 * 1024 + 1)),
+            publisher.publish("partial", b"d"),
+            return_exceptions=True,
+        )
+    assert isinstance(outcomes[1], ResourceExhaustedError)
+    assert [o.sequence for o in outcomes if isinstance(o, bus_pb2.PublishResult)] == [3, 4]
+
+
+async def test_subscriber_starts_at_a_sequence_or_a_time(sqlite_bus: BusHandle) -> None:
+    for payload in (b"1", b"2"):
+        await sqlite_bus.stub.Publish(
+            bus_pb2.PublishRequest(topic="history", messages=[bus_pb2.BusMessage(payload=payload)])
+        )
+    await asyncio.sleep(0.05)
+    marker = datetime.now(UTC)
+    await asyncio.sleep(0.05)
+    await sqlite_bus.stub.Publish(
+        bus_pb2.PublishRequest(topic="history", messages=[bus_pb2.BusMessage(payload=b"3")])
+    )
+    seen: dict[str, list[bytes]] = {"seq": [], "time": []}
+
+    def collect(name: str) -> Callable[[Received], Awaitable[None]]:
+        async def handle(item: Received) -> None:
+            seen[name].append(item.message.payload)
+
+        return handle
+
+    subs = [
+        Subscriber(
+            sqlite_bus.channel, SubscriberConfig(topic="history", group="seq", start=2), collect("seq")
+        ),
+        Subscriber(
+            sqlite_bus.channel, SubscriberConfig(topic="history", group="time", start=marker), collect("time")
+        ),
+    ]
+    for sub in subs:
+        await sub.start()
+    try:
+        for _ in range(100):
+            if len(seen["seq"]) >= 2 and seen["time"]:
+                break
+            await asyncio.sleep(0.05)
+        assert seen == {"seq": [b"2", b"3"], "time": [b"3"]}
+    finally:
+        for sub in subs:
+            await sub.stop()
+    with pytest.raises(ValueError, match="sequence"):
+        SubscriberConfig(topic="t", group="g", start=0)
+    with pytest.raises(ValueError, match="timezone"):
+        SubscriberConfig(topic="t", group="g", start=datetime(2026, 1, 1))
+
+
+async def test_sync_subscriber_runs_a_plain_function_with_the_correlation_id(sqlite_bus: BusHandle) -> None:
+    got: list[tuple[bytes, str | None]] = []
+    done = threading.Event()
+
+    def handle(item: Received) -> None:
+        got.append((item.message.payload, correlation_id()))
+        if len(got) == 3:
+            done.set()
+
+    def threaded_program() -> None:
+        # Blocking code, as in a script: the in-process Bus keeps serving on the test's loop.
+        config = SubscriberConfig(topic="threads", group="g", start="earliest")
+        channel = grpc.insecure_channel(sqlite_bus.address)
+        try:
+            publisher = SyncPublisher(channel)
+            with use_correlation_id("sync-corr"):
+                for payload in (b"a", b"b", b"c"):
+                    publisher.publish("threads", payload)
+            with SyncSubscriber(sqlite_bus.address, config, handle):
+                assert done.wait(20)
+        finally:
+            channel.close()
+
+    await asyncio.to_thread(threaded_program)
+    assert sorted(got) == [(b"a", "sync-corr"), (b"b", "sync-corr"), (b"c", "sync-corr")]
