@@ -9,17 +9,21 @@ only under its own identity (another identity cannot register its service).
 
 from __future__ import annotations
 
+import asyncio
+import subprocess
+
 import grpc
 import grpc.aio
 import pytest
 from echo.v1 import echo_pb2, echo_pb2_grpc
 from rpcmesh.v1 import registry_pb2, registry_pb2_grpc
 
-from rpcmesh.client import Mesh
+from rpcmesh.client import Mesh, SyncMesh
 from rpcmesh.host import LeaseKeeper
 from rpcmesh.security.client import ClientSecurity, aio_channel
 from rpcmesh.security.tls import ClientTlsConfig
 from tests.integration.wiring.conftest import Pki, Processes
+from tests.support.processes import ROOT, python_env, rpcmesh_command
 
 pytestmark = pytest.mark.slow
 
@@ -48,6 +52,12 @@ def _host_env(pki: Pki, identity: str, *, mtls: bool) -> dict[str, str]:
     else:
         env |= {"RPCMESH_TOKEN_SECRET_FILE": str(pki.secret_file), "RPCMESH_TOKEN": pki.token(identity)}
     return env
+
+
+def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        rpcmesh_command(*args), env=env, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
+    )
 
 
 async def _echo_code(address: str, security: ClientSecurity) -> grpc.StatusCode:
@@ -122,6 +132,22 @@ async def test_tls_with_tokens(pki: Pki, processes: Processes) -> None:
     # Another identity cannot register the echo service; nothing changes.
     assert not await _intruder_registers(registry, pki.token_client("intruder"))
     assert await _resolve(registry, pki.token_client("ops")) == (grpc.StatusCode.OK, ["echo-1"])
+
+    # The sync mesh and the CLI client commands take the same settings.
+    def sync_call() -> str:
+        with SyncMesh(registry, security=pki.token_client("client")) as mesh:
+            mesh.wait_for_instances("echo", 1, within=20)
+            stub = echo_pb2_grpc.EchoStub(mesh.channel("echo"))
+            return stub.Echo(echo_pb2.EchoRequest(message="sync"), timeout=TIMEOUT).message
+
+    assert await asyncio.to_thread(sync_call) == "sync"
+    cli_env = python_env({"RPCMESH_TLS_CA": str(pki.ca), "RPCMESH_TOKEN": pki.token("client")})
+    listed = await asyncio.to_thread(_cli, ["services", "echo", "--target", registry], cli_env)
+    assert listed.returncode == 0, listed.stderr
+    assert "echo-1" in listed.stdout
+    del cli_env["RPCMESH_TOKEN"]
+    refused = await asyncio.to_thread(_cli, ["services", "--target", registry], cli_env)
+    assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr
 
 
 async def test_mtls_with_client_certificates(pki: Pki, processes: Processes) -> None:

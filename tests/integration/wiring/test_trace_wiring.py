@@ -20,7 +20,14 @@ import pytest
 from echo.v1 import echo_pb2, echo_pb2_grpc
 
 from rpcmesh.client import BreakerPolicy, Mesh, MeshPolicy, MethodPolicy, ServicePolicy
-from rpcmesh.telemetry import Telemetry, TelemetryConfig, aio_client_interceptors, setup_telemetry
+from rpcmesh.telemetry import (
+    DISABLED,
+    Telemetry,
+    TelemetryConfig,
+    aio_client_interceptors,
+    setup_telemetry,
+    use_correlation_id,
+)
 from tests.integration.wiring.conftest import Processes
 from tests.support.otlp_collector import CollectedSpan, OtlpCollector, running_collector
 
@@ -221,3 +228,22 @@ async def test_gateway_continues_the_trace(
     assert b_server.parent_span_id == gw_attempt.span_id
     for span in trace:
         assert span.attributes["rpcmesh.correlation_id"] == correlation
+
+
+async def test_correlation_id_travels_with_telemetry_off(processes: Processes) -> None:
+    """No exporter anywhere: no span work, but the caller's correlation id still reaches the handler."""
+    registry = processes.control_plane()
+    processes.start(
+        [sys.executable, CHAIN_HOST, "--registry", registry, "--name", "svc-b"],
+        {"OTEL_SDK_DISABLED": "false"},
+    )
+    async with Mesh(registry, telemetry=DISABLED) as mesh:
+        await mesh.wait_for_instances("svc-b", 1, within=20)
+        stub = echo_pb2_grpc.EchoStub(mesh.channel("svc-b"))
+        with use_correlation_id("order-42"):
+            reply = await stub.Echo(echo_pb2.EchoRequest(message="x"), timeout=TIMEOUT)
+        assert reply.message == "order-42"
+        # Without one, the first hop (the host) makes one up.
+        reply = await stub.Echo(echo_pb2.EchoRequest(message="x"), timeout=TIMEOUT)
+        assert reply.message and reply.message != "order-42"
+    processes.started[-1].wait_for_line("correlation=order-42 handling call", timeout=10)
