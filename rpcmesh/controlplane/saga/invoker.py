@@ -6,8 +6,10 @@ participant is an ordinary gRPC method in any language.
 
 :class:`MeshStepInvoker` makes every step and compensation call through
 :class:`rpcmesh.client.Mesh`: discovery (a Registry watch per service, no
-lookup per call), load balancing, per-instance and per-service circuit
-breakers, and the client's retry layer all apply.
+lookup per call), load balancing, circuit breakers and the client's retry
+layer all apply. The default policy (:func:`coordinator_policy`) ejects
+instances that hang or break; any :class:`~rpcmesh.client.MeshPolicy` can be
+given instead, as long as it passes :func:`check_coordinator_policy`.
 
 Who retries what:
 
@@ -47,9 +49,17 @@ import grpc.aio
 
 from rpcmesh.client.attempts import attempt_reached_server
 from rpcmesh.client.mesh import Mesh
-from rpcmesh.client.policy import MeshPolicy, MethodPolicy, PolicyError, RetryPolicy, ServicePolicy
+from rpcmesh.client.policy import (
+    BreakerPolicy,
+    MeshPolicy,
+    MethodPolicy,
+    PolicyError,
+    RetryPolicy,
+    ServicePolicy,
+)
 
 __all__ = [
+    "COORDINATOR_BREAKER_CODES",
     "CORRELATION_ID_KEY",
     "IDEMPOTENCY_KEY",
     "SAGA_ID_KEY",
@@ -108,15 +118,29 @@ class StepInvoker(Protocol):
         ...
 
 
-def coordinator_policy() -> MeshPolicy:
-    """The coordinator's default mesh policy: client defaults, methods non-idempotent.
+# What ejects a participant instance: it hangs or breaks. UNAVAILABLE answers are
+# left to the saga's RetryPolicy (a participant may answer "try again" on purpose)
+# and connection failures to the mesh's connection tracking and unsent retries.
+COORDINATOR_BREAKER_CODES = frozenset(
+    {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
+)
 
-    Breakers and the retry budget keep the client's defaults; the retry
-    policy only ever re-sends attempts that never reached a server, because
-    no method is marked idempotent.
+
+def coordinator_policy() -> MeshPolicy:
+    """The coordinator's default mesh policy.
+
+    Methods are non-idempotent, so the client's retry policy only re-sends
+    attempts that never reached a server. Each instance has a breaker that
+    opens on DEADLINE_EXCEEDED, INTERNAL and UNKNOWN and ejects the instance;
+    there is no service-wide breaker: calls it rejects would count as its own
+    failures and keep it open, and sagas already wait out unsent attempts.
     """
     return MeshPolicy(
-        default=ServicePolicy(method=MethodPolicy(idempotent=False, retry=RetryPolicy(max_attempts=3)))
+        default=ServicePolicy(
+            method=MethodPolicy(idempotent=False, retry=RetryPolicy(max_attempts=3)),
+            instance_breaker=BreakerPolicy(failure_codes=COORDINATOR_BREAKER_CODES),
+            service_breaker=None,
+        )
     )
 
 

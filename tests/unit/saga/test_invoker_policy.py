@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import grpc
 import pytest
 
 from rpcmesh.client.policy import HedgingPolicy, MeshPolicy, MethodPolicy, PolicyError, ServicePolicy
@@ -13,7 +14,8 @@ def test_default_policy_is_non_idempotent_with_breakers() -> None:
     check_coordinator_policy(policy)
     service = policy.for_service("anything")
     assert not service.method.idempotent and service.method.hedging is None
-    assert service.instance_breaker is not None and service.service_breaker is not None
+    assert service.instance_breaker is not None and service.service_breaker is None
+    assert grpc.StatusCode.UNAVAILABLE not in service.instance_breaker.failure_codes
 
 
 @pytest.mark.parametrize(
