@@ -4,9 +4,18 @@ The broker sits between the gRPC servicer and a :class:`BusStore`. For each
 (topic, group) with attached subscribers it runs one dispatcher task that
 reads the log ahead, asks :class:`GroupState` what to deliver to whom, and
 pushes batches onto the subscribers' outboxes. Acks update the state; group
-progress is persisted in the background (an ack lost in a crash only causes a
-redelivery). Broadcast subscriptions are ephemeral groups of one member that
-are never persisted.
+progress (ack floor, acks above it, delivery counts of unfinished messages) is
+persisted in the background every ``FLUSH_INTERVAL``: an ack lost in a crash
+only causes a redelivery, a delivery lost in a crash only lowers that message's
+attempt count by the deliveries made since the last save.
+
+On a store that keeps consumer groups itself (NATS JetStream, see
+:class:`~rpcmesh.controlplane.bus.store.NativeGroupStore`) durable groups are
+served by :class:`~rpcmesh.controlplane.bus.consumer_runtime.ConsumerGroupRuntime`
+instead: the backend decides deliveries and counts attempts.
+
+Broadcast subscriptions are ephemeral groups of one member that are never
+persisted (on every backend).
 """
 
 from __future__ import annotations

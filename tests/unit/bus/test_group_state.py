@@ -117,3 +117,14 @@ def test_attempt_counts_to_persist_cover_delivered_and_restored_messages() -> No
     state.ack(1)
     assert state.take("m", 1, now=0.0, policy=DeliveryPolicy())[0].attempts == 3
     assert state.attempts_to_keep() == {2: 1, 3: 3, 9: 4}
+
+
+def test_attempt_counts_are_stored_as_runs() -> None:
+    from rpcmesh.controlplane.bus.sqlite_store import decode_attempts, encode_attempts
+
+    attempts = {5: 1, 6: 1, 7: 1, 8: 2, 10: 1}
+    runs = encode_attempts(attempts)
+    assert runs == [[5, 7, 1], [8, 8, 2], [10, 10, 1]]
+    assert decode_attempts(runs) == attempts
+    assert decode_attempts({"3": 2}) == {3: 2}
+    assert decode_attempts([]) == {}
