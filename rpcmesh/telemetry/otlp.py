@@ -1,14 +1,18 @@
-"""A cheaper OTLP/gRPC span exporter: the SDK's exporter with a caching span encoder.
+"""A cheaper OTLP/gRPC span exporter: the SDK's exporter with a caching, bytes-level span encoder.
 
-The stock ``encode_spans`` builds every attribute (``KeyValue`` + ``AnyValue``), the resource
-and the scope anew for each span and hashes each span's ``Resource`` through ``json.dumps``;
-in the export thread of a busy process that costs several times the span's own recording. RPC
-spans repeat almost everything: ``rpc.system``, ``rpc.service``, ``rpc.method``, the server
-address, the status code. ``encode_spans_cached`` builds each such ``KeyValue`` once and copies
-it (in C) into each span; high-cardinality values (correlation ids, peer ports, anything
-unhashable) are encoded per span as before. Resource and scope are encoded once per batch
-group, grouped by identity. The output is the same message ``encode_spans`` produces (a test
-pins that); everything else (retries, TLS, headers, compression) is the SDK exporter's.
+The stock ``encode_spans`` builds a protobuf object tree per span (every attribute a
+``KeyValue`` + ``AnyValue``, the resource and scope anew, each span's ``Resource`` hashed
+through ``json.dumps``) and then serializes it; in the export thread of a busy process that
+costs several times the span's own recording. RPC spans repeat almost everything
+(``rpc.system``, ``rpc.service``, ``rpc.method``, the server address, the status code), so
+``encode_spans_bytes`` writes the ``ExportTraceServiceRequest`` wire format directly: each
+repeated attribute is serialized once and its bytes reused; high-cardinality values
+(correlation ids, peer ports, anything unhashable), events and links go through the SDK's own
+encoders per span. Resource and scope are serialized once per group. The bytes parse to the
+same message ``encode_spans`` builds (a test pins that).
+
+``CachingOtlpSpanExporter`` is ``OTLPSpanExporter`` (same arguments, retries, TLS, headers,
+compression) whose stub sends those bytes as they are.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import grpc
 from opentelemetry.exporter.otlp.proto.common._internal import (
     _encode_attributes,
     _encode_instrumentation_scope,
@@ -29,10 +34,8 @@ from opentelemetry.exporter.otlp.proto.common._internal.trace_encoder import (
     _encode_trace_state,
 )
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.proto.common.v1.common_pb2 import KeyValue
-from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, SpanFlags, Status
-from opentelemetry.proto.trace.v1.trace_pb2 import Span as PbSpan
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
+from opentelemetry.proto.trace.v1.trace_pb2 import SpanFlags, Status
 from opentelemetry.sdk.trace import ReadableSpan
 
 from rpcmesh.telemetry.correlation import CORRELATION_ATTRIBUTE
@@ -40,118 +43,194 @@ from rpcmesh.telemetry.correlation import CORRELATION_ATTRIBUTE
 UNCACHED_ATTRIBUTES = frozenset({CORRELATION_ATTRIBUTE, "network.peer.port", "exception.stacktrace"})
 """Attributes whose values differ per call: never cached."""
 
+EXPORT_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+
 _MAX_CACHED = 8192
-# The generated constructors take None for "unset" (as the SDK's encoder passes); their stubs say otherwise.
-_new_span: Any = PbSpan
-_new_scope_spans: Any = ScopeSpans
-_HAS_IS_REMOTE = SpanFlags.SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE_MASK
-_IS_REMOTE = SpanFlags.SPAN_FLAGS_CONTEXT_IS_REMOTE_MASK
+_HAS_IS_REMOTE = int(SpanFlags.SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE_MASK)
+_IS_REMOTE = int(SpanFlags.SPAN_FLAGS_CONTEXT_IS_REMOTE_MASK)
+_KIND_VALUES = {kind: int(value) for kind, value in _SPAN_KIND_MAP.items()}
 
 
-class _Encoder:
-    """Caches of encoded attributes and statuses, shared by the batches of one exporter."""
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _length_delimited(tag: bytes, payload: bytes) -> bytes:
+    return tag + _varint(len(payload)) + payload
+
+
+# Tags (field number << 3 | wire type) of the fields written here.
+_SPAN_TRACE_ID = b"\x0a\x10"  # 1, 16 bytes
+_SPAN_SPAN_ID = b"\x12\x08"  # 2, 8 bytes
+_SPAN_TRACE_STATE = b"\x1a"  # 3
+_SPAN_PARENT_ID = b"\x22\x08"  # 4, 8 bytes
+_SPAN_NAME = b"\x2a"  # 5
+_SPAN_KIND = b"\x30"  # 6, varint
+_SPAN_START = b"\x39"  # 7, fixed64
+_SPAN_END = b"\x41"  # 8, fixed64
+_SPAN_ATTRIBUTE = b"\x4a"  # 9
+_SPAN_DROPPED_ATTRIBUTES = b"\x50"  # 10, varint
+_SPAN_EVENT = b"\x5a"  # 11
+_SPAN_DROPPED_EVENTS = b"\x60"  # 12, varint
+_SPAN_LINK = b"\x6a"  # 13
+_SPAN_DROPPED_LINKS = b"\x70"  # 14, varint
+_SPAN_STATUS = b"\x7a"  # 15
+_SPAN_FLAGS = b"\x85\x01"  # 16, fixed32
+_SCOPE_SPANS_SCOPE = b"\x0a"
+_SCOPE_SPANS_SPAN = b"\x12"
+_SCOPE_SPANS_SCHEMA = b"\x1a"
+_RESOURCE_SPANS_RESOURCE = b"\x0a"
+_RESOURCE_SPANS_SCOPE_SPANS = b"\x12"
+_RESOURCE_SPANS_SCHEMA = b"\x1a"
+_REQUEST_RESOURCE_SPANS = b"\x0a"
+
+
+class SpanEncoder:
+    """Writes ``ExportTraceServiceRequest`` bytes; caches the bytes of repeated attributes and statuses."""
 
     def __init__(self) -> None:
-        self._pairs: dict[tuple[str, type, Any], KeyValue] = {}
-        self._statuses: dict[tuple[int, str | None], Status] = {}
+        self._pairs: dict[tuple[str, type, Any], bytes] = {}
+        self._statuses: dict[tuple[int, str | None], bytes] = {}
 
-    def attributes(self, attributes: Any) -> list[KeyValue]:
-        if not attributes:
-            return []
+    def _attributes(self, attributes: Any, parts: list[bytes]) -> None:
         pairs = self._pairs
-        encoded: list[KeyValue] = []
         for key, value in attributes.items():
             if key in UNCACHED_ATTRIBUTES or not isinstance(value, str | int | float | bool):
-                encoded.extend(_encode_attributes({key: value}))
+                for pair in _encode_attributes({key: value}):
+                    parts.append(_length_delimited(_SPAN_ATTRIBUTE, pair.SerializeToString()))
                 continue
             cache_key = (key, type(value), value)
-            pair = pairs.get(cache_key)
-            if pair is None:
-                pair = _encode_key_value(key, value)
+            encoded = pairs.get(cache_key)
+            if encoded is None:
+                encoded = _length_delimited(
+                    _SPAN_ATTRIBUTE, _encode_key_value(key, value).SerializeToString()
+                )
                 if len(pairs) >= _MAX_CACHED:  # a high-cardinality attribute: start over, stay bounded
                     pairs.clear()
-                pairs[cache_key] = pair
-            encoded.append(pair)
+                pairs[cache_key] = encoded
+            parts.append(encoded)
+
+    def _status(self, status: Any) -> bytes:
+        key = (int(status.status_code.value), status.description)
+        encoded = self._statuses.get(key)
+        if encoded is None:
+            encoded = _length_delimited(_SPAN_STATUS, Status(code=key[0], message=key[1]).SerializeToString())  # type: ignore[arg-type]
+            if len(self._statuses) < _MAX_CACHED:
+                self._statuses[key] = encoded
         return encoded
 
-    def status(self, status: Any) -> Status | None:
-        if status is None:
-            return None
-        key = (status.status_code.value, status.description)
-        cached = self._statuses.get(key)
-        if cached is None:
-            cached = Status(code=key[0], message=key[1])
-            if len(self._statuses) < _MAX_CACHED:
-                self._statuses[key] = cached
-        return cached
-
-    def span(self, span: ReadableSpan) -> PbSpan:
+    def span(self, span: ReadableSpan) -> bytes:
+        """One ``Span`` message (without its own tag)."""
         context = span.get_span_context()
         assert context is not None
         parent = span.parent
+        parts = [
+            _SPAN_TRACE_ID,
+            context.trace_id.to_bytes(16, "big"),
+            _SPAN_SPAN_ID,
+            context.span_id.to_bytes(8, "big"),
+        ]
+        state = _encode_trace_state(context.trace_state)
+        if state:
+            parts.append(_length_delimited(_SPAN_TRACE_STATE, state.encode()))
+        if parent is not None:
+            parts += (_SPAN_PARENT_ID, parent.span_id.to_bytes(8, "big"))
+        if span.name:
+            parts.append(_length_delimited(_SPAN_NAME, span.name.encode()))
+        kind = _KIND_VALUES[span.kind]
+        if kind:
+            parts += (_SPAN_KIND, _varint(kind))
+        if span.start_time:
+            parts += (_SPAN_START, span.start_time.to_bytes(8, "little"))
+        if span.end_time:
+            parts += (_SPAN_END, span.end_time.to_bytes(8, "little"))
+        if span.attributes:
+            self._attributes(span.attributes, parts)
+        if span.dropped_attributes:
+            parts += (_SPAN_DROPPED_ATTRIBUTES, _varint(span.dropped_attributes))
+        if span.events:
+            for event in _encode_events(span.events) or ():
+                parts.append(_length_delimited(_SPAN_EVENT, event.SerializeToString()))
+        if span.dropped_events:
+            parts += (_SPAN_DROPPED_EVENTS, _varint(span.dropped_events))
+        if span.links:
+            for link in _encode_links(span.links) or ():
+                parts.append(_length_delimited(_SPAN_LINK, link.SerializeToString()))
+        if span.dropped_links:
+            parts += (_SPAN_DROPPED_LINKS, _varint(span.dropped_links))
+        if span.status is not None:
+            parts.append(self._status(span.status))
         flags = _HAS_IS_REMOTE | (_IS_REMOTE if parent is not None and parent.is_remote else 0)
-        encoded: PbSpan = _new_span(
-            trace_id=context.trace_id.to_bytes(16, "big"),
-            span_id=context.span_id.to_bytes(8, "big"),
-            trace_state=_encode_trace_state(context.trace_state),
-            parent_span_id=parent.span_id.to_bytes(8, "big") if parent else None,
-            name=span.name,
-            kind=_SPAN_KIND_MAP[span.kind],
-            start_time_unix_nano=span.start_time,
-            end_time_unix_nano=span.end_time,
-            attributes=self.attributes(span.attributes),
-            events=_encode_events(span.events) if span.events else None,
-            links=_encode_links(span.links) if span.links else None,
-            status=self.status(span.status),
-            dropped_attributes_count=span.dropped_attributes,
-            dropped_events_count=span.dropped_events,
-            dropped_links_count=span.dropped_links,
-            flags=flags,
-        )
-        return encoded
+        parts += (_SPAN_FLAGS, flags.to_bytes(4, "little"))
+        return b"".join(parts)
 
-    def request(self, spans: Sequence[ReadableSpan]) -> ExportTraceServiceRequest:
-        groups: dict[tuple[int, int], tuple[Any, Any, list[PbSpan]]] = {}
+    def request(self, spans: Sequence[ReadableSpan]) -> bytes:
+        """The serialized ``ExportTraceServiceRequest`` of ``spans``."""
+        groups: dict[tuple[int, int], tuple[Any, Any, list[bytes]]] = {}
         for span in spans:
             scope = span.instrumentation_scope or None
             key = (id(span.resource), id(scope))
             group = groups.get(key)
             if group is None:
                 group = groups[key] = (span.resource, scope, [])
-            group[2].append(self.span(span))
-        by_resource: dict[int, tuple[Any, list[ScopeSpans]]] = {}
+            group[2].append(_length_delimited(_SCOPE_SPANS_SPAN, self.span(span)))
+        by_resource: dict[int, tuple[Any, list[bytes]]] = {}
         for resource, scope, encoded in groups.values():
-            scope_spans = _new_scope_spans(
-                scope=_encode_instrumentation_scope(scope),
-                spans=encoded,
-                schema_url=scope.schema_url if scope else None,
-            )
-            by_resource.setdefault(id(resource), (resource, []))[1].append(scope_spans)
-        return ExportTraceServiceRequest(
-            resource_spans=[
-                ResourceSpans(
-                    resource=_encode_resource(resource),
-                    scope_spans=scope_spans,
-                    schema_url=resource.schema_url,
+            parts = [
+                _length_delimited(
+                    _SCOPE_SPANS_SCOPE, _encode_instrumentation_scope(scope).SerializeToString()
                 )
-                for resource, scope_spans in by_resource.values()
             ]
+            parts += encoded
+            if scope is not None and scope.schema_url:
+                parts.append(_length_delimited(_SCOPE_SPANS_SCHEMA, scope.schema_url.encode()))
+            scope_spans = _length_delimited(_RESOURCE_SPANS_SCOPE_SPANS, b"".join(parts))
+            by_resource.setdefault(id(resource), (resource, []))[1].append(scope_spans)
+        out: list[bytes] = []
+        for resource, scope_spans_list in by_resource.values():
+            parts = [
+                _length_delimited(_RESOURCE_SPANS_RESOURCE, _encode_resource(resource).SerializeToString())
+            ]
+            parts += scope_spans_list
+            if resource.schema_url:
+                parts.append(_length_delimited(_RESOURCE_SPANS_SCHEMA, resource.schema_url.encode()))
+            out.append(_length_delimited(_REQUEST_RESOURCE_SPANS, b"".join(parts)))
+        return b"".join(out)
+
+
+def encode_spans_bytes(spans: Sequence[ReadableSpan], encoder: SpanEncoder | None = None) -> bytes:
+    """The serialized ``ExportTraceServiceRequest`` that ``encode_spans`` would build."""
+    return (encoder or SpanEncoder()).request(spans)
+
+
+class _BytesTraceStub:
+    """A TraceService stub that sends an already serialized request."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        self.Export: grpc.UnaryUnaryMultiCallable[bytes, ExportTraceServiceResponse] = channel.unary_unary(
+            EXPORT_METHOD,
+            request_serializer=None,
+            response_deserializer=ExportTraceServiceResponse.FromString,
         )
 
 
-def encode_spans_cached(
-    spans: Sequence[ReadableSpan], encoder: _Encoder | None = None
-) -> ExportTraceServiceRequest:
-    """The ``ExportTraceServiceRequest`` that ``encode_spans`` builds, built with caches."""
-    return (encoder or _Encoder()).request(spans)
-
-
 class CachingOtlpSpanExporter(OTLPSpanExporter):
-    """``OTLPSpanExporter`` (same arguments) encoding through ``encode_spans_cached``."""
+    """``OTLPSpanExporter`` (same arguments) encoding through ``SpanEncoder``."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._encoder = SpanEncoder()
         super().__init__(*args, **kwargs)
-        self._encoder = _Encoder()
 
-    def _translate_data(self, data: Sequence[ReadableSpan]) -> ExportTraceServiceRequest:
+    def _initialize_channel_and_stub(self) -> None:
+        # Called at construction and on reconnects: keep the SDK's channel, swap in the bytes stub.
+        super()._initialize_channel_and_stub()  # type: ignore[no-untyped-call]
+        channel: grpc.Channel = self.__dict__["_channel"]
+        self.__dict__["_client"] = _BytesTraceStub(channel)
+
+    def _translate_data(self, data: Sequence[ReadableSpan]) -> Any:
         return self._encoder.request(data)

@@ -1,16 +1,17 @@
-"""The caching OTLP span encoder builds exactly what the SDK's encode_spans builds."""
+"""The bytes-level OTLP span encoder writes what the SDK's encode_spans builds."""
 
 from __future__ import annotations
 
 import grpc
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import Link, SpanKind
 
 from rpcmesh.telemetry import TelemetryConfig, setup_telemetry
 from rpcmesh.telemetry._calls import begin_client_call, begin_server_call
-from rpcmesh.telemetry.otlp import _Encoder, encode_spans_cached
+from rpcmesh.telemetry.otlp import SpanEncoder, encode_spans_bytes
 
 
 class Keep(SpanExporter):
@@ -18,7 +19,7 @@ class Keep(SpanExporter):
         self.spans: list[ReadableSpan] = []
 
     def export(self, spans: object) -> SpanExportResult:
-        self.spans.extend(spans)  # type: ignore[arg-type]
+        self.spans.extend(spans)  # type: ignore[call-overload]
         return SpanExportResult.SUCCESS
 
 
@@ -32,15 +33,21 @@ def _spans() -> list[ReadableSpan]:
     )
     try:
         for code in (grpc.StatusCode.OK, grpc.StatusCode.INTERNAL, grpc.StatusCode.OK):
-            record, sent = begin_client_call(telemetry, "/echo.v1.Echo/Echo", [("x-a", "1")], "127.0.0.1:7")
-            server = begin_server_call(telemetry, "/echo.v1.Echo/Echo", sent)
-            server.finish_with_error(RuntimeError("boom")) if code != grpc.StatusCode.OK else server.finish(
-                code
-            )
+            metadata = [("x-a", "1"), ("tracestate", "vendor=1")]
+            record, sent = begin_client_call(telemetry, "/echo.v1.Echo/Echo", metadata, "127.0.0.1:7")
+            server = begin_server_call(telemetry, "/echo.v1.Echo/Echo", [*sent, ("tracestate", "vendor=1")])
+            if code == grpc.StatusCode.OK:
+                server.finish(code)
+            else:
+                server.finish_with_error(RuntimeError("boom"))
             record.finish(code, "failed" if code != grpc.StatusCode.OK else None)
         with telemetry.tracer.start_as_current_span("sdk span", kind=SpanKind.PRODUCER) as span:
             span.set_attribute("list", [1, 2])
+            span.set_attribute("ratio", 0.5)
+            span.set_attribute("flag", True)
             span.add_event("e", {"k": "v"})
+            context = span.get_span_context()
+        telemetry.tracer.start_span("linked", links=[Link(context, {"why": "because"})]).end()
     finally:
         telemetry.shutdown()
     return keep.spans
@@ -48,7 +55,9 @@ def _spans() -> list[ReadableSpan]:
 
 def test_same_message_as_the_sdk_encoder() -> None:
     spans = _spans()
-    assert len(spans) == 7
-    encoder = _Encoder()
-    assert encode_spans_cached(spans, encoder) == encode_spans(spans)
-    assert encode_spans_cached(spans, encoder) == encode_spans(spans)  # from the warm caches too
+    assert len(spans) == 8
+    expected = encode_spans(spans)
+    encoder = SpanEncoder()
+    assert ExportTraceServiceRequest.FromString(encode_spans_bytes(spans, encoder)) == expected
+    # From warm caches too, and byte for byte what protobuf serializes.
+    assert encode_spans_bytes(spans, encoder) == expected.SerializeToString(deterministic=True)
