@@ -28,8 +28,7 @@ if __package__ in (None, ""):
 
 from echo.servicer import EchoServicer
 from echo.v1 import echo_pb2, echo_pb2_grpc
-from rpcmesh.host import ServiceHost, ServiceHostConfig
-from rpcmesh.host.config import host_security_from_env
+from rpcmesh.host import ServiceHost, ServiceHostConfig, host_security_from_env
 
 
 class SlowEchoServicer(EchoServicer):
