@@ -4,9 +4,13 @@ The SagaCoordinator may call a step or compensation more than once with the
 same key (a retry after a timeout, a re-invocation after a coordinator crash).
 Wrap the handler and the first successful response for a key is stored in
 SQLite; later calls with that key get the stored response without running the
-handler again. The response is recorded even when the caller goes away
-(a coordinator killed mid-call cancels the handler's task): the effect has
-happened, so its record must not be lost. Failed calls are not stored (they are
+handler again. Once started for a key, the handler runs to completion and
+its response is recorded even when the caller goes away (a coordinator killed
+mid-call cancels the call): an effect already applied must not lose its record.
+The handler's effect and the record are two writes, not one transaction: a
+participant process that dies between them runs the handler again on the
+re-invocation, so effects should also be idempotent on the key where that
+matters. Failed calls are not stored (they are
 expected to have had no effect), so a retry runs the handler again.
 
 Usage::
@@ -177,18 +181,27 @@ def idempotency_key(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     return ""
 
 
-async def _record(store: IdempotencyStore, key: str, response: Message) -> None:
-    """Store a response even if the call is cancelled meanwhile (the caller went away).
+async def _run_to_completion(store: IdempotencyStore, key: str, call: Awaitable[Any]) -> Any:
+    """Run the handler and record its response even if the caller goes away meanwhile.
 
-    The handler's effect has happened by now; losing its record would let the
-    re-invocation with the same key run the handler a second time. The write
-    finishes before the key's lock is released.
+    A coordinator killed mid-call cancels the handler's task; an effect applied
+    before that point must still get its record, or the re-invocation with the
+    same key would apply it again. So the handler and the write run in their
+    own task, and the key's lock is held until both are done.
     """
-    put = asyncio.ensure_future(store.put(key, response))
+
+    async def run() -> Any:
+        response = await call
+        if isinstance(response, Message):
+            await store.put(key, response)
+        return response
+
+    task = asyncio.ensure_future(run())
     try:
-        await asyncio.shield(put)
+        return await asyncio.shield(task)
     except asyncio.CancelledError:
-        await put
+        with contextlib.suppress(BaseException):
+            await task
         raise
 
 
@@ -206,10 +219,7 @@ def idempotent(store: IdempotencyStore) -> Callable[[_Handler], _Handler]:
                 stored = await store.get(key)
                 if stored is not None:
                     return stored
-                response = await handler(*args)
-                if isinstance(response, Message):
-                    await _record(store, key, response)
-                return response
+                return await _run_to_completion(store, key, handler(*args))
 
         return wrapper  # type: ignore[return-value]
 
