@@ -33,6 +33,7 @@ from typing import Protocol
 from rpcmesh.controlplane.bus import topics
 from rpcmesh.controlplane.bus.consumer_runtime import ConsumerGroupRuntime
 from rpcmesh.controlplane.bus.group_state import Dead, GroupState
+from rpcmesh.controlplane.bus.node_link import NodeLink
 from rpcmesh.controlplane.bus.store import AppendResult, BusStore, GroupRecord, NativeGroupStore
 from rpcmesh.controlplane.bus.validation import SubscriptionSettings
 from rpcmesh.errors import (
@@ -183,6 +184,9 @@ class Subscription:
             return
         self.closed = True
         self.broker._subscriptions.discard(self)
+        link = self.broker.node_link
+        if link is not None:
+            await link.withdraw(self.settings.topic)
         for runtime in list(self.groups.values()):
             await runtime.detach(self)
         self.groups.clear()
@@ -360,6 +364,8 @@ class Broker:
     async def start(self) -> None:
         """Open the store and start housekeeping."""
         await self.store.open()
+        if self.node_link is not None:
+            await self.node_link.listen_replies(self.node_id, self._take_reply)
         after = ""
         while True:
             page = await self.store.list_topics(after, 1000)
@@ -372,6 +378,12 @@ class Broker:
             asyncio.create_task(self._retention_loop(), name="bus-retention"),
             asyncio.create_task(self._lag_loop(), name="bus-lag"),
         ]
+
+    @property
+    def node_link(self) -> NodeLink | None:
+        """Request/reply with other Bus nodes, when the store offers it (NATS)."""
+        link = getattr(self.store, "node_link", None)
+        return link if isinstance(link, NodeLink) else None
 
     async def stop(self) -> None:
         """End subscriptions, persist progress and close the store."""
@@ -525,6 +537,8 @@ class Broker:
         for name in matching:
             await self._attach(subscription, name, fresh_topic=False)
         self._subscriptions.add(subscription)
+        if self.node_link is not None:
+            await self.node_link.announce(settings.topic)
         return subscription
 
     async def _attach_patterns(self, topic: str) -> None:
@@ -673,7 +687,8 @@ class Broker:
 
     async def request(self, topic: str, message: bus_pb2.BusMessage, within: float) -> bus_pb2.BusMessage:
         """Publish ``message`` with reply routing and wait for the first reply."""
-        if not self.has_subscribers(topic):
+        link = self.node_link
+        if not self.has_subscribers(topic) and not (link is not None and await link.anyone_subscribed(topic)):
             raise UnavailableError(f"no responders on topic {topic!r}")
         correlation_id = uuid.uuid4().hex
         message.correlation_id = correlation_id
@@ -689,13 +704,23 @@ class Broker:
         finally:
             self._requests.pop(correlation_id, None)
 
-    def reply(self, reply_to: str, correlation_id: str, message: bus_pb2.BusMessage) -> bool:
-        """Complete the waiting request; False when it finished already (the reply is dropped)."""
-        if reply_to != self.reply_address:
+    async def reply(self, reply_to: str, correlation_id: str, message: bus_pb2.BusMessage) -> bool:
+        """Complete the waiting request; False when it finished already (the reply is dropped).
+
+        A request held by another Bus node on the same NATS gets the reply forwarded.
+        """
+        message.correlation_id = correlation_id
+        if reply_to == self.reply_address:
+            return self._take_reply(message)
+        link = self.node_link
+        node = reply_to.removeprefix("_reply.")
+        if link is None or node == reply_to or not topics.is_plain_token(node):
             return False
-        future = self._requests.get(correlation_id)
+        return await link.forward_reply(node, message)
+
+    def _take_reply(self, message: bus_pb2.BusMessage) -> bool:
+        future = self._requests.get(message.correlation_id)
         if future is None or future.done():
             return False
-        message.correlation_id = correlation_id
         future.set_result(message)
         return True

@@ -13,6 +13,8 @@ Mapping:
 * a consumer group is a JetStream durable pull consumer on the topic's stream
   (:mod:`jetstream_group`): JetStream tracks deliveries, redelivery counts,
   acks and the ack floor, so several Bus nodes on one NATS share a group.
+* request/reply across Bus nodes (presence probes, forwarded replies) runs on
+  core NATS (:mod:`node_link`).
 * broadcast subscriptions and dead-letter listing read the log with
   ephemeral pull consumers (no acks) positioned by sequence; a reader is kept
   per position so sequential reads reuse it.
@@ -39,6 +41,7 @@ from nats.js import api
 
 from rpcmesh.controlplane.bus import jetstream_group
 from rpcmesh.controlplane.bus.group_state import DeliveryPolicy
+from rpcmesh.controlplane.bus.node_link import NodeLink
 from rpcmesh.controlplane.bus.store import AppendResult, GroupRecord, RetentionPolicy, TopicStats
 from rpcmesh.errors import NotFoundError, UnavailableError
 from rpcmesh.v1 import bus_pb2
@@ -88,6 +91,8 @@ class NatsBusStore:
         self.dedup_window = dedup_window
         self._nc: Any = None
         self._js: Any = None
+        self.node_link: NodeLink | None = None
+        """Request/reply between Bus nodes on this NATS (set once open)."""
         self._topics: dict[str, _TopicCache] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._tails: dict[str, asyncio.Future[None]] = {}
@@ -104,6 +109,7 @@ class NatsBusStore:
         except Exception as exc:
             raise UnavailableError(f"bus: cannot connect to NATS at {self.url}: {exc}") from exc
         self._js = self._nc.jetstream(publish_async_max_pending=20_000)
+        self.node_link = NodeLink(self._nc)
         await self._load_topics()
         self._refresher = asyncio.create_task(self._refresh_loop(), name="bus-nats-refresh")
 
@@ -118,6 +124,9 @@ class NatsBusStore:
                 with contextlib.suppress(Exception):
                     await reader.sub.unsubscribe()
             cache.readers.clear()
+        if self.node_link is not None:
+            await self.node_link.close()
+            self.node_link = None
         if self._nc is not None:
             with contextlib.suppress(Exception):
                 await self._js.publish_async_completed()

@@ -299,7 +299,7 @@ class BusServicer(bus_pb2_grpc.BusServicer):
         if not request.correlation_id:
             raise invalid_argument("correlation_id", "must not be empty")
         check_message("message", request.message, self.limits)
-        delivered = self.broker.reply(request.reply_to, request.correlation_id, request.message)
+        delivered = await self.broker.reply(request.reply_to, request.correlation_id, request.message)
         return bus_pb2.ReplyResponse(delivered=delivered)
 
     # -- dead letters ----------------------------------------------------------------

@@ -73,6 +73,11 @@ def group_problem(group: str) -> str | None:
     return None
 
 
+def is_plain_token(token: str) -> bool:
+    """True for one topic token (letters, digits, '_' and '-'): safe in a NATS subject."""
+    return bool(_TOKEN.match(token))
+
+
 def is_pattern(pattern: str) -> bool:
     """True when ``pattern`` holds a wildcard token."""
     return any(token in ("*", ">") for token in pattern.split("."))

@@ -12,8 +12,10 @@ import nats
 import pytest
 from rpcmesh.v1 import bus_pb2, bus_pb2_grpc
 
+from rpcmesh.bus import request
 from rpcmesh.controlplane.bus.jetstream_group import consumer_name
 from rpcmesh.controlplane.bus.nats_store import stream_name
+from rpcmesh.errors import UnavailableError
 from tests.integration.bus.streams import RawSubscriber, options
 from tests.integration.bus.test_bus_faults import worker
 from tests.support import backends
@@ -127,3 +129,27 @@ async def test_attempt_counts_survive_a_bus_kill(tmp_path: Path, prefix: str, ba
                 await again.close()
     finally:
         proc.kill()
+
+
+async def test_request_on_one_node_is_answered_by_a_responder_on_another(tmp_path: Path, prefix: str) -> None:
+    url = backends.nats_url()
+    topic = f"{prefix}.ask"
+    procs: list[ManagedProcess] = []
+    try:
+        node_a, address_a = start_control_plane(tmp_path / "a", "--bus", url)
+        procs.append(node_a)
+        node_b, address_b = start_control_plane(tmp_path / "b", "--bus", url)
+        procs.append(node_b)
+        procs.append(worker("respond", address_b, topic))
+        async with grpc.aio.insecure_channel(address_a) as channel:
+            replies = await asyncio.gather(
+                *[request(channel, topic, f"q{i}".encode(), within=10) for i in range(20)]
+            )
+            assert sorted(r.payload for r in replies) == sorted(f"q{i}".encode() for i in range(20))
+            started = time.monotonic()
+            with pytest.raises(UnavailableError, match="no responders"):
+                await request(channel, f"{prefix}.nobody", b"?", within=10)
+            assert time.monotonic() - started < 3
+    finally:
+        for proc in reversed(procs):
+            proc.kill()
