@@ -32,6 +32,17 @@ def _timestamp_seconds(ts: Any) -> float:
     return float(ts.seconds + ts.nanos / 1e9)
 
 
+# google.protobuf.Timestamp's valid range: 0001-01-01 to 9999-12-31, nanos in [0, 1e9).
+_MIN_SECONDS, _MAX_SECONDS = -62_135_596_800, 253_402_300_799
+
+
+def _check_timestamp(field: str, ts: Any) -> None:
+    if not 0 <= ts.nanos < 1_000_000_000:
+        raise invalid_argument(f"{field}.nanos", "must be in [0, 999999999]")
+    if not _MIN_SECONDS <= ts.seconds <= _MAX_SECONDS:
+        raise invalid_argument(f"{field}.seconds", "outside the Timestamp range 0001-01-01 to 9999-12-31")
+
+
 class SagaCoordinatorServicer(pb_grpc.SagaCoordinatorServicer):
     """Serves rpcmesh.v1.SagaCoordinator."""
 
@@ -135,6 +146,8 @@ class SagaCoordinatorServicer(pb_grpc.SagaCoordinatorServicer):
         for index, state in enumerate(request.states):
             if state not in pb.SagaState.values() or state == pb.SAGA_STATE_UNSPECIFIED:
                 raise invalid_argument(f"states[{index}]", "unknown saga state")
+        for name in ("started_after", "started_before"):
+            _check_timestamp(name, getattr(request, name))
         scope = json.dumps(
             [
                 sorted(request.states),

@@ -127,6 +127,16 @@ async def test_bad_definitions_are_refused_and_nothing_starts(mesh: Mesh) -> Non
                     raise AssertionError(f"{field} accepted")
         listed = await stub.ListSagas(pb.ListSagasRequest())
         assert not listed.sagas
+        bad_time = pb.ListSagasRequest()
+        bad_time.started_after.nanos = -1
+        try:
+            await stub.ListSagas(bad_time)
+        except grpc.aio.AioRpcError as exc:
+            error = from_rpc_error(exc)
+            assert isinstance(error, InvalidArgumentError)
+            assert error.message.startswith("started_after.nanos:")
+        else:
+            raise AssertionError("a negative nanos Timestamp was accepted")
         try:
             await stub.GetSaga(pb.GetSagaRequest(saga_id="nope"))
         except grpc.aio.AioRpcError as exc:
