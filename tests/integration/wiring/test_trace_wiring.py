@@ -10,6 +10,7 @@ registry instance-count metrics at the collector.
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +20,15 @@ import grpc.aio
 import pytest
 from echo.v1 import echo_pb2, echo_pb2_grpc
 
-from rpcmesh.client import BreakerPolicy, Mesh, MeshPolicy, MethodPolicy, ServicePolicy
+from rpcmesh.client import (
+    BreakerPolicy,
+    HedgingPolicy,
+    Mesh,
+    MeshPolicy,
+    MethodPolicy,
+    ServicePolicy,
+    SyncMesh,
+)
 from rpcmesh.telemetry import (
     DISABLED,
     Telemetry,
@@ -247,3 +256,68 @@ async def test_correlation_id_travels_with_telemetry_off(processes: Processes) -
         reply = await stub.Echo(echo_pb2.EchoRequest(message="x"), timeout=TIMEOUT)
         assert reply.message and reply.message != "order-42"
     processes.started[-1].wait_for_line("correlation=order-42 handling call", timeout=10)
+    # A plaintext host says so loudly.
+    assert "WARNING: rpcmesh is serving PLAINTEXT" in processes.started[-1].output()
+
+
+async def test_sync_mesh_traces_each_attempt(
+    processes: Processes, collector: OtlpCollector, client_telemetry: Telemetry
+) -> None:
+    registry = processes.control_plane()
+    _chain_host(processes, collector, registry, "svc-b")
+
+    def call() -> str:
+        with SyncMesh(registry, telemetry=client_telemetry) as mesh:
+            mesh.wait_for_instances("svc-b", 1, within=20)
+            stub = echo_pb2_grpc.EchoStub(mesh.channel("svc-b"))
+            return str(stub.Echo(echo_pb2.EchoRequest(message="x"), timeout=TIMEOUT).message)
+
+    correlation = await asyncio.to_thread(call)
+    trace: list[CollectedSpan] = []
+
+    def complete(spans: list[CollectedSpan]) -> bool:
+        nonlocal trace
+        trace = _trace_of(spans, "svc-b", "SERVER", 3) or []
+        return bool(trace)
+
+    collector.wait_for_spans(complete)
+    (call_span,) = _of(trace, "client", "INTERNAL")
+    (attempt,) = _of(trace, "client", "CLIENT")
+    (server,) = _of(trace, "svc-b", "SERVER")
+    assert call_span.parent_span_id is None
+    assert attempt.parent_span_id == call_span.span_id
+    assert server.parent_span_id == attempt.span_id
+    assert {s.attributes["rpcmesh.correlation_id"] for s in trace} == {correlation}
+
+
+async def test_hedged_attempts_are_spans_of_one_call(
+    processes: Processes, collector: OtlpCollector, client_telemetry: Telemetry
+) -> None:
+    registry = processes.control_plane()
+    _chain_host(processes, collector, registry, "svc-b")
+    policy = MeshPolicy(
+        default=ServicePolicy(
+            method=MethodPolicy(
+                idempotent=True, retry=None, hedging=HedgingPolicy(max_attempts=2, delay=0.05)
+            )
+        )
+    )
+    slow = echo_pb2.EchoRequest(message="x", behaviour=echo_pb2.Behaviour(delay_ms=400))
+    async with Mesh(registry, policy=policy, telemetry=client_telemetry) as mesh:
+        await mesh.wait_for_instances("svc-b", 1, within=20)
+        await echo_pb2_grpc.EchoStub(mesh.channel("svc-b")).Echo(slow, timeout=TIMEOUT)
+
+    trace: list[CollectedSpan] = []
+
+    def complete(spans: list[CollectedSpan]) -> bool:
+        nonlocal trace
+        calls = _of(spans, "client", "INTERNAL")
+        trace = [s for s in spans if calls and s.trace_id == calls[0].trace_id and s.service == "client"]
+        return len(trace) >= 3
+
+    collector.wait_for_spans(complete)
+    (call,) = _of(trace, "client", "INTERNAL")
+    attempts = _of(trace, "client", "CLIENT")
+    assert call.events.count("rpcmesh.attempt") == 2
+    assert len(attempts) == 2 and {a.parent_span_id for a in attempts} == {call.span_id}
+    assert collector.wait_for_metric("client", "rpcmesh.client.hedges").points
