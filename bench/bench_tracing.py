@@ -3,8 +3,8 @@
     .venv/bin/python bench/bench_tracing.py [--seconds 1] [--rounds 10] [--inflight 32]
         [--sampler-ratio 1.0] [--exporter otlp|discard] [--with-interceptors]
 
-Modes, each with its own server process (the client alternates between them, round after
-round, and takes medians):
+Modes, each with its own server (all servers in one child process, the client in this one; the
+client alternates between modes, round after round, and takes medians):
 
 - ``off``: no tracing anywhere (plain channel, server without interceptors).
 - ``on``: client ``trace_aio_channel`` + server ``AioServerTracingInterceptor``; spans through
@@ -116,26 +116,39 @@ def serve_collector() -> None:
     server.stop(None)
 
 
-async def serve(mode: str, ratio: float, endpoint: str | None) -> None:
-    """Child process: serve Echo with the tracing interceptor (traced modes) or none (off)."""
-    interceptors: list[grpc.aio.ServerInterceptor] = []
-    telemetry = None
-    if mode != "off":
-        telemetry = _telemetry(f"bench-server-{mode}", ratio, endpoint)
-    if mode == "interceptors":
-        interceptors = [AioServerTracingInterceptor(telemetry)]
-    server = grpc.aio.server(interceptors=interceptors)
-    # "on": the servicer is registered through trace_aio_server (no interceptor machinery).
-    target = trace_aio_server(server, telemetry) if mode == "on" else server
-    echo_pb2_grpc.add_EchoServicer_to_server(EchoServicer(mode), target)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    print(f"listening on 127.0.0.1:{port}", flush=True)
+async def serve(modes: list[str], ratio: float, endpoint: str | None) -> None:
+    """Child process: one Echo server per mode, all in this process and event loop.
+
+    One process for every mode, so the modes share the same core placement and neighbours on a
+    shared machine: its CPU time per call is then comparable between modes (separate processes
+    differ by tens of microseconds per call from placement alone).
+    """
+    servers: list[grpc.aio.Server] = []
+    telemetries: list[Telemetry] = []
+    addresses: list[str] = []
+    for mode in modes:
+        interceptors: list[grpc.aio.ServerInterceptor] = []
+        telemetry = None
+        if mode != "off":
+            telemetry = _telemetry(f"bench-server-{mode}", ratio, endpoint)
+            telemetries.append(telemetry)
+        if mode == "interceptors":
+            interceptors = [AioServerTracingInterceptor(telemetry)]
+        server = grpc.aio.server(interceptors=interceptors)
+        # "on": the servicer is registered through trace_aio_server (no interceptor machinery).
+        target = trace_aio_server(server, telemetry) if mode == "on" else server
+        echo_pb2_grpc.add_EchoServicer_to_server(EchoServicer(mode), target)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        servers.append(server)
+        addresses.append(f"{mode}=127.0.0.1:{port}")
+    print(f"listening on {','.join(addresses)}", flush=True)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     await stop.wait()
-    await server.stop(None)
-    if telemetry is not None:
+    for server in servers:
+        await server.stop(None)
+    for telemetry in telemetries:
         telemetry.shutdown()  # exports what is still queued
 
 
@@ -310,7 +323,7 @@ def _start(args: list[str]) -> tuple[subprocess.Popen[str], str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--serve", choices=["on", "off", "interceptors"], help=argparse.SUPPRESS)
+    parser.add_argument("--serve", help=argparse.SUPPRESS)  # comma-separated modes
     parser.add_argument("--serve-collector", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--endpoint", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--seconds", type=float, default=1.0)
@@ -328,7 +341,7 @@ def main() -> None:
         serve_collector()
         return
     if args.serve:
-        asyncio.run(serve(args.serve, args.sampler_ratio, args.endpoint))
+        asyncio.run(serve(args.serve.split(","), args.sampler_ratio, args.endpoint))
         return
 
     collector: subprocess.Popen[str] | None = None
@@ -338,24 +351,23 @@ def main() -> None:
         endpoint = f"http://{address}"
     modes = ["off", "on"] + (["interceptors"] if args.with_interceptors else [])
     child_args = ["--sampler-ratio", str(args.sampler_ratio)] + (["--endpoint", endpoint] if endpoint else [])
-    servers = {mode: _start(["--serve", mode, *child_args]) for mode in modes}
+    server, listening = _start(["--serve", ",".join(modes), *child_args])
+    addresses = dict(item.split("=", 1) for item in listening.split(","))
     try:
         figures = asyncio.run(
             run_tracing_bench(
-                {mode: address for mode, (_, address) in servers.items()},
+                addresses,
                 seconds=args.seconds,
                 rounds=args.rounds,
                 inflight=args.inflight,
                 ratio=args.sampler_ratio,
                 endpoint=endpoint,
-                pids={mode: process.pid for mode, (process, _) in servers.items()},
+                pids=dict.fromkeys(modes, server.pid),
             )
         )
     finally:
-        for process, _ in servers.values():
-            process.terminate()
-        for process, _ in servers.values():
-            process.wait(timeout=30)
+        server.terminate()
+        server.wait(timeout=30)
     if collector is not None:
         assert collector.stdin is not None and collector.stdout is not None
         collector.stdin.close()
