@@ -637,7 +637,11 @@ class Broker:
         key = (runtime.topic, runtime.name)
         if self._groups.get(key) is runtime and not runtime.members:
             del self._groups[key]
-            await runtime.close()
+            # Runs to its end even when the Subscribe call that left is cancelled.
+            task = asyncio.create_task(runtime.close())
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            await asyncio.shield(task)
 
     # -- persistence -----------------------------------------------------------------
 

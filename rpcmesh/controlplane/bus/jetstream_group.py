@@ -16,6 +16,7 @@ requests are told apart. Messages stream in as they are published.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import itertools
@@ -144,6 +145,8 @@ class JetStreamGroupConsumer:
         self._open_pull: str | None = None
         self._pull_left = 0
         self._pull_until = 0.0
+        self._closing = False
+        self._drainer: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Listen on this node's inbox for pulled messages."""
@@ -161,6 +164,10 @@ class JetStreamGroupConsumer:
             metadata = msg.metadata
         except Exception:
             logger.exception("undecodable message on consumer %s/%s", self._stream, self._durable)
+            return
+        if self._closing:
+            with contextlib.suppress(Exception):
+                await msg.nak()
             return
         message.sequence = metadata.sequence.stream
         self._note_sequence(message.sequence)
@@ -224,13 +231,39 @@ class JetStreamGroupConsumer:
         return to_info(self.group, await self._js.consumer_info(self._stream, self._durable))
 
     async def close(self) -> None:
-        """Stop listening; flush what was sent."""
-        if self._sub is not None:
+        """Stop listening (naks and acks already handed to the client are sent by its flusher).
+
+        No ``flush()`` here: this runs when a subscription ends, possibly under
+        cancellation, and a cancelled nats-py flush leaves a PONG future behind
+        whose late answer breaks the client's read loop.
+        """
+        self._closing = True
+        sub, self._sub = self._sub, None
+        if sub is None:
+            return
+        # A pull request still open on the server would hand messages to an
+        # inbox nobody reads, and they would only come back after ack_wait:
+        # keep listening until it expires, returning whatever arrives.
+        linger = self._pull_until - time.monotonic() if self._open_pull is not None else 0.0
+        if linger <= 0:
             with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
-            self._sub = None
-        with contextlib.suppress(Exception):
-            await self._nc.flush(timeout=2)
+                await sub.unsubscribe()
+            return
+
+        async def drain_then_unsubscribe() -> None:
+            await asyncio.sleep(linger + 0.1)
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+        self._drainer = asyncio.create_task(drain_then_unsubscribe(), name="bus-consumer-drain")
+
+    async def abandon(self) -> None:
+        """The connection is closing: stop draining at once."""
+        if self._drainer is not None:
+            self._drainer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._drainer
+            self._drainer = None
 
 
 async def open_consumer(

@@ -30,6 +30,7 @@ import logging
 import os
 import re
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -91,6 +92,7 @@ class NatsBusStore:
         self.dedup_window = dedup_window
         self._nc: Any = None
         self._js: Any = None
+        self._consumers: weakref.WeakSet[jetstream_group.JetStreamGroupConsumer] = weakref.WeakSet()
         self.node_link: NodeLink | None = None
         """Request/reply between Bus nodes on this NATS (set once open)."""
         self._topics: dict[str, _TopicCache] = {}
@@ -124,6 +126,8 @@ class NatsBusStore:
                 with contextlib.suppress(Exception):
                     await reader.sub.unsubscribe()
             cache.readers.clear()
+        for consumer in list(self._consumers):
+            await consumer.abandon()
         if self.node_link is not None:
             await self.node_link.close()
             self.node_link = None
@@ -428,7 +432,7 @@ class NatsBusStore:
             # Messages published through other Bus nodes arrive here first.
             cache.last_seq = max(cache.last_seq, seq)
 
-        return await jetstream_group.open_consumer(
+        consumer = await jetstream_group.open_consumer(
             nc=self._nc,
             js=self._js,
             stream=cache.stream,
@@ -439,6 +443,8 @@ class NatsBusStore:
             on_arrival=on_arrival,
             note_sequence=note_sequence,
         )
+        self._consumers.add(consumer)
+        return consumer
 
     async def describe_group(self, topic: str, group: str) -> bus_pb2.ConsumerGroupInfo | None:
         """The group's figures from its consumer, or None."""
