@@ -197,8 +197,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Run one rpcmesh command and exit with its status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    from rpcmesh.telemetry import install_log_correlation
+
+    # Every record then carries the request's correlation id (or "-" outside a request).
+    install_log_correlation()
     logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s [%(correlation_id)s]: %(message)s",
     )
     name = args.command + (
         f" {getattr(args, 'saga_command', '') or getattr(args, 'events_command', '')}".rstrip()
