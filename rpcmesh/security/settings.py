@@ -41,7 +41,7 @@ __all__ = ["SecuritySettings", "ServerSecurity"]
 
 PLAINTEXT_WARNING = (
     "WARNING: rpcmesh is serving PLAINTEXT gRPC without authentication: any process that can reach "
-    "{address} can read and change the control plane. Use TLS (--tls-cert/--tls-key, `rpcmesh certs`) "
+    "{address} can call it and read its traffic. Use TLS (--tls-cert/--tls-key, `rpcmesh certs`) "
     "outside development."
 )
 INSECURE_WARNING = (
