@@ -29,7 +29,15 @@ from shop.place_order import place_order_definition, place_order_input  # noqa: 
 from shop.v1 import shop_pb2, shop_pb2_grpc  # noqa: E402
 
 from rpcmesh.client import Mesh, MeshPolicy, MethodPolicy, ServicePolicy  # noqa: E402
-from rpcmesh.testing import ManagedProcess, rpcmesh_command  # noqa: E402
+from rpcmesh.telemetry import TelemetryConfig, get_telemetry, inject_metadata, setup_telemetry  # noqa: E402
+from rpcmesh.testing import (  # noqa: E402
+    CollectedSpan,
+    ManagedProcess,
+    OtlpCollector,
+    render_trace_tree,
+    rpcmesh_command,
+    running_collector,
+)
 
 TERMINAL = {
     saga_pb2.SAGA_STATE_COMPLETED,
@@ -50,23 +58,31 @@ def state(value: int) -> str:
 class Shop:
     """The processes of the demo; every one is killed on exit."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, telemetry_env: dict[str, str]) -> None:
         self.data_dir = data_dir
+        self.telemetry_env = telemetry_env
         self.processes: list[ManagedProcess] = []
         self.instances: dict[str, ManagedProcess] = {}
         self.address = ""
+        self.traced_order = ""
 
-    def start(self, args: list[str], wait_for: str) -> ManagedProcess:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(EXAMPLES)}
+    def start(self, args: list[str], wait_for: str, service_name: str = "") -> ManagedProcess:
+        extra = {"OTEL_SERVICE_NAME": service_name} if service_name else {}
+        env = {
+            **os.environ,
+            **self.telemetry_env,
+            **extra,
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": str(EXAMPLES),
+        }
         proc = ManagedProcess(args, env=env)
         self.processes.append(proc)
         proc.wait_for_line(wait_for, timeout=30)
         return proc
 
     def start_control_plane(self) -> None:
-        proc = self.start(
-            rpcmesh_command("up", "--port", "0", "--data-dir", str(self.data_dir)), "listening on"
-        )
+        args = rpcmesh_command("up", "--port", "0", "--data-dir", str(self.data_dir))
+        proc = self.start(args, "listening on", service_name="control-plane")
         self.address = proc.wait_for_address()
 
     def start_service(self, name: str, instance_id: str) -> ManagedProcess:
@@ -84,9 +100,16 @@ class Shop:
 
 
 @contextmanager
-def running_shop() -> Iterator[Shop]:
+def running_shop(collector: OtlpCollector) -> Iterator[Shop]:
+    # Every process exports its spans over OTLP to the demo's own collector.
+    telemetry_env = {
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_METRICS_EXPORTER": "none",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": collector.endpoint,
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+    }
     with tempfile.TemporaryDirectory(prefix="rpcmesh-demo-") as tmp:
-        shop = Shop(Path(tmp) / "data")
+        shop = Shop(Path(tmp) / "data", telemetry_env)
         try:
             yield shop
         finally:
@@ -103,6 +126,7 @@ async def place_order(
             idempotency_key=order_id,
         ),
         timeout=10,
+        metadata=inject_metadata(()),
     )
     saga_id = started.saga.saga_id
     async for update in stub.WatchSaga(saga_pb2.WatchSagaRequest(saga_id=saga_id), timeout=60):
@@ -131,7 +155,9 @@ async def story(shop: Shop) -> None:
 
         say("\n1. Alice orders two books for 30.00: the saga completes.")
         alice_order = f"order-{uuid.uuid4().hex[:6]}"
-        saga = await place_order(sagas, alice_order, "u-alice", 3_000, book=2)
+        with get_telemetry().tracer.start_as_current_span(f"place order {alice_order}") as span:
+            shop.traced_order = format(span.get_span_context().trace_id, "032x")
+            saga = await place_order(sagas, alice_order, "u-alice", 3_000, book=2)
         order = (await orders.GetOrder(shop_pb2.GetOrderRequest(order_id=alice_order))).order
         say(f"   -> saga {state(saga.state)}; order {alice_order} is {shop_pb2.OrderState.Name(order.state)}")
 
@@ -173,9 +199,26 @@ async def story(shop: Shop) -> None:
             raise SystemExit(f"demo: {failures} calls failed while an instance was killed")
 
 
+def print_trace(collector: OtlpCollector, trace_id: str) -> None:
+    """Wait until every participant's spans of the trace arrived, then print the tree."""
+    wanted = {"shop-client", "control-plane", "orders", "inventory", "payments"}
+
+    def complete(spans: list[CollectedSpan]) -> bool:
+        return wanted <= {s.service for s in spans if s.trace_id == trace_id}
+
+    try:
+        collector.wait_for_spans(complete, timeout=20)
+    except AssertionError:
+        say("   (not every service's spans arrived in time; the tree shows what did)")
+    say(render_trace_tree(list(collector.spans), trace_id))
+
+
 def main() -> None:
     say("rpcmesh demo: the example shop on the embedded control plane")
-    with running_shop() as shop:
+    with running_collector() as collector, running_shop(collector) as shop:
+        telemetry = setup_telemetry(
+            TelemetryConfig.from_env(environ=shop.telemetry_env, service_name="shop-client")
+        )
         shop.start_control_plane()
         say(f"control plane listening on {shop.address} (SQLite in a temporary folder)")
         for name, instance in [
@@ -189,13 +232,16 @@ def main() -> None:
             shop.start_service(name, instance)
         say("services up: users x2, orders, inventory, payments, notifications")
         asyncio.run(story(shop))
-        time.sleep(0.5)
+        telemetry.force_flush()
         notifications = [
             line for p in shop.processes for line in p.lines if line.startswith("notifications |")
         ]
         say("\n4. Order events reached the notification service over the Bus:")
         for line in notifications:
             say(f"   {line}")
+        say(f"\n5. The trace of Alice's order ({shop.traced_order}), as the OTLP collector received it:")
+        print_trace(collector, shop.traced_order)
+        telemetry.shutdown()
     say("\ndemo finished; every process stopped")
 
 

@@ -24,6 +24,7 @@ import grpc.aio
 
 from rpcmesh.bus import Received, Subscriber, SubscriberConfig, publish_event
 from rpcmesh.host import ServiceHost, ServiceHostConfig
+from rpcmesh.telemetry import TelemetryConfig, setup_telemetry
 from shop.servicers import (
     InventoryServicer,
     OrdersServicer,
@@ -71,7 +72,12 @@ async def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=args.log_level.upper())
     async with grpc.aio.insecure_channel(args.registry) as control_plane:
         if args.service == "notifications":
-            await run_notifications(control_plane)
+            # A plain process (no ServiceHost): it sets its telemetry up itself.
+            telemetry = setup_telemetry(TelemetryConfig.from_env(service_name="notifications"))
+            try:
+                await run_notifications(control_plane)
+            finally:
+                telemetry.shutdown()
             return
 
         async def publish(event_type: str, data: dict[str, object]) -> None:

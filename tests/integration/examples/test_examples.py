@@ -35,6 +35,11 @@ def test_make_demo_tells_the_whole_story_and_leaves_nothing_behind() -> None:
     assert "saga COMPENSATED" in out and "card declined" in out and "ORDER_STATE_CANCELLED" in out
     assert "(users-1 killed with -9)" in out and ", 0 failed" in out
     assert "is confirmed" in out and "is cancelled" in out
+    tree = out[out.index("5. The trace of Alice's order") :]
+    assert "shop-client    INTERNAL place order" in tree
+    for span in ("SagaCoordinator/StartSaga", "shop.v1.Inventory/ReserveStock", "shop.v1.Payments/Charge"):
+        assert span in tree
+    assert "not every service's spans arrived" not in tree
     assert "demo finished" in out
     assert leftover_processes("rpcmesh-demo-") == []
     assert leftover_processes("shop/run_service.py") == []
