@@ -15,7 +15,10 @@ from rpcmesh.controlplane.config import ControlPlaneConfig
 from rpcmesh.controlplane.eventstore.component import EventStoreComponent
 from rpcmesh.controlplane.saga.engine import SagaEngine
 from rpcmesh.controlplane.saga.invoker import MeshStepInvoker, StepInvoker, check_coordinator_policy
+from rpcmesh.controlplane.saga.security import coordinator_client_security
 from rpcmesh.controlplane.saga.servicer import SagaCoordinatorServicer
+from rpcmesh.security.client import ClientSecurity, aio_channel
+from rpcmesh.telemetry import Telemetry
 from rpcmesh.v1 import registry_pb2, registry_pb2_grpc, saga_pb2, saga_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -31,6 +34,10 @@ class SagaCoordinatorComponent:
             Mesh discovers participants from this control plane's own Registry.
         mesh_policy: Policy of that default invoker's Mesh (see
             :func:`~rpcmesh.controlplane.saga.invoker.check_coordinator_policy`).
+        client_security: How the coordinator reaches its Registry and the participants;
+            None: :func:`~rpcmesh.controlplane.saga.security.coordinator_client_security`
+            from ``config`` and the environment, decided at start.
+        telemetry: Where step spans and saga metrics go; None follows ``get_telemetry()``.
     """
 
     def __init__(
@@ -40,6 +47,8 @@ class SagaCoordinatorComponent:
         eventstore: EventStoreComponent,
         invoker: StepInvoker | None = None,
         mesh_policy: MeshPolicy | None = None,
+        client_security: ClientSecurity | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         if mesh_policy is not None:
             check_coordinator_policy(mesh_policy)
@@ -47,6 +56,8 @@ class SagaCoordinatorComponent:
         self.eventstore = eventstore
         self._invoker = invoker
         self._mesh_policy = mesh_policy
+        self._client_security = client_security
+        self._telemetry = telemetry
         self._servicer = SagaCoordinatorServicer()
         self.engine: SagaEngine | None = None
         self._resume_task: asyncio.Task[None] | None = None
@@ -63,16 +74,24 @@ class SagaCoordinatorComponent:
     async def start(self, context: ControlPlaneContext) -> None:
         """Load definitions and sagas; resume the unfinished ones in the background."""
         await self.eventstore.ensure_open()
-        invoker = self._invoker or MeshStepInvoker(context.address, policy=self._mesh_policy)
-        self.engine = SagaEngine(self.eventstore.storage, invoker)
+        security = self._client_security
+        if security is None:
+            decided = coordinator_client_security(self.config)
+            for line in decided.warnings:
+                logger.warning("%s", line)
+            security = decided.security
+        invoker = self._invoker or MeshStepInvoker(
+            context.address, policy=self._mesh_policy, security=security, telemetry=self._telemetry
+        )
+        self.engine = SagaEngine(self.eventstore.storage, invoker, telemetry=self._telemetry)
         await self.engine.start()
         self._servicer.engine = self.engine
-        self._resume_task = asyncio.create_task(self._resume(context.address), name="saga-resume")
+        self._resume_task = asyncio.create_task(self._resume(context.address, security), name="saga-resume")
 
-    async def _resume(self, address: str) -> None:
+    async def _resume(self, address: str, security: ClientSecurity) -> None:
         # Components start before the server accepts calls; a resumed step must
         # not burn its attempts on a Registry that is not serving yet.
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with aio_channel(address, security) as channel:
             stub = registry_pb2_grpc.RegistryStub(channel)
             for _ in range(300):
                 try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import contextvars
 import itertools
 import json
 import logging
@@ -37,6 +38,7 @@ from rpcmesh.controlplane.saga.invoker import (
     StepInvoker,
 )
 from rpcmesh.controlplane.saga.machine import SagaEvent, SagaView
+from rpcmesh.controlplane.saga.tracing import saga_correlation_id, saga_outcome, step_scope
 from rpcmesh.controlplane.saga.wire import WireError
 from rpcmesh.errors import (
     AlreadyExistsError,
@@ -45,6 +47,7 @@ from rpcmesh.errors import (
     invalid_argument,
     status_code_name,
 )
+from rpcmesh.telemetry import Telemetry, get_telemetry, inject_metadata
 from rpcmesh.v1 import saga_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -122,11 +125,19 @@ class SagaEngine:
     """Owns definitions and sagas of one coordinator process."""
 
     def __init__(
-        self, storage: EventStorage, invoker: StepInvoker, *, clock: Callable[[], float] = time.time
+        self,
+        storage: EventStorage,
+        invoker: StepInvoker,
+        *,
+        clock: Callable[[], float] = time.time,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.storage = storage
         self.invoker = invoker
         self.clock = clock
+        self.telemetry = telemetry
+        # A MeshStepInvoker's mesh writes trace headers per attempt itself when tracing is on.
+        self._invoker_injects = bool(getattr(invoker, "injects_trace_context", False))
         self._sagas: dict[str, _Saga] = {}
         self._definitions: dict[str, list[pb.SagaDefinition]] = {}
         self._def_lock = asyncio.Lock()
@@ -358,7 +369,11 @@ class SagaEngine:
     def _spawn(self, saga: _Saga, first_invoke: machine.Invoke | None = None) -> None:
         if self._stopping:
             return
-        saga.task = asyncio.create_task(self._run(saga, first_invoke), name=f"saga-{saga.view.saga_id}")
+        # A fresh context: steps run under the saga's stored trace context and correlation id
+        # only, never under whatever the caller that started or loaded the saga had current.
+        saga.task = asyncio.create_task(
+            self._run(saga, first_invoke), name=f"saga-{saga.view.saga_id}", context=contextvars.Context()
+        )
 
     async def _flush(self, saga: _Saga, extra: Sequence[SagaEvent]) -> None:
         """Append pending outcomes plus ``extra`` at the known revision (caller holds the lock)."""
@@ -380,6 +395,16 @@ class SagaEngine:
         saga.publish(events)
         if saga.view.finished:
             self._remember_finished(saga.view.saga_id)
+            self._record_finished(saga.view)
+
+    def _record_finished(self, view: SagaView) -> None:
+        """Saga outcome and duration metrics (once per saga: only this process's flush finishes it)."""
+        metrics = (self.telemetry or get_telemetry()).metrics
+        if metrics.enabled:
+            state = pb.SagaState.Name(pb.SagaState.ValueType(view.state))
+            metrics.saga_finished(
+                view.definition.name, saga_outcome(state), max(0.0, view.ended_at - view.started_at)
+            )
 
     def _remember_finished(self, saga_id: str) -> None:
         """Keep the transitions of recently finished sagas; trim the oldest beyond the cap."""
@@ -463,20 +488,34 @@ class SagaEngine:
             (SAGA_PHASE_KEY, "compensate" if invoke.compensation else "execute"),
             (IDEMPOTENCY_KEY, machine.idempotency_key(view.saga_id, step_name, invoke.compensation)),
         ]
-        if view.correlation_id:
-            metadata.append((CORRELATION_ID_KEY, view.correlation_id))
-        metadata.extend(sorted(view.trace_context.items()))
+        telemetry = self.telemetry or get_telemetry()
         result: bytes | None = None
         code, error, sent = 0, "", True
-        try:
-            request = machine.request_for(view, invoke.step, invoke.compensation)
-            result = await self.invoker.invoke(
-                step_def.service, method, request, deadline=step_timeout(step_def), metadata=metadata
-            )
-        except StepCallError as exc:
-            code, error, sent = exc.code, f"{status_code_name(exc.code)}: {exc.message}", exc.sent
-        except WireError as exc:
-            code, error = 3, f"INVALID_ARGUMENT: building the request: {exc}"
+        with step_scope(
+            view,
+            step=step_name,
+            service=step_def.service,
+            compensation=invoke.compensation,
+            attempt=invoke.attempt,
+            telemetry=telemetry,
+        ) as span:
+            if not telemetry.tracing:
+                # Sent as stored: participants without OpenTelemetry and later hops still get them.
+                metadata.append((CORRELATION_ID_KEY, saga_correlation_id(view)))
+                metadata.extend(sorted(view.trace_context.items()))
+            elif not self._invoker_injects:
+                # The step span is current: its context travels (a mesh's interceptors do this themselves).
+                metadata = inject_metadata(metadata)
+            try:
+                request = machine.request_for(view, invoke.step, invoke.compensation)
+                result = await self.invoker.invoke(
+                    step_def.service, method, request, deadline=step_timeout(step_def), metadata=metadata
+                )
+            except StepCallError as exc:
+                code, error, sent = exc.code, f"{status_code_name(exc.code)}: {exc.message}", exc.sent
+            except WireError as exc:
+                code, error = 3, f"INVALID_ARGUMENT: building the request: {exc}"
+            span.finish(code=code, error=error, sent=sent)
         kind, data = machine.outcome(
             step_name, invoke.compensation, result=result, code=code, error=error, sent=sent
         )

@@ -57,6 +57,8 @@ from rpcmesh.client.policy import (
     RetryPolicy,
     ServicePolicy,
 )
+from rpcmesh.security.client import ClientSecurity
+from rpcmesh.telemetry import Telemetry, get_telemetry
 
 __all__ = [
     "COORDINATOR_BREAKER_CODES",
@@ -166,12 +168,18 @@ def check_coordinator_policy(policy: MeshPolicy) -> None:
 
 
 class _Attempts:
-    """The attempts of one logical call, as the sub-channel interceptor saw them."""
+    """The attempts of one logical call, as the sub-channel interceptor saw them.
 
-    __slots__ = ("calls",)
+    ``restore``: trace headers to put back on each attempt when the mesh's tracing
+    interceptors dropped them (metrics on, tracing off: they rewrite the propagation keys
+    but have no span to write).
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("calls", "restore")
+
+    def __init__(self, restore: tuple[tuple[str, str], ...] = ()) -> None:
         self.calls: list[grpc.aio.Call] = []
+        self.restore = restore
 
     async def any_sent(self) -> bool:
         for call in self.calls:
@@ -193,22 +201,54 @@ class _AttemptRecorder(grpc.aio.UnaryUnaryClientInterceptor):
         client_call_details: grpc.aio.ClientCallDetails,
         request: Any,
     ) -> Any:
-        call = await continuation(client_call_details, request)
         attempts = _CURRENT.get()
+        if attempts is not None and attempts.restore:
+            client_call_details = _with_headers(client_call_details, attempts.restore)
+        call = await continuation(client_call_details, request)
         if attempts is not None:
             attempts.calls.append(call)
         return call
 
 
+def _with_headers(
+    details: grpc.aio.ClientCallDetails, headers: Sequence[tuple[str, str]]
+) -> grpc.aio.ClientCallDetails:
+    """``details`` plus those of ``headers`` whose keys its metadata lacks."""
+    items = list(details.metadata or ())
+    present = {key for key, _ in items}
+    missing = [(key, value) for key, value in headers if key not in present]
+    if not missing:
+        return details
+    return grpc.aio.ClientCallDetails(
+        method=details.method,
+        timeout=details.timeout,
+        metadata=grpc.aio.Metadata(*items, *missing),
+        credentials=details.credentials,
+        wait_for_ready=details.wait_for_ready,
+    )
+
+
 class MeshStepInvoker:
     """Step and compensation calls through :class:`rpcmesh.client.Mesh`.
+
+    With tracing on, the mesh writes ``traceparent``/``baggage``/``x-correlation-id`` for
+    each attempt from the current context (the engine makes the step's span current), so
+    callers leave them out of ``metadata`` (:attr:`injects_trace_context`). With tracing
+    off they pass the saga's stored headers, which are sent as given.
 
     Args:
         registry: Registry address(es) the mesh discovers participants from.
         policy: Mesh policy (default :func:`coordinator_policy`); refused when
             it marks a method idempotent or hedged.
         channel_options: gRPC options of every sub-channel.
+        security: How the mesh reaches the Registry and participants. The
+            coordinator passes the control plane's own client security; None
+            keeps the Mesh default (``ClientSecurity.from_env()``).
+        telemetry: The mesh's telemetry handle; None follows ``get_telemetry()``.
     """
+
+    injects_trace_context = True
+    """Step calls get trace headers from the current context (see the class docstring)."""
 
     def __init__(
         self,
@@ -216,11 +256,19 @@ class MeshStepInvoker:
         *,
         policy: MeshPolicy | None = None,
         channel_options: Sequence[tuple[str, Any]] = (),
+        security: ClientSecurity | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         policy = policy or coordinator_policy()
         check_coordinator_policy(policy)
+        self._telemetry = telemetry
         self.mesh = Mesh(
-            registry, policy=policy, channel_options=channel_options, interceptors=[_AttemptRecorder()]
+            registry,
+            policy=policy,
+            channel_options=channel_options,
+            interceptors=[_AttemptRecorder()],
+            security=security,
+            telemetry=telemetry,
         )
         self._callables: dict[tuple[str, str], Any] = {}
 
@@ -242,7 +290,11 @@ class MeshStepInvoker:
         metadata: Sequence[tuple[str, str]],
     ) -> bytes:
         """Call ``method`` on an instance of ``service``; raises StepCallError."""
-        attempts = _Attempts()
+        telemetry = self._telemetry or get_telemetry()
+        restore: tuple[tuple[str, str], ...] = ()
+        if telemetry.active and not telemetry.tracing:
+            restore = tuple((key, value) for key, value in metadata if key in TRACE_KEYS)
+        attempts = _Attempts(restore)
         token = _CURRENT.set(attempts)
         try:
             response: bytes = await self._callable(service, method)(

@@ -11,9 +11,10 @@ import grpc.aio
 from rpcmesh.controlplane.eventstore.model import clamp_page_size, decode_page_token, encode_page_token
 from rpcmesh.controlplane.saga.definition import validate_definition
 from rpcmesh.controlplane.saga.engine import SagaEngine, view_to_proto
-from rpcmesh.controlplane.saga.invoker import CORRELATION_ID_KEY, TRACE_KEYS
 from rpcmesh.controlplane.saga.machine import SagaView, transition_kind
+from rpcmesh.controlplane.saga.tracing import start_context
 from rpcmesh.errors import invalid_argument
+from rpcmesh.telemetry import get_telemetry
 from rpcmesh.v1 import saga_pb2 as pb
 from rpcmesh.v1 import saga_pb2_grpc as pb_grpc
 
@@ -119,14 +120,14 @@ class SagaCoordinatorServicer(pb_grpc.SagaCoordinatorServicer):
         metadata = {
             key: value for key, value in (context.invocation_metadata() or ()) if isinstance(value, str)
         }
-        trace_context = {key: metadata[key] for key in TRACE_KEYS if key in metadata}
+        trace_context, correlation = start_context(metadata, engine.telemetry or get_telemetry())
         view, created = await engine.start_saga(
             definition,
             request.input,
             idempotency_key=request.idempotency_key,
             labels=dict(request.labels),
             trace_context=trace_context,
-            correlation_id=metadata.get(CORRELATION_ID_KEY, ""),
+            correlation_id=correlation,
         )
         return pb.StartSagaResponse(saga=view_to_proto(view), created=created)
 
