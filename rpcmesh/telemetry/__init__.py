@@ -6,8 +6,9 @@ hook takes its no-op path and only the correlation id travels.
 
 Pieces, and who plugs them in:
 
-- gRPC: ``trace_aio_channel(channel)`` wraps a ``grpc.aio`` (or mesh) channel, the cheapest
-  client path (no grpc.aio interceptor machinery); ``aio_client_interceptors()`` /
+- gRPC: ``trace_aio_channel(channel)`` wraps a ``grpc.aio`` (or mesh) channel and
+  ``trace_aio_server(server)`` a ``grpc.aio`` server before servicers are added: the cheapest
+  paths (no grpc.aio interceptor machinery); ``aio_client_interceptors()`` /
   ``sync_client_interceptors()`` for channels built with interceptors (list them first);
   ``AioServerTracingInterceptor`` / ``SyncServerTracingInterceptor`` for servers (list it before
   ``StatusErrorInterceptor``).
@@ -16,10 +17,13 @@ Pieces, and who plugs them in:
 - Bus: ``producer_span`` / ``inject_message_headers`` when publishing, ``consumer_span`` /
   ``extract_message_context`` when delivering, ``record_dead_letter``.
 - Sagas: ``capture_trace_context()`` at start, ``use_trace_context(stored)`` around each step.
+- Per-call spans of one's own (e.g. a mesh call around its attempts): ``start_call_span`` (the
+  cheap path the interceptors use; ``telemetry.tracer`` is the SDK's, fine for rare spans).
 - Metrics: ``get_telemetry().metrics`` (``MeshMetrics``).
 - Handlers and logs: ``correlation_id()``, ``install_log_correlation()``.
 """
 
+from rpcmesh.telemetry._calls import start_call_span
 from rpcmesh.telemetry.aio_channel import TracedUnaryCall, TracingChannel, trace_aio_channel
 from rpcmesh.telemetry.aio_server import TracingServer, trace_aio_server
 from rpcmesh.telemetry.attempts import (
@@ -106,6 +110,7 @@ __all__ = [
     "record_breaker_transition",
     "record_dead_letter",
     "setup_telemetry",
+    "start_call_span",
     "sync_client_interceptors",
     "trace_aio_channel",
     "trace_aio_server",

@@ -16,6 +16,7 @@ from opentelemetry import baggage, trace
 from opentelemetry import context as otel_context
 from opentelemetry.context import Context
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.util.types import AttributeValue
 
 from rpcmesh.errors import StatusError
 from rpcmesh.telemetry.correlation import (
@@ -325,3 +326,38 @@ def set_peer(record: CallRecord, peer: str | None) -> None:
         record.span.set_attribute("network.peer.address", host)
     if port is not None:
         record.span.set_attribute("network.peer.port", port)
+
+
+def start_call_span(
+    telemetry: Telemetry,
+    name: str,
+    *,
+    kind: SpanKind = SpanKind.INTERNAL,
+    attributes: Mapping[str, AttributeValue] | None = None,
+    shared_attributes: Mapping[str, AttributeValue] | None = None,
+    context: Context | None = None,
+) -> trace.Span:
+    """A span, child of the current one, through the cheap ``CallTracer`` path when the handle has one.
+
+    For spans made on every call (e.g. a mesh call's span around its attempts): much cheaper
+    than ``telemetry.tracer.start_span``. End it with ``span.end()``; make it current with
+    ``trace.set_span_in_context``.
+
+    Args:
+        telemetry: A ``Telemetry`` handle (tracing off: a non-recording span).
+        name: Span name.
+        kind: Span kind.
+        attributes: This span's own attributes (copied).
+        shared_attributes: Attributes shared by many spans (e.g. per method), never modified;
+            pass the same mapping each time to avoid copying it per span.
+        context: The parent context; None: the current one.
+    """
+    call_tracer = telemetry.call_tracer
+    if call_tracer is None:
+        merged = {**(shared_attributes or {}), **(attributes or {})}
+        span: trace.Span = telemetry.tracer.start_span(name, context=context, kind=kind, attributes=merged)
+        return span
+    parent = trace.get_current_span(context).get_span_context()
+    return call_tracer.start(
+        name, kind, parent if parent.is_valid else None, shared_attributes or {}, dict(attributes or {})
+    )

@@ -189,3 +189,31 @@ def test_a_failing_exporter_never_reaches_the_caller() -> None:
     tracer = CallTracer(pipeline, sampler="always_on", ratio=1.0, resource=None, instrumentation_scope=None)
     tracer.start("x", SpanKind.CLIENT, None, {}, {}).end()
     assert len(good.spans) == 1
+
+
+def test_start_call_span_uses_the_cheap_path_and_parents_on_the_current_span() -> None:
+    from opentelemetry import trace
+
+    from rpcmesh.telemetry import DISABLED, TelemetryConfig, setup_telemetry, start_call_span
+
+    exporter = Collecting()
+    telemetry = setup_telemetry(
+        TelemetryConfig(service_name="own"),
+        install=False,
+        span_exporters=[exporter],
+        simple_span_processor=True,
+    )
+    try:
+        shared = {"rpc.service": "s"}
+        outer = start_call_span(telemetry, "outer", attributes={"a": 1}, shared_attributes=shared)
+        assert isinstance(outer, CallSpan)
+        with trace.use_span(outer, end_on_exit=True):
+            start_call_span(telemetry, "inner", kind=SpanKind.CLIENT).end()
+        assert not start_call_span(DISABLED, "off").is_recording()
+    finally:
+        telemetry.shutdown()
+    inner, outer_span = exporter.spans
+    assert inner.parent is not None and outer_span.context is not None
+    assert inner.parent.span_id == outer_span.context.span_id
+    assert dict(outer_span.attributes or {}) == {"rpc.service": "s", "a": 1}
+    assert shared == {"rpc.service": "s"}
