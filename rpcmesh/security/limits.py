@@ -47,6 +47,9 @@ class Limits:
     max_subscriptions_per_identity: int = 128
     """Open Bus and EventStore subscriptions per identity."""
 
+    max_leases_per_identity: int = 1024
+    """Registered instances (leases) one identity may hold at once; more answer RESOURCE_EXHAUSTED."""
+
     max_concurrent_rpcs: int = 8192
     """Calls in flight in the whole server (grpc refuses the excess with RESOURCE_EXHAUSTED)."""
 

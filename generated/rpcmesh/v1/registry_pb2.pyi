@@ -173,6 +173,7 @@ class Instance(_message.Message):
     REGISTERED_AT_FIELD_NUMBER: _builtins.int
     CREATE_REVISION_FIELD_NUMBER: _builtins.int
     MOD_REVISION_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
     service: _builtins.str
     """DNS label: lowercase letters, digits and '-', at most 63 characters."""
     instance_id: _builtins.str
@@ -191,6 +192,10 @@ class Instance(_message.Message):
     """Output only: revision that created the instance."""
     mod_revision: _builtins.int
     """Output only: revision of the last change to the instance."""
+    owner: _builtins.str
+    """Output only: the identity that registered the instance ("" when the
+    control plane runs without authentication). Leases per identity are capped.
+    """
     @_builtins.property
     def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """At most 32 tags."""
@@ -229,10 +234,11 @@ class Instance(_message.Message):
         registered_at: _timestamp_pb2.Timestamp | None = ...,
         create_revision: _builtins.int = ...,
         mod_revision: _builtins.int = ...,
+        owner: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["health_check", b"health_check", "registered_at", b"registered_at", "ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "create_revision", b"create_revision", "health", b"health", "health_check", b"health_check", "instance_id", b"instance_id", "lease_id", b"lease_id", "metadata", b"metadata", "mod_revision", b"mod_revision", "registered_at", b"registered_at", "reported_status", b"reported_status", "service", b"service", "tags", b"tags", "ttl", b"ttl", "version", b"version", "zone", b"zone"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "create_revision", b"create_revision", "health", b"health", "health_check", b"health_check", "instance_id", b"instance_id", "lease_id", b"lease_id", "metadata", b"metadata", "mod_revision", b"mod_revision", "owner", b"owner", "registered_at", b"registered_at", "reported_status", b"reported_status", "service", b"service", "tags", b"tags", "ttl", b"ttl", "version", b"version", "zone", b"zone"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -48,7 +48,9 @@ class RegistryComponent:
         self.node = RegistryNode(
             store if store is not None else build_store(config, self.settings), self.settings
         )
-        self.servicer = RegistryServicer(self.node)
+        self.servicer = RegistryServicer(
+            self.node, max_leases_per_identity=config.security.limits.max_leases_per_identity
+        )
         self.prober = HealthProber(self.node)
 
     @property

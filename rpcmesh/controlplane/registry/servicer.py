@@ -16,7 +16,8 @@ from google.protobuf import timestamp_pb2
 from rpcmesh.controlplane.registry import transitions, validation
 from rpcmesh.controlplane.registry.model import PUT, Event, new_id, new_token
 from rpcmesh.controlplane.registry.node import RegistryNode
-from rpcmesh.errors import StatusError
+from rpcmesh.errors import ResourceExhaustedError, StatusError
+from rpcmesh.security import ANONYMOUS, current_identity
 from rpcmesh.v1 import registry_pb2, registry_pb2_grpc
 
 _WATCH_BATCH = 1000
@@ -31,8 +32,27 @@ def _status_value(error: StatusError) -> int:
 class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     """Implements rpcmesh.v1.Registry on a :class:`RegistryNode`."""
 
-    def __init__(self, node: RegistryNode) -> None:
+    def __init__(self, node: RegistryNode, *, max_leases_per_identity: int = 0) -> None:
         self.node = node
+        self.max_leases_per_identity = max_leases_per_identity
+        """0: no cap (the control plane runs without authentication)."""
+
+    def _claim_owner(self, declared: registry_pb2.Instance) -> None:
+        """Record the caller as the owner of a new instance, within its lease cap."""
+        identity = current_identity.get()
+        if identity is None or identity == ANONYMOUS:
+            return
+        declared.owner = identity.name
+        if self.max_leases_per_identity <= 0:
+            return
+        if self.node.view.get(declared.service, declared.instance_id) is not None:
+            return
+        held = sum(1 for instance in self.node.view.instances() if instance.owner == identity.name)
+        if held >= self.max_leases_per_identity:
+            raise ResourceExhaustedError(
+                f"identity {identity.name!r} holds {held} leases, the most it may hold; "
+                "deregister instances or raise max_leases_per_identity"
+            )
 
     async def Register(
         self, request: registry_pb2.RegisterRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -42,6 +62,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         declared = spec.instance
         if not declared.instance_id:
             declared.instance_id = new_id()
+        self._claim_owner(declared)
         now = timestamp_pb2.Timestamp()
         now.GetCurrentTime()
         decide = partial(

@@ -113,6 +113,7 @@ def register(
     instance = registry_pb2.Instance()
     instance.CopyFrom(declared)
     instance.lease_id = current.lease_id
+    instance.owner = current.instance.owner
     instance.registered_at.CopyFrom(current.instance.registered_at)
     instance.create_revision = current.instance.create_revision
     instance.reported_status = current.instance.reported_status

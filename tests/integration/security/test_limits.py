@@ -60,6 +60,7 @@ async def small_plane(tmp_path: Path, pki: Pki) -> AsyncIterator[tuple[ControlPl
         max_calls_per_identity=6,
         max_watches_per_identity=2,
         max_subscriptions_per_identity=2,
+        max_leases_per_identity=2,
     )
     security = SecuritySettings(
         tls=ServerTlsConfig(cert_file=pki.folder / "server.crt", key_file=pki.folder / "server.key"),
@@ -151,3 +152,45 @@ async def test_caps_per_identity_and_connection(small_plane: tuple[ControlPlane,
             break
         await asyncio.sleep(0.1)
     assert plane.security.interceptor.tracker.in_flight() == 0
+
+
+async def test_leases_per_identity_are_capped_and_owned(
+    small_plane: tuple[ControlPlane, str], pki: Pki
+) -> None:
+    _, address = small_plane
+    security = ClientSecurity(tls=ClientTlsConfig(ca_file=pki.ca), token=pki.token("order-service"))
+    async with aio_channel(address, security, options=OWN_CONNECTION) as channel:
+        registry = registry_pb2_grpc.RegistryStub(channel)
+
+        def register(instance_id: str) -> registry_pb2.RegisterRequest:
+            return registry_pb2.RegisterRequest(
+                instance=registry_pb2.Instance(
+                    service="order-service", instance_id=instance_id, address="127.0.0.1:9"
+                ),
+                ttl=duration_pb2.Duration(seconds=30),
+            )
+
+        first = await registry.Register(register("o-1"), timeout=TIMEOUT)
+        await registry.Register(register("o-2"), timeout=TIMEOUT)
+        with pytest.raises(grpc.aio.AioRpcError) as third:
+            await registry.Register(register("o-3"), timeout=TIMEOUT)
+        assert third.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "order-service" in (third.value.details() or "")
+        # Updating an instance it holds is not a new lease.
+        update = register("o-1")
+        update.lease_token = first.lease_token
+        update.instance.version = "2"
+        await registry.Register(update, timeout=TIMEOUT)
+        resolved = await registry.Resolve(
+            registry_pb2.ResolveRequest(service="order-service"), timeout=TIMEOUT
+        )
+        assert sorted(i.instance_id for i in resolved.instances) == ["o-1", "o-2"]
+        assert {i.owner for i in resolved.instances} == {"order-service"}
+        # Deregistering frees a lease.
+        await registry.Deregister(
+            registry_pb2.DeregisterRequest(
+                service="order-service", instance_id="o-1", lease_token=first.lease_token
+            ),
+            timeout=TIMEOUT,
+        )
+        await registry.Register(register("o-3"), timeout=TIMEOUT)
