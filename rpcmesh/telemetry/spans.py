@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import random
 import threading
 import time
@@ -54,6 +55,8 @@ _RANDOM = TraceFlags.RANDOM_TRACE_ID
 _LOW_64 = (1 << 64) - 1
 _FLAGS = {value: TraceFlags(value) for value in range(4)}
 _EMPTY_STATE = TraceState()
+_ids = random.Random()  # seeded from os.urandom; re-seeded in forked children so they never share ids
+os.register_at_fork(after_in_child=_ids.seed)
 
 
 class CallSpan(trace.Span):
@@ -206,7 +209,7 @@ class CallTracer:
         self._always = root == "always_on"
         self._never = root == "always_off"
         self._bound = TraceIdRatioBased.get_bound_for_rate(ratio)
-        self._random = random.Random()
+        self._random = _ids
 
     def sampled(self, parent: SpanContext | None, trace_id: int) -> bool:
         """The sampling decision for a new span (parent None: a root span)."""
