@@ -18,6 +18,10 @@ In one run, on this machine:
 
 Prints one JSON line: rates, ``publish_ratio`` and ``deliver_ratio`` (Bus / JetStream)
 and ``p99_ms_at_1k``.
+
+``--backend nats`` runs the same phases against a Bus served on NATS JetStream
+(``rpcmesh up --bus``: streams per topic, groups as durable pull consumers),
+for the figures of the multi-node mode; the goals are for the default (SQLite).
 """
 
 from __future__ import annotations
@@ -49,14 +53,14 @@ PAYLOAD = b"x" * 100
 BATCH = 1000
 
 
-def serve(data_dir: str) -> None:
+def serve(data_dir: str, bus: str | None) -> None:
     """Run a Bus-only control plane (the server side of the benchmark)."""
     from rpcmesh.controlplane.bus.component import BusComponent
     from rpcmesh.controlplane.config import ControlPlaneConfig
     from rpcmesh.controlplane.server import ControlPlane
 
     async def main() -> None:
-        config = ControlPlaneConfig(port=0, data_dir=Path(data_dir))
+        config = ControlPlaneConfig(port=0, data_dir=Path(data_dir), bus=bus)
         plane = ControlPlane(config, components=[BusComponent(config)])
         address = await plane.start()
         print(f"listening on {address}", flush=True)
@@ -195,13 +199,16 @@ async def jetstream(url: str, count: int) -> tuple[float, float]:
         await nc.close()
 
 
-async def run(args: argparse.Namespace) -> dict[str, float]:
+async def run(args: argparse.Namespace) -> dict[str, float | str]:
+    prefix = f"bench{uuid.uuid4().hex[:8]}" if args.backend == "nats" else "bench"
+    extra = ["--serve-bus", args.nats] if args.backend == "nats" else []
     with tempfile.TemporaryDirectory() as data_dir:
         server = await asyncio.create_subprocess_exec(
             sys.executable,
             __file__,
             "--serve",
             data_dir,
+            *extra,
             stdout=asyncio.subprocess.PIPE,
             env={**os.environ, "PYTHONPATH": str(ROOT)},
         )
@@ -213,16 +220,26 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
                 address, options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)]
             )
             stub = bus_pb2_grpc.BusStub(channel)
-            bus_publish_rate = await bus_publish(stub, "bench.rate", args.messages)
-            bus_deliver_rate = await bus_deliver(stub, "bench.rate", args.messages)
-            latencies = await bus_latency(channel, "bench.latency", args.latency_seconds, 1000)
+            bus_publish_rate = await bus_publish(stub, f"{prefix}.rate", args.messages)
+            bus_deliver_rate = await bus_deliver(stub, f"{prefix}.rate", args.messages)
+            latencies = await bus_latency(channel, f"{prefix}.latency", args.latency_seconds, 1000)
             await channel.close()
         finally:
             server.terminate()
             await asyncio.wait_for(server.wait(), 20)
+            if args.backend == "nats":
+                from rpcmesh.controlplane.bus.nats_store import NatsBusStore
+
+                cleaner = NatsBusStore(args.nats)
+                await cleaner.open()
+                try:
+                    await cleaner.purge_prefix(prefix)
+                finally:
+                    await cleaner.close()
     js_publish_rate, js_deliver_rate = await jetstream(args.nats, args.messages)
     quantiles = statistics.quantiles(latencies, n=100)
     return {
+        "backend": args.backend,
         "messages": args.messages,
         "bus_publish_per_s": round(bus_publish_rate),
         "bus_deliver_per_s": round(bus_deliver_rate),
@@ -240,10 +257,12 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=100_000)
     parser.add_argument("--nats", default=os.environ.get("RPCMESH_TEST_NATS", "nats://127.0.0.1:4222"))
     parser.add_argument("--latency-seconds", type=float, default=5.0)
+    parser.add_argument("--backend", choices=("sqlite", "nats"), default="sqlite")
     parser.add_argument("--serve", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-bus", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        serve(args.serve)
+        serve(args.serve, args.serve_bus)
         return
     print(json.dumps(asyncio.run(run(args))), flush=True)
 
