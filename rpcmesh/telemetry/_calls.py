@@ -55,6 +55,10 @@ _SERVER_ERROR_CODES = frozenset(
     }
 )
 _CODE_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
+# The context keys under which the API keeps the current span and the baggage, found through the
+# public API once (a server call builds its context in one step instead of two copies).
+(_SPAN_KEY,) = trace.set_span_in_context(trace.INVALID_SPAN, Context())
+(_BAGGAGE_KEY,) = baggage.set_baggage("k", "v", Context())
 
 
 def split_method(full_method: str | bytes) -> tuple[str, str]:
@@ -287,9 +291,10 @@ def begin_server_call(
         started = call_tracer.start(
             info.name, SpanKind.SERVER, parent, info.base, {CORRELATION_ATTRIBUTE: correlation}
         )
-        context = trace.set_span_in_context(
-            started, context_with_correlation(correlation, remote if remote is not None else Context())
-        )
+        if remote is None:  # the usual case: build the handler's context in one step
+            context = Context({_SPAN_KEY: started, _BAGGAGE_KEY: {CORRELATION_BAGGAGE_KEY: correlation}})
+        else:
+            context = trace.set_span_in_context(started, context_with_correlation(correlation, remote))
         if started.is_recording():
             span = started
     elif telemetry.tracing:
