@@ -15,8 +15,10 @@ from rpcmesh.controlplane.saga.invoker import (
     check_coordinator_policy,
     coordinator_policy,
 )
+from rpcmesh.controlplane.saga.security import CoordinatorSecurity, coordinator_client_security
 
 __all__ = [
+    "CoordinatorSecurity",
     "MeshStepInvoker",
     "RetrySettings",
     "SagaCoordinatorComponent",
@@ -24,6 +26,7 @@ __all__ = [
     "StepCallError",
     "StepInvoker",
     "check_coordinator_policy",
+    "coordinator_client_security",
     "coordinator_policy",
     "validate_definition",
 ]

@@ -7,6 +7,11 @@ of calls are appended together with the next transition (one write per step),
 so a crash can lose only an outcome, and the call is then made again with the
 same idempotency key. A write conflict (another writer touched the stream)
 reloads the saga from its stream.
+
+Runners start in an empty context; each step call and compensation runs under the
+saga's stored trace context and correlation id (:mod:`~rpcmesh.controlplane.saga.tracing`),
+so its spans join the trace the saga was started in, also after a restart. Finished
+sagas are counted in the ``rpcmesh.saga.outcomes``/``rpcmesh.saga.duration`` metrics.
 """
 
 from __future__ import annotations

@@ -101,7 +101,13 @@ class StepCallError(Exception):
 
 
 class StepInvoker(Protocol):
-    """Calls one method of a service by its Registry name, with raw bytes."""
+    """Calls one method of a service by its Registry name, with raw bytes.
+
+    The engine calls :meth:`invoke` with the step's span and the saga's correlation id
+    current. An invoker whose calls write trace headers from the current context
+    themselves (a traced mesh) says so with a true ``injects_trace_context`` attribute;
+    for others, with tracing on, the engine puts the step span's headers in ``metadata``.
+    """
 
     async def invoke(
         self,
