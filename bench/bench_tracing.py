@@ -47,6 +47,7 @@ from echo.servicer import EchoServicer  # noqa: E402
 from echo.v1 import echo_pb2, echo_pb2_grpc  # noqa: E402
 
 from rpcmesh.telemetry import (  # noqa: E402
+    DISABLED,
     AioServerTracingInterceptor,
     Telemetry,
     TelemetryConfig,
@@ -59,7 +60,9 @@ from rpcmesh.telemetry import (  # noqa: E402
 _TRACE_EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 
 
-def _telemetry(service_name: str, ratio: float, endpoint: str | None) -> Telemetry:
+def _telemetry(
+    service_name: str, ratio: float, endpoint: str | None, *, spans: bool = True, metrics: bool = True
+) -> Telemetry:
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
     from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
@@ -71,15 +74,25 @@ def _telemetry(service_name: str, ratio: float, endpoint: str | None) -> Telemet
         service_name=service_name,
         sampler="parentbased_traceidratio",
         sampler_ratio=ratio,
-        traces_exporters=("otlp",) if endpoint else ("none",),
+        traces_exporters=("otlp",) if endpoint and spans else ("none",),
         otlp_traces_endpoint=endpoint,
     )
     return setup_telemetry(
         config,
         install=False,
-        span_exporters=[] if endpoint else [DiscardingExporter()],
-        metric_readers=[InMemoryMetricReader()],
+        span_exporters=[DiscardingExporter()] if spans and not endpoint else [],
+        metric_readers=[InMemoryMetricReader()] if metrics else [],
     )
+
+
+# --decompose: server variants, all registered through trace_aio_server, in one process.
+DECOMPOSE = {
+    "off": "no telemetry",
+    "correlation": "handler wrapper carrying the correlation id only (telemetry off)",
+    "metrics": "duration histogram only",
+    "spans": "spans only (batch pipeline, discarding exporter)",
+    "full": "spans and histogram",
+}
 
 
 def serve_collector() -> None:
@@ -129,14 +142,21 @@ async def serve(modes: list[str], ratio: float, endpoint: str | None) -> None:
     for mode in modes:
         interceptors: list[grpc.aio.ServerInterceptor] = []
         telemetry = None
-        if mode != "off":
+        if mode in ("metrics", "spans", "full"):
+            telemetry = _telemetry(
+                f"bench-{mode}", ratio, None, spans=mode != "metrics", metrics=mode != "spans"
+            )
+            telemetries.append(telemetry)
+        elif mode == "correlation":
+            telemetry = DISABLED
+        elif mode != "off":
             telemetry = _telemetry(f"bench-server-{mode}", ratio, endpoint)
             telemetries.append(telemetry)
         if mode == "interceptors":
             interceptors = [AioServerTracingInterceptor(telemetry)]
         server = grpc.aio.server(interceptors=interceptors)
         # "on": the servicer is registered through trace_aio_server (no interceptor machinery).
-        target = trace_aio_server(server, telemetry) if mode == "on" else server
+        target = trace_aio_server(server, telemetry) if mode not in ("off", "interceptors") else server
         echo_pb2_grpc.add_EchoServicer_to_server(EchoServicer(mode), target)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
@@ -273,6 +293,36 @@ async def run_tracing_bench(
     return figures
 
 
+async def decompose(
+    addresses: dict[str, str], pid: int, *, seconds: float, rounds: int, inflight: int
+) -> dict[str, Any]:
+    """Server CPU µs per call of each ``DECOMPOSE`` variant; every client call is fully traced."""
+    telemetry = _telemetry("bench-client", 1.0, None)
+    channels = {
+        mode: trace_aio_channel(grpc.aio.insecure_channel(address), telemetry)
+        for mode, address in addresses.items()
+    }
+    totals = {mode: [0.0, 0] for mode in channels}
+    try:
+        stubs = {mode: echo_pb2_grpc.EchoStub(channel) for mode, channel in channels.items()}
+        for stub in stubs.values():
+            await _throughput(stub, 0.3, inflight)
+        for index in range(rounds):
+            order = list(stubs.items()) if index % 2 == 0 else list(reversed(stubs.items()))
+            for mode, stub in order:
+                before = _cpu_seconds(pid)
+                calls, _ = await _calls_in(stub, seconds, inflight)
+                totals[mode][0] += _cpu_seconds(pid) - before
+                totals[mode][1] += calls
+    finally:
+        for channel in channels.values():
+            await channel.close()
+        telemetry.shutdown()
+    return {
+        f"server_cpu_us_per_call_{mode}": round(cpu / calls * 1e6, 1) for mode, (cpu, calls) in totals.items()
+    }
+
+
 def per_call_microseconds(ratio: float, calls: int = 20000) -> dict[str, float]:
     """The tracing work of one call per side, in-process, without gRPC (median of 5 runs, µs)."""
     from rpcmesh.telemetry._calls import begin_client_call, begin_server_call
@@ -336,12 +386,33 @@ def main() -> None:
     parser.add_argument(
         "--with-interceptors", action="store_true", help="also measure aio_client_interceptors"
     )
+    parser.add_argument(
+        "--decompose", action="store_true", help="server CPU per call of: " + "; ".join(DECOMPOSE.values())
+    )
     args = parser.parse_args()
     if args.serve_collector:
         serve_collector()
         return
     if args.serve:
         asyncio.run(serve(args.serve.split(","), args.sampler_ratio, args.endpoint))
+        return
+
+    if args.decompose:
+        server, listening = _start(["--serve", ",".join(DECOMPOSE), "--sampler-ratio", "1.0"])
+        try:
+            found = asyncio.run(
+                decompose(
+                    dict(item.split("=", 1) for item in listening.split(",")),
+                    server.pid,
+                    seconds=args.seconds,
+                    rounds=args.rounds,
+                    inflight=args.inflight,
+                )
+            )
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+        print(json.dumps(found))
         return
 
     collector: subprocess.Popen[str] | None = None
