@@ -37,6 +37,9 @@ logger = logging.getLogger(__name__)
 POLL_INTERVAL = 0.5
 """Longest the dispatcher sleeps without a wake-up."""
 
+MAX_LATE = 10_000
+"""Deliveries past their local deadline whose late ack is still forwarded (oldest dropped first)."""
+
 
 class ConsumerGroupRuntime:
     """A group on a topic with members on this node, fed by a :class:`GroupConsumer`."""
@@ -54,6 +57,9 @@ class ConsumerGroupRuntime:
         self.task: asyncio.Task[None] | None = None
         self.burying = 0
         self._actions: list[tuple[str, Any, float | None]] = []
+        self._leftover: list[Any] = []
+        self._late: dict[int, Any] = {}
+        """Handles of deliveries past their deadline: JetStream still takes an ack until it redelivers."""
         self._turn = 0
         self._closed = False
 
@@ -78,12 +84,20 @@ class ConsumerGroupRuntime:
         self.wake.set()
 
     async def detach(self, member: Subscription) -> None:
-        """Remove a member; its deliveries go back to the backend for redelivery at once."""
+        """Remove a member; its deliveries go back to the backend for redelivery.
+
+        With other members left they are nakked at once (they come back to this
+        node's pull and go to the others); when the last member leaves they are
+        returned by :meth:`close`, after this node stops pulling.
+        """
         if member in self.members:
             self.members.remove(member)
         now = self.broker.clock()
-        for entry in self.ledger.member_gone(member, now, self.policy.ack_deadline):
-            self._actions.append(("nak", entry.handle, None))
+        gone = self.ledger.member_gone(member, now, self.policy.ack_deadline)
+        if self.members:
+            self._actions.extend(("nak", entry.handle, None) for entry in gone)
+        else:
+            self._leftover.extend(entry.handle for entry in gone)
         self.wake.set()
         if not self.members:
             await self.broker._retire(self)
@@ -97,8 +111,9 @@ class ConsumerGroupRuntime:
     def ack(self, seq: int) -> None:
         """Acknowledge in the backend (unknown ones are ignored)."""
         entry = self.ledger.finish(seq)
-        if entry is not None:
-            self._actions.append(("ack", entry.handle, None))
+        handle = entry.handle if entry is not None else self._late.pop(seq, None)
+        if handle is not None:
+            self._actions.append(("ack", handle, None))
             self.wake.set()
 
     def nak(self, seq: int, delay: float | None) -> None:
@@ -160,11 +175,12 @@ class ConsumerGroupRuntime:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self.task
         actions, self._actions = self._actions, []
-        actions.extend(("nak", entry.handle, None) for entry in self.ledger.drain())
-        actions.extend(("nak", entry.handle, None) for entry in self.consumer.arrivals())
         with contextlib.suppress(Exception):
             await self.consumer.settle(actions)
-        await self.consumer.close()
+        returned, self._leftover = self._leftover, []
+        returned.extend(entry.handle for entry in self.ledger.drain())
+        returned.extend(entry.handle for entry in self.consumer.arrivals())
+        await self.consumer.close(returned)
 
     # -- dispatching -----------------------------------------------------------------
 
@@ -175,8 +191,12 @@ class ConsumerGroupRuntime:
                 self.wake.clear()
                 policy = self.policy
                 now = self.broker.clock()
-                ledger.expire(now, self._hold_for(1))
+                for late in ledger.expire(now, self._hold_for(1)):
+                    self._late[late.sequence] = late.handle
+                    if len(self._late) > MAX_LATE:
+                        del self._late[next(iter(self._late))]
                 for entry in self.consumer.arrivals():
+                    self._late.pop(entry.sequence, None)
                     if over_delivered(entry.attempts, policy.max_deliveries):
                         dead = Dead(
                             message=entry.message, attempts=policy.max_deliveries, reason="max_deliveries"

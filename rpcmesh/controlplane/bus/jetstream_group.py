@@ -39,7 +39,7 @@ from rpcmesh.v1 import bus_pb2
 logger = logging.getLogger(__name__)
 
 CONSUMER_PREFIX = "G"
-PULL_EXPIRES = 2.0
+PULL_EXPIRES = 1.0
 """Seconds a pull request stays open on the server."""
 MAX_PULL = 1024
 """Most messages asked for at once."""
@@ -146,6 +146,7 @@ class JetStreamGroupConsumer:
         self._pull_left = 0
         self._pull_until = 0.0
         self._closing = False
+        self._returning: list[Any] = []
         self._drainer: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -166,8 +167,7 @@ class JetStreamGroupConsumer:
             logger.exception("undecodable message on consumer %s/%s", self._stream, self._durable)
             return
         if self._closing:
-            with contextlib.suppress(Exception):
-                await msg.nak()
+            self._returning.append(msg)  # returned once our open pull has ended (see close)
             return
         message.sequence = metadata.sequence.stream
         self._note_sequence(message.sequence)
@@ -230,40 +230,48 @@ class JetStreamGroupConsumer:
         """Live figures from JetStream (over every node)."""
         return to_info(self.group, await self._js.consumer_info(self._stream, self._durable))
 
-    async def close(self) -> None:
-        """Stop listening (naks and acks already handed to the client are sent by its flusher).
+    async def close(self, returned: Sequence[Any] = ()) -> None:
+        """Stop pulling and return ``returned`` (and whatever still arrives) for redelivery.
+
+        A pull request still open on the server keeps handing messages to this
+        node until it expires (at most ``PULL_EXPIRES``), and a message it
+        hands to an inbox nobody reads only comes back after ``ack_wait``. So
+        the inbox stays subscribed until then, late arrivals are kept, and
+        everything is nakked only once the pull has ended: the redeliveries go
+        to other pullers at once (a nak while the pull is open could come
+        straight back here, costing a delivery attempt each time). This runs
+        in the background (:meth:`wait_closed`).
 
         No ``flush()`` here: this runs when a subscription ends, possibly under
         cancellation, and a cancelled nats-py flush leaves a PONG future behind
         whose late answer breaks the client's read loop.
         """
         self._closing = True
-        sub, self._sub = self._sub, None
-        if sub is None:
-            return
-        # A pull request still open on the server would hand messages to an
-        # inbox nobody reads, and they would only come back after ack_wait:
-        # keep listening until it expires, returning whatever arrives.
+        self._returning.extend(returned)
         linger = self._pull_until - time.monotonic() if self._open_pull is not None else 0.0
-        if linger <= 0:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
-            return
 
-        async def drain_then_unsubscribe() -> None:
-            await asyncio.sleep(linger + 0.1)
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+        async def drain() -> None:
+            try:
+                if linger > 0:
+                    await asyncio.sleep(linger + 0.05)
+            finally:
+                await self._unsubscribe()
+                returning, self._returning = self._returning, []
+                await self.settle([("nak", msg, None) for msg in returning])
 
-        self._drainer = asyncio.create_task(drain_then_unsubscribe(), name="bus-consumer-drain")
+        self._drainer = asyncio.create_task(drain(), name="bus-consumer-drain")
 
-    async def abandon(self) -> None:
-        """The connection is closing: stop draining at once."""
+    async def wait_closed(self) -> None:
+        """Until :meth:`close` has returned everything."""
         if self._drainer is not None:
-            self._drainer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._drainer
-            self._drainer = None
+                await asyncio.shield(self._drainer)
+
+    async def _unsubscribe(self) -> None:
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
 
 
 async def open_consumer(

@@ -127,7 +127,7 @@ class NatsBusStore:
                     await reader.sub.unsubscribe()
             cache.readers.clear()
         for consumer in list(self._consumers):
-            await consumer.abandon()
+            await consumer.wait_closed()  # at most PULL_EXPIRES: nothing is left in a dead inbox
         if self.node_link is not None:
             await self.node_link.close()
             self.node_link = None

@@ -189,8 +189,8 @@ class GroupConsumer(Protocol):
         """Live figures of the group (over every node serving it)."""
         ...
 
-    async def close(self) -> None:
-        """Stop pulling (the durable consumer stays)."""
+    async def close(self, returned: Sequence[Any] = ()) -> None:
+        """Stop pulling and return these handles for redelivery (the durable consumer stays)."""
         ...
 
 
