@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -127,8 +128,30 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--seconds", type=float, default=1.5)
     parser.add_argument("--calls", type=int, default=500)
+    parser.add_argument(
+        "--no-tracing", action="store_true", help="skip the tracing-on vs tracing-off run (bench_tracing.py)"
+    )
     args = parser.parse_args()
-    print(json.dumps(asyncio.run(run(args))), flush=True)
+    figures = asyncio.run(run(args))
+    if not args.no_tracing:
+        figures.update(tracing_figures())
+    print(json.dumps(figures), flush=True)
+
+
+def tracing_figures() -> dict[str, Any]:
+    """Tracing and metrics on vs off on the same echo service (bench_tracing.py, real OTLP export)."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench_tracing.py"), "--rounds", "8"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
+    traced = json.loads(result.stdout.strip().splitlines()[-1])
+    return {
+        "tracing_throughput_ratio": traced["tracing_throughput_ratio"],
+        "tracing_cpu_throughput_ratio": traced.get("cpu_throughput_ratio"),
+    }
 
 
 if __name__ == "__main__":
