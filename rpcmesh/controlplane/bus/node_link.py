@@ -30,7 +30,9 @@ logger = logging.getLogger(__name__)
 PRESENCE_PREFIX = "rpcmesh.bus.presence."
 REPLY_PREFIX = "rpcmesh.bus.reply."
 PROBE_TIMEOUT = 0.5
-"""Seconds a presence probe or a forwarded reply waits for an answer."""
+"""Seconds a presence probe waits for an answer (no answer in time counts as present)."""
+FORWARD_TIMEOUT = 5.0
+"""Seconds a forwarded reply waits for the requesting node to take it (a busy node answers late)."""
 
 
 class NodeLink:
@@ -59,7 +61,7 @@ class NodeLink:
         """Hand a reply to the node holding the request; False when it is gone or finished."""
         try:
             answer = await self._nc.request(
-                REPLY_PREFIX + node_id, message.SerializeToString(), timeout=PROBE_TIMEOUT
+                REPLY_PREFIX + node_id, message.SerializeToString(), timeout=FORWARD_TIMEOUT
             )
         except (nats.errors.NoRespondersError, nats.errors.TimeoutError, TimeoutError):
             return False
