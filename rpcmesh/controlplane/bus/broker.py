@@ -320,7 +320,8 @@ class GroupRuntime:
                         continue
                     entries = state.take(member, room, now, member.settings.policy)
                     if entries:
-                        member.deliver(self.topic, self.name, entries)
+                        # One metrics label for all broadcast members (their names are per stream).
+                        member.deliver(self.topic, self.name if self.durable else "_broadcast", entries)
                         self.dirty = True  # attempt counts are persisted with the group
                         sent = True
                 self._turn += 1
