@@ -40,6 +40,7 @@ __all__ = [
     "from_rpc_error",
     "from_status",
     "invalid_argument",
+    "map_status_errors",
 ]
 
 
@@ -258,8 +259,17 @@ class StatusErrorInterceptor(grpc.aio.ServerInterceptor):
     Handlers raise ``invalid_argument("instance.address", "...")`` and the like;
     this interceptor aborts the call with that code, message and rich details,
     for all four RPC shapes. Anything else propagates unchanged (grpc answers
-    UNKNOWN).
+    UNKNOWN). The wrapper of each handler is built once and reused.
+
+    The control plane needs no interceptor for this: its security guard
+    (:func:`rpcmesh.security.guard.guard_server`) maps StatusErrors in the same
+    wrapper that does the checks.
     """
+
+    _MAX_CACHED = 4096
+
+    def __init__(self) -> None:
+        self._wrapped: dict[int, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]] = {}
 
     async def intercept_service(
         self,
@@ -270,22 +280,34 @@ class StatusErrorInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary), handler.request_deserializer, handler.response_serializer
-            )
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary(handler.stream_unary), handler.request_deserializer, handler.response_serializer
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream), handler.request_deserializer, handler.response_serializer
-            )
-        assert handler.stream_stream is not None
-        return grpc.stream_stream_rpc_method_handler(
-            _wrap_stream(handler.stream_stream), handler.request_deserializer, handler.response_serializer
+        cached = self._wrapped.get(id(handler))
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = map_status_errors(handler)
+        # Handlers that an earlier interceptor rebuilds per call are not cached (the cache holds them alive).
+        if len(self._wrapped) < self._MAX_CACHED:
+            self._wrapped[id(handler)] = (handler, wrapped)
+        return wrapped
+
+
+def map_status_errors(handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
+    """``handler`` (any RPC shape) with StatusErrors it raises turned into their precise status."""
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(
+            _wrap_unary(handler.unary_unary), handler.request_deserializer, handler.response_serializer
         )
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(
+            _wrap_unary(handler.stream_unary), handler.request_deserializer, handler.response_serializer
+        )
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(
+            _wrap_stream(handler.unary_stream), handler.request_deserializer, handler.response_serializer
+        )
+    assert handler.stream_stream is not None
+    return grpc.stream_stream_rpc_method_handler(
+        _wrap_stream(handler.stream_stream), handler.request_deserializer, handler.response_serializer
+    )
 
 
 def _wrap_unary(behavior: Handler) -> Handler:

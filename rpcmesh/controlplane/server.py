@@ -6,6 +6,7 @@ import asyncio
 import logging
 import sys
 from collections.abc import Sequence
+from typing import cast
 
 import grpc
 import grpc.aio
@@ -14,11 +15,10 @@ from grpc_reflection.v1alpha import reflection
 
 from rpcmesh.controlplane.component import Component, ControlPlaneContext
 from rpcmesh.controlplane.config import ControlPlaneConfig
-from rpcmesh.errors import StatusErrorInterceptor
 from rpcmesh.security.settings import ServerSecurity
+from rpcmesh.telemetry.aio_server import trace_aio_server
 from rpcmesh.telemetry.config import TelemetryConfig
 from rpcmesh.telemetry.correlation import install_log_correlation
-from rpcmesh.telemetry.grpc_aio import AioServerTracingInterceptor
 from rpcmesh.telemetry.setup import setup_telemetry
 
 logger = logging.getLogger(__name__)
@@ -76,19 +76,22 @@ class ControlPlane:
         # Reads certificates, token secret and policy now: a bad file fails the start.
         security = ServerSecurity.build(self.config.security)
         self.security = security
+        # No server interceptors: with any, grpc.aio looks every call's handler up through an
+        # interceptor coroutine chain. Each handler is wrapped once, at registration, by two
+        # proxies; the one nearer the server wraps outermost. Outermost, the security guard
+        # (refused calls cost the least; it also maps rpcmesh StatusErrors to their status, so
+        # no StatusErrorInterceptor layer), then tracing (SERVER spans, correlation id; it
+        # records a StatusError's precise code itself).
         server = grpc.aio.server(
-            # The security interceptor is outermost: refused calls cost the least. The tracing
-            # interceptor (SERVER spans, correlation id) comes before StatusErrorInterceptor so it
-            # sees the precise code of an rpcmesh error.
-            interceptors=[*security.interceptors, AioServerTracingInterceptor(), StatusErrorInterceptor()],
             options=security.options,
             maximum_concurrent_rpcs=security.maximum_concurrent_rpcs,
         )
         self._server = server
+        registrar = cast(grpc.aio.Server, trace_aio_server(security.guarded(server)))
         for component in self.components:
-            component.add_to_server(server)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection([*self.service_names, reflection.SERVICE_NAME], server)
+            component.add_to_server(registrar)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, registrar)
+        reflection.enable_server_reflection([*self.service_names, reflection.SERVICE_NAME], registrar)
         port = security.add_port(server, self.config.address)
         if port == 0:
             raise OSError(f"cannot listen on {self.config.address}")

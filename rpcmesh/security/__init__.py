@@ -1,9 +1,9 @@
 """Security for rpcmesh: TLS and mTLS, identities, authorization policy and limits against abuse.
 
 Servers build a :class:`ServerSecurity` from :class:`SecuritySettings` (credentials,
-one interceptor, server options); clients dial with :class:`ClientSecurity`
-(``aio_channel``/``sync_channel``). ``rpcmesh certs`` makes a development CA and
-certificates; ``rpcmesh token`` mints bearer tokens.
+the checks as one interceptor or applied at registration, server options); clients
+dial with :class:`ClientSecurity` (``aio_channel``/``sync_channel``). ``rpcmesh certs``
+makes a development CA and certificates; ``rpcmesh token`` mints bearer tokens.
 """
 
 from rpcmesh.security.client import (
@@ -13,6 +13,7 @@ from rpcmesh.security.client import (
     sync_channel,
     token_call_credentials,
 )
+from rpcmesh.security.guard import CallGuard, GuardedServer, guard_server
 from rpcmesh.security.identity import AUTHORIZATION_KEY, AuthenticationError, Authenticator, Identity
 from rpcmesh.security.interceptor import ANONYMOUS, SecurityInterceptor, current_identity
 from rpcmesh.security.limits import ConcurrencyTracker, Limits
@@ -28,9 +29,11 @@ __all__ = [
     "Action",
     "AuthenticationError",
     "Authenticator",
+    "CallGuard",
     "ClientSecurity",
     "ClientTlsConfig",
     "ConcurrencyTracker",
+    "GuardedServer",
     "Identity",
     "IdentityPermissions",
     "Limits",
@@ -45,6 +48,7 @@ __all__ = [
     "aio_channel",
     "channel_credentials",
     "current_identity",
+    "guard_server",
     "load_policy",
     "load_secret",
     "mint_token",

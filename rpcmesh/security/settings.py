@@ -2,8 +2,8 @@
 
 :class:`SecuritySettings` is the configuration (file paths, issuer, mode);
 :meth:`ServerSecurity.build` reads the files once at start and gives the
-credentials, the interceptor, the server options and the warnings to print.
-The control plane and service hosts use the same two calls::
+credentials, the checks (as an interceptor, or applied at registration), the
+server options and the warnings to print. With interceptors::
 
     security = ServerSecurity.build(settings)
     server = grpc.aio.server(
@@ -12,6 +12,12 @@ The control plane and service hosts use the same two calls::
         maximum_concurrent_rpcs=security.maximum_concurrent_rpcs,
     )
     port = security.add_port(server, "127.0.0.1:0")
+
+or, cheaper per call (no interceptor machinery; StatusErrors mapped in the same
+wrapper), register servicers through :meth:`ServerSecurity.guarded`::
+
+    server = grpc.aio.server(options=security.options, maximum_concurrent_rpcs=...)
+    add_EchoServicer_to_server(servicer, security.guarded(server))
 
 Modes: with TLS settings the port is TLS (mTLS with ``client_auth``); without,
 it is plaintext and :attr:`ServerSecurity.warnings` says so loudly. Bearer tokens
@@ -30,6 +36,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from rpcmesh.security.guard import CallGuard, GuardedServer, guard_server
 from rpcmesh.security.identity import Authenticator
 from rpcmesh.security.interceptor import SecurityInterceptor
 from rpcmesh.security.limits import Limits
@@ -125,7 +132,7 @@ class ServerSecurity:
     """TLS credentials for the port; None for plaintext."""
 
     interceptor: SecurityInterceptor
-    """Authentication, authorization and limits; install it first."""
+    """Authentication, authorization and limits; install it first (or use :meth:`guarded` instead)."""
 
     @classmethod
     def build(cls, settings: SecuritySettings, *, authorize: bool = True) -> ServerSecurity:
@@ -151,6 +158,22 @@ class ServerSecurity:
                 policy = Policy(allow_all=True)
         interceptor = SecurityInterceptor(authenticator=authenticator, policy=policy, limits=settings.limits)
         return cls(settings=settings, credentials=credentials, interceptor=interceptor)
+
+    @property
+    def guard(self) -> CallGuard:
+        """The checks, shared by :attr:`interceptor` and :meth:`guarded` (one set of counters)."""
+        return self.interceptor.guard
+
+    def guarded(self, server: Any, *, map_errors: bool = True) -> GuardedServer:
+        """``server`` behind a proxy that applies the checks to every handler registered on it, once.
+
+        Use it instead of :attr:`interceptors`, not with them.
+
+        Args:
+            server: A ``grpc.aio.Server`` (or a registration proxy around one).
+            map_errors: Also turn StatusErrors raised by handlers into their status.
+        """
+        return guard_server(server, self.guard, map_errors=map_errors)
 
     @property
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
