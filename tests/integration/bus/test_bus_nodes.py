@@ -194,3 +194,43 @@ async def test_two_bus_nodes_lose_nothing_when_a_subscriber_is_killed(tmp_path: 
         counts.update(int(line) for line in path.read_text().split())
     assert set(counts) == set(range(total))
     assert sum(counts.values()) - total <= kills * window
+
+
+@pytest.mark.fault
+async def test_a_bus_node_killed_hands_its_share_to_the_other(tmp_path: Path, prefix: str) -> None:
+    url = backends.nats_url()
+    topic, group, total, window = f"{prefix}.jobs", "workers", 2000, 50
+    outfiles = [tmp_path / "a.txt", tmp_path / "b.txt"]
+    procs: list[ManagedProcess] = []
+    try:
+        node_a, address_a = start_control_plane(tmp_path / "a", "--bus", url)
+        procs.append(node_a)
+        node_b, address_b = start_control_plane(tmp_path / "b", "--bus", url)
+        procs.append(node_b)
+        # The group (its consumer) is created with a 2 s ack deadline by the first subscriber.
+        procs.append(worker("subscribe", address_b, topic, group, str(outfiles[1]), str(window), "2"))
+        procs.append(worker("subscribe", address_a, topic, group, str(outfiles[0]), str(window), "2"))
+        async with grpc.aio.insecure_channel(address_b) as channel:
+            stub = bus_pb2_grpc.BusStub(channel)
+            for start in range(0, total, 100):
+                messages = [bus_pb2.BusMessage(payload=str(i).encode()) for i in range(start, start + 100)]
+                await stub.Publish(bus_pb2.PublishRequest(topic=topic, messages=messages))
+                if start == 1000:
+                    node_a.kill()  # with whatever it had pulled and handed out
+                await asyncio.sleep(0.02)
+            deadline = time.monotonic() + 60
+            figures = await consumer_figures(topic, group)
+            while figures[:3] != (total, 0, 0) and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+                figures = await consumer_figures(topic, group)
+    finally:
+        for proc in reversed(procs):
+            proc.kill()
+    assert figures[:3] == (total, 0, 0), figures
+    counts = collections.Counter()
+    for path in outfiles:
+        counts.update(int(line) for line in path.read_text().split())
+    assert set(counts) == set(range(total))
+    assert outfiles[0].read_text(), "node A never got work: nothing was tested"
+    # Only what node A had pulled when it died can be processed twice: at most one pull (1,024).
+    assert sum(counts.values()) - total <= 1024

@@ -1,7 +1,7 @@
 """Worker processes for the Bus fault tests (run with ``python -m tests.integration.bus.workers``).
 
-``subscribe ADDRESS TOPIC GROUP OUTFILE MAX_IN_FLIGHT``: records every delivered
-payload as a line in OUTFILE (before acking it), forever.
+``subscribe ADDRESS TOPIC GROUP OUTFILE MAX_IN_FLIGHT [ACK_DEADLINE]``: records every
+delivered payload as a line in OUTFILE (before acking it), forever.
 ``respond ADDRESS TOPIC``: answers every request with its own payload.
 Both print ``ready`` once the Bus confirmed the subscription.
 
@@ -25,7 +25,9 @@ from rpcmesh.bus import Publisher, Received, Responder, Subscriber, SubscriberCo
 from rpcmesh.telemetry import TelemetryConfig, correlation_id, setup_telemetry, use_correlation_id
 
 
-async def subscribe(address: str, topic: str, group: str, outfile: str, max_in_flight: int) -> None:
+async def subscribe(
+    address: str, topic: str, group: str, outfile: str, max_in_flight: int, ack_deadline: float = 30.0
+) -> None:
     fd = os.open(outfile, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     async def record(item: Received) -> None:
@@ -39,6 +41,8 @@ async def subscribe(address: str, topic: str, group: str, outfile: str, max_in_f
             max_in_flight=max_in_flight,
             concurrency=max_in_flight,
             max_deliveries=1000,
+            ack_deadline=ack_deadline,
+            redelivery_backoff=0.1,
         )
         subscriber = Subscriber(channel, config, record)
         await subscriber.start()
@@ -89,7 +93,8 @@ async def traced_publish(address: str, topic: str, correlation: str, payloads: l
 
 def main(argv: list[str]) -> None:
     if argv[0] == "subscribe":
-        asyncio.run(subscribe(argv[1], argv[2], argv[3], argv[4], int(argv[5])))
+        deadline = float(argv[6]) if len(argv) > 6 else 30.0
+        asyncio.run(subscribe(argv[1], argv[2], argv[3], argv[4], int(argv[5]), deadline))
     elif argv[0] == "respond":
         asyncio.run(respond(argv[1], argv[2]))
     elif argv[0] == "traced-subscribe":
