@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -46,9 +47,16 @@ def test_generated_stubs_import_as_rpcmesh_v1() -> None:
 
 @pytest.mark.slow
 def test_built_wheel_installs_rpcmesh_v1_inside_the_package(tmp_path: Path) -> None:
+    # Build from a copy so setuptools' build/ and egg-info never land in the source tree.
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    for name in ("rpcmesh", "generated"):
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
     wheel_dir = tmp_path / "wheel"
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(wheel_dir), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(wheel_dir), str(source)],
         check=True,
         timeout=300,
     )
