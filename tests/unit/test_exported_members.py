@@ -53,6 +53,7 @@ EXPECTED = [
     "SyncMesh",
     "SyncMeshChannel",
     "SyncPublisher",
+    "SyncSubscriber",
     "TelemetryConfig",
     "Terminate",
     "UnauthenticatedError",
