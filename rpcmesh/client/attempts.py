@@ -132,6 +132,7 @@ class CallController:
         self._rand = rand
         self._started_at = core.clock()
         self._admitted = False
+        self._outcomes = 0
 
     def start(self) -> None:
         """Admit the call through the service breaker (raises NoEndpointError when open)."""
@@ -150,6 +151,7 @@ class CallController:
         return endpoint
 
     def _record(self, endpoint: EndpointState, outcome: AttemptOutcome) -> None:
+        self._outcomes += 1
         with self.core.lock:
             endpoint.outstanding -= 1
         if endpoint.breaker is not None:
@@ -239,8 +241,16 @@ class CallController:
             endpoint.outstanding -= 1
 
     def finish(self, code: grpc.StatusCode) -> None:
-        """Record the call's final outcome in the service breaker."""
+        """Record the call's final outcome in the service breaker.
+
+        A call that reached no instance (every one refused by its own breaker, or none
+        known) is not the service's failure: counting it would keep the service breaker
+        open on its own fast-fails after the instances recovered, so its permit is
+        given back instead.
+        """
         breaker = self.core.breaker
-        if breaker is not None and self._admitted:
+        if breaker is not None and self._admitted and self._outcomes == 0:
+            breaker.release()
+        elif breaker is not None and self._admitted:
             failed = code in breaker.policy.failure_codes
             breaker.record(failed=failed, duration=self.core.clock() - self._started_at)

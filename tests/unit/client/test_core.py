@@ -292,3 +292,29 @@ def test_attempt_reached_server_and_pushback_parsing() -> None:
     assert parse_pushback((("grpc-retry-pushback-ms", "250"),)) == 250
     assert parse_pushback((("grpc-retry-pushback-ms", "soon"),)) == -1
     assert parse_pushback(()) is None
+
+
+def test_calls_refused_by_instance_breakers_do_not_open_the_service_breaker() -> None:
+    clock = Clock()
+    core = ServiceCore(
+        "s",
+        ServicePolicy(
+            instance_breaker=BreakerPolicy(consecutive_failures=1, open_duration=5),
+            service_breaker=BreakerPolicy(consecutive_failures=3, open_duration=5),
+        ),
+        clock=clock,
+    )
+    core.apply(registry_pb2.WatchResponse(snapshot=True, revision=1, events=[put(instance("a"), 1)]))
+    method = MethodPolicy(retry=None)
+    first = CallController(core, "/s.S/M", method, None)
+    first.start()
+    endpoint = first.begin_attempt()
+    first.end_attempt(endpoint, AttemptOutcome(code=UNAVAILABLE, duration=0.01, reached_server=True))
+    first.finish(UNAVAILABLE)  # a real failure: counted by both breakers
+    for _ in range(10):  # the instance breaker refuses these fast: none reaches an instance
+        ctl = CallController(core, "/s.S/M", method, None)
+        ctl.start()
+        with pytest.raises(NoEndpointError):
+            ctl.begin_attempt()
+        ctl.finish(UNAVAILABLE)
+    assert core.breaker is not None and core.breaker.state is BreakerState.CLOSED
