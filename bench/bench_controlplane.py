@@ -6,8 +6,9 @@ Two servers, each in its own child process, on SQLite files in a temporary folde
 
 - ``default``: a real ``rpcmesh up --port 0`` (plaintext, authentication off, telemetry off: the
   default configuration), with its server stack as ``ControlPlane`` builds it.
-- ``raw``: this file in ``--serve-raw`` mode: the Registry and EventStore components on a plain
-  ``grpc.aio.server()`` without interceptors or handler wrappers (same transport options).
+- ``raw``: this file in ``--serve-raw`` mode: the same components (``build_components``) on a plain
+  ``grpc.aio.server()`` without interceptors or handler wrappers (same transport options), so
+  the difference is the server stack alone.
 
 The client (this process) alternates between the two servers round after round and case after
 case, and takes medians over rounds. Cases:
@@ -52,15 +53,15 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 async def serve_raw(data_dir: Path) -> None:
-    """The Registry and EventStore servicers on a grpc.aio server without any wrapping."""
+    """The control plane's components on a grpc.aio server without any wrapping."""
     from rpcmesh.controlplane.component import ControlPlaneContext
     from rpcmesh.controlplane.config import ControlPlaneConfig
-    from rpcmesh.controlplane.eventstore.component import EventStoreComponent
-    from rpcmesh.controlplane.registry.component import RegistryComponent
+    from rpcmesh.controlplane.server import build_components
     from rpcmesh.security.limits import Limits
 
     config = ControlPlaneConfig(port=0, data_dir=data_dir)
-    components = [RegistryComponent(config), EventStoreComponent(config)]
+    # Every component `rpcmesh up` runs, so background work (bus flushes, saga recovery) is the same.
+    components = build_components(config)
     server = grpc.aio.server(options=[*Limits().server_options(), ("grpc.so_reuseport", 0)])
     for component in components:
         component.add_to_server(server)
