@@ -3,13 +3,24 @@
 Every write transaction first locks the single ``registry_meta`` row, so
 revisions are assigned and committed in one total order; a node therefore
 tails ``registry_events`` (woken by LISTEN/NOTIFY, and polling as a safety
-net) and applies events to its view without gaps or duplicates. Lease
-deadlines are ``expires_at`` columns on the database's clock, so a renewal
-through any node counts, and expiry is a conditional delete under the same
-lock, so each lease expires exactly once whichever node reaps it.
+net) and applies events to its view without gaps or duplicates.
 
-The database clock is a wall clock: a jump on the database server moves
-lease deadlines (the embedded SQLite store uses a monotonic clock instead).
+Leases expire the etcd way, on a monotonic clock. No deadline is stored:
+each lease row has a renewal counter that every renewal (through any node)
+bumps, announcing it with a NOTIFY in the same transaction. One node leads
+expiry: it holds a session advisory lock on a dedicated connection that also
+LISTENs for those renewals, and keeps every lease's deadline on its own
+``time.monotonic()`` (see :mod:`.renewal_tracker`); when it takes over, every
+lease gets its full TTL again. When the leader dies its session ends, the
+lock is released and another node takes over. The leader expires a lease with
+a delete conditional on the renewal counter it saw, under the revision lock,
+so a renewal racing the expiry wins and each lease expires exactly once.
+Neither the database's ``now()`` nor any wall clock is read for expiry.
+
+Caveats: a lease past its deadline can still be renewed until the leader
+deletes it (one expiry check, ``expiry_interval``, at most while a leader
+runs); while no node holds the lock (all stopped, or the leader frozen by
+SIGSTOP with its session still open) nothing expires.
 """
 
 from __future__ import annotations
@@ -17,13 +28,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import Any
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from rpcmesh.controlplane.registry import transitions
+from rpcmesh.controlplane.registry.leases import Clock
 from rpcmesh.controlplane.registry.model import Change, Committed, Event, StoredInstance, hash_token
+from rpcmesh.controlplane.registry.renewal_tracker import RenewalTracker, Sighting
 from rpcmesh.controlplane.registry.store import Decide, EventSink, Loaded
 from rpcmesh.errors import NotFoundError, OutOfRangeError, PermissionDeniedError
 from rpcmesh.v1 import registry_pb2
@@ -32,6 +46,8 @@ logger = logging.getLogger(__name__)
 
 CHANNEL = "rpcmesh_registry"
 _SCHEMA_LOCK = 0x52454749  # "REGI": serialises schema creation between nodes starting together
+_LEADER_LOCK = 0x5245474C  # "REGL": held (session lock) by the node that expires leases
+RENEW_CHANNEL = "rpcmesh_registry_renew"
 _SCHEMA = [
     """CREATE TABLE IF NOT EXISTS registry_instances (
         service TEXT NOT NULL,
@@ -41,9 +57,11 @@ _SCHEMA = [
         ttl_ms BIGINT NOT NULL,
         probe_passing BOOLEAN NOT NULL,
         data BYTEA NOT NULL,
-        expires_at TIMESTAMPTZ NOT NULL,
+        renewals BIGINT NOT NULL DEFAULT 0,
         PRIMARY KEY (service, instance_id))""",
-    "CREATE INDEX IF NOT EXISTS registry_instances_expires_at ON registry_instances (expires_at)",
+    # Databases created by earlier development builds kept wall-clock deadlines.
+    "ALTER TABLE registry_instances DROP COLUMN IF EXISTS expires_at",
+    "ALTER TABLE registry_instances ADD COLUMN IF NOT EXISTS renewals BIGINT NOT NULL DEFAULT 0",
     "CREATE TABLE IF NOT EXISTS registry_events (revision BIGINT PRIMARY KEY, data BYTEA NOT NULL)",
     """CREATE TABLE IF NOT EXISTS registry_meta (
         id INTEGER PRIMARY KEY CHECK (id = 1),
@@ -52,10 +70,23 @@ _SCHEMA = [
     "INSERT INTO registry_meta (id, revision, compact_revision) VALUES (1, 0, 0) ON CONFLICT DO NOTHING",
 ]
 _SELECT = "SELECT token_hash, ttl_ms, probe_passing, data FROM registry_instances"
+_RENEW = (
+    "WITH renewed AS (UPDATE registry_instances SET renewals = renewals + 1 "
+    "WHERE lease_id = %s AND token_hash = %s RETURNING lease_id, renewals, ttl_ms) "
+    "SELECT ttl_ms, pg_notify(%s, lease_id || ' ' || renewals || ' ' || ttl_ms) FROM renewed"
+)
 _EXPIRE_BATCH = 1000
 _PAGE = 1000
 
 Conn = psycopg.AsyncConnection[tuple[Any, ...]]
+
+
+def parse_renewal(payload: str) -> Sighting | None:
+    """A renewal notification's payload ("lease_id renewals ttl_ms"), or None when malformed."""
+    parts = payload.split(" ")
+    if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
+        return None
+    return Sighting(parts[0], int(parts[2]), int(parts[1]))
 
 
 def _stored(row: tuple[Any, ...]) -> StoredInstance:
@@ -78,17 +109,27 @@ class PostgresRegistryStore:
         retain_events: int = 100_000,
         poll_interval: float = 0.5,
         expiry_interval: float = 0.2,
+        leader_retry_interval: float = 0.5,
+        clock: Clock = time.monotonic,
     ) -> None:
         self.url = url
         self.retain_events = retain_events
         self.poll_interval = poll_interval
         self.expiry_interval = expiry_interval
+        self.leader_retry_interval = leader_retry_interval
+        self._tracker = RenewalTracker(clock)
+        self._leader = False
         self._pool: AsyncConnectionPool | None = None
         self._sink: EventSink | None = None
         self._applied = 0
         self._compact_revision = 0
         self._wakeup = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def is_leader(self) -> bool:
+        """This node holds the expiry lock and tracks lease deadlines."""
+        return self._leader
 
     @property
     def compact_revision(self) -> int:
@@ -101,7 +142,7 @@ class PostgresRegistryStore:
         return self._pool
 
     async def open(self, sink: EventSink) -> Loaded:
-        """Create the schema, extend every lease by its TTL, load the state and start tailing."""
+        """Create the schema, load the state, start tailing and contend for expiry leadership."""
         self._sink = sink
         pool = AsyncConnectionPool(self.url, min_size=1, max_size=8, kwargs={"autocommit": True}, open=False)
         await pool.open(wait=True, timeout=30)
@@ -110,13 +151,6 @@ class PostgresRegistryStore:
             await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
             for statement in _SCHEMA:
                 await conn.execute(statement)
-        async with pool.connection() as conn, conn.transaction():
-            # Like etcd's new leader: every lease gets its full TTL again, so a restart
-            # of the Registry does not expire healthy instances.
-            await conn.execute(
-                "UPDATE registry_instances SET expires_at = "
-                "GREATEST(expires_at, now() + ttl_ms * interval '1 millisecond')"
-            )
         async with pool.connection() as conn, conn.transaction():
             await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
             meta = await (
@@ -129,6 +163,7 @@ class PostgresRegistryStore:
         self._tasks = [
             asyncio.create_task(self._listen(), name="registry-pg-listen"),
             asyncio.create_task(self._tail(), name="registry-pg-tail"),
+            asyncio.create_task(self._lead(), name="registry-pg-lead"),
         ]
         return Loaded(instances=instances, revision=self._applied)
 
@@ -140,9 +175,51 @@ class PostgresRegistryStore:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        self._leader = False
+        self._tracker.clear()
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
+
+    # -- expiry leadership ------------------------------------------------------
+
+    async def _lead(self) -> None:
+        """Contend for the expiry lock; while held, follow renewals on the same connection."""
+        while True:
+            try:
+                conn = await psycopg.AsyncConnection.connect(self.url, autocommit=True)
+                async with conn:
+                    while True:
+                        row = await (
+                            await conn.execute("SELECT pg_try_advisory_lock(%s)", (_LEADER_LOCK,))
+                        ).fetchone()
+                        if row is not None and row[0]:
+                            break
+                        await asyncio.sleep(self.leader_retry_interval)
+                    # LISTEN before reading: a renewal committed in between is seen twice, never missed.
+                    await conn.execute(f"LISTEN {RENEW_CHANNEL}")
+                    rows = await (
+                        await conn.execute("SELECT lease_id, ttl_ms, renewals FROM registry_instances")
+                    ).fetchall()
+                    # Like etcd's new leader: every lease gets its full TTL again, so a restart
+                    # or a leader change does not expire healthy instances.
+                    self._tracker.take_over(Sighting(str(r[0]), int(r[1]), int(r[2])) for r in rows)
+                    self._leader = True
+                    logger.info("registry node leads lease expiry (%d leases)", len(rows))
+                    async for note in conn.notifies():
+                        sighting = parse_renewal(note.payload)
+                        if sighting is not None:
+                            self._tracker.observe(sighting)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.warning("registry expiry-leader connection lost; contending again", exc_info=True)
+            finally:
+                if self._leader:
+                    logger.info("registry node no longer leads lease expiry")
+                self._leader = False
+                self._tracker.clear()
+            await asyncio.sleep(1.0)
 
     # -- tailing the shared log --------------------------------------------------
 
@@ -217,9 +294,10 @@ class PostgresRegistryStore:
         if event is None:
             if stored is not None and change.renew:
                 await conn.execute(
-                    "UPDATE registry_instances SET expires_at = now() + ttl_ms * interval '1 millisecond' "
-                    "WHERE lease_id = %s",
-                    (stored.lease_id,),
+                    "WITH renewed AS (UPDATE registry_instances SET renewals = renewals + 1 "
+                    "WHERE lease_id = %s RETURNING lease_id, renewals, ttl_ms) "
+                    "SELECT pg_notify(%s, lease_id || ' ' || renewals || ' ' || ttl_ms) FROM renewed",
+                    (stored.lease_id, RENEW_CHANNEL),
                 )
             return
         key = (event.instance.service, event.instance.instance_id)
@@ -227,13 +305,15 @@ class PostgresRegistryStore:
             await conn.execute("DELETE FROM registry_instances WHERE service = %s AND instance_id = %s", key)
         else:
             await conn.execute(
-                "INSERT INTO registry_instances "
-                "(service, instance_id, lease_id, token_hash, ttl_ms, probe_passing, data, expires_at) "
-                "VALUES (%s, %s, %s, %s, %s, %s, %s, now() + %s * interval '1 millisecond') "
+                "WITH written AS (INSERT INTO registry_instances "
+                "(service, instance_id, lease_id, token_hash, ttl_ms, probe_passing, data) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s) "
                 "ON CONFLICT (service, instance_id) DO UPDATE SET lease_id = excluded.lease_id, "
                 "token_hash = excluded.token_hash, ttl_ms = excluded.ttl_ms, "
                 "probe_passing = excluded.probe_passing, data = excluded.data, "
-                "expires_at = CASE WHEN %s THEN excluded.expires_at ELSE registry_instances.expires_at END",
+                "renewals = registry_instances.renewals + CASE WHEN %s THEN 1 ELSE 0 END "
+                "RETURNING lease_id, renewals, ttl_ms) "
+                "SELECT pg_notify(%s, lease_id || ' ' || renewals || ' ' || ttl_ms) FROM written WHERE %s",
                 (
                     *key,
                     stored.lease_id,
@@ -241,7 +321,8 @@ class PostgresRegistryStore:
                     stored.ttl_ms,
                     stored.probe_passing,
                     stored.instance.SerializeToString(),
-                    stored.ttl_ms,
+                    change.renew,
+                    RENEW_CHANNEL,
                     change.renew,
                 ),
             )
@@ -281,61 +362,87 @@ class PostgresRegistryStore:
         return Committed(change.result, revision, change.event)
 
     async def renew(self, lease_id: str, lease_token: str) -> int:
-        """Move the lease's deadline on the database clock; any node's renewal counts."""
+        """Bump the lease's renewal counter (and tell the expiry leader); any node's renewal counts."""
         pool = self._pool_or_fail()
         async with pool.connection() as conn:
             row = await (
                 await conn.execute(
-                    "UPDATE registry_instances SET expires_at = now() + ttl_ms * interval '1 millisecond' "
-                    "WHERE lease_id = %s AND token_hash = %s AND expires_at > now() RETURNING ttl_ms",
-                    (lease_id, hash_token(lease_token) if lease_token else ""),
+                    _RENEW, (lease_id, hash_token(lease_token) if lease_token else "", RENEW_CHANNEL)
                 )
             ).fetchone()
             if row is not None:
                 return int(row[0])
             found = await (
-                await conn.execute(
-                    "SELECT token_hash, expires_at > now() FROM registry_instances WHERE lease_id = %s",
-                    (lease_id,),
-                )
+                await conn.execute("SELECT 1 FROM registry_instances WHERE lease_id = %s", (lease_id,))
             ).fetchone()
-        if found is None or not found[1]:
+        if found is None:
             raise NotFoundError(f"lease {lease_id!r} is unknown or expired; register again")
         what = "missing" if not lease_token else "does not match"
         raise PermissionDeniedError(f"lease_token: {what} for lease {lease_id!r}")
 
     async def expire_due(self) -> int:
-        """Delete overdue instances under the revision lock: each lease expires exactly once."""
+        """Leader only: delete the overdue leases whose renewal counter did not move.
+
+        The delete runs under the revision lock with the rows locked and is
+        conditional on the counter the leader saw, so a renewal that committed
+        first wins (its lease gets a new deadline), one that comes later finds
+        the lease gone, and each lease expires exactly once.
+        """
+        if not self._leader:
+            return 0
+        due = {lease.lease_id: lease.renewals for lease in self._tracker.due(_EXPIRE_BATCH)}
+        if not due:
+            return 0
         pool = self._pool_or_fail()
-        async with pool.connection() as conn:
-            due = await (
-                await conn.execute("SELECT 1 FROM registry_instances WHERE expires_at <= now() LIMIT 1")
-            ).fetchone()
-            if due is None:
-                return 0
-            count = 0
-            async with conn.transaction():
-                revision = await self._lock_revision(conn)
-                rows = await (
-                    await conn.execute(
-                        _SELECT + " WHERE expires_at <= now() ORDER BY expires_at LIMIT %s", (_EXPIRE_BATCH,)
-                    )
-                ).fetchall()
-                for row in rows:
-                    stored = _stored(row)
-                    change = transitions.expire(stored, revision + 1, lease_id=stored.lease_id)
-                    await self._write(conn, change)
-                    if change.event is not None:
-                        revision = change.event.revision
-                        count += 1
-                if count:
-                    await self._finish(conn, revision)
-        self._wakeup.set()
-        return count
+        found: dict[str, int] = {}
+        expired: list[str] = []
+        async with pool.connection() as conn, conn.transaction():
+            revision = await self._lock_revision(conn)
+            rows = await (
+                await conn.execute(
+                    "SELECT lease_id, renewals, token_hash, ttl_ms, probe_passing, data "
+                    "FROM registry_instances WHERE lease_id = ANY(%s) FOR UPDATE",
+                    (list(due),),
+                )
+            ).fetchall()
+            for row in rows:
+                lease_id, renewals = str(row[0]), int(row[1])
+                found[lease_id] = renewals
+                if renewals != due[lease_id]:
+                    continue  # renewed since the leader last looked: the renewal wins
+                stored = _stored(row[2:])
+                change = transitions.expire(stored, revision + 1, lease_id=lease_id)
+                if change.event is None:
+                    continue
+                deleted = await conn.execute(
+                    "DELETE FROM registry_instances WHERE lease_id = %s AND renewals = %s",
+                    (lease_id, renewals),
+                )
+                if deleted.rowcount != 1:
+                    continue
+                await conn.execute(
+                    "INSERT INTO registry_events (revision, data) VALUES (%s, %s)",
+                    (change.event.revision, change.event.to_proto().SerializeToString()),
+                )
+                revision = change.event.revision
+                expired.append(lease_id)
+            if expired:
+                await self._finish(conn, revision)
+        for lease_id in expired:
+            self._tracker.forget(lease_id)
+        for lease_id in due:
+            if lease_id not in expired:
+                self._tracker.settle(lease_id, found.get(lease_id))
+        if expired:
+            self._wakeup.set()
+        return len(expired)
 
     def seconds_to_next_expiry(self) -> float:
-        """Check for overdue leases every ``expiry_interval`` seconds."""
-        return self.expiry_interval
+        """The leader sleeps until its earliest deadline; the others check leadership every interval."""
+        if not self._leader:
+            return self.expiry_interval
+        remaining = self._tracker.seconds_to_next_deadline()
+        return self.expiry_interval if remaining is None else remaining
 
     async def events_after(self, revision: int, limit: int) -> list[Event]:
         """Retained events after ``revision`` from the shared log."""
