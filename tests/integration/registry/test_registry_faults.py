@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import signal
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import grpc
 import grpc.aio
+import psycopg
 import pytest
 from rpcmesh.v1 import registry_pb2, registry_pb2_grpc
 
@@ -20,6 +22,7 @@ from tests.support.processes import ManagedProcess, python_env, start_control_pl
 pytestmark = [pytest.mark.fault, pytest.mark.slow]
 
 HERE = Path(__file__).resolve().parent
+DELETE = registry_pb2.WATCH_EVENT_TYPE_DELETE
 
 
 async def _register_until_cut(address: str, service: str, acked: list[str], counter: list[int]) -> None:
@@ -104,3 +107,93 @@ async def test_stopped_service_leaves_resolve_and_its_keepalive_is_refused_after
     finally:
         holder.signal(signal.SIGCONT)
         holder.kill()
+
+
+_LEADER_LOCK = 0x5245474C  # the expiry leader's advisory lock (postgres_store._LEADER_LOCK)
+
+
+async def _leader_backend_pid(postgres_url: str) -> int | None:
+    """The PostgreSQL backend pid of the session holding the expiry-leader lock, if any."""
+    async with await psycopg.AsyncConnection.connect(postgres_url, autocommit=True) as conn:
+        row = await (
+            await conn.execute(
+                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                "AND ((classid::bigint << 32) | objid::bigint) = %s",
+                (_LEADER_LOCK,),
+            )
+        ).fetchone()
+    return int(row[0]) if row is not None else None
+
+
+@pytest.mark.backend
+async def test_expiry_leader_killed_the_other_node_takes_over(postgres_url: str, tmp_path: Path) -> None:
+    nodes: list[ManagedProcess] = []
+    try:
+        leader, _ = start_control_plane(tmp_path / "leader", "--store", postgres_url)
+        nodes.append(leader)
+        leader.wait_for_address()
+        # The first node takes the expiry lock; only then does the second one start.
+        await eventually(lambda: _holds_lock(postgres_url), limit=20)
+        first_pid = await _leader_backend_pid(postgres_url)
+        survivor, address = start_control_plane(tmp_path / "survivor", "--store", postgres_url)
+        nodes.append(survivor)
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = registry_pb2_grpc.RegistryStub(channel)
+            watch = stub.Watch(registry_pb2.WatchRequest(service="led"))
+            assert (await watch.read()).snapshot
+            registered = [await register(stub, service="led", port=6000 + i, ttl_seconds=2) for i in range(6)]
+            kept, dropped = registered[:3], registered[3:]
+
+            async def renew() -> None:
+                while True:
+                    for r in kept:
+                        await stub.Heartbeat(
+                            registry_pb2.HeartbeatRequest(lease_id=r.lease_id, lease_token=r.lease_token)
+                        )
+                    await asyncio.sleep(0.3)
+
+            renewer = asyncio.create_task(renew())
+            try:
+                leader.kill()  # kill -9: its session ends and the survivor takes the lock
+                await eventually(lambda: _lock_moved(postgres_url, first_pid), limit=20)
+                kept_ids = {r.instance_id for r in kept}
+                await eventually(lambda: _resolves(stub, kept_ids), limit=20)
+                seen = 0
+                while seen < len(dropped):
+                    response = await asyncio.wait_for(watch.read(), 15)
+                    seen += sum(1 for e in response.events if e.type == DELETE)
+                # Another TTL and more: renewed leases stay, and no lease expires twice.
+                await asyncio.sleep(3.0)
+                upto = (await stub.Resolve(registry_pb2.ResolveRequest(service="led"))).revision
+                history = stub.Watch(
+                    registry_pb2.WatchRequest(service="led", after_revision=registered[0].revision)
+                )
+                events: list[registry_pb2.WatchEvent] = []
+                while not events or events[-1].revision < upto:
+                    events.extend((await asyncio.wait_for(history.read(), 15)).events)
+                history.cancel()
+                assert await resolve_ids(stub, "led") == kept_ids
+            finally:
+                renewer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await renewer
+            watch.cancel()
+        deletes = [e for e in events if e.type == DELETE]
+        assert sorted(e.instance.instance_id for e in deletes) == sorted(r.instance_id for r in dropped)
+        assert all(e.reason == "expired" for e in deletes)
+    finally:
+        for node in nodes:
+            node.kill()
+
+
+async def _holds_lock(postgres_url: str) -> bool:
+    return await _leader_backend_pid(postgres_url) is not None
+
+
+async def _lock_moved(postgres_url: str, first_pid: int | None) -> bool:
+    pid = await _leader_backend_pid(postgres_url)
+    return pid is not None and pid != first_pid
+
+
+async def _resolves(stub: registry_pb2_grpc.RegistryStub, ids: set[str]) -> bool:
+    return await resolve_ids(stub, "led") == ids
