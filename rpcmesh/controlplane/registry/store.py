@@ -1,7 +1,7 @@
 """The one small interface the Registry keeps its state behind (SQLite or PostgreSQL).
 
 A store holds the current instances, an append-only event log with a retained
-window, and the lease deadlines. Writes are decisions: the caller passes a
+window, and the lease deadlines (never on a wall clock). Writes are decisions: the caller passes a
 pure function of the stored instance (see :mod:`.transitions`) that the store
 runs inside its write transaction, so the rules are the same for every backend
 and a rejected decision changes nothing. Committed events reach the node's
@@ -44,7 +44,11 @@ class RegistryStore(Protocol):
         ...
 
     async def open(self, sink: EventSink) -> Loaded:
-        """Open (creating the schema), extend every lease by its TTL and return the current state."""
+        """Open (creating the schema) and return the current state.
+
+        Every lease gets its full TTL again on a monotonic clock: at open for the
+        embedded store, when a node takes over expiry for the shared one.
+        """
         ...
 
     async def close(self) -> None:
