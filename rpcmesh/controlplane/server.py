@@ -11,7 +11,7 @@ from typing import cast
 import grpc
 import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from rpcmesh.controlplane.component import Component, ControlPlaneContext
 from rpcmesh.controlplane.config import ControlPlaneConfig
@@ -91,7 +91,10 @@ class ControlPlane:
         for component in self.components:
             component.add_to_server(registrar)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, registrar)
-        reflection.enable_server_reflection([*self.service_names, reflection.SERVICE_NAME], registrar)
+        # The aio servicer named explicitly: enable_server_reflection picks the sync one for a proxy.
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            reflection.aio.ReflectionServicer([*self.service_names, reflection.SERVICE_NAME]), registrar
+        )
         port = security.add_port(server, self.config.address)
         if port == 0:
             raise OSError(f"cannot listen on {self.config.address}")
