@@ -65,10 +65,11 @@ async def test_two_postgres_nodes_serve_one_view(postgres_url: str, tmp_path: Pa
             assert (await watch.read()).snapshot
         # Writes through both nodes, concurrently.
         registered = await asyncio.gather(
-            *(register(a if i % 2 else b, service="shared", port=5000 + i, ttl_seconds=2) for i in range(10))
+            *(register(a if i % 2 else b, service="shared", port=5000 + i, ttl_seconds=4) for i in range(10))
         )
         ids = {r.instance_id for r in registered}
-        assert await resolve_ids(a, "shared") == ids
+        # Each node learns of the other's writes from the event table (LISTEN/NOTIFY and polling).
+        await eventually(lambda: _has(a, ids))
         await eventually(lambda: _has(b, ids))
         # Renew half of them through node b only, the rest through neither.
         kept, dropped = registered[:5], registered[5:]
