@@ -16,11 +16,10 @@ import contextlib
 import os
 import signal
 import sys
-from pathlib import Path
 from typing import Any
 
 from rpcmesh.cli.common import CliError
-from rpcmesh.security.settings import SecuritySettings
+from rpcmesh.cli.server_security import add_server_security_arguments, server_security_settings
 
 
 def register(commands: Any) -> None:
@@ -48,81 +47,15 @@ def register(commands: Any) -> None:
     gateway.add_argument("--no-header-routing", action="store_true", help="ignore x-rpcmesh-service")
     gateway.add_argument("--policy", help="call policies (YAML or TOML) for the forwarded calls")
     gateway.add_argument("--grace", type=float, default=5.0, help="seconds to drain calls on shutdown")
-    _add_security_arguments(gateway)
+    add_server_security_arguments(gateway, with_policy=False)
     gateway.set_defaults(func=run_gateway)
-
-
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def _add_security_arguments(parser: argparse.ArgumentParser) -> None:
-    env = os.environ.get
-    group = parser.add_argument_group(
-        "security", "TLS, mTLS and bearer tokens of the gateway's port (`rpcmesh certs` makes certificates)"
-    )
-    group.add_argument("--tls-cert", type=Path, default=env("RPCMESH_TLS_CERT"), help="env RPCMESH_TLS_CERT")
-    group.add_argument("--tls-key", type=Path, default=env("RPCMESH_TLS_KEY"), help="env RPCMESH_TLS_KEY")
-    group.add_argument(
-        "--tls-ca",
-        type=Path,
-        default=env("RPCMESH_TLS_CA"),
-        help="CA of client certificates (env RPCMESH_TLS_CA)",
-    )
-    group.add_argument(
-        "--tls-client-auth",
-        action="store_true",
-        default=_env_flag("RPCMESH_TLS_CLIENT_AUTH"),
-        help="require client certificates (mTLS) (env RPCMESH_TLS_CLIENT_AUTH)",
-    )
-    group.add_argument(
-        "--token-secret-file",
-        type=Path,
-        default=env("RPCMESH_TOKEN_SECRET_FILE"),
-        help="HS256 secret of accepted bearer tokens (env RPCMESH_TOKEN_SECRET_FILE)",
-    )
-    group.add_argument(
-        "--token-issuer",
-        default=env("RPCMESH_TOKEN_ISSUER") or "rpcmesh",
-        help="issuer tokens must name (env RPCMESH_TOKEN_ISSUER)",
-    )
-    group.add_argument(
-        "--insecure",
-        action="store_true",
-        default=_env_flag("RPCMESH_INSECURE"),
-        help="development mode: accept bearer tokens over plaintext (env RPCMESH_INSECURE)",
-    )
-
-
-def _security_settings(args: argparse.Namespace) -> SecuritySettings:
-    from rpcmesh.host.config import HOST_LIMITS
-    from rpcmesh.security.tls import ServerTlsConfig
-
-    tls = None
-    if args.tls_cert is not None or args.tls_key is not None:
-        if args.tls_cert is None or args.tls_key is None:
-            raise ValueError("--tls-cert and --tls-key: give both or neither")
-        tls = ServerTlsConfig(
-            cert_file=args.tls_cert,
-            key_file=args.tls_key,
-            ca_file=args.tls_ca,
-            client_auth=args.tls_client_auth,
-        )
-    elif args.tls_client_auth:
-        raise ValueError("--tls-client-auth: needs --tls-cert and --tls-key")
-    return SecuritySettings(
-        tls=tls,
-        token_secret_file=args.token_secret_file,
-        token_issuer=args.token_issuer,
-        insecure=args.insecure,
-        limits=HOST_LIMITS,
-    )
 
 
 def run_gateway(args: argparse.Namespace) -> int:
     """Run `rpcmesh gateway` until SIGINT/SIGTERM."""
     from rpcmesh.client import PolicyError, load_policy
     from rpcmesh.gateway import GatewayConfig, RouteTable
+    from rpcmesh.host.config import HOST_LIMITS
     from rpcmesh.security.client import ClientSecurity
     from rpcmesh.telemetry import TelemetryConfig
 
@@ -135,7 +68,7 @@ def run_gateway(args: argparse.Namespace) -> int:
             port=args.port,
             routes=routes,
             grace=args.grace,
-            security=_security_settings(args),
+            security=server_security_settings(args, limits=HOST_LIMITS),
         )
         policy = load_policy(args.policy) if args.policy else None
         client_security = ClientSecurity.from_env()

@@ -28,10 +28,9 @@ from rpcmesh.cli import (
     saga_commands,
 )
 from rpcmesh.cli.common import CliError
+from rpcmesh.cli.server_security import add_server_security_arguments, server_security_settings
 from rpcmesh.controlplane.config import ControlPlaneConfig
 from rpcmesh.errors import from_rpc_error
-from rpcmesh.security.settings import SecuritySettings
-from rpcmesh.security.tls import ServerTlsConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--bus", default=os.environ.get("RPCMESH_BUS"), help="nats://... (env RPCMESH_BUS)")
     up.add_argument("--grace", type=float, default=5.0, help="seconds to drain calls on shutdown")
-    _add_security_arguments(up)
+    add_server_security_arguments(up, with_policy=True)
     up.set_defaults(func=run_up)
 
     registry_commands.register(commands)
@@ -83,83 +82,6 @@ def build_parser() -> argparse.ArgumentParser:
     certs_commands.register(commands)
     gateway_command.register(commands)
     return parser
-
-
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def _add_security_arguments(up: argparse.ArgumentParser) -> None:
-    env = os.environ.get
-    group = up.add_argument_group(
-        "security", "TLS, mTLS, identities and authorization (`rpcmesh certs` makes development certificates)"
-    )
-    group.add_argument(
-        "--tls-cert",
-        type=Path,
-        default=env("RPCMESH_TLS_CERT"),
-        help="server certificate (env RPCMESH_TLS_CERT)",
-    )
-    group.add_argument(
-        "--tls-key", type=Path, default=env("RPCMESH_TLS_KEY"), help="server key (env RPCMESH_TLS_KEY)"
-    )
-    group.add_argument(
-        "--tls-ca",
-        type=Path,
-        default=env("RPCMESH_TLS_CA"),
-        help="CA that client certificates chain to (env RPCMESH_TLS_CA)",
-    )
-    group.add_argument(
-        "--tls-client-auth",
-        action="store_true",
-        default=_env_flag("RPCMESH_TLS_CLIENT_AUTH"),
-        help="require client certificates (mTLS); their name is the identity (env RPCMESH_TLS_CLIENT_AUTH)",
-    )
-    group.add_argument(
-        "--token-secret-file",
-        type=Path,
-        default=env("RPCMESH_TOKEN_SECRET_FILE"),
-        help="HS256 secret of bearer tokens (env RPCMESH_TOKEN_SECRET_FILE)",
-    )
-    group.add_argument(
-        "--token-issuer",
-        default=env("RPCMESH_TOKEN_ISSUER") or "rpcmesh",
-        help="issuer tokens must name (env RPCMESH_TOKEN_ISSUER)",
-    )
-    group.add_argument(
-        "--policy",
-        type=Path,
-        default=env("RPCMESH_POLICY_FILE"),
-        help="YAML policy file (env RPCMESH_POLICY_FILE)",
-    )
-    group.add_argument(
-        "--insecure",
-        action="store_true",
-        default=_env_flag("RPCMESH_INSECURE"),
-        help="development mode: accept bearer tokens over plaintext (env RPCMESH_INSECURE)",
-    )
-
-
-def _security_settings(args: argparse.Namespace) -> SecuritySettings:
-    tls = None
-    if args.tls_cert is not None or args.tls_key is not None:
-        if args.tls_cert is None or args.tls_key is None:
-            raise ValueError("--tls-cert and --tls-key: give both or neither")
-        tls = ServerTlsConfig(
-            cert_file=args.tls_cert,
-            key_file=args.tls_key,
-            ca_file=args.tls_ca,
-            client_auth=args.tls_client_auth,
-        )
-    elif args.tls_client_auth:
-        raise ValueError("--tls-client-auth: needs --tls-cert and --tls-key")
-    return SecuritySettings(
-        tls=tls,
-        token_secret_file=args.token_secret_file,
-        token_issuer=args.token_issuer,
-        policy_file=args.policy,
-        insecure=args.insecure,
-    )
 
 
 def run_up(args: argparse.Namespace) -> int:
@@ -172,7 +94,7 @@ def run_up(args: argparse.Namespace) -> int:
             store=args.store,
             bus=args.bus,
             grace=args.grace,
-            security=_security_settings(args),
+            security=server_security_settings(args, policy_file=args.policy),
         )
     except ValueError as exc:
         raise CliError(str(exc)) from exc
