@@ -71,7 +71,8 @@ def plot(results: dict[str, dict[str, object]], path: Path) -> None:
     colors = ["tab:green" if s >= 1 else "tab:red" for s in scores]
     ax.barh(labels, scores, color=colors)
     ax.axvline(1.0, color="black", linewidth=1)
-    ax.set_xlabel("figure relative to its goal (right of the line: goal met)")
+    ax.set_xscale("log")
+    ax.set_xlabel("figure relative to its goal, log scale (right of the line: goal met)")
     ax.set_title(f"rpcmesh benchmarks, {time.strftime('%Y-%m-%d')}")
     ax.invert_yaxis()
     fig.tight_layout()
