@@ -23,26 +23,21 @@ from rpcmesh.telemetry.setup import setup_telemetry
 
 logger = logging.getLogger(__name__)
 
-# Control-plane requests are small; the cap keeps a hostile client from
-# making the server buffer large messages. The limit in force is
-# config.security.limits.max_receive_message_bytes (about 1.5 MiB).
-MAX_MESSAGE_BYTES = 3 * 1024 * 1024 // 2
-
-
 def build_components(config: ControlPlaneConfig) -> list[Component]:
     """The components `rpcmesh up` serves for this configuration."""
-    from rpcmesh.controlplane.registry.component import RegistryComponent
-
-    components: list[Component] = [RegistryComponent(config)]
+    # Imported here: each component pulls in its storage drivers (psycopg, nats-py).
     from rpcmesh.controlplane.bus.component import BusComponent
-
-    components.append(BusComponent(config))
     from rpcmesh.controlplane.eventstore.component import EventStoreComponent
+    from rpcmesh.controlplane.registry.component import RegistryComponent
     from rpcmesh.controlplane.saga.component import SagaCoordinatorComponent
 
     eventstore = EventStoreComponent(config)
-    components += [eventstore, SagaCoordinatorComponent(config, eventstore=eventstore)]
-    return components
+    return [
+        RegistryComponent(config),
+        BusComponent(config),
+        eventstore,
+        SagaCoordinatorComponent(config, eventstore=eventstore),
+    ]
 
 
 class ControlPlane:
