@@ -23,6 +23,7 @@ from rpcmesh.telemetry.setup import setup_telemetry
 
 logger = logging.getLogger(__name__)
 
+
 def build_components(config: ControlPlaneConfig) -> list[Component]:
     """The components `rpcmesh up` serves for this configuration."""
     # Imported here: each component pulls in its storage drivers (psycopg, nats-py).
