@@ -2,16 +2,34 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import grpc.aio
 
-from rpcmesh.client.attempts import ATTEMPT_KEY, AttemptOutcome, attempt_reached_server, parse_pushback
+from rpcmesh.client.attempts import (
+    ATTEMPT_KEY,
+    AttemptOutcome,
+    CallController,
+    attempt_reached_server,
+    parse_pushback,
+)
 from rpcmesh.client.context import REQUEST_ID_KEY, current_call
+from rpcmesh.client.picker import EndpointState, NoEndpointError
 from rpcmesh.telemetry.correlation import CORRELATION_METADATA_KEY, correlation_id
 
-__all__ = ["attempt_metadata", "mesh_error", "outcome_of"]
+if TYPE_CHECKING:
+    from rpcmesh.client._telemetry import CallTelemetry
+
+__all__ = [
+    "attempt_metadata",
+    "begin_attempt",
+    "end_attempt",
+    "finish_call",
+    "mesh_error",
+    "outcome_of",
+    "start_call",
+]
 
 MetadataLike = Any
 
@@ -64,3 +82,51 @@ def outcome_of(error: grpc.RpcError, duration: float, *, committed: bool = False
         committed=committed,
         duration=duration,
     )
+
+
+def start_call(controller: CallController, telemetry: CallTelemetry | None) -> CallController:
+    """Admit the call through the service breaker; a refusal becomes UNAVAILABLE naming the breaker."""
+    try:
+        controller.start()
+    except NoEndpointError as exc:
+        if telemetry is not None:
+            telemetry.rejected(exc)
+        raise mesh_error(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
+    return controller
+
+
+def begin_attempt(controller: CallController, telemetry: CallTelemetry | None) -> EndpointState:
+    """Pick the next attempt's instance; a spent deadline or no admissible instance ends the call."""
+    remaining = controller.remaining()
+    if remaining is not None and remaining <= 0:
+        finish_call(controller, grpc.StatusCode.DEADLINE_EXCEEDED, telemetry)
+        raise mesh_error(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the call could be sent")
+    try:
+        return controller.begin_attempt()
+    except NoEndpointError as exc:
+        finish_call(controller, grpc.StatusCode.UNAVAILABLE, telemetry)
+        if telemetry is not None:
+            telemetry.rejected(exc)
+        raise mesh_error(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
+
+
+def finish_call(controller: CallController, code: grpc.StatusCode, telemetry: CallTelemetry | None) -> None:
+    """``controller.finish`` with the call's span current (service-breaker transitions become its events)."""
+    if telemetry is None:
+        controller.finish(code)
+        return
+    with telemetry.scope():
+        controller.finish(code)
+
+
+def end_attempt(
+    controller: CallController,
+    endpoint: EndpointState,
+    outcome: AttemptOutcome,
+    telemetry: CallTelemetry | None,
+) -> float | None:
+    """``controller.end_attempt``, with the call's span current (breaker transitions become its events)."""
+    if telemetry is None:
+        return controller.end_attempt(endpoint, outcome)
+    with telemetry.scope():
+        return controller.end_attempt(endpoint, outcome)

@@ -30,11 +30,19 @@ import grpc.aio
 
 from rpcmesh.client._aio_service import CALLABLES_KEY, CHANNEL_KEY, AioService
 from rpcmesh.client._replay import RequestReplay
-from rpcmesh.client._shell import attempt_metadata, mesh_error, outcome_of
+from rpcmesh.client._shell import (
+    attempt_metadata,
+    begin_attempt,
+    end_attempt,
+    finish_call,
+    mesh_error,
+    outcome_of,
+    start_call,
+)
 from rpcmesh.client._telemetry import CallTelemetry
 from rpcmesh.client.attempts import AttemptOutcome, CallController
 from rpcmesh.client.context import effective_deadline
-from rpcmesh.client.picker import EndpointState, NoEndpointError
+from rpcmesh.client.picker import EndpointState
 from rpcmesh.client.policy import MethodPolicy
 
 __all__ = ["MeshChannel"]
@@ -79,8 +87,6 @@ class _Method:
     ) -> CallController:
         now = time.monotonic()
         deadline = effective_deadline(timeout, self.policy.timeout, now)
-        if self.service.core.synced:
-            return self.start(deadline, telemetry)
         if not self.service.core.synced:
             wait = DISCOVERY_WAIT if deadline is None else max(0.0, min(DISCOVERY_WAIT, deadline - now))
             if not await self.service.wait_synced(wait):
@@ -91,50 +97,7 @@ class _Method:
         return self.start(deadline, telemetry)
 
     def start(self, deadline: float | None, telemetry: CallTelemetry | None) -> CallController:
-        controller = CallController(self.service.core, self.method, self.policy, deadline)
-        try:
-            controller.start()
-        except NoEndpointError as exc:
-            if telemetry is not None:
-                telemetry.rejected(exc)
-            raise mesh_error(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
-        return controller
-
-
-def _finish(controller: CallController, code: grpc.StatusCode, telemetry: CallTelemetry | None) -> None:
-    """``controller.finish`` with the call's span current (service-breaker transitions become its events)."""
-    if telemetry is None:
-        controller.finish(code)
-        return
-    with telemetry.scope():
-        controller.finish(code)
-
-
-def _end(
-    controller: CallController,
-    endpoint: EndpointState,
-    outcome: AttemptOutcome,
-    telemetry: CallTelemetry | None,
-) -> float | None:
-    """``controller.end_attempt``, with the call's span current (breaker transitions become its events)."""
-    if telemetry is None:
-        return controller.end_attempt(endpoint, outcome)
-    with telemetry.scope():
-        return controller.end_attempt(endpoint, outcome)
-
-
-def _begin(controller: CallController, telemetry: CallTelemetry | None = None) -> EndpointState:
-    remaining = controller.remaining()
-    if remaining is not None and remaining <= 0:
-        _finish(controller, grpc.StatusCode.DEADLINE_EXCEEDED, telemetry)
-        raise mesh_error(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the call could be sent")
-    try:
-        return controller.begin_attempt()
-    except NoEndpointError as exc:
-        _finish(controller, grpc.StatusCode.UNAVAILABLE, telemetry)
-        if telemetry is not None:
-            telemetry.rejected(exc)
-        raise mesh_error(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
+        return start_call(CallController(self.service.core, self.method, self.policy, deadline), telemetry)
 
 
 def _end_hedge(
@@ -255,7 +218,7 @@ class _UnaryResponseCall(_CallBase):
         delay: float | None = None
         reason: str | None = None
         while True:
-            endpoint = _begin(controller, telemetry)
+            endpoint = begin_attempt(controller, telemetry)
             started = time.monotonic()
             try:
                 request = self._replay.attempt() if self._replay is not None else self._request
@@ -276,9 +239,9 @@ class _UnaryResponseCall(_CallBase):
             except grpc.RpcError as error:
                 committed = self._replay is not None and self._replay.overflowed
                 outcome = outcome_of(error, time.monotonic() - started, committed=committed)
-                delay = _end(controller, endpoint, outcome, telemetry)
+                delay = end_attempt(controller, endpoint, outcome, telemetry)
                 if delay is None or self._cancelled:
-                    _finish(controller, outcome.code, telemetry)
+                    finish_call(controller, outcome.code, telemetry)
                     raise
                 reason = outcome.code.name
                 await asyncio.sleep(delay)
@@ -286,10 +249,10 @@ class _UnaryResponseCall(_CallBase):
             except BaseException:
                 controller.abandon_attempt(endpoint)
                 raise
-            _end(
+            end_attempt(
                 controller, endpoint, AttemptOutcome(code=_OK, duration=time.monotonic() - started), telemetry
             )
-            _finish(controller, _OK, telemetry)
+            finish_call(controller, _OK, telemetry)
             return response
 
     async def _hedged(self, controller: CallController, telemetry: CallTelemetry | None) -> Any:
@@ -299,7 +262,7 @@ class _UnaryResponseCall(_CallBase):
         running: dict[asyncio.Task[Any], tuple[EndpointState, float]] = {}
 
         def launch() -> None:
-            endpoint = _begin(controller, telemetry)
+            endpoint = begin_attempt(controller, telemetry)
             if telemetry is None:
                 call = method.callable_for(endpoint)(
                     self._request, **self._options.attempt(controller, method.policy)
@@ -334,19 +297,19 @@ class _UnaryResponseCall(_CallBase):
                             AttemptOutcome(code=_OK, duration=time.monotonic() - started),
                             telemetry,
                         )
-                        _finish(controller, _OK, telemetry)
+                        finish_call(controller, _OK, telemetry)
                         return task.result()
                     if not isinstance(error, grpc.RpcError):
                         raise error
                     last_error = error
                     outcome = outcome_of(error, time.monotonic() - started)
                     if not _end_hedge(controller, endpoint, outcome, telemetry):
-                        _finish(controller, outcome.code, telemetry)
+                        finish_call(controller, outcome.code, telemetry)
                         raise error
                     if controller.may_hedge():
                         self._try_launch(launch)
             assert last_error is not None
-            _finish(controller, last_error.code(), telemetry)  # type: ignore[attr-defined]
+            finish_call(controller, last_error.code(), telemetry)  # type: ignore[attr-defined]
             raise last_error
         finally:
             for task, (endpoint, _) in running.items():
@@ -422,7 +385,7 @@ class _StreamResponseCall(_CallBase):
         reason: str | None = None
         try:
             while True:
-                endpoint = _begin(controller, telemetry)
+                endpoint = begin_attempt(controller, telemetry)
                 started = time.monotonic()
                 committed = False
                 ended = False
@@ -448,9 +411,9 @@ class _StreamResponseCall(_CallBase):
                     ended = True
                     committed = committed or (self._replay is not None and self._replay.overflowed)
                     outcome = outcome_of(error, time.monotonic() - started, committed=committed)
-                    delay = _end(controller, endpoint, outcome, telemetry)
+                    delay = end_attempt(controller, endpoint, outcome, telemetry)
                     if delay is None or self._cancelled:
-                        _finish(controller, outcome.code, telemetry)
+                        finish_call(controller, outcome.code, telemetry)
                         raise
                     reason = outcome.code.name
                     await asyncio.sleep(delay)
@@ -461,13 +424,13 @@ class _StreamResponseCall(_CallBase):
                         controller.abandon_attempt(endpoint)
                         ended = True
                 if not ended:
-                    _end(
+                    end_attempt(
                         controller,
                         endpoint,
                         AttemptOutcome(code=_OK, duration=time.monotonic() - started),
                         telemetry,
                     )
-                    _finish(controller, _OK, telemetry)
+                    finish_call(controller, _OK, telemetry)
                 return
         finally:
             if self._replay is not None:

@@ -25,14 +25,22 @@ from typing import Any
 import grpc
 
 from rpcmesh.client._replay import _size
-from rpcmesh.client._shell import attempt_metadata, mesh_error, outcome_of
+from rpcmesh.client._shell import (
+    attempt_metadata,
+    begin_attempt,
+    end_attempt,
+    finish_call,
+    mesh_error,
+    outcome_of,
+    start_call,
+)
 from rpcmesh.client._telemetry import CallTelemetry, breaker_listener
 from rpcmesh.client.attempts import AttemptOutcome, CallController
 from rpcmesh.client.backoff import ExponentialBackoff
 from rpcmesh.client.breaker import BreakerSnapshot
 from rpcmesh.client.context import effective_deadline
 from rpcmesh.client.endpoints import EndpointChanges, EndpointView, ServiceCore
-from rpcmesh.client.picker import EndpointState, NoEndpointError
+from rpcmesh.client.picker import EndpointState
 from rpcmesh.client.policy import MeshPolicy, MethodPolicy, ServicePolicy
 from rpcmesh.security.client import ClientSecurity, sync_channel
 from rpcmesh.telemetry.grpc_sync import sync_client_interceptors
@@ -141,27 +149,6 @@ def _close_endpoint(endpoint: EndpointState) -> None:
         raw.close()
 
 
-def _finish(controller: CallController, code: grpc.StatusCode, telemetry: CallTelemetry | None) -> None:
-    """``controller.finish`` with the call's span current (service-breaker transitions become its events)."""
-    if telemetry is None:
-        controller.finish(code)
-        return
-    with telemetry.scope():
-        controller.finish(code)
-
-
-def _end(
-    controller: CallController,
-    endpoint: EndpointState,
-    outcome: AttemptOutcome,
-    telemetry: CallTelemetry | None,
-) -> float | None:
-    if telemetry is None:
-        return controller.end_attempt(endpoint, outcome)
-    with telemetry.scope():
-        return controller.end_attempt(endpoint, outcome)
-
-
 def _connectivity_tracker(endpoint: EndpointState) -> Callable[[grpc.ChannelConnectivity], None]:
     def track(state: grpc.ChannelConnectivity) -> None:
         if state is grpc.ChannelConnectivity.TRANSIENT_FAILURE:
@@ -241,29 +228,7 @@ class _SyncMethod:
                     grpc.StatusCode.UNAVAILABLE,
                     f"no instances known for service '{self.service.core.service}': watch not synced",
                 )
-        controller = CallController(self.service.core, self.method, self.policy, deadline)
-        try:
-            controller.start()
-        except NoEndpointError as exc:
-            if telemetry is not None:
-                telemetry.rejected(exc)
-            raise mesh_error(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
-        return controller
-
-    def begin(self, controller: CallController, telemetry: CallTelemetry | None) -> EndpointState:
-        remaining = controller.remaining()
-        if remaining is not None and remaining <= 0:
-            _finish(controller, grpc.StatusCode.DEADLINE_EXCEEDED, telemetry)
-            raise mesh_error(
-                grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the call could be sent"
-            )
-        try:
-            return controller.begin_attempt()
-        except NoEndpointError as exc:
-            _finish(controller, grpc.StatusCode.UNAVAILABLE, telemetry)
-            if telemetry is not None:
-                telemetry.rejected(exc)
-            raise mesh_error(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
+        return start_call(CallController(self.service.core, self.method, self.policy, deadline), telemetry)
 
     def kwargs(
         self, controller: CallController, metadata: Any, wait_for_ready: bool | None, compression: Any
@@ -313,7 +278,7 @@ class _SyncMethod:
         delay: float | None = None
         reason: str | None = None
         while True:
-            endpoint = self.begin(controller, telemetry)
+            endpoint = begin_attempt(controller, telemetry)
             started = time.monotonic()
             try:
                 payload = replay.attempt() if replay is not None else request
@@ -332,9 +297,9 @@ class _SyncMethod:
             except grpc.RpcError as error:
                 committed = replay is not None and replay.overflowed
                 outcome = outcome_of(error, time.monotonic() - started, committed=committed)
-                delay = _end(controller, endpoint, outcome, telemetry)
+                delay = end_attempt(controller, endpoint, outcome, telemetry)
                 if delay is None:
-                    _finish(controller, outcome.code, telemetry)
+                    finish_call(controller, outcome.code, telemetry)
                     raise
                 reason = outcome.code.name
                 time.sleep(delay)
@@ -342,10 +307,10 @@ class _SyncMethod:
             except BaseException:
                 controller.abandon_attempt(endpoint)
                 raise
-            _end(
+            end_attempt(
                 controller, endpoint, AttemptOutcome(code=_OK, duration=time.monotonic() - started), telemetry
             )
-            _finish(controller, _OK, telemetry)
+            finish_call(controller, _OK, telemetry)
             return response
 
     def _hedged(
@@ -363,7 +328,7 @@ class _SyncMethod:
         finished = threading.Event()
 
         def launch() -> None:
-            endpoint = self.begin(controller, telemetry)
+            endpoint = begin_attempt(controller, telemetry)
             if telemetry is None:
                 future = self.callable_for(endpoint).future(
                     request, **self.kwargs(controller, metadata, wait_for_ready, compression)
@@ -398,19 +363,19 @@ class _SyncMethod:
                         controller.end_hedge(
                             endpoint, AttemptOutcome(code=_OK, duration=time.monotonic() - started)
                         )
-                        _finish(controller, _OK, telemetry)
+                        finish_call(controller, _OK, telemetry)
                         return future.result()
                     assert isinstance(error, grpc.RpcError)
                     last = error
                     outcome = outcome_of(error, time.monotonic() - started)
                     if not controller.end_hedge(endpoint, outcome):
-                        _finish(controller, outcome.code, telemetry)
+                        finish_call(controller, outcome.code, telemetry)
                         raise error
                     if controller.may_hedge():
                         with contextlib.suppress(grpc.RpcError):
                             launch()
             assert last is not None
-            _finish(controller, last.code(), telemetry)
+            finish_call(controller, last.code(), telemetry)
             raise last
         finally:
             for future, (endpoint, _) in running.items():
@@ -454,7 +419,7 @@ class _SyncMethod:
         delay: float | None = None
         reason: str | None = None
         while True:
-            endpoint = self.begin(controller, telemetry)
+            endpoint = begin_attempt(controller, telemetry)
             started = time.monotonic()
             committed = False
             ended = False
@@ -480,9 +445,9 @@ class _SyncMethod:
                 ended = True
                 committed = committed or (replay is not None and replay.overflowed)
                 outcome = outcome_of(error, time.monotonic() - started, committed=committed)
-                delay = _end(controller, endpoint, outcome, telemetry)
+                delay = end_attempt(controller, endpoint, outcome, telemetry)
                 if delay is None:
-                    _finish(controller, outcome.code, telemetry)
+                    finish_call(controller, outcome.code, telemetry)
                     raise
                 reason = outcome.code.name
                 time.sleep(delay)
@@ -496,7 +461,7 @@ class _SyncMethod:
                 controller.end_attempt(
                     endpoint, AttemptOutcome(code=_OK, duration=time.monotonic() - started)
                 )
-                _finish(controller, _OK, telemetry)
+                finish_call(controller, _OK, telemetry)
             return
 
 
