@@ -126,8 +126,19 @@ class _Saga:
         changed.set()
 
 
+class _Deposed(Exception):
+    """This node's lease on driving sagas ran out: its runners stop without acting."""
+
+
 class SagaEngine:
-    """Owns definitions and sagas of one coordinator process."""
+    """Owns definitions and sagas of one coordinator process.
+
+    On SQLite (one node) the engine drives every saga. When several coordinators
+    share a PostgreSQL store (``shared``), only the node holding the store's saga
+    lease drives (``driving``; ``lease`` is checked before every call and runner
+    write); the others mirror the sagas from the store's log
+    (:mod:`~rpcmesh.controlplane.saga.ownership`) and still accept every RPC.
+    """
 
     def __init__(
         self,
@@ -148,6 +159,10 @@ class SagaEngine:
         self._def_lock = asyncio.Lock()
         self._stopping = False
         self._recent_finished: collections.deque[str] = collections.deque()
+        # Several nodes on one store: see the "shared store" section at the end of the class.
+        self.shared = False
+        self.driving = True
+        self.lease: Callable[[], bool] | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -291,6 +306,8 @@ class SagaEngine:
             # Another start with the same key won the race (or this node has not loaded it yet).
             saga = self._sagas.get(saga_id) or await self._load(saga_id)
             return saga.view, False
+        if saga_id in self._sagas:  # shared store: the log follower adopted it meanwhile
+            return self._sagas[saga_id].view, True
         saga = _Saga(view=view, revision=result.current_revision, recorded=list(events))
         self._sagas[saga_id] = saga
         self._spawn(saga, first_invoke=decision if isinstance(decision, machine.Invoke) else None)
@@ -298,6 +315,8 @@ class SagaEngine:
 
     async def _load(self, saga_id: str) -> _Saga:
         events, _ = await self.storage.read_stream(saga_stream(saga_id), 0, backwards=False, limit=1_000_000)
+        if saga_id in self._sagas:  # adopted by another task meanwhile
+            return self._sagas[saga_id]
         saga = self._adopt(events)
         if not saga.view.finished:
             self._spawn(saga)
@@ -316,18 +335,25 @@ class SagaEngine:
 
     async def abort_saga(self, saga_id: str, reason: str) -> SagaView:
         """Record AbortRequested; the runner compensates what completed."""
+        if self.shared:
+            await self.fetch_saga(saga_id)
         saga = self._sagas.get(saga_id)
         if saga is None:
             raise NotFoundError(f"saga_id: no saga {saga_id!r}")
-        async with saga.lock:
-            if saga.view.state != pb.SAGA_STATE_RUNNING:
-                state = pb.SagaState.Name(pb.SagaState.ValueType(saga.view.state))
-                raise FailedPreconditionError(
-                    f"saga {saga_id} is {state}; only a RUNNING saga can be aborted"
-                )
-            await self._flush(saga, [SagaEvent(machine.ABORT_REQUESTED, {"reason": reason}, self.clock())])
-        saga.wake.set()
-        return saga.view
+        while True:
+            async with saga.lock:
+                if saga.view.state != pb.SAGA_STATE_RUNNING:
+                    state = pb.SagaState.Name(pb.SagaState.ValueType(saga.view.state))
+                    raise FailedPreconditionError(
+                        f"saga {saga_id} is {state}; only a RUNNING saga can be aborted"
+                    )
+                event = SagaEvent(machine.ABORT_REQUESTED, {"reason": reason}, self.clock())
+                try:
+                    await self._flush(saga, [event])
+                except WrongExpectedVersion:
+                    continue  # another node wrote first: reloaded, check again
+            saga.wake.set()
+            return saga.view
 
     async def wait_finished(self, saga_id: str, wait_seconds: float | None = None) -> SagaView:
         """Wait until a saga ends (tests and benchmarks)."""
@@ -372,7 +398,7 @@ class SagaEngine:
     # -- running --------------------------------------------------------------------------------
 
     def _spawn(self, saga: _Saga, first_invoke: machine.Invoke | None = None) -> None:
-        if self._stopping:
+        if self._stopping or not self.driving:
             return
         # A fresh context: steps run under the saga's stored trace context and correlation id
         # only, never under whatever the caller that started or loaded the saga had current.
@@ -442,6 +468,8 @@ class SagaEngine:
                 invoke = None
         except asyncio.CancelledError:
             raise
+        except _Deposed:
+            pass  # another node drives the saga now
         except Exception:
             logger.exception("saga %s runner failed; it resumes on the next start", saga.view.saga_id)
         finally:
@@ -451,21 +479,26 @@ class SagaEngine:
     async def _next_invoke(self, saga: _Saga) -> machine.Invoke | None:
         """Decide under the lock until a call is due; record its start. None when finished."""
         while True:
+            if self.lease is not None and not self.lease():
+                raise _Deposed
             async with saga.lock:
                 decision = machine.decide(saga.view, self.clock())
-                if isinstance(decision, machine.Finished):
-                    await self._flush(saga, [])
-                    return None
-                if isinstance(decision, machine.Record):
-                    now = self.clock()
-                    for kind, data in decision.events:
-                        event = SagaEvent(kind, data, now)
-                        machine.apply(saga.view, event)
-                        saga.pending.append(event)
-                    if saga.view.finished:
+                try:
+                    if isinstance(decision, machine.Finished):
                         await self._flush(saga, [])
                         return None
-                    continue
+                    if isinstance(decision, machine.Record):
+                        now = self.clock()
+                        for kind, data in decision.events:
+                            event = SagaEvent(kind, data, now)
+                            machine.apply(saga.view, event)
+                            saga.pending.append(event)
+                        if saga.view.finished:
+                            await self._flush(saga, [])
+                            return None
+                        continue
+                except WrongExpectedVersion:
+                    continue  # another node wrote (e.g. AbortRequested): reloaded, decide again
                 if decision.delay <= 0:
                     step = saga.view.steps[decision.step].name
                     started = SagaEvent(
@@ -483,6 +516,8 @@ class SagaEngine:
                 await asyncio.wait_for(saga.wake.wait(), decision.delay)
 
     async def _call(self, saga: _Saga, invoke: machine.Invoke) -> None:
+        if self.lease is not None and not self.lease():
+            raise _Deposed
         view = saga.view
         step_def = view.definition.steps[invoke.step]
         step_name = step_def.name
@@ -534,6 +569,90 @@ class SagaEngine:
             event = SagaEvent(kind, data, self.clock())
             machine.apply(view, event)
             saga.pending.append(event)
+
+    # -- shared store: several coordinators (driven by ownership.SagaOwnership) -----------------
+
+    @staticmethod
+    def is_own_event(event: StoredEvent) -> bool:
+        """Recorded by this process (already applied here when its append returned)."""
+        return event.event_id.startswith(_ID_PREFIX)
+
+    async def fetch_saga(self, saga_id: str) -> SagaView:
+        """:meth:`get_saga`, reading the saga's newest transitions from a shared store first.
+
+        Only a node that drives a saga it knows answers from memory; any other
+        node reads the stream from the revision it has, so a saga started or
+        advanced through another node is seen at once.
+        """
+        saga = self._sagas.get(saga_id)
+        if self.shared and (saga is None or not self.driving):
+            after = saga.revision + 1 if saga is not None else 0
+            events, _ = await self.storage.read_stream(
+                saga_stream(saga_id), after, backwards=False, limit=1_000_000
+            )
+            if events:
+                await self.observe_saga(saga_id, events)
+        return self.get_saga(saga_id)
+
+    async def observe_saga(self, saga_id: str, events: Sequence[StoredEvent]) -> None:
+        """Take in transitions another node recorded in a saga's stream (ascending revisions)."""
+        saga = self._sagas.get(saga_id)
+        if saga is None:
+            saga = self._adopt(events) if events[0].revision == 0 else await self._load(saga_id)
+            if self.driving and not saga.view.finished and saga.task is None:
+                self._spawn(saga)
+            return
+        if events[-1].revision <= saga.revision:
+            return
+        if saga.task is not None and not saga.task.done():
+            saga.wake.set()  # its runner decides again; its next write conflicts and reloads
+            return
+        async with saga.lock:
+            fresh = [e for e in events if e.revision > saga.revision]
+            if not fresh:
+                return
+            if fresh[0].revision != saga.revision + 1 or saga.pending or saga.recorded is None:
+                await self._reload(saga)
+            else:
+                transitions = [from_stored(e) for e in fresh]
+                for transition in transitions:
+                    machine.apply(saga.view, transition)
+                saga.revision = fresh[-1].revision
+                saga.publish(transitions)
+            if saga.view.finished:
+                saga.done.set()
+                self._remember_finished(saga_id)
+        if self.driving and not saga.view.finished and (saga.task is None or saga.task.done()):
+            self._spawn(saga)
+
+    async def observe_definition(self, event: StoredEvent) -> None:
+        """Take in a definition version registered through another node."""
+        stored = pb.SagaDefinition.FromString(event.data)
+        async with self._def_lock:
+            versions = self._definitions.get(stored.name, [])
+            if stored.version == len(versions) + 1:
+                self._definitions[stored.name] = [*versions, stored]
+
+    def take_over(self) -> int:
+        """This node now holds the lease: drive every unfinished saga; returns how many."""
+        self.driving = True
+        return self.resume_all()
+
+    async def step_down(self) -> None:
+        """The lease is lost: stop the runners, forget unrecorded outcomes, keep mirroring."""
+        self.driving = False
+        tasks = [s.task for s in self._sagas.values() if s.task is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for saga in self._sagas.values():
+            saga.task = None
+            if not saga.view.finished and saga.recorded:
+                saga.pending.clear()
+                saga.view = machine.fold(saga.recorded)
+                saga.publish(())
 
 
 def view_to_proto(view: SagaView) -> pb.Saga:
