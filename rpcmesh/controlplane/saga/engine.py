@@ -221,6 +221,8 @@ class SagaEngine:
     async def register_definition(self, definition: pb.SagaDefinition) -> pb.SagaDefinition:
         """Store a new version (or return the identical one already stored)."""
         validate_definition(definition)
+        if self.shared:
+            await self.fetch_definitions(definition.name)
         async with self._def_lock:
             versions = self._definitions.get(definition.name, [])
             if definition.version and definition.version <= len(versions):
@@ -624,6 +626,18 @@ class SagaEngine:
                 self._remember_finished(saga_id)
         if self.driving and not saga.view.finished and (saga.task is None or saga.task.done()):
             self._spawn(saga)
+
+    async def fetch_definitions(self, name: str) -> None:
+        """Read versions of a definition registered through other nodes from a shared store."""
+        if self.shared:
+            events, _ = await self.storage.read_stream(
+                DEFINITION_STREAM_PREFIX + name,
+                len(self._definitions.get(name, [])),
+                backwards=False,
+                limit=1000,
+            )
+            for event in events:
+                await self.observe_definition(event)
 
     async def observe_definition(self, event: StoredEvent) -> None:
         """Take in a definition version registered through another node."""
