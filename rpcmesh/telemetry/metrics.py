@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import functools
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 import grpc
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
+
+if TYPE_CHECKING:
+    from rpcmesh.telemetry.durations import DurationHistogram
 
 BREAKER_STATES = ("closed", "half_open", "open")
 """Breaker states as reported in ``rpcmesh.breaker.state`` (value: 0 closed, 1 half-open, 2 open)."""
@@ -71,28 +75,48 @@ class MeshMetrics:
         """Registered instances of ``service`` in a health state (gauge)."""
 
 
+CLIENT_DURATION = ("rpc.client.call.duration", "s", "Duration of client calls, all attempts included.")
+SERVER_DURATION = ("rpc.server.call.duration", "s", "Duration of server calls.")
+"""Name, unit and description of the call-duration histograms."""
+
+
 class OtelMeshMetrics(MeshMetrics):
-    """MeshMetrics recording into OpenTelemetry instruments of one ``Meter``."""
+    """MeshMetrics recording into OpenTelemetry instruments of one ``Meter``.
+
+    Args:
+        meter: The meter of every instrument.
+        durations: The client and server call-duration histograms aggregated by rpcmesh
+            (``durations.DurationHistogram``, keyed by (service, method, code)); None: they go
+            through the SDK's ``Histogram.record``.
+    """
 
     enabled = True
 
-    def __init__(self, meter: Meter) -> None:
+    def __init__(
+        self, meter: Meter, durations: tuple[DurationHistogram, DurationHistogram] | None = None
+    ) -> None:
         self._lock = threading.Lock()
         self._breaker_states: dict[str, str] = {}
         self._lags: dict[tuple[str, str], int] = {}
         self._instances: dict[tuple[str, str], int] = {}
-        self._client_duration = meter.create_histogram(
-            "rpc.client.call.duration",
-            unit="s",
-            description="Duration of client calls, all attempts included.",
-            explicit_bucket_boundaries_advisory=DURATION_BUCKETS_S,
-        )
-        self._server_duration = meter.create_histogram(
-            "rpc.server.call.duration",
-            unit="s",
-            description="Duration of server calls.",
-            explicit_bucket_boundaries_advisory=DURATION_BUCKETS_S,
-        )
+        self._record_client: Callable[[tuple[str, str, grpc.StatusCode], float], None]
+        self._record_server: Callable[[tuple[str, str, grpc.StatusCode], float], None]
+        if durations is not None:
+            self._record_client = durations[0].record
+            self._record_server = durations[1].record
+        else:
+            for kind, (name, unit, description) in (("client", CLIENT_DURATION), ("server", SERVER_DURATION)):
+                histogram = meter.create_histogram(
+                    name,
+                    unit=unit,
+                    description=description,
+                    explicit_bucket_boundaries_advisory=DURATION_BUCKETS_S,
+                )
+                record = _sdk_recorder(histogram.record)
+                if kind == "client":
+                    self._record_client = record
+                else:
+                    self._record_server = record
         self._retries = meter.create_counter(
             "rpcmesh.client.retries", unit="{attempt}", description="Retry attempts."
         )
@@ -142,10 +166,10 @@ class OtelMeshMetrics(MeshMetrics):
         )
 
     def client_call(self, service: str, method: str, code: grpc.StatusCode, duration_s: float) -> None:  # noqa: D102
-        self._client_duration.record(duration_s, _rpc_attributes(service, method, code))
+        self._record_client((service, method, code), duration_s)
 
     def server_call(self, service: str, method: str, code: grpc.StatusCode, duration_s: float) -> None:  # noqa: D102
-        self._server_duration.record(duration_s, _rpc_attributes(service, method, code))
+        self._record_server((service, method, code), duration_s)
 
     def retry_attempt(self, service: str, method: str) -> None:  # noqa: D102
         self._retries.add(1, {"rpc.service": service, "rpc.method": method})
@@ -208,6 +232,18 @@ class OtelMeshMetrics(MeshMetrics):
             Observation(count, {"rpcmesh.service": service, "rpcmesh.health": health})
             for (service, health), count in counts
         ]
+
+
+def _sdk_recorder(record: Callable[..., None]) -> Callable[[tuple[str, str, grpc.StatusCode], float], None]:
+    def record_key(key: tuple[str, str, grpc.StatusCode], value: float) -> None:
+        record(value, _rpc_attributes(*key))
+
+    return record_key
+
+
+def rpc_attributes(key: tuple[str, str, grpc.StatusCode]) -> dict[str, str | int]:
+    """The attributes of a call-duration series (service, method, code)."""
+    return _rpc_attributes(*key)
 
 
 @functools.lru_cache(maxsize=4096)

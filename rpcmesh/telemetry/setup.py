@@ -55,11 +55,12 @@ class Telemetry:
         meter_provider: Any = None,
         prometheus_server: Any = None,
         call_tracer: Any = None,
+        durations: Any = None,
     ) -> None:
         self.config = config
         self.tracing = tracer is not None
         self.tracer: Tracer = tracer if tracer is not None else trace.NoOpTracer()
-        self.metrics: MeshMetrics = OtelMeshMetrics(meter) if meter is not None else MeshMetrics()
+        self.metrics: MeshMetrics = OtelMeshMetrics(meter, durations) if meter is not None else MeshMetrics()
         self.propagate_correlation = (
             self.tracing or self.metrics.enabled or config.propagate_correlation_when_off
         )
@@ -164,7 +165,7 @@ def setup_telemetry(
     from opentelemetry.sdk.resources import Resource
 
     resource = Resource.create({**dict(config.resource_attributes), "service.name": config.service_name})
-    tracer = tracer_provider = meter = meter_provider = prometheus_server = call_tracer = None
+    tracer = tracer_provider = meter = meter_provider = prometheus_server = call_tracer = durations = None
     if tracing:
         from rpcmesh.telemetry.spans import CallTracer
 
@@ -178,8 +179,9 @@ def setup_telemetry(
             instrumentation_scope=getattr(tracer, "_instrumentation_scope", None),
         )
     if metering:
-        meter_provider, prometheus_server = _meter_provider(config, resource, metric_readers)
+        meter_provider, prometheus_server, readers = _meter_provider(config, resource, metric_readers)
         meter = meter_provider.get_meter(INSTRUMENTATION_NAME)
+        durations = _duration_histograms(config, resource, meter, readers)
     if set_otel_globals:
         if tracer_provider is not None:
             trace.set_tracer_provider(tracer_provider)
@@ -193,10 +195,38 @@ def setup_telemetry(
         meter_provider=meter_provider,
         prometheus_server=prometheus_server,
         call_tracer=call_tracer,
+        durations=durations,
     )
     if install:
         install_telemetry(telemetry)
     return telemetry
+
+
+def _duration_histograms(config: TelemetryConfig, resource: Any, meter: Any, readers: Sequence[Any]) -> Any:
+    """The call-duration histograms aggregated by rpcmesh, attached to every reader; None: use the SDK.
+
+    Only when the SDK would produce the same data: exemplars off and explicit-bucket histograms
+    in every reader (``durations`` module).
+    """
+    from rpcmesh.telemetry.durations import (
+        DurationHistogram,
+        DurationHistograms,
+        attach_to_reader,
+        reader_supports,
+    )
+    from rpcmesh.telemetry.metrics import CLIENT_DURATION, DURATION_BUCKETS_S, SERVER_DURATION, rpc_attributes
+
+    scope = getattr(meter, "_instrumentation_scope", None)
+    if config.exemplar_filter != "always_off" or scope is None or not all(map(reader_supports, readers)):
+        return None
+    pair = tuple(
+        DurationHistogram(name, unit, description, DURATION_BUCKETS_S, rpc_attributes)
+        for name, unit, description in (CLIENT_DURATION, SERVER_DURATION)
+    )
+    histograms = DurationHistograms(pair, scope)
+    for reader in readers:
+        attach_to_reader(reader, histograms, resource)
+    return pair
 
 
 def _sampler(config: TelemetryConfig) -> Any:
@@ -259,7 +289,9 @@ def _tracer_provider(
     return provider, pipeline
 
 
-def _meter_provider(config: TelemetryConfig, resource: Any, extra_readers: Sequence[Any]) -> tuple[Any, Any]:
+def _meter_provider(
+    config: TelemetryConfig, resource: Any, extra_readers: Sequence[Any]
+) -> tuple[Any, Any, list[Any]]:
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, PeriodicExportingMetricReader
 
@@ -296,7 +328,7 @@ def _meter_provider(config: TelemetryConfig, resource: Any, extra_readers: Seque
     else:
         exemplar_filter = AlwaysOffExemplarFilter()
     provider = MeterProvider(resource=resource, metric_readers=readers, exemplar_filter=exemplar_filter)
-    return provider, prometheus_server
+    return provider, prometheus_server, readers
 
 
 def _prometheus(config: TelemetryConfig) -> tuple[Any, Any]:
