@@ -17,14 +17,14 @@ compression) whose stub sends those bytes as they are.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import struct
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grpc
 from opentelemetry.exporter.otlp.proto.common._internal import (
     _encode_attributes,
     _encode_instrumentation_scope,
-    _encode_key_value,
     _encode_resource,
 )
 from opentelemetry.exporter.otlp.proto.common._internal.trace_encoder import (
@@ -39,6 +39,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import SpanFlags, Status
 from opentelemetry.sdk.trace import ReadableSpan
 
 from rpcmesh.telemetry.correlation import CORRELATION_ATTRIBUTE
+from rpcmesh.telemetry.spans import CallSpan
 
 UNCACHED_ATTRIBUTES = frozenset({CORRELATION_ATTRIBUTE, "network.peer.port", "exception.stacktrace"})
 """Attributes whose values differ per call: never cached."""
@@ -90,39 +91,142 @@ _RESOURCE_SPANS_SCHEMA = b"\x1a"
 _REQUEST_RESOURCE_SPANS = b"\x0a"
 
 
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+_UINT64_MASK = (1 << 64) - 1
+_UNSET_STATUS = (0, None)
+
+
+def _attribute_field(key: str, value: Any) -> bytes:
+    """A span's ``attributes`` field (``KeyValue``) for one attribute, written by hand for scalars."""
+    if isinstance(value, str):
+        encoded = value.encode()
+        any_value = b"\x0a" + _varint(len(encoded)) + encoded  # AnyValue.string_value
+    elif isinstance(value, bool):
+        any_value = b"\x10\x01" if value else b"\x10\x00"  # AnyValue.bool_value
+    elif isinstance(value, int) and _INT64_MIN <= value <= _INT64_MAX:
+        any_value = b"\x18" + _varint(value & _UINT64_MASK)  # AnyValue.int_value (two's complement)
+    elif isinstance(value, float):
+        any_value = b"\x21" + struct.pack("<d", value)  # AnyValue.double_value
+    else:  # arrays, bytes, out-of-range ints: the SDK's encoder
+        return b"".join(
+            _length_delimited(_SPAN_ATTRIBUTE, pair.SerializeToString())
+            for pair in _encode_attributes({key: value})
+        )
+    name = key.encode()
+    pair = b"\x0a" + _varint(len(name)) + name + b"\x12" + _varint(len(any_value)) + any_value
+    return _SPAN_ATTRIBUTE + _varint(len(pair)) + pair
+
+
 class SpanEncoder:
-    """Writes ``ExportTraceServiceRequest`` bytes; caches the bytes of repeated attributes and statuses."""
+    """Writes ``ExportTraceServiceRequest`` bytes; caches the bytes of repeated attributes and statuses.
+
+    Takes SDK ``ReadableSpan``s and rpcmesh ``CallSpan``s (``accepts_call_spans``): a ``CallSpan``
+    is encoded from its own fields, its shared per-method attributes as one cached block.
+    """
 
     def __init__(self) -> None:
         self._pairs: dict[tuple[str, type, Any], bytes] = {}
         self._statuses: dict[tuple[int, str | None], bytes] = {}
+        # Keyed by id(); each entry keeps its object alive, so an id is never reused while cached.
+        self._blocks: dict[int, tuple[Any, bytes]] = {}
+        self._names: dict[tuple[str, Any], bytes] = {}
+
+    def _pair(self, key: str, value: Any) -> bytes:
+        if key in UNCACHED_ATTRIBUTES or not isinstance(value, str | int | float | bool):
+            return _attribute_field(key, value)
+        cache_key = (key, type(value), value)
+        encoded = self._pairs.get(cache_key)
+        if encoded is None:
+            encoded = _attribute_field(key, value)
+            if len(self._pairs) >= _MAX_CACHED:  # a high-cardinality attribute: start over, stay bounded
+                self._pairs.clear()
+            self._pairs[cache_key] = encoded
+        return encoded
 
     def _attributes(self, attributes: Any, parts: list[bytes]) -> None:
-        pairs = self._pairs
+        pair = self._pair
         for key, value in attributes.items():
-            if key in UNCACHED_ATTRIBUTES or not isinstance(value, str | int | float | bool):
-                for pair in _encode_attributes({key: value}):
-                    parts.append(_length_delimited(_SPAN_ATTRIBUTE, pair.SerializeToString()))
-                continue
-            cache_key = (key, type(value), value)
-            encoded = pairs.get(cache_key)
-            if encoded is None:
-                encoded = _length_delimited(
-                    _SPAN_ATTRIBUTE, _encode_key_value(key, value).SerializeToString()
-                )
-                if len(pairs) >= _MAX_CACHED:  # a high-cardinality attribute: start over, stay bounded
-                    pairs.clear()
-                pairs[cache_key] = encoded
-            parts.append(encoded)
+            parts.append(pair(key, value))
 
-    def _status(self, status: Any) -> bytes:
-        key = (int(status.status_code.value), status.description)
+    def _block(self, attributes: Mapping[str, Any]) -> bytes:
+        """The encoded attributes of a shared (per-method) mapping, cached while it lives."""
+        cached = self._blocks.get(id(attributes))
+        if cached is not None and cached[0] is attributes:
+            return cached[1]
+        parts: list[bytes] = []
+        self._attributes(attributes, parts)
+        encoded = b"".join(parts)
+        if len(self._blocks) >= _MAX_CACHED:
+            self._blocks.clear()
+        self._blocks[id(attributes)] = (attributes, encoded)
+        return encoded
+
+    def _name_kind(self, name: str, kind: Any) -> bytes:
+        encoded = self._names.get((name, kind))
+        if encoded is None:
+            encoded = _length_delimited(_SPAN_NAME, name.encode()) if name else b""
+            value = _KIND_VALUES[kind]
+            if value:
+                encoded += _SPAN_KIND + _varint(value)
+            if len(self._names) >= _MAX_CACHED:
+                self._names.clear()
+            self._names[(name, kind)] = encoded
+        return encoded
+
+    def _status_bytes(self, key: tuple[int, str | None]) -> bytes:
         encoded = self._statuses.get(key)
         if encoded is None:
             encoded = _length_delimited(_SPAN_STATUS, Status(code=key[0], message=key[1]).SerializeToString())  # type: ignore[arg-type]
             if len(self._statuses) < _MAX_CACHED:
                 self._statuses[key] = encoded
         return encoded
+
+    def call_span(self, span: CallSpan) -> bytes:
+        """One ``Span`` message of a ``CallSpan`` (the same message as its ``to_readable()``)."""
+        context = span._context
+        parent = span._parent
+        parts = [
+            _SPAN_TRACE_ID,
+            context.trace_id.to_bytes(16, "big"),
+            _SPAN_SPAN_ID,
+            context.span_id.to_bytes(8, "big"),
+        ]
+        state = context.trace_state
+        if state:
+            parts.append(_length_delimited(_SPAN_TRACE_STATE, (_encode_trace_state(state) or "").encode()))
+        if parent is not None:
+            parts += (_SPAN_PARENT_ID, parent.span_id.to_bytes(8, "big"))
+        parts.append(self._name_kind(span._name, span._kind))
+        parts += (
+            _SPAN_START,
+            span._start.to_bytes(8, "little"),
+            _SPAN_END,
+            (span._end or 0).to_bytes(8, "little"),
+        )
+        base = span._base
+        own = span._attributes
+        if own and base and not base.keys().isdisjoint(own):  # own values replace shared ones
+            self._attributes({**base, **own}, parts)
+        else:
+            if base:
+                parts.append(self._block(base))
+            if own:
+                self._attributes(own, parts)
+        if span._events:
+            for event in _encode_events(tuple(span._events)) or ():
+                parts.append(_length_delimited(_SPAN_EVENT, event.SerializeToString()))
+        status = span._status
+        parts.append(
+            self._status_bytes((int(status.status_code.value), status.description))
+            if status is not None
+            else self._status_bytes(_UNSET_STATUS)
+        )
+        flags = _HAS_IS_REMOTE | (_IS_REMOTE if parent is not None and parent.is_remote else 0)
+        parts += (_SPAN_FLAGS, flags.to_bytes(4, "little"))
+        return b"".join(parts)
+
+    def _status(self, status: Any) -> bytes:
+        return self._status_bytes((int(status.status_code.value), status.description))
 
     def span(self, span: ReadableSpan) -> bytes:
         """One ``Span`` message (without its own tag)."""
@@ -169,38 +273,55 @@ class SpanEncoder:
         parts += (_SPAN_FLAGS, flags.to_bytes(4, "little"))
         return b"".join(parts)
 
-    def request(self, spans: Sequence[ReadableSpan]) -> bytes:
+    def request(self, spans: Sequence[ReadableSpan | CallSpan]) -> bytes:
         """The serialized ``ExportTraceServiceRequest`` of ``spans``."""
         groups: dict[tuple[int, int], tuple[Any, Any, list[bytes]]] = {}
         for span in spans:
-            scope = span.instrumentation_scope or None
-            key = (id(span.resource), id(scope))
+            if isinstance(span, CallSpan):
+                tracer = span._tracer
+                resource, scope, encoded = tracer.resource, tracer.instrumentation_scope, self.call_span(span)
+            else:
+                resource, scope, encoded = span.resource, span.instrumentation_scope, self.span(span)
+            scope = scope or None
+            key = (id(resource), id(scope))
             group = groups.get(key)
             if group is None:
-                group = groups[key] = (span.resource, scope, [])
-            group[2].append(_length_delimited(_SCOPE_SPANS_SPAN, self.span(span)))
+                group = groups[key] = (resource, scope, [])
+            group[2].append(_SCOPE_SPANS_SPAN + _varint(len(encoded)) + encoded)
         by_resource: dict[int, tuple[Any, list[bytes]]] = {}
-        for resource, scope, encoded in groups.values():
-            parts = [
-                _length_delimited(
-                    _SCOPE_SPANS_SCOPE, _encode_instrumentation_scope(scope).SerializeToString()
-                )
-            ]
-            parts += encoded
+        for resource, scope, encoded_spans in groups.values():
+            parts = [self._scope_block(scope)]
+            parts += encoded_spans
             if scope is not None and scope.schema_url:
                 parts.append(_length_delimited(_SCOPE_SPANS_SCHEMA, scope.schema_url.encode()))
             scope_spans = _length_delimited(_RESOURCE_SPANS_SCOPE_SPANS, b"".join(parts))
             by_resource.setdefault(id(resource), (resource, []))[1].append(scope_spans)
         out: list[bytes] = []
         for resource, scope_spans_list in by_resource.values():
-            parts = [
-                _length_delimited(_RESOURCE_SPANS_RESOURCE, _encode_resource(resource).SerializeToString())
-            ]
+            parts = [self._resource_block(resource)]
             parts += scope_spans_list
             if resource.schema_url:
                 parts.append(_length_delimited(_RESOURCE_SPANS_SCHEMA, resource.schema_url.encode()))
             out.append(_length_delimited(_REQUEST_RESOURCE_SPANS, b"".join(parts)))
         return b"".join(out)
+
+    def _scope_block(self, scope: Any) -> bytes:
+        cached = self._blocks.get(id(scope))
+        if cached is None or cached[0] is not scope:
+            encoded = _length_delimited(
+                _SCOPE_SPANS_SCOPE, _encode_instrumentation_scope(scope).SerializeToString()
+            )
+            cached = self._blocks[id(scope)] = (scope, encoded)
+        return cached[1]
+
+    def _resource_block(self, resource: Any) -> bytes:
+        cached = self._blocks.get(id(resource))
+        if cached is None or cached[0] is not resource:
+            encoded = _length_delimited(
+                _RESOURCE_SPANS_RESOURCE, _encode_resource(resource).SerializeToString()
+            )
+            cached = self._blocks[id(resource)] = (resource, encoded)
+        return cached[1]
 
 
 def encode_spans_bytes(spans: Sequence[ReadableSpan], encoder: SpanEncoder | None = None) -> bytes:
@@ -220,7 +341,13 @@ class _BytesTraceStub:
 
 
 class CachingOtlpSpanExporter(OTLPSpanExporter):
-    """``OTLPSpanExporter`` (same arguments) encoding through ``SpanEncoder``."""
+    """``OTLPSpanExporter`` (same arguments) encoding through ``SpanEncoder``.
+
+    ``SpanPipeline`` hands it ``CallSpan``s as they are (``accepts_call_spans``), so rpcmesh's
+    call spans are never turned into SDK ``ReadableSpan``s on their way out.
+    """
+
+    accepts_call_spans = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._encoder = SpanEncoder()

@@ -15,8 +15,9 @@ makes one span per side, so the call interceptors use ``CallTracer`` instead:
 - ``SpanPipeline`` is a batch span processor for both kinds: SDK spans arrive through
   ``on_end``, ``CallSpan``s through ``submit``; both go into one bounded deque that a
   background thread drains in batches to the exporters, turning ``CallSpan``s into SDK
-  ``ReadableSpan``s only there, off the call path. With ``simple=True`` each span is
-  exported as it ends (tests).
+  ``ReadableSpan``s only there, off the call path, and only for exporters that need
+  them (rpcmesh's OTLP exporter encodes ``CallSpan``s directly: ``accepts_call_spans``).
+  With ``simple=True`` each span is exported as it ends (tests).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import time
 import traceback
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
-from typing import Any
+from typing import Any, cast
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -338,11 +339,18 @@ class SpanPipeline(SpanProcessor):
             self._export(batch)
 
     def _export(self, batch: Sequence[CallSpan | ReadableSpan]) -> None:
-        spans = [span.to_readable() if isinstance(span, CallSpan) else span for span in batch]
+        readable: Sequence[ReadableSpan] | None = None
         with self._export_lock:
             for exporter in self._exporters:
                 try:
-                    exporter.export(spans)
+                    if getattr(exporter, "accepts_call_spans", False):  # encodes CallSpans itself
+                        cast(Any, exporter).export(batch)
+                        continue
+                    if readable is None:
+                        readable = [
+                            span.to_readable() if isinstance(span, CallSpan) else span for span in batch
+                        ]
+                    exporter.export(readable)
                 except Exception:  # an exporter's failure must never reach the application
                     logger.exception("span export failed (%s)", type(exporter).__name__)
 

@@ -61,3 +61,52 @@ def test_same_message_as_the_sdk_encoder() -> None:
     assert ExportTraceServiceRequest.FromString(encode_spans_bytes(spans, encoder)) == expected
     # From warm caches too, and byte for byte what protobuf serializes.
     assert encode_spans_bytes(spans, encoder) == expected.SerializeToString(deterministic=True)
+
+
+class KeepCallSpans(SpanExporter):
+    """Takes CallSpans as they are, as CachingOtlpSpanExporter does."""
+
+    accepts_call_spans = True
+
+    def __init__(self) -> None:
+        self.spans: list[object] = []
+
+    def export(self, spans: object) -> SpanExportResult:
+        self.spans.extend(spans)  # type: ignore[call-overload]
+        return SpanExportResult.SUCCESS
+
+
+def test_call_spans_encode_as_their_readable_form() -> None:
+    keep = KeepCallSpans()
+    telemetry = setup_telemetry(
+        TelemetryConfig(service_name="enc"), install=False, span_exporters=[keep], simple_span_processor=True
+    )
+    try:
+        for index, code in enumerate((grpc.StatusCode.OK, grpc.StatusCode.INTERNAL, grpc.StatusCode.OK)):
+            metadata = [("tracestate", "vendor=1")] if index == 2 else None
+            record, sent = begin_client_call(telemetry, "/echo.v1.Echo/Echo", metadata, "127.0.0.1:7")
+            server = begin_server_call(telemetry, "/echo.v1.Echo/Echo", [*sent, ("tracestate", "vendor=1")])
+            assert server.span is not None and record.span is not None
+            server.span.set_attribute("network.peer.port", 40000 + index)
+            server.span.set_attribute("negative", -5)
+            server.span.set_attribute("ratio", 0.25)
+            server.span.set_attribute("flag", index == 1)
+            server.span.set_attribute("list", ["a", "b"])
+            record.span.set_attribute("rpc.method", "Renamed")  # replaces the shared per-method value
+            if code == grpc.StatusCode.OK:
+                server.finish(code)
+            else:
+                server.finish_with_error(RuntimeError("boom"))
+            record.finish(code, "failed" if code != grpc.StatusCode.OK else None)
+    finally:
+        telemetry.shutdown()
+    from rpcmesh.telemetry.spans import CallSpan
+
+    spans = keep.spans
+    assert len(spans) == 6 and all(isinstance(span, CallSpan) for span in spans)
+    readable = [span.to_readable() for span in spans]  # type: ignore[attr-defined]
+    expected = encode_spans(readable)
+    encoder = SpanEncoder()
+    for _ in range(2):  # cold and warm caches
+        assert ExportTraceServiceRequest.FromString(encoder.request(spans)) == expected  # type: ignore[arg-type]
+        assert encoder.request(spans) == expected.SerializeToString(deterministic=True)  # type: ignore[arg-type]
