@@ -9,14 +9,18 @@ each call made idempotent by ``rpcmesh.saga.idempotent``, which also fsyncs):
 1. Direct p50: the three ``Do`` calls made one after another by this client
    (same metadata as the coordinator sends), one sequence at a time.
 2. Saga p50: ``StartSaga`` of a 3-step saga over the same calls, measured until
-   ``WatchSaga`` reports it COMPLETED, one saga at a time.
+   the client sees it COMPLETED (``GetSaga`` with ``wait``: a long poll that
+   answers once the saga has ended), one saga at a time.
 3. Saga throughput: ``--sagas`` sagas started by 64 concurrent clients, each
-   waiting for its saga to complete (WatchSaga).
+   waiting the same way until it sees its saga COMPLETED.
 4. EventStore: 16 concurrent writers append batches of 100 events (100 bytes)
    over gRPC; events/s until every append is acknowledged.
 
 Prints one JSON line with ``sagas_per_s``, ``p50_ratio`` (saga / direct),
-``append_events_per_s`` and the underlying latencies.
+``append_events_per_s`` and the underlying latencies, plus ``cpu_ms_per_saga``: the
+CPU time (user + system, all threads, from ``/proc/<pid>/stat``) each process used
+during the throughput phase, divided by the sagas completed in it. The machine's
+cores are shared by every process, so these say where throughput goes.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -33,7 +38,7 @@ from pathlib import Path
 
 import grpc
 import grpc.aio
-from google.protobuf import wrappers_pb2
+from google.protobuf import duration_pb2, wrappers_pb2
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -51,6 +56,16 @@ from tests.support.processes import ManagedProcess, python_env, start_control_pl
 
 PARTICIPANT = ROOT / "tests" / "integration" / "saga" / "participant.py"
 SERVICES = ("ledger-a", "ledger-b", "ledger-c")
+
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads) so far."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS
 
 
 def _identity(data: bytes) -> bytes:
@@ -96,13 +111,18 @@ async def direct_p50(addresses: list[str], samples: int) -> float:
     return statistics.median(latencies)
 
 
+_WAIT = duration_pb2.Duration(seconds=30)
+_ENDED = (pb.SAGA_STATE_COMPENSATED, pb.SAGA_STATE_FAILED_COMPENSATION, pb.SAGA_STATE_ABORTED)
+
+
 async def run_saga(stub: saga_pb2_grpc.SagaCoordinatorStub, body: bytes) -> None:
+    """Start a saga and return once the client has seen it COMPLETED (GetSaga long poll)."""
     started = await stub.StartSaga(pb.StartSagaRequest(definition_name="bench3", input=body), timeout=30)
-    async for message in stub.WatchSaga(pb.WatchSagaRequest(saga_id=started.saga.saga_id), timeout=60):
-        if message.saga.state == pb.SAGA_STATE_COMPLETED:
-            return
-        if message.saga.state in (pb.SAGA_STATE_COMPENSATED, pb.SAGA_STATE_FAILED_COMPENSATION):
-            raise RuntimeError(f"saga failed: {message.saga.error}")
+    saga = started.saga
+    while saga.state != pb.SAGA_STATE_COMPLETED:
+        if saga.state in _ENDED:
+            raise RuntimeError(f"saga failed: {saga.error}")
+        saga = (await stub.GetSaga(pb.GetSagaRequest(saga_id=saga.saga_id, wait=_WAIT), timeout=60)).saga
 
 
 async def saga_p50(stub: saga_pb2_grpc.SagaCoordinatorStub, samples: int) -> float:
@@ -170,6 +190,9 @@ async def main() -> None:
     parser.add_argument("--sagas", type=int, default=2000)
     parser.add_argument("--latency-samples", type=int, default=200)
     parser.add_argument("--append-events", type=int, default=200_000)
+    parser.add_argument(
+        "--throughput-only", action="store_true", help="skip the latency and append phases (profiling)"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         plane, address = start_control_plane(Path(tmp) / "data")
@@ -195,10 +218,21 @@ async def main() -> None:
             async with grpc.aio.insecure_channel(address) as channel:
                 stub = saga_pb2_grpc.SagaCoordinatorStub(channel)
                 await stub.RegisterDefinition(pb.RegisterDefinitionRequest(definition=definition()))
-                direct = await direct_p50(addresses, args.latency_samples)
-                saga = await saga_p50(stub, args.latency_samples)
+                direct = saga = float("nan")
+                if not args.throughput_only:
+                    direct = await direct_p50(addresses, args.latency_samples)
+                    saga = await saga_p50(stub, args.latency_samples)
+                pids = {"bench_client": os.getpid(), "control_plane": plane.pid}
+                pids.update({service: proc.pid for service, proc in zip(SERVICES, participants, strict=True)})
+                cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
                 sagas_per_s = await saga_throughput(stub, args.sagas)
-            events_per_s = await append_rate(address, args.append_events)
+                cpu_ms_per_saga = {
+                    name: round((cpu_seconds(pid) - cpu_before[name]) * 1000 / args.sagas, 2)
+                    for name, pid in pids.items()
+                }
+            events_per_s = float("nan")
+            if not args.throughput_only:
+                events_per_s = await append_rate(address, args.append_events)
         finally:
             for proc in participants:
                 proc.kill()
@@ -208,7 +242,8 @@ async def main() -> None:
         "saga_p50_ms": round(saga * 1000, 2),
         "direct_p50_ms": round(direct * 1000, 2),
         "p50_ratio": round(saga / direct, 2),
-        "append_events_per_s": round(events_per_s),
+        "append_events_per_s": None if events_per_s != events_per_s else round(events_per_s),
+        "cpu_ms_per_saga": cpu_ms_per_saga,
     }
     print(json.dumps(figures))
 

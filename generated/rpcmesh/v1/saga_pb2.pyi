@@ -646,15 +646,28 @@ class GetSagaRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SAGA_ID_FIELD_NUMBER: _builtins.int
+    WAIT_FIELD_NUMBER: _builtins.int
     saga_id: _builtins.str
+    @_builtins.property
+    def wait(self) -> _duration_pb2.Duration:
+        """Long poll for the saga's end. When set (> 0), the answer is held until
+        the saga is in a terminal state (COMPLETED, COMPENSATED,
+        FAILED_COMPENSATION, ABORTED) or until this much time has passed (or
+        the call's deadline is near), whichever comes first, and then gives the
+        saga as it is then: a client that needs the outcome repeats the call
+        while the state is not terminal. Unset or zero: answer at once. At most
+        one hour.
+        """
+
     def __init__(
         self,
         *,
         saga_id: _builtins.str = ...,
+        wait: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["wait", b"wait"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["saga_id", b"saga_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["saga_id", b"saga_id", "wait", b"wait"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

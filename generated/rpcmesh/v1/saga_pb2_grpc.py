@@ -118,7 +118,7 @@ class SagaCoordinatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetSaga(self, request, context):
-        """GetSaga returns one saga.
+        """GetSaga returns one saga; with wait set, once it has ended (long poll).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

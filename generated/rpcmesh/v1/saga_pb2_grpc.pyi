@@ -47,7 +47,7 @@ class SagaCoordinatorStub:
     StartSaga: _grpc.UnaryUnaryMultiCallable[_saga_pb2.StartSagaRequest, _saga_pb2.StartSagaResponse]
     """StartSaga starts a saga; idempotent on idempotency_key."""
     GetSaga: _grpc.UnaryUnaryMultiCallable[_saga_pb2.GetSagaRequest, _saga_pb2.GetSagaResponse]
-    """GetSaga returns one saga."""
+    """GetSaga returns one saga; with wait set, once it has ended (long poll)."""
     ListSagas: _grpc.UnaryUnaryMultiCallable[_saga_pb2.ListSagasRequest, _saga_pb2.ListSagasResponse]
     """ListSagas lists sagas with filters, newest first, paginated."""
     WatchSaga: _grpc.UnaryStreamMultiCallable[_saga_pb2.WatchSagaRequest, _saga_pb2.WatchSagaResponse]
@@ -74,7 +74,7 @@ class SagaCoordinatorAsyncStub(SagaCoordinatorStub):
     StartSaga: _aio.UnaryUnaryMultiCallable[_saga_pb2.StartSagaRequest, _saga_pb2.StartSagaResponse]  # type: ignore[assignment]
     """StartSaga starts a saga; idempotent on idempotency_key."""
     GetSaga: _aio.UnaryUnaryMultiCallable[_saga_pb2.GetSagaRequest, _saga_pb2.GetSagaResponse]  # type: ignore[assignment]
-    """GetSaga returns one saga."""
+    """GetSaga returns one saga; with wait set, once it has ended (long poll)."""
     ListSagas: _aio.UnaryUnaryMultiCallable[_saga_pb2.ListSagasRequest, _saga_pb2.ListSagasResponse]  # type: ignore[assignment]
     """ListSagas lists sagas with filters, newest first, paginated."""
     WatchSaga: _aio.UnaryStreamMultiCallable[_saga_pb2.WatchSagaRequest, _saga_pb2.WatchSagaResponse]  # type: ignore[assignment]
@@ -128,7 +128,7 @@ class SagaCoordinatorServicer(metaclass=_abc_1.ABCMeta):
         request: _saga_pb2.GetSagaRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_saga_pb2.GetSagaResponse, _abc.Awaitable[_saga_pb2.GetSagaResponse]]:
-        """GetSaga returns one saga."""
+        """GetSaga returns one saga; with wait set, once it has ended (long poll)."""
 
     @_abc_1.abstractmethod
     def ListSagas(

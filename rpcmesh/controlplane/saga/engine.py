@@ -358,10 +358,18 @@ class SagaEngine:
             return saga.view
 
     async def wait_finished(self, saga_id: str, wait_seconds: float | None = None) -> SagaView:
-        """Wait until a saga ends (tests and benchmarks)."""
-        saga = self._sagas[saga_id]
-        await asyncio.wait_for(saga.done.wait(), wait_seconds)
-        return saga.view
+        """The saga once it has ended, or as it is after ``wait_seconds`` (None: no limit).
+
+        Raises:
+            NotFoundError: no such saga.
+        """
+        saga = self._sagas.get(saga_id)
+        if saga is None:
+            raise NotFoundError(f"saga_id: no saga {saga_id!r}")
+        if not saga.view.finished and (wait_seconds is None or wait_seconds > 0):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(saga.done.wait(), wait_seconds)
+        return self._sagas[saga_id].view
 
     async def watch(self, saga_id: str) -> AsyncIterator[tuple[SagaEvent, SagaView]]:
         """Every recorded transition of a saga with the saga after it, from the start until it ends.
@@ -427,6 +435,7 @@ class SagaEngine:
         saga.view.updated_at = events[-1].time
         saga.publish(events)
         if saga.view.finished:
+            saga.done.set()  # wakes GetSaga long polls now, not when the runner exits
             self._remember_finished(saga.view.saga_id)
             self._record_finished(saga.view)
 

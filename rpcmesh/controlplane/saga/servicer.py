@@ -21,6 +21,9 @@ from rpcmesh.v1 import saga_pb2_grpc as pb_grpc
 MAX_IDEMPOTENCY_KEY = 256
 MAX_LABELS = 64
 MAX_LABEL_BYTES = 256
+MAX_WAIT_SECONDS = 3600
+# A GetSaga long poll answers this long before the caller's deadline, so the answer arrives in time.
+DEADLINE_MARGIN_SECONDS = 0.05
 
 
 def _page_size(field: str, value: int) -> int:
@@ -42,6 +45,20 @@ def _check_timestamp(field: str, ts: Any) -> None:
         raise invalid_argument(f"{field}.nanos", "must be in [0, 999999999]")
     if not _MIN_SECONDS <= ts.seconds <= _MAX_SECONDS:
         raise invalid_argument(f"{field}.seconds", "outside the Timestamp range 0001-01-01 to 9999-12-31")
+
+
+def _wait_seconds(wait: Any, context: grpc.aio.ServicerContext[Any, Any]) -> float:
+    """GetSagaRequest.wait in seconds, validated, ending before the caller's deadline."""
+    if wait.seconds < 0 or not 0 <= wait.nanos < 1_000_000_000:
+        raise invalid_argument("wait", "must be a non-negative duration")
+    seconds = float(wait.seconds + wait.nanos / 1e9)
+    if seconds > MAX_WAIT_SECONDS:
+        raise invalid_argument("wait", f"at most {MAX_WAIT_SECONDS} seconds")
+    remaining = context.time_remaining()
+    if remaining is not None:
+        # Answer with the saga as it is just before the caller's deadline rather than let it expire.
+        seconds = min(seconds, max(0.0, remaining - DEADLINE_MARGIN_SECONDS))
+    return seconds
 
 
 class SagaCoordinatorServicer(pb_grpc.SagaCoordinatorServicer):
@@ -134,10 +151,15 @@ class SagaCoordinatorServicer(pb_grpc.SagaCoordinatorServicer):
     async def GetSaga(
         self, request: pb.GetSagaRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetSagaResponse:
-        """One saga."""
+        """One saga; with ``wait``, once it has ended or the wait is over (long poll)."""
         if not request.saga_id:
             raise invalid_argument("saga_id", "required")
-        return pb.GetSagaResponse(saga=view_to_proto(self._engine().get_saga(request.saga_id)))
+        wait = _wait_seconds(request.wait, context) if request.HasField("wait") else 0.0
+        engine = self._engine()
+        view = engine.get_saga(request.saga_id)
+        if wait > 0 and not view.finished:
+            view = await engine.wait_finished(request.saga_id, wait)
+        return pb.GetSagaResponse(saga=view_to_proto(view))
 
     async def ListSagas(
         self, request: pb.ListSagasRequest, context: grpc.aio.ServicerContext[Any, Any]

@@ -6,7 +6,7 @@ import asyncio
 
 import grpc
 import grpc.aio
-from google.protobuf import wrappers_pb2
+from google.protobuf import duration_pb2, wrappers_pb2
 from rpcmesh.v1 import saga_pb2 as pb
 from rpcmesh.v1 import saga_pb2_grpc
 
@@ -190,3 +190,57 @@ async def test_unfinished_sagas_resume_after_kill(mesh: Mesh) -> None:
     assert saga.steps[1].attempts >= 4
     assert mesh.effects("ledger-a") == [(saga_id, "reserve", 1, 1, 0)]
     assert all(c[4].startswith("00-1111") for c in mesh.calls("ledger-c") + mesh.calls("ledger-a"))
+
+
+async def test_get_saga_wait_long_polls_until_the_saga_ends(mesh: Mesh) -> None:
+    definition = pb.SagaDefinition(
+        name="held",
+        steps=[step("reserve", "ledger-a"), step("wait", "ledger-b", "Fail", compensate=False, attempts=100)],
+    )
+    definition.steps[1].retry.initial_backoff.FromMilliseconds(200)
+    definition.steps[1].retry.non_retryable_codes.append(16)  # so FAILED_PRECONDITION is retried
+    async with grpc.aio.insecure_channel(mesh.address) as channel:
+        stub = saga_pb2_grpc.SagaCoordinatorStub(channel)
+        started = await stub.StartSaga(pb.StartSagaRequest(definition=three_steps(), input=payload("w")))
+        done = await stub.GetSaga(
+            pb.GetSagaRequest(saga_id=started.saga.saga_id, wait=duration_pb2.Duration(seconds=30)),
+            timeout=60,
+        )
+        assert done.saga.state == pb.SAGA_STATE_COMPLETED  # one call: answered once it ended
+
+        started = await stub.StartSaga(pb.StartSagaRequest(definition=definition, input=payload("h")))
+        saga_id = started.saga.saga_id
+        # The wait ends without the saga ending: the saga as it is, not an error.
+        held = await stub.GetSaga(
+            pb.GetSagaRequest(saga_id=saga_id, wait=duration_pb2.Duration(nanos=300_000_000))
+        )
+        assert held.saga.state == pb.SAGA_STATE_RUNNING
+        # A caller's deadline shorter than the wait: answered before it, not DEADLINE_EXCEEDED.
+        held = await stub.GetSaga(
+            pb.GetSagaRequest(saga_id=saga_id, wait=duration_pb2.Duration(seconds=60)), timeout=1.0
+        )
+        assert held.saga.state == pb.SAGA_STATE_RUNNING
+        waiting = asyncio.ensure_future(
+            stub.GetSaga(
+                pb.GetSagaRequest(saga_id=saga_id, wait=duration_pb2.Duration(seconds=60)), timeout=60
+            )
+        )
+        await stub.AbortSaga(pb.AbortSagaRequest(saga_id=saga_id, reason="stop"))
+        assert (await waiting).saga.state == pb.SAGA_STATE_ABORTED
+
+        for wait, field in (
+            (duration_pb2.Duration(seconds=-1), "wait"),
+            (duration_pb2.Duration(seconds=7200), "wait"),
+        ):
+            try:
+                await stub.GetSaga(pb.GetSagaRequest(saga_id=saga_id, wait=wait))
+                raise AssertionError("accepted")
+            except grpc.aio.AioRpcError as exc:
+                assert isinstance(from_rpc_error(exc), InvalidArgumentError) and field in (
+                    exc.details() or ""
+                )
+        try:
+            await stub.GetSaga(pb.GetSagaRequest(saga_id="nope", wait=duration_pb2.Duration(seconds=1)))
+            raise AssertionError("found")
+        except grpc.aio.AioRpcError as exc:
+            assert isinstance(from_rpc_error(exc), NotFoundError)
