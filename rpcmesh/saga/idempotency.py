@@ -47,9 +47,15 @@ _T = TypeVar("_T")
 class IdempotencyStore:
     """Key -> stored response, in one SQLite file (WAL, synchronous=FULL).
 
-    Reads and writes run in order on one thread. Operations that queue up
-    while a transaction is being committed are run together in the next one
-    (group commit): concurrent calls share one fsync instead of one each.
+    Writes run in order on one thread. Operations that queue up while a
+    transaction is being committed are run together in the next one (group
+    commit): concurrent calls share one fsync instead of one each. Lookups
+    (:meth:`get`) read the last committed state through a second connection on
+    the caller's thread: a primary-key read in WAL mode never waits for the
+    writer, and costs less than a hop to the writer thread.
+
+    A participant can keep its own records in the same file and the same
+    group commits with :meth:`run` (its tables next to ``responses``).
     """
 
     def __init__(self, path: Path) -> None:
@@ -63,6 +69,9 @@ class IdempotencyStore:
             "CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, type TEXT NOT NULL, "
             "body BLOB NOT NULL, stored_at REAL NOT NULL)"
         )
+        # Lookups: committed state only (WAL readers never block on the writer).
+        self._reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._reader.execute("PRAGMA busy_timeout=5000")
         self._locks: dict[str, asyncio.Lock] = {}
         self._queue: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
         self._wake: asyncio.Event | None = None
@@ -78,6 +87,16 @@ class IdempotencyStore:
         finally:
             if not lock.locked() and self._locks.get(key) is lock:
                 del self._locks[key]  # no one else holds or waits for it
+
+    async def run(self, operation: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Run ``operation(connection)`` in the writer's next transaction; its result once committed.
+
+        For a participant's own records in this file: they share group commits
+        with the stored responses. The operation runs on the writer thread and
+        runs (and commits) even if the caller is cancelled; a ``sqlite3.Error``
+        it raises fails only this operation.
+        """
+        return await self._run(operation)
 
     async def _run(self, operation: Callable[[sqlite3.Connection], _T]) -> _T:
         """Queue ``operation`` for the next transaction; it runs even if the caller is cancelled."""
@@ -127,17 +146,12 @@ class IdempotencyStore:
         return outcomes
 
     async def get(self, key: str) -> Message | None:
-        """The stored response for ``key``, if any."""
-
-        def run(conn: sqlite3.Connection) -> tuple[str, bytes] | None:
-            row = conn.execute("SELECT type, body FROM responses WHERE key = ?", (key,)).fetchone()
-            return None if row is None else (row[0], bytes(row[1]))
-
-        found = await self._run(run)
-        if found is None:
+        """The stored response for ``key``, if any (as last committed)."""
+        row = self._reader.execute("SELECT type, body FROM responses WHERE key = ?", (key,)).fetchone()
+        if row is None:
             return None
-        descriptor = descriptor_pool.Default().FindMessageTypeByName(found[0])
-        message: Message = message_factory.GetMessageClass(descriptor).FromString(found[1])
+        descriptor = descriptor_pool.Default().FindMessageTypeByName(row[0])
+        message: Message = message_factory.GetMessageClass(descriptor).FromString(bytes(row[1]))
         return message
 
     async def put(self, key: str, response: Message) -> None:
@@ -170,6 +184,7 @@ class IdempotencyStore:
                 future.set_exception(RuntimeError("idempotency store closed"))
         self._queue.clear()
         self._executor.shutdown(wait=True)
+        self._reader.close()
         self._conn.close()
 
 

@@ -7,7 +7,9 @@ step once (a compensation with nothing to revert records a tombstone, so a
 late ``Do`` cannot apply afterwards), ``Fail`` always answers
 FAILED_PRECONDITION and ``Flaky`` answers UNAVAILABLE on the first attempt of
 each key. Every invocation is logged in SQLite (``calls``), every effect in
-``effects``: the fault test checks its invariants there.
+``effects``: the fault test checks its invariants there. Those tables live in
+the same file as the IdempotencyStore's responses and are written through its
+group commits (``store.run``, synchronous=FULL), as a real service would.
 
 Run: python participant.py --registry HOST:PORT --service NAME --db PATH
 """
@@ -19,8 +21,6 @@ import asyncio
 import contextlib
 import sqlite3
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -46,48 +46,15 @@ def _meta(context: grpc.aio.ServicerContext[Any, Any]) -> dict[str, str]:
     return {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
 
 
-class Journal:
-    """The participant's own SQLite file, written off the event loop with group commit.
-
-    Operations run in order on one thread; those queued while a commit is in
-    flight share the next transaction (one fsync), as a real service would.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self.conn.execute("PRAGMA journal_mode=WAL")
-        self.conn.execute("PRAGMA synchronous=FULL")
-        self.conn.executescript(SCHEMA)
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal")
-        self.queue: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
-        self.wake = asyncio.Event()
-        self.writer: asyncio.Task[None] | None = None
-
-    async def run(self, operation: Callable[[sqlite3.Connection], Any]) -> Any:
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self.queue.append((operation, future))
-        if self.writer is None:
-            self.writer = asyncio.create_task(self.write_loop())
-        self.wake.set()
-        return await future
-
-    async def write_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await self.wake.wait()
-            self.wake.clear()
-            while self.queue:
-                batch, self.queue = self.queue, []
-                results = await loop.run_in_executor(self.executor, self.transaction, batch)
-                for (_, future), result in zip(batch, results, strict=True):
-                    if not future.done():
-                        future.set_result(result)
-
-    def transaction(self, batch: list[tuple[Callable[[sqlite3.Connection], Any], Any]]) -> list[Any]:
-        self.conn.execute("BEGIN IMMEDIATE")
-        results = [operation(self.conn) for operation, _ in batch]
-        self.conn.execute("COMMIT")
-        return results
+def create_schema(path: Path) -> None:
+    """The participant's tables, in the file its IdempotencyStore also uses."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.executescript(SCHEMA)
+    finally:
+        conn.close()
 
 
 def log_call(conn: sqlite3.Connection, method: str, meta: dict[str, str]) -> None:
@@ -133,13 +100,14 @@ def undo_effect(conn: sqlite3.Connection, meta: dict[str, str]) -> str:
 class Ledger:
     def __init__(self, db: Path, name: str) -> None:
         self.name = name
-        self.journal = Journal(db)
-        self.store = IdempotencyStore(db.with_suffix(".idem.db"))
+        create_schema(db)
+        # One SQLite file (synchronous=FULL): the call log and effects go through the store's
+        # group commits (store.run), next to the stored responses.
+        self.store = IdempotencyStore(db)
         self.flaky_seen: set[str] = set()
 
     def handlers(self) -> grpc.GenericRpcHandler:
         store = self.store
-        journal = self.journal
 
         async def effect(
             request: wrappers_pb2.StringValue, context: grpc.aio.ServicerContext[Any, Any], method: str
@@ -150,7 +118,7 @@ class Ledger:
                 log_call(conn, method, meta)
                 return apply_effect(conn, meta)
 
-            if not await journal.run(run):
+            if not await store.run(run):
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "already compensated")
             return wrappers_pb2.StringValue(value=f"{self.name}:{request.value}")
 
@@ -166,11 +134,11 @@ class Ledger:
                 log_call(conn, "Undo", meta)
                 return undo_effect(conn, meta)
 
-            return wrappers_pb2.StringValue(value=await journal.run(run))
+            return wrappers_pb2.StringValue(value=await store.run(run))
 
         async def fail(request: wrappers_pb2.StringValue, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             meta = _meta(context)
-            await journal.run(lambda conn: log_call(conn, "Fail", meta))
+            await store.run(lambda conn: log_call(conn, "Fail", meta))
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "insufficient funds")
 
         @idempotent(store)
@@ -181,7 +149,7 @@ class Ledger:
             if key not in self.flaky_seen:
                 self.flaky_seen.add(key)
                 meta = _meta(context)
-                await journal.run(lambda conn: log_call(conn, "Flaky", meta))
+                await store.run(lambda conn: log_call(conn, "Flaky", meta))
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "try again")
             return await effect(request, context, "Flaky")
 

@@ -49,3 +49,25 @@ async def test_response_is_recorded_even_if_the_call_is_cancelled(tmp_path: Path
         assert await store.count() == 1
     finally:
         store.close()
+
+
+async def test_run_shares_the_store_file_and_lookups_see_committed_records(tmp_path: Path) -> None:
+    store = IdempotencyStore(tmp_path / "idem.db")
+    try:
+        await store.run(lambda conn: conn.execute("CREATE TABLE IF NOT EXISTS calls (key TEXT)"))
+        calls: list[str] = []
+
+        @idempotent(store)
+        async def handler(request: wrappers_pb2.StringValue, context: Any) -> wrappers_pb2.StringValue:
+            await store.run(lambda conn: conn.execute("INSERT INTO calls VALUES (?)", (request.value,)))
+            calls.append(request.value)
+            return wrappers_pb2.StringValue(value=f"done {request.value}")
+
+        first = await handler(wrappers_pb2.StringValue(value="a"), Context("k"))
+        assert await store.get("k") == first  # read back through the lookup connection
+        again = await handler(wrappers_pb2.StringValue(value="a"), Context("k"))
+        assert again == first and calls == ["a"]
+        rows = await store.run(lambda conn: conn.execute("SELECT key FROM calls").fetchall())
+        assert rows == [("a",)]
+    finally:
+        store.close()
