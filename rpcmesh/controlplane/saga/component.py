@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import grpc.aio
 
@@ -15,6 +15,7 @@ from rpcmesh.controlplane.config import ControlPlaneConfig
 from rpcmesh.controlplane.eventstore.component import EventStoreComponent
 from rpcmesh.controlplane.saga.engine import SagaEngine
 from rpcmesh.controlplane.saga.invoker import MeshStepInvoker, StepInvoker, check_coordinator_policy
+from rpcmesh.controlplane.saga.ownership import SagaOwnership
 from rpcmesh.controlplane.saga.security import coordinator_client_security
 from rpcmesh.controlplane.saga.servicer import SagaCoordinatorServicer
 from rpcmesh.security.client import ClientSecurity, aio_channel
@@ -27,6 +28,10 @@ logger = logging.getLogger(__name__)
 class SagaCoordinatorComponent:
     """Serves rpcmesh.v1.SagaCoordinator; resumes unfinished sagas once the Registry answers.
 
+    On SQLite this node drives every saga. On a PostgreSQL store (``config.store``)
+    several nodes may share the sagas: each mirrors the store and serves every RPC,
+    and the one holding the store's saga lock drives them (:mod:`.ownership`).
+
     Args:
         config: The control plane's configuration.
         eventstore: The EventStore component whose storage holds the sagas.
@@ -38,6 +43,8 @@ class SagaCoordinatorComponent:
             None: :func:`~rpcmesh.controlplane.saga.security.coordinator_client_security`
             from ``config`` and the environment, decided at start.
         telemetry: Where step spans and saga metrics go; None follows ``get_telemetry()``.
+        ownership_options: Keyword arguments of :class:`SagaOwnership` (on a PostgreSQL
+            store only: one node drives the sagas, every node serves).
     """
 
     def __init__(
@@ -49,6 +56,7 @@ class SagaCoordinatorComponent:
         mesh_policy: MeshPolicy | None = None,
         client_security: ClientSecurity | None = None,
         telemetry: Telemetry | None = None,
+        ownership_options: Mapping[str, float] | None = None,
     ) -> None:
         if mesh_policy is not None:
             check_coordinator_policy(mesh_policy)
@@ -61,6 +69,8 @@ class SagaCoordinatorComponent:
         self._servicer = SagaCoordinatorServicer()
         self.engine: SagaEngine | None = None
         self._resume_task: asyncio.Task[None] | None = None
+        self._ownership_options = dict(ownership_options or {})
+        self.ownership: SagaOwnership | None = None
 
     @property
     def service_names(self) -> Sequence[str]:
@@ -84,7 +94,14 @@ class SagaCoordinatorComponent:
             context.address, policy=self._mesh_policy, security=security, telemetry=self._telemetry
         )
         self.engine = SagaEngine(self.eventstore.storage, invoker, telemetry=self._telemetry)
+        head = 0
+        if self.config.store is not None:
+            # Several nodes may share the store: mirror it, drive only while holding its lock.
+            self.ownership = SagaOwnership(self.engine, self.config.store, **self._ownership_options)
+            head = await self.eventstore.storage.head()
         await self.engine.start()
+        if self.ownership is not None:
+            self.ownership.follow(head + 1)  # re-reads what start() loaded past head: applied once
         self._servicer.engine = self.engine
         self._resume_task = asyncio.create_task(self._resume(context.address, security), name="saga-resume")
 
@@ -100,10 +117,15 @@ class SagaCoordinatorComponent:
                 except grpc.aio.AioRpcError:
                     await asyncio.sleep(0.1)
         assert self.engine is not None
-        self.engine.resume_all()
+        if self.ownership is not None:
+            self.ownership.contend()
+        else:
+            self.engine.resume_all()
 
     async def stop(self) -> None:
         """Stop the runners (the EventStore component closes the storage)."""
+        if self.ownership is not None:
+            await self.ownership.stop()
         if self._resume_task is not None:
             self._resume_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

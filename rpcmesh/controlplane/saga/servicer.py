@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -13,7 +14,7 @@ from rpcmesh.controlplane.saga.definition import validate_definition
 from rpcmesh.controlplane.saga.engine import SagaEngine, view_to_proto
 from rpcmesh.controlplane.saga.machine import SagaView, transition_kind
 from rpcmesh.controlplane.saga.tracing import start_context
-from rpcmesh.errors import invalid_argument
+from rpcmesh.errors import NotFoundError, invalid_argument
 from rpcmesh.telemetry import get_telemetry
 from rpcmesh.v1 import saga_pb2 as pb
 from rpcmesh.v1 import saga_pb2_grpc as pb_grpc
@@ -71,6 +72,18 @@ class SagaCoordinatorServicer(pb_grpc.SagaCoordinatorServicer):
         assert self.engine is not None, "the SagaCoordinator component was not started"
         return self.engine
 
+    async def _sync_definition(self, name: str, version: int) -> None:
+        """On a shared store, read a definition registered through another node that this one lacks.
+
+        A newer version of a name this node knows arrives with the log (within its poll interval).
+        """
+        engine = self._engine()
+        if engine.shared:
+            with contextlib.suppress(NotFoundError):
+                engine.get_definition(name, version)
+                return
+            await engine.fetch_definitions(name)
+
     async def RegisterDefinition(
         self, request: pb.RegisterDefinitionRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.RegisterDefinitionResponse:
@@ -88,6 +101,7 @@ class SagaCoordinatorServicer(pb_grpc.SagaCoordinatorServicer):
             raise invalid_argument("name", "required")
         if request.version < 0:
             raise invalid_argument("version", "must be >= 0")
+        await self._sync_definition(request.name, request.version)
         return pb.GetDefinitionResponse(
             definition=self._engine().get_definition(request.name, request.version)
         )
@@ -120,6 +134,7 @@ class SagaCoordinatorServicer(pb_grpc.SagaCoordinatorServicer):
         elif which == "definition_name":
             if request.definition_version < 0:
                 raise invalid_argument("definition_version", "must be >= 0")
+            await self._sync_definition(request.definition_name, request.definition_version)
             definition = engine.get_definition(
                 request.definition_name, request.definition_version, "definition_name"
             )
@@ -156,7 +171,7 @@ class SagaCoordinatorServicer(pb_grpc.SagaCoordinatorServicer):
             raise invalid_argument("saga_id", "required")
         wait = _wait_seconds(request.wait, context) if request.HasField("wait") else 0.0
         engine = self._engine()
-        view = engine.get_saga(request.saga_id)
+        view = await engine.fetch_saga(request.saga_id)
         if wait > 0 and not view.finished:
             view = await engine.wait_finished(request.saga_id, wait)
         return pb.GetSagaResponse(saga=view_to_proto(view))
@@ -210,6 +225,7 @@ class SagaCoordinatorServicer(pb_grpc.SagaCoordinatorServicer):
         """Every transition from the start, then live ones, until the saga ends."""
         if not request.saga_id:
             raise invalid_argument("saga_id", "required")
+        await self._engine().fetch_saga(request.saga_id)
         async for event, view in self._engine().watch(request.saga_id):
             transition = pb.SagaTransition(
                 kind=transition_kind(event.kind),

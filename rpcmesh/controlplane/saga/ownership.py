@@ -1,0 +1,205 @@
+"""Several SagaCoordinator nodes on one PostgreSQL store: one node drives the sagas, every node serves.
+
+Exactly one node at a time *drives* (runs the runners of) the sagas of a store:
+the one holding the session advisory lock :data:`SAGA_LEADER_LOCK`, taken with
+``pg_try_advisory_lock`` on a dedicated connection, as the Registry's expiry
+leader does. Every node accepts every RPC:
+
+* StartSaga appends the saga's first events to its stream itself (NO_STREAM), so
+  the same idempotency key gives one saga whichever nodes it is sent to;
+  AbortSaga appends AbortRequested at the revision the node read; GetSaga and
+  WatchSaga on a node that does not drive read the stream from the store.
+* Every node follows the EventStore's position-ordered global log (``saga-`` and
+  ``sagadef-`` streams, read every ``poll_interval``) and mirrors what other nodes recorded: followers keep
+  their views, ListSagas and live WatchSaga current; the leader adopts and runs
+  sagas started elsewhere and re-decides sagas another node touched.
+* When the leader dies (``kill -9``, a lost connection) PostgreSQL ends its
+  session and frees the lock; another node's next try takes it, catches up
+  with the log and resumes every unfinished saga from its recorded transitions.
+  A step whose outcome was not recorded is invoked again with the same
+  idempotency key.
+
+A leader that cannot reach PostgreSQL does not keep driving on its own: its
+lease lasts ``session_timeout - margin`` seconds from the last heartbeat sent on
+the lock connection, and the engine checks it before every participant call and
+every runner write (``SagaEngine.lease``). The lock session itself carries
+``idle_session_timeout = session_timeout``, so PostgreSQL ends the session of a
+leader that stops heartbeating (frozen by SIGSTOP, a stalled host, a network
+partition) and another node takes over after ``session_timeout`` seconds; by
+then the frozen node's lease has run out, and when it wakes it stops without
+making another call or write. Calls already in flight when it froze may still
+reach participants (with the same idempotency key).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import defaultdict
+
+import psycopg
+
+from rpcmesh.controlplane.eventstore.model import StoredEvent
+from rpcmesh.controlplane.saga.engine import DEFINITION_STREAM_PREFIX, SAGA_STREAM_PREFIX, SagaEngine
+
+logger = logging.getLogger(__name__)
+
+SAGA_LEADER_LOCK = 7406222
+"""The advisory lock key whose holder drives the sagas of a store."""
+_PAGE = 1000
+
+
+class SagaOwnership:
+    """Follows the shared log and contends for the saga lease for one node's engine.
+
+    Args:
+        engine: This node's engine, created with ``shared=True`` and ``driving=False``.
+        url: The PostgreSQL store (the EventStore's database).
+        poll_interval: Longest wait between reads of the global log.
+        retry_interval: How often a follower tries to take the lock.
+        session_timeout: ``idle_session_timeout`` of the lock session: how long after
+            the leader's last heartbeat PostgreSQL ends its session (the takeover time
+            after a freeze).
+        heartbeat_interval: How often the leader proves its session (well under
+            ``session_timeout``).
+        margin: The leader stops driving this long before PostgreSQL could end its session.
+    """
+
+    def __init__(
+        self,
+        engine: SagaEngine,
+        url: str,
+        *,
+        poll_interval: float = 0.1,
+        retry_interval: float = 0.25,
+        session_timeout: float = 5.0,
+        heartbeat_interval: float = 1.0,
+        margin: float = 1.0,
+    ) -> None:
+        if not 0 < heartbeat_interval < session_timeout - margin:
+            raise ValueError("heartbeat_interval must be positive and below session_timeout - margin")
+        self.engine = engine
+        self.url = url
+        self.poll_interval = poll_interval
+        self.retry_interval = retry_interval
+        self.session_timeout = session_timeout
+        self.heartbeat_interval = heartbeat_interval
+        self.margin = margin
+        self._position = 1
+        self._pull_lock = asyncio.Lock()
+        self._lease_until = 0.0
+        self._leader = False
+        self._tasks: list[asyncio.Task[None]] = []
+        engine.shared = True
+        engine.driving = False
+        engine.lease = self.lease_valid
+
+    @property
+    def is_leader(self) -> bool:
+        """This node holds the lock and drives the sagas."""
+        return self._leader
+
+    def lease_valid(self) -> bool:
+        """Whether this node may still call participants and record for its sagas."""
+        return self._leader and time.monotonic() < self._lease_until
+
+    def follow(self, from_position: int) -> None:
+        """Start mirroring the log from ``from_position`` (the head before the engine loaded, plus 1)."""
+        self._position = max(1, from_position)
+        self._tasks.append(asyncio.create_task(self._follow(), name="saga-log-follow"))
+
+    def contend(self) -> None:
+        """Start contending for the lock (once the Registry answers, so resumed steps find participants)."""
+        self._tasks.append(asyncio.create_task(self._contend(), name="saga-lead"))
+
+    async def stop(self) -> None:
+        """Stop following and contending; closing the lock connection frees the lock."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        self._leader = False
+
+    # -- the log ----------------------------------------------------------------------------------
+
+    async def _follow(self) -> None:
+        while True:
+            try:
+                await self.pull()
+                # Our own appends are applied already: only other nodes' are waited for.
+                await asyncio.sleep(self.poll_interval)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.warning("saga coordinator could not read the event log; retrying", exc_info=True)
+                await asyncio.sleep(max(self.poll_interval, 0.5))
+
+    async def pull(self) -> int:
+        """Mirror everything recorded since the last read; returns the log head read."""
+        async with self._pull_lock:
+            while True:
+                events, head = await self.engine.storage.read_all(
+                    self._position,
+                    limit=_PAGE,
+                    stream_prefixes=[SAGA_STREAM_PREFIX, DEFINITION_STREAM_PREFIX],
+                )
+                await self._apply(events)
+                if len(events) < _PAGE:
+                    self._position = max(self._position, head + 1)
+                    return head
+                self._position = events[-1].position + 1
+
+    async def _apply(self, events: list[StoredEvent]) -> None:
+        by_saga: dict[str, list[StoredEvent]] = defaultdict(list)
+        for event in events:
+            if event.stream.startswith(DEFINITION_STREAM_PREFIX):
+                await self.engine.observe_definition(event)
+            elif not self.engine.is_own_event(event):
+                by_saga[event.stream.removeprefix(SAGA_STREAM_PREFIX)].append(event)
+        for saga_id, saga_events in by_saga.items():
+            await self.engine.observe_saga(saga_id, saga_events)
+
+    # -- leadership ------------------------------------------------------------------------------
+
+    async def _contend(self) -> None:
+        while True:
+            try:
+                await self._hold_lock()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.warning("saga leader connection lost; contending again", exc_info=True)
+            if self._leader:
+                self._leader = False
+                logger.warning("saga coordinator no longer drives sagas; another node takes over")
+                await self.engine.step_down()
+            await asyncio.sleep(self.retry_interval)
+
+    async def _hold_lock(self) -> None:
+        conn = await psycopg.AsyncConnection.connect(self.url, autocommit=True)
+        async with conn:
+            timeout_ms = int(self.session_timeout * 1000)
+            await conn.execute(f"SET idle_session_timeout = {timeout_ms}")
+            while True:
+                sent = time.monotonic()
+                row = await (
+                    await conn.execute("SELECT pg_try_advisory_lock(%s)", (SAGA_LEADER_LOCK,))
+                ).fetchone()
+                if row is not None and row[0]:
+                    break
+                await asyncio.sleep(self.retry_interval)
+            self._lease_until = sent + self.session_timeout - self.margin
+            # Everything recorded until now is mirrored before the runners start.
+            await self.pull()
+            self._leader = True
+            resumed = self.engine.take_over()
+            logger.info("saga coordinator drives the sagas of the store (%d unfinished resumed)", resumed)
+            while True:
+                await asyncio.sleep(self.heartbeat_interval)
+                sent = time.monotonic()
+                await asyncio.wait_for(conn.execute("SELECT 1"), self.session_timeout - self.margin)
+                self._lease_until = sent + self.session_timeout - self.margin
