@@ -81,13 +81,17 @@ _ID_PREFIX = uuid.uuid4().hex
 _id_counter = itertools.count(1)
 
 
+# One encoder for every event (json.dumps with non-default separators builds one per call).
+_encode_json = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def to_stored(event: SagaEvent) -> NewEvent:
     """A saga event as an EventStore event (JSON body; the time travels in the body)."""
     body = {"time": event.time, **event.data}
     return NewEvent(
         event_id=f"{_ID_PREFIX}-{next(_id_counter)}",
         event_type=event.kind,
-        data=json.dumps(body, separators=(",", ":")).encode(),
+        data=_encode_json(body).encode(),
         content_type=_JSON,
     )
 
@@ -157,6 +161,9 @@ class SagaEngine:
         self._sagas: dict[str, _Saga] = {}
         self._definitions: dict[str, list[pb.SagaDefinition]] = {}
         self._def_lock = asyncio.Lock()
+        # id() of every stored definition version (kept alive in _definitions) -> its encoded
+        # form for SagaStarted: a registered definition is validated and serialized once.
+        self._stored_definitions: dict[int, str] = {}
         self._stopping = False
         self._recent_finished: collections.deque[str] = collections.deque()
         # Several nodes on one store: see the "shared store" section at the end of the class.
@@ -170,7 +177,7 @@ class SagaEngine:
         """Load definitions and sagas from the EventStore (:meth:`resume_all` runs the unfinished)."""
         for stream, events in (await self._load_streams(DEFINITION_STREAM_PREFIX)).items():
             name = stream.removeprefix(DEFINITION_STREAM_PREFIX)
-            self._definitions[name] = [pb.SagaDefinition.FromString(e.data) for e in events]
+            self._definitions[name] = [self._keep(pb.SagaDefinition.FromString(e.data)) for e in events]
         for events in (await self._load_streams(SAGA_STREAM_PREFIX)).values():
             self._adopt(events)
 
@@ -244,7 +251,7 @@ class SagaEngine:
                 content_type="application/x-protobuf; messageType=rpcmesh.v1.SagaDefinition",
             )
             await self.storage.append(DEFINITION_STREAM_PREFIX + stored.name, len(versions) - 1, [event])
-            self._definitions[stored.name] = [*versions, stored]
+            self._definitions[stored.name] = [*versions, self._keep(stored)]
             return stored
 
     def get_definition(self, name: str, version: int = 0, field: str = "name") -> pb.SagaDefinition:
@@ -257,6 +264,11 @@ class SagaEngine:
         if not 1 <= version <= len(versions):
             raise NotFoundError(f"{name!r} has no version {version} (latest is {len(versions)})")
         return versions[version - 1]
+
+    def _keep(self, definition: pb.SagaDefinition) -> pb.SagaDefinition:
+        """Note a stored (valid) definition version and its encoded form; returns it."""
+        self._stored_definitions[id(definition)] = machine.b64(definition.SerializeToString())
+        return definition
 
     def list_definitions(self) -> list[pb.SagaDefinition]:
         """Latest version of every definition, by name."""
@@ -275,7 +287,9 @@ class SagaEngine:
         correlation_id: str = "",
     ) -> tuple[SagaView, bool]:
         """Record SagaStarted plus the first step's start in one write, then run; (view, created)."""
-        validate_definition(definition)
+        encoded = self._stored_definitions.get(id(definition))
+        if encoded is None:  # given inline (registered versions were validated when stored)
+            validate_definition(definition)
         validate_input(input_data)
         saga_id = saga_id_for_key(idempotency_key) if idempotency_key else uuid.uuid4().hex
         existing = self._sagas.get(saga_id)
@@ -291,8 +305,9 @@ class SagaEngine:
             correlation_id=correlation_id,
             labels=labels or {},
             now=now,
+            encoded_definition=encoded,
         )
-        view = machine.fold([first])
+        view = machine.fold([first], definition)
         events = [first]
         decision = machine.decide(view, now)
         if isinstance(decision, machine.Invoke):
@@ -654,7 +669,7 @@ class SagaEngine:
         async with self._def_lock:
             versions = self._definitions.get(stored.name, [])
             if stored.version == len(versions) + 1:
-                self._definitions[stored.name] = [*versions, stored]
+                self._definitions[stored.name] = [*versions, self._keep(stored)]
 
     def take_over(self) -> int:
         """This node now holds the lease: drive every unfinished saga; returns how many."""

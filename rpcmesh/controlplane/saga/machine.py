@@ -149,13 +149,17 @@ def started_event(
     correlation_id: str,
     labels: Mapping[str, str],
     now: float,
+    encoded_definition: str | None = None,
 ) -> SagaEvent:
-    """The first event of a saga: everything needed to run it, including its definition."""
+    """The first event of a saga: everything needed to run it, including its definition.
+
+    ``encoded_definition``: ``b64(definition.SerializeToString())`` when the caller has it already.
+    """
     return SagaEvent(
         SAGA_STARTED,
         {
             "saga_id": saga_id,
-            "definition": b64(definition.SerializeToString()),
+            "definition": encoded_definition or b64(definition.SerializeToString()),
             "input": b64(input_data),
             "idempotency_key": idempotency_key,
             "trace_context": dict(trace_context),
@@ -166,14 +170,18 @@ def started_event(
     )
 
 
-def fold(events: Iterable[SagaEvent]) -> SagaView:
-    """The saga recorded by ``events`` (the first must be SagaStarted)."""
+def fold(events: Iterable[SagaEvent], definition: pb.SagaDefinition | None = None) -> SagaView:
+    """The saga recorded by ``events`` (the first must be SagaStarted).
+
+    ``definition``: the one SagaStarted records, when the caller has it (not decoded again).
+    """
     iterator = iter(events)
     first = next(iterator)
     if first.kind != SAGA_STARTED:
         raise ValueError(f"a saga stream starts with {SAGA_STARTED}, not {first.kind}")
     data = first.data
-    definition = pb.SagaDefinition.FromString(unb64(data["definition"]))
+    if definition is None:
+        definition = pb.SagaDefinition.FromString(unb64(data["definition"]))
     view = SagaView(
         saga_id=data["saga_id"],
         definition=definition,
