@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from rpcmesh.client._telemetry import CallTelemetry
 
 __all__ = [
+    "MeshRpcError",
     "attempt_metadata",
     "begin_attempt",
     "end_attempt",
@@ -61,9 +62,13 @@ def attempt_metadata(metadata: MetadataLike, attempt: int) -> tuple[tuple[str, s
     return tuple(items)
 
 
+class MeshRpcError(grpc.aio.AioRpcError):
+    """An RpcError the mesh raised itself before sending an attempt (no instance, open breaker, deadline)."""
+
+
 def mesh_error(code: grpc.StatusCode, message: str) -> grpc.aio.AioRpcError:
-    """An RpcError raised by the mesh itself (no instance, open breaker, deadline spent)."""
-    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=message)
+    """An RpcError raised by the mesh itself (no instance, open breaker, deadline spent): a MeshRpcError."""
+    return MeshRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=message)
 
 
 def outcome_of(error: grpc.RpcError, duration: float, *, committed: bool = False) -> AttemptOutcome:

@@ -32,10 +32,15 @@ Who retries what:
   it); such unsent attempts are capped separately (see
   :data:`~rpcmesh.controlplane.saga.machine.MAX_UNSENT_ATTEMPTS`).
 
-Whether an attempt was sent is known structurally, not from error messages:
-an interceptor on the mesh's sub-channels notes every attempt of the current
-call, and the call was sent when any attempt may have reached a server
-(:func:`rpcmesh.client.attempts.attempt_reached_server`).
+Whether a failed call was sent is known structurally: the coordinator policy
+(:func:`check_coordinator_policy`) lets the mesh make another attempt only after
+one that provably never reached a server, so every attempt before the last was
+unsent, and the error raised is either the mesh's own (a
+:class:`~rpcmesh.client._shell.MeshRpcError`: the next attempt was never made,
+e.g. no instance or the deadline spent) or the last attempt's, which was sent
+unless its status says the connection could not be set up
+(:func:`rpcmesh.client.attempts.attempt_reached_server`). No per-attempt
+interceptor is needed for that; the step call is a plain mesh call.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from typing import Any, Protocol
 import grpc
 import grpc.aio
 
+from rpcmesh.client._shell import MeshRpcError
 from rpcmesh.client.attempts import attempt_reached_server
 from rpcmesh.client.mesh import Mesh
 from rpcmesh.client.policy import (
@@ -173,33 +179,17 @@ def check_coordinator_policy(policy: MeshPolicy) -> None:
             _check_method(f"{name}.methods[{method}]", method_policy)
 
 
-class _Attempts:
-    """The attempts of one logical call, as the sub-channel interceptor saw them.
+_RESTORE: contextvars.ContextVar[tuple[tuple[str, str], ...]] = contextvars.ContextVar(
+    "saga_restore_headers", default=()
+)
 
-    ``restore``: trace headers to put back on each attempt when the mesh's tracing
-    interceptors dropped them (metrics on, tracing off: they rewrite the propagation keys
-    but have no span to write).
+
+class _TraceHeaderRestorer(grpc.aio.UnaryUnaryClientInterceptor):
+    """Puts the saga's stored trace headers back on each attempt of the current step call.
+
+    Needed only when telemetry is active with tracing off: the mesh's tracing
+    interceptors then rewrite the propagation keys but have no span to write.
     """
-
-    __slots__ = ("calls", "restore")
-
-    def __init__(self, restore: tuple[tuple[str, str], ...] = ()) -> None:
-        self.calls: list[grpc.aio.Call] = []
-        self.restore = restore
-
-    async def any_sent(self) -> bool:
-        for call in self.calls:
-            code = await call.code()
-            if attempt_reached_server(code, await call.details()):
-                return True
-        return False
-
-
-_CURRENT: contextvars.ContextVar[_Attempts | None] = contextvars.ContextVar("saga_attempts", default=None)
-
-
-class _AttemptRecorder(grpc.aio.UnaryUnaryClientInterceptor):
-    """Notes each attempt a mesh sub-channel makes for the current step call."""
 
     async def intercept_unary_unary(
         self,
@@ -207,13 +197,17 @@ class _AttemptRecorder(grpc.aio.UnaryUnaryClientInterceptor):
         client_call_details: grpc.aio.ClientCallDetails,
         request: Any,
     ) -> Any:
-        attempts = _CURRENT.get()
-        if attempts is not None and attempts.restore:
-            client_call_details = _with_headers(client_call_details, attempts.restore)
-        call = await continuation(client_call_details, request)
-        if attempts is not None:
-            attempts.calls.append(call)
-        return call
+        restore = _RESTORE.get()
+        if restore:
+            client_call_details = _with_headers(client_call_details, restore)
+        return await continuation(client_call_details, request)
+
+
+def call_was_sent(error: grpc.aio.AioRpcError) -> bool:
+    """Whether a failed mesh call under the coordinator policy may have reached a participant."""
+    if isinstance(error, MeshRpcError):
+        return False  # raised before its attempt; earlier attempts (if any) were provably unsent
+    return attempt_reached_server(error.code(), error.details())
 
 
 def _with_headers(
@@ -251,6 +245,10 @@ class MeshStepInvoker:
             coordinator passes the control plane's own client security; None
             keeps the Mesh default (``ClientSecurity.from_env()``).
         telemetry: The mesh's telemetry handle; None follows ``get_telemetry()``.
+            When telemetry is off as the invoker is made, step calls are plain mesh
+            calls with no client interceptor at all (telemetry switched on later gets
+            tracing, but the saga's stored headers are then not restored on the
+            metrics-only path).
     """
 
     injects_trace_context = True
@@ -268,11 +266,12 @@ class MeshStepInvoker:
         policy = policy or coordinator_policy()
         check_coordinator_policy(policy)
         self._telemetry = telemetry
+        self._restores = (telemetry or get_telemetry()).active
         self.mesh = Mesh(
             registry,
             policy=policy,
             channel_options=channel_options,
-            interceptors=[_AttemptRecorder()],
+            interceptors=[_TraceHeaderRestorer()] if self._restores else [],
             security=security,
             telemetry=telemetry,
         )
@@ -296,21 +295,20 @@ class MeshStepInvoker:
         metadata: Sequence[tuple[str, str]],
     ) -> bytes:
         """Call ``method`` on an instance of ``service``; raises StepCallError."""
-        telemetry = self._telemetry or get_telemetry()
-        restore: tuple[tuple[str, str], ...] = ()
-        if telemetry.active and not telemetry.tracing:
-            restore = tuple((key, value) for key, value in metadata if key in TRACE_KEYS)
-        attempts = _Attempts(restore)
-        token = _CURRENT.set(attempts)
+        token = None
+        if self._restores:
+            telemetry = self._telemetry or get_telemetry()
+            if telemetry.active and not telemetry.tracing:
+                token = _RESTORE.set(tuple((key, value) for key, value in metadata if key in TRACE_KEYS))
         try:
             response: bytes = await self._callable(service, method)(
                 request, timeout=deadline, metadata=tuple(metadata)
             )
         except grpc.aio.AioRpcError as exc:
-            sent = await attempts.any_sent()
-            raise StepCallError(exc.code().value[0], exc.details() or "", sent=sent) from exc
+            raise StepCallError(exc.code().value[0], exc.details() or "", sent=call_was_sent(exc)) from exc
         finally:
-            _CURRENT.reset(token)
+            if token is not None:
+                _RESTORE.reset(token)
         return response
 
     async def close(self) -> None:
