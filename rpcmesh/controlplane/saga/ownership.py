@@ -116,6 +116,7 @@ class SagaOwnership:
 
     async def stop(self) -> None:
         """Stop following and contending; closing the lock connection frees the lock."""
+        self._leader = False  # runners stop acting before another node can take the lock
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

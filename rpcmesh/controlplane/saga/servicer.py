@@ -9,7 +9,12 @@ from typing import Any
 
 import grpc.aio
 
-from rpcmesh.controlplane.eventstore.model import clamp_page_size, decode_page_token, encode_page_token
+from rpcmesh.controlplane.eventstore.model import (
+    WrongExpectedVersion,
+    clamp_page_size,
+    decode_page_token,
+    encode_page_token,
+)
 from rpcmesh.controlplane.saga.definition import validate_definition
 from rpcmesh.controlplane.saga.engine import SagaEngine, view_to_proto
 from rpcmesh.controlplane.saga.machine import SagaView, transition_kind
@@ -90,7 +95,12 @@ class SagaCoordinatorServicer(pb_grpc.SagaCoordinatorServicer):
         """Store a definition as its next version."""
         if not request.HasField("definition"):
             raise invalid_argument("definition", "required")
-        stored = await self._engine().register_definition(request.definition)
+        engine = self._engine()
+        try:
+            stored = await engine.register_definition(request.definition)
+        except WrongExpectedVersion:
+            # Shared store: another node registered a version of this name at the same moment.
+            stored = await engine.register_definition(request.definition)
         return pb.RegisterDefinitionResponse(definition=stored)
 
     async def GetDefinition(

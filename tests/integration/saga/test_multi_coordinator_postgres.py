@@ -228,6 +228,14 @@ async def test_both_nodes_accept_one_drives(
         await a.RegisterDefinition(pb.RegisterDefinitionRequest(definition=definition), timeout=10)
     # The follower knows a definition registered through the leader.
     assert (await b.GetDefinition(pb.GetDefinitionRequest(name="bad3"), timeout=10)).definition.version == 1
+    # The same definition registered through both nodes at once: one version.
+    twice = await asyncio.gather(
+        *(
+            stub.RegisterDefinition(pb.RegisterDefinitionRequest(definition=slow_definition()))
+            for stub in (a, b)
+        )
+    )
+    assert [r.definition.version for r in twice] == [1, 1]
 
     # The same key through both nodes at once: one saga.
     same = await asyncio.gather(a.StartSaga(start_request("ok3", 0)), b.StartSaga(start_request("ok3", 0)))
