@@ -9,8 +9,9 @@ each call made idempotent by ``rpcmesh.saga.idempotent``, which also fsyncs):
 1. Direct p50: the three ``Do`` calls made one after another by this client
    (same metadata as the coordinator sends), one sequence at a time.
 2. Saga p50: ``StartSaga`` of a 3-step saga over the same calls, measured until
-   the client sees it COMPLETED (``GetSaga`` with ``wait``: a long poll that
-   answers once the saga has ended), one saga at a time.
+   the client sees it COMPLETED, one saga at a time. ``StartSaga`` with ``wait``
+   answers once the saga has ended (``GetSaga`` with ``wait``, the same long
+   poll, follows if the wait ran out first).
 3. Saga throughput: ``--sagas`` sagas started by 64 concurrent clients, each
    waiting the same way until it sees its saga COMPLETED.
 4. EventStore: 16 concurrent writers append batches of 100 events (100 bytes)
@@ -116,8 +117,14 @@ _ENDED = (pb.SAGA_STATE_COMPENSATED, pb.SAGA_STATE_FAILED_COMPENSATION, pb.SAGA_
 
 
 async def run_saga(stub: saga_pb2_grpc.SagaCoordinatorStub, body: bytes) -> None:
-    """Start a saga and return once the client has seen it COMPLETED (GetSaga long poll)."""
-    started = await stub.StartSaga(pb.StartSagaRequest(definition_name="bench3", input=body), timeout=30)
+    """Start a saga and return once the client has seen it COMPLETED.
+
+    StartSaga with ``wait`` answers once the saga has ended (or after the wait);
+    GetSaga long polls follow while it has not.
+    """
+    started = await stub.StartSaga(
+        pb.StartSagaRequest(definition_name="bench3", input=body, wait=_WAIT), timeout=60
+    )
     saga = started.saga
     while saga.state != pb.SAGA_STATE_COMPLETED:
         if saga.state in _ENDED:

@@ -585,6 +585,7 @@ class StartSagaRequest(_message.Message):
     INPUT_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    WAIT_FIELD_NUMBER: _builtins.int
     definition_name: _builtins.str
     """A registered definition, by name (latest version unless version is set)."""
     definition_version: _builtins.int
@@ -597,6 +598,16 @@ class StartSagaRequest(_message.Message):
 
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def wait(self) -> _duration_pb2.Duration:
+        """Start and wait for the outcome in one call (like GetSagaRequest.wait):
+        when set (> 0), the answer is held until the saga is in a terminal state
+        or until this much time has passed (or the call's deadline is near), and
+        then gives the saga as it is then. The saga is started (durably) either
+        way; a client that needs the outcome follows up with GetSaga while the
+        state is not terminal. At most one hour.
+        """
+
     def __init__(
         self,
         *,
@@ -606,10 +617,11 @@ class StartSagaRequest(_message.Message):
         input: _builtins.bytes = ...,
         idempotency_key: _builtins.str = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        wait: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["definition", b"definition", "definition_name", b"definition_name", "definition_ref", b"definition_ref"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["definition", b"definition", "definition_name", b"definition_name", "definition_ref", b"definition_ref", "wait", b"wait"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["definition", b"definition", "definition_name", b"definition_name", "definition_ref", b"definition_ref", "definition_version", b"definition_version", "idempotency_key", b"idempotency_key", "input", b"input", "labels", b"labels"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["definition", b"definition", "definition_name", b"definition_name", "definition_ref", b"definition_ref", "definition_version", b"definition_version", "idempotency_key", b"idempotency_key", "input", b"input", "labels", b"labels", "wait", b"wait"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_definition_ref: _TypeAlias = _typing.Literal["definition_name", "definition"]  # noqa: Y015
     _WhichOneofArgType_definition_ref: _TypeAlias = _typing.Literal["definition_ref", b"definition_ref"]  # noqa: Y015

@@ -111,7 +111,8 @@ class SagaCoordinatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def StartSaga(self, request, context):
-        """StartSaga starts a saga; idempotent on idempotency_key.
+        """StartSaga starts a saga; idempotent on idempotency_key. With wait set,
+        answers once the saga has ended (or the wait is over).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -45,7 +45,9 @@ class SagaCoordinatorStub:
     ListDefinitions: _grpc.UnaryUnaryMultiCallable[_saga_pb2.ListDefinitionsRequest, _saga_pb2.ListDefinitionsResponse]
     """ListDefinitions lists definitions, paginated."""
     StartSaga: _grpc.UnaryUnaryMultiCallable[_saga_pb2.StartSagaRequest, _saga_pb2.StartSagaResponse]
-    """StartSaga starts a saga; idempotent on idempotency_key."""
+    """StartSaga starts a saga; idempotent on idempotency_key. With wait set,
+    answers once the saga has ended (or the wait is over).
+    """
     GetSaga: _grpc.UnaryUnaryMultiCallable[_saga_pb2.GetSagaRequest, _saga_pb2.GetSagaResponse]
     """GetSaga returns one saga; with wait set, once it has ended (long poll)."""
     ListSagas: _grpc.UnaryUnaryMultiCallable[_saga_pb2.ListSagasRequest, _saga_pb2.ListSagasResponse]
@@ -72,7 +74,9 @@ class SagaCoordinatorAsyncStub(SagaCoordinatorStub):
     ListDefinitions: _aio.UnaryUnaryMultiCallable[_saga_pb2.ListDefinitionsRequest, _saga_pb2.ListDefinitionsResponse]  # type: ignore[assignment]
     """ListDefinitions lists definitions, paginated."""
     StartSaga: _aio.UnaryUnaryMultiCallable[_saga_pb2.StartSagaRequest, _saga_pb2.StartSagaResponse]  # type: ignore[assignment]
-    """StartSaga starts a saga; idempotent on idempotency_key."""
+    """StartSaga starts a saga; idempotent on idempotency_key. With wait set,
+    answers once the saga has ended (or the wait is over).
+    """
     GetSaga: _aio.UnaryUnaryMultiCallable[_saga_pb2.GetSagaRequest, _saga_pb2.GetSagaResponse]  # type: ignore[assignment]
     """GetSaga returns one saga; with wait set, once it has ended (long poll)."""
     ListSagas: _aio.UnaryUnaryMultiCallable[_saga_pb2.ListSagasRequest, _saga_pb2.ListSagasResponse]  # type: ignore[assignment]
@@ -120,7 +124,9 @@ class SagaCoordinatorServicer(metaclass=_abc_1.ABCMeta):
         request: _saga_pb2.StartSagaRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_saga_pb2.StartSagaResponse, _abc.Awaitable[_saga_pb2.StartSagaResponse]]:
-        """StartSaga starts a saga; idempotent on idempotency_key."""
+        """StartSaga starts a saga; idempotent on idempotency_key. With wait set,
+        answers once the saga has ended (or the wait is over).
+        """
 
     @_abc_1.abstractmethod
     def GetSaga(

@@ -135,7 +135,7 @@ class SagaCoordinatorServicer(pb_grpc.SagaCoordinatorServicer):
     async def StartSaga(
         self, request: pb.StartSagaRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.StartSagaResponse:
-        """Start (or, for a known idempotency key, return) a saga."""
+        """Start (or, for a known idempotency key, return) a saga; with ``wait``, answer once it ended."""
         engine = self._engine()
         which = request.WhichOneof("definition_ref")
         if which == "definition":
@@ -150,6 +150,7 @@ class SagaCoordinatorServicer(pb_grpc.SagaCoordinatorServicer):
             )
         else:
             raise invalid_argument("definition_name", "set definition_name or an inline definition")
+        wait = _wait_seconds(request.wait, context) if request.HasField("wait") else 0.0
         if len(request.idempotency_key) > MAX_IDEMPOTENCY_KEY:
             raise invalid_argument("idempotency_key", f"at most {MAX_IDEMPOTENCY_KEY} characters")
         if len(request.labels) > MAX_LABELS:
@@ -171,6 +172,8 @@ class SagaCoordinatorServicer(pb_grpc.SagaCoordinatorServicer):
             trace_context=trace_context,
             correlation_id=correlation,
         )
+        if wait > 0 and not view.finished:
+            view = await engine.wait_finished(view.saga_id, wait)
         return pb.StartSagaResponse(saga=view_to_proto(view), created=created)
 
     async def GetSaga(

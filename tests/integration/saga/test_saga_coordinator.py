@@ -192,7 +192,7 @@ async def test_unfinished_sagas_resume_after_kill(mesh: Mesh) -> None:
     assert all(c[4].startswith("00-1111") for c in mesh.calls("ledger-c") + mesh.calls("ledger-a"))
 
 
-async def test_get_saga_wait_long_polls_until_the_saga_ends(mesh: Mesh) -> None:
+async def test_start_and_get_saga_wait_long_poll_until_the_saga_ends(mesh: Mesh) -> None:
     definition = pb.SagaDefinition(
         name="held",
         steps=[step("reserve", "ledger-a"), step("wait", "ledger-b", "Fail", compensate=False, attempts=100)],
@@ -207,6 +207,26 @@ async def test_get_saga_wait_long_polls_until_the_saga_ends(mesh: Mesh) -> None:
             timeout=60,
         )
         assert done.saga.state == pb.SAGA_STATE_COMPLETED  # one call: answered once it ended
+        # Start and wait in one call; the same key later answers with the ended saga at once.
+        request = pb.StartSagaRequest(
+            definition=three_steps(),
+            input=payload("s"),
+            idempotency_key="sw",
+            wait=duration_pb2.Duration(seconds=30),
+        )
+        ran = await stub.StartSaga(request, timeout=60)
+        assert ran.created and ran.saga.state == pb.SAGA_STATE_COMPLETED
+        again = await stub.StartSaga(request, timeout=60)
+        assert not again.created and again.saga == ran.saga
+        try:
+            bad = pb.StartSagaRequest(definition=three_steps(), input=payload("b"), idempotency_key="never")
+            bad.wait.seconds = -1
+            await stub.StartSaga(bad)
+            raise AssertionError("accepted")
+        except grpc.aio.AioRpcError as exc:
+            assert isinstance(from_rpc_error(exc), InvalidArgumentError)
+        listed = await stub.ListSagas(pb.ListSagasRequest())
+        assert all(s.idempotency_key != "never" for s in listed.sagas)  # nothing started
 
         started = await stub.StartSaga(pb.StartSagaRequest(definition=definition, input=payload("h")))
         saga_id = started.saga.saga_id
