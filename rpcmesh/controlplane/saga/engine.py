@@ -20,6 +20,7 @@ import asyncio
 import collections
 import contextlib
 import contextvars
+import hashlib
 import itertools
 import json
 import logging
@@ -244,10 +245,13 @@ class SagaEngine:
             stored = pb.SagaDefinition()
             stored.CopyFrom(definition)
             stored.version = len(versions) + 1
+            data = stored.SerializeToString(deterministic=True)
             event = NewEvent(
-                event_id=f"v{stored.version}",
+                # The content in the id: the same version registered twice at once (another node)
+                # is stored once, another content under that number conflicts instead.
+                event_id=f"v{stored.version}-{hashlib.sha256(data).hexdigest()[:16]}",
                 event_type=DEFINITION_REGISTERED,
-                data=stored.SerializeToString(),
+                data=data,
                 content_type="application/x-protobuf; messageType=rpcmesh.v1.SagaDefinition",
             )
             await self.storage.append(DEFINITION_STREAM_PREFIX + stored.name, len(versions) - 1, [event])
