@@ -214,6 +214,11 @@ class PostgresEventStorage:
             row = await cur.fetchone()
         return int(row[0]) if row else 0
 
+    async def notify(self, channel: str, payload: str = "") -> None:
+        """Send a PostgreSQL NOTIFY on ``channel`` (for other nodes' LISTENing connections)."""
+        async with self._pool.connection() as conn:
+            await conn.execute("SELECT pg_notify(%s, %s)", (channel, payload))
+
     async def wait_for_append(self, after_position: int, wait_seconds: float) -> None:
         """Wake on local appends; poll for other nodes' appends."""
         await self._signal.wait(after_position, min(wait_seconds, POLL_SECONDS))

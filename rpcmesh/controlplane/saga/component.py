@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import grpc.aio
 
@@ -15,12 +16,14 @@ from rpcmesh.controlplane.config import ControlPlaneConfig
 from rpcmesh.controlplane.eventstore.component import EventStoreComponent
 from rpcmesh.controlplane.saga.engine import SagaEngine
 from rpcmesh.controlplane.saga.invoker import MeshStepInvoker, StepInvoker, check_coordinator_policy
-from rpcmesh.controlplane.saga.ownership import SagaOwnership
 from rpcmesh.controlplane.saga.security import coordinator_client_security
 from rpcmesh.controlplane.saga.servicer import SagaCoordinatorServicer
 from rpcmesh.security.client import ClientSecurity, aio_channel
 from rpcmesh.telemetry import Telemetry
 from rpcmesh.v1 import registry_pb2, registry_pb2_grpc, saga_pb2, saga_pb2_grpc
+
+if TYPE_CHECKING:
+    from rpcmesh.controlplane.saga.ownership import SagaOwnership
 
 logger = logging.getLogger(__name__)
 
@@ -97,11 +100,14 @@ class SagaCoordinatorComponent:
         head = 0
         if self.config.store is not None:
             # Several nodes may share the store: mirror it, drive only while holding its lock.
+            from rpcmesh.controlplane.saga.ownership import SagaOwnership  # psycopg: PostgreSQL only
+
             self.ownership = SagaOwnership(self.engine, self.config.store, **self._ownership_options)
             head = await self.eventstore.storage.head()
         await self.engine.start()
         if self.ownership is not None:
             self.ownership.follow(head + 1)  # re-reads what start() loaded past head: applied once
+            self._servicer.nudge = self.ownership.nudge
         self._servicer.engine = self.engine
         self._resume_task = asyncio.create_task(self._resume(context.address, security), name="saga-resume")
 

@@ -10,7 +10,9 @@ leader does. Every node accepts every RPC:
   AbortSaga appends AbortRequested at the revision the node read; GetSaga and
   WatchSaga on a node that does not drive read the stream from the store.
 * Every node follows the EventStore's position-ordered global log (``saga-`` and
-  ``sagadef-`` streams, read every ``poll_interval``) and mirrors what other nodes recorded: followers keep
+  ``sagadef-`` streams, read every ``poll_interval``; the leader also LISTENs on its lock
+  connection for :data:`NUDGE_CHANNEL`, which a follower NOTIFYs after StartSaga and AbortSaga, so a
+  saga started through a follower begins at once) and mirrors what other nodes recorded: followers keep
   their views, ListSagas and live WatchSaga current; the leader adopts and runs
   sagas started elsewhere and re-decides sagas another node touched.
 * When the leader dies (``kill -9``, a lost connection) PostgreSQL ends its
@@ -42,12 +44,15 @@ from collections import defaultdict
 import psycopg
 
 from rpcmesh.controlplane.eventstore.model import StoredEvent
+from rpcmesh.controlplane.eventstore.postgres import PostgresEventStorage
 from rpcmesh.controlplane.saga.engine import DEFINITION_STREAM_PREFIX, SAGA_STREAM_PREFIX, SagaEngine
 
 logger = logging.getLogger(__name__)
 
 SAGA_LEADER_LOCK = 7406222
 """The advisory lock key whose holder drives the sagas of a store."""
+NUDGE_CHANNEL = "rpcmesh_saga_nudge"
+"""NOTIFY channel: a follower recorded something the leader should act on now."""
 _PAGE = 1000
 
 
@@ -91,6 +96,7 @@ class SagaOwnership:
         self._pull_lock = asyncio.Lock()
         self._lease_until = 0.0
         self._leader = False
+        self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         engine.shared = True
         engine.driving = False
@@ -104,6 +110,16 @@ class SagaOwnership:
     def lease_valid(self) -> bool:
         """Whether this node may still call participants and record for its sagas."""
         return self._leader and time.monotonic() < self._lease_until
+
+    async def nudge(self) -> None:
+        """Tell the leader (if this node is not it) to read the log now; best effort."""
+        storage = self.engine.storage
+        if self._leader or not isinstance(storage, PostgresEventStorage):
+            return
+        try:
+            await storage.notify(NUDGE_CHANNEL)
+        except Exception:  # the leader still polls
+            logger.warning("saga coordinator could not notify the leader", exc_info=True)
 
     def follow(self, from_position: int) -> None:
         """Start mirroring the log from ``from_position`` (the head before the engine loaded, plus 1)."""
@@ -130,9 +146,11 @@ class SagaOwnership:
     async def _follow(self) -> None:
         while True:
             try:
+                self._wake.clear()
                 await self.pull()
-                # Our own appends are applied already: only other nodes' are waited for.
-                await asyncio.sleep(self.poll_interval)
+                # Our own appends are applied already: other nodes' are polled for (or nudged).
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.poll_interval)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -194,13 +212,20 @@ class SagaOwnership:
                     break
                 await asyncio.sleep(self.retry_interval)
             self._lease_until = sent + self.session_timeout - self.margin
+            await conn.execute(f"LISTEN {NUDGE_CHANNEL}")
             # Everything recorded until now is mirrored before the runners start.
             await self.pull()
             self._leader = True
             resumed = self.engine.take_over()
             logger.info("saga coordinator drives the sagas of the store (%d unfinished resumed)", resumed)
+            next_beat = sent + self.heartbeat_interval
             while True:
-                await asyncio.sleep(self.heartbeat_interval)
+                remaining = next_beat - time.monotonic()
+                if remaining > 0:
+                    async for _ in conn.notifies(timeout=remaining, stop_after=1):
+                        self._wake.set()
+                    continue
                 sent = time.monotonic()
                 await asyncio.wait_for(conn.execute("SELECT 1"), self.session_timeout - self.margin)
                 self._lease_until = sent + self.session_timeout - self.margin
+                next_beat = sent + self.heartbeat_interval

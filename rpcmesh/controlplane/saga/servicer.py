@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc.aio
@@ -72,6 +72,8 @@ class SagaCoordinatorServicer(pb_grpc.SagaCoordinatorServicer):
 
     def __init__(self, engine: SagaEngine | None = None) -> None:
         self.engine: SagaEngine | None = engine
+        # Several nodes on one store: tells the driving node a follower recorded something.
+        self.nudge: Callable[[], Awaitable[None]] | None = None
 
     def _engine(self) -> SagaEngine:
         assert self.engine is not None, "the SagaCoordinator component was not started"
@@ -174,6 +176,8 @@ class SagaCoordinatorServicer(pb_grpc.SagaCoordinatorServicer):
         )
         if wait > 0 and not view.finished:
             view = await engine.wait_finished(view.saga_id, wait)
+        if created and self.nudge is not None and not engine.driving:
+            await self.nudge()
         return pb.StartSagaResponse(saga=view_to_proto(view), created=created)
 
     async def GetSaga(
@@ -255,5 +259,8 @@ class SagaCoordinatorServicer(pb_grpc.SagaCoordinatorServicer):
         """Stop a running saga; its completed steps are compensated."""
         if not request.saga_id:
             raise invalid_argument("saga_id", "required")
-        view = await self._engine().abort_saga(request.saga_id, request.reason or "aborted by request")
+        engine = self._engine()
+        view = await engine.abort_saga(request.saga_id, request.reason or "aborted by request")
+        if self.nudge is not None and not engine.driving:
+            await self.nudge()
         return pb.AbortSagaResponse(saga=view_to_proto(view))

@@ -228,14 +228,21 @@ async def test_both_nodes_accept_one_drives(
         await a.RegisterDefinition(pb.RegisterDefinitionRequest(definition=definition), timeout=10)
     # The follower knows a definition registered through the leader.
     assert (await b.GetDefinition(pb.GetDefinitionRequest(name="bad3"), timeout=10)).definition.version == 1
-    # The same definition registered through both nodes at once: one version.
-    twice = await asyncio.gather(
+    # Two versions of one name registered through both nodes at once: both stored, each under its
+    # own number, and both nodes agree on the content of each.
+    one, two = slow_definition(), slow_definition()
+    two.steps[0].timeout.FromSeconds(9)
+    registered = await asyncio.gather(
         *(
-            stub.RegisterDefinition(pb.RegisterDefinitionRequest(definition=slow_definition()))
-            for stub in (a, b)
+            stub.RegisterDefinition(pb.RegisterDefinitionRequest(definition=d))
+            for stub, d in ((a, one), (b, two))
         )
     )
-    assert [r.definition.version for r in twice] == [1, 1]
+    assert sorted(r.definition.version for r in registered) == [1, 2]
+    for response in registered:
+        for stub in (a, b):
+            request = pb.GetDefinitionRequest(name="slow", version=response.definition.version)
+            assert (await stub.GetDefinition(request, timeout=10)).definition == response.definition
 
     # The same key through both nodes at once: one saga.
     same = await asyncio.gather(a.StartSaga(start_request("ok3", 0)), b.StartSaga(start_request("ok3", 0)))
