@@ -174,10 +174,10 @@ class SagaCoordinatorServicer(pb_grpc.SagaCoordinatorServicer):
             trace_context=trace_context,
             correlation_id=correlation,
         )
+        if created and self.nudge is not None and not engine.driving:
+            await self.nudge()  # before waiting: the driving node starts it now
         if wait > 0 and not view.finished:
             view = await engine.wait_finished(view.saga_id, wait)
-        if created and self.nudge is not None and not engine.driving:
-            await self.nudge()
         return pb.StartSagaResponse(saga=view_to_proto(view), created=created)
 
     async def GetSaga(
