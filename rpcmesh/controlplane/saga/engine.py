@@ -634,24 +634,30 @@ class SagaEngine:
             return
         if events[-1].revision <= saga.revision:
             return
-        if saga.task is not None and not saga.task.done():
-            saga.wake.set()  # its runner decides again; its next write conflicts and reloads
-            return
         async with saga.lock:
             fresh = [e for e in events if e.revision > saga.revision]
             if not fresh:
                 return
-            if fresh[0].revision != saga.revision + 1 or saga.pending or saga.recorded is None:
-                await self._reload(saga)
-            else:
+            running = saga.task is not None and not saga.task.done()
+            if fresh[0].revision == saga.revision + 1 and saga.recorded is not None:
+                # Next in the stream: take it in as if written here (a runner in a call records
+                # the outcome after it, as after a local AbortSaga).
                 transitions = [from_stored(e) for e in fresh]
-                for transition in transitions:
-                    machine.apply(saga.view, transition)
+                if saga.pending:
+                    # Outcomes not recorded yet (no call in flight then) will be written after these.
+                    saga.view = machine.fold([*saga.recorded, *transitions, *saga.pending])
+                else:
+                    for transition in transitions:
+                        machine.apply(saga.view, transition)
                 saga.revision = fresh[-1].revision
                 saga.publish(transitions)
+            elif not running:
+                await self._reload(saga)
             if saga.view.finished:
                 saga.done.set()
                 self._remember_finished(saga_id)
+        # A waiting runner decides again now (if its view is behind, its next write conflicts and reloads).
+        saga.wake.set()
         if self.driving and not saga.view.finished and (saga.task is None or saga.task.done()):
             self._spawn(saga)
 

@@ -45,7 +45,13 @@ import psycopg
 
 from rpcmesh.controlplane.eventstore.model import StoredEvent
 from rpcmesh.controlplane.eventstore.postgres import PostgresEventStorage
-from rpcmesh.controlplane.saga.engine import DEFINITION_STREAM_PREFIX, SAGA_STREAM_PREFIX, SagaEngine
+from rpcmesh.controlplane.saga.engine import (
+    DEFINITION_REGISTERED,
+    DEFINITION_STREAM_PREFIX,
+    SAGA_STREAM_PREFIX,
+    SagaEngine,
+)
+from rpcmesh.controlplane.saga.machine import ABORT_REQUESTED, SAGA_STARTED
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +60,7 @@ SAGA_LEADER_LOCK = 7406222
 NUDGE_CHANNEL = "rpcmesh_saga_nudge"
 """NOTIFY channel: a follower recorded something the leader should act on now."""
 _PAGE = 1000
+_LEADER_TYPES = (SAGA_STARTED, ABORT_REQUESTED, DEFINITION_REGISTERED)
 
 
 class SagaOwnership:
@@ -161,26 +168,37 @@ class SagaOwnership:
         """Mirror everything recorded since the last read; returns the log head read."""
         async with self._pull_lock:
             while True:
+                # The leader writes nearly everything itself: it reads only what others start, abort
+                # or register (served by the event-type index), not its own transitions back.
+                leading = self._leader
                 events, head = await self.engine.storage.read_all(
                     self._position,
                     limit=_PAGE,
+                    event_types=_LEADER_TYPES if leading else (),
                     stream_prefixes=[SAGA_STREAM_PREFIX, DEFINITION_STREAM_PREFIX],
                 )
-                await self._apply(events)
+                await self._apply(events, leading)
                 if len(events) < _PAGE:
                     self._position = max(self._position, head + 1)
                     return head
                 self._position = events[-1].position + 1
 
-    async def _apply(self, events: list[StoredEvent]) -> None:
+    async def _apply(self, events: list[StoredEvent], leading: bool) -> None:
+        engine = self.engine
         by_saga: dict[str, list[StoredEvent]] = defaultdict(list)
         for event in events:
             if event.stream.startswith(DEFINITION_STREAM_PREFIX):
-                await self.engine.observe_definition(event)
-            elif not self.engine.is_own_event(event):
+                await engine.observe_definition(event)
+            elif engine.is_own_event(event):
+                continue
+            elif not leading:
                 by_saga[event.stream.removeprefix(SAGA_STREAM_PREFIX)].append(event)
+            elif event.event_type == SAGA_STARTED:
+                await engine.fetch_saga(event.stream.removeprefix(SAGA_STREAM_PREFIX))  # adopt, run
+            else:
+                await engine.observe_saga(event.stream.removeprefix(SAGA_STREAM_PREFIX), [event])
         for saga_id, saga_events in by_saga.items():
-            await self.engine.observe_saga(saga_id, saga_events)
+            await engine.observe_saga(saga_id, saga_events)
 
     # -- leadership ------------------------------------------------------------------------------
 

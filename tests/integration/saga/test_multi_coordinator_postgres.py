@@ -61,8 +61,8 @@ def definitions() -> list[pb.SagaDefinition]:
     return [ok, bad]
 
 
-def slow_definition() -> pb.SagaDefinition:
-    """reserve, then a step failing every 500 ms (FAILED_PRECONDITION made retryable) until aborted."""
+def slow_definition(backoff_ms: int = 500) -> pb.SagaDefinition:
+    """reserve, then a step failing every ``backoff_ms`` (FAILED_PRECONDITION retried) until aborted."""
     definition = pb.SagaDefinition(
         name="slow",
         steps=[
@@ -70,18 +70,22 @@ def slow_definition() -> pb.SagaDefinition:
             step("wait", "ledger-b", "Fail", compensate=False, attempts=100),
         ],
     )
-    definition.steps[1].retry.initial_backoff.FromMilliseconds(500)
-    definition.steps[1].retry.max_backoff.FromMilliseconds(500)
+    definition.steps[1].retry.initial_backoff.FromMilliseconds(backoff_ms)
+    definition.steps[1].retry.max_backoff.FromMilliseconds(backoff_ms)
     definition.steps[1].retry.non_retryable_codes.append(16)
     return definition
 
 
 async def start_slow(
-    start: saga_pb2_grpc.SagaCoordinatorStub, watch: saga_pb2_grpc.SagaCoordinatorStub, key: str
+    start: saga_pb2_grpc.SagaCoordinatorStub,
+    watch: saga_pb2_grpc.SagaCoordinatorStub,
+    key: str,
+    backoff_ms: int = 500,
 ) -> str:
     """Start a slow saga through ``start``; return once ``watch`` sees its second step failing."""
     started = await start.StartSaga(
-        pb.StartSagaRequest(definition=slow_definition(), input=b"", idempotency_key=key), timeout=10
+        pb.StartSagaRequest(definition=slow_definition(backoff_ms), input=b"", idempotency_key=key),
+        timeout=10,
     )
     saga_id = started.saga.saga_id
 
@@ -271,11 +275,11 @@ async def test_both_nodes_accept_one_drives(
     assert transitions[-1].saga.state == pb.SAGA_STATE_COMPLETED
     check_effects(cluster.world, plan)
 
-    # AbortSaga through the follower: recorded there, the leader compensates.
-    slow = await start_slow(b, a, "slow-abort")
+    # AbortSaga through the follower: recorded there, the leader (waiting 60 s to retry) compensates now.
+    slow = await start_slow(b, a, "slow-abort", backoff_ms=60_000)
     aborted = await b.AbortSaga(pb.AbortSagaRequest(saga_id=slow, reason="customer cancelled"), timeout=10)
     assert aborted.saga.state == pb.SAGA_STATE_ABORTING
-    final = await wait_finished(a, {slow}, limit=30)
+    final = await wait_finished(a, {slow}, limit=20)
     assert final[slow].state == pb.SAGA_STATE_ABORTED and final[slow].error == "customer cancelled"
     assert (slow, "reserve", 1, 1, 0) in cluster.world.effects("ledger-a")
 
