@@ -305,18 +305,24 @@ async def test_leader_killed_mid_run_the_other_node_finishes_every_saga(
         plan[response.saga.saga_id] = name
     watched_id = next(iter(plan))
     watched = asyncio.create_task(watch_to_end(b, watched_id))
-    cluster.a.kill()  # kill -9 of the leader while its sagas run
-    unfinished = [s for s in (await all_sagas(b)).values() if s.state not in FINAL]
-    for index in range(60, 90):  # the survivor keeps accepting
-        name = "bad3" if index % 3 == 0 else "ok3"
-        response = await b.StartSaga(start_request(name, index), timeout=10)
-        plan[response.saga.saga_id] = name
 
     async def moved() -> bool:
         pid = await leader_pid(cluster.url)
         return pid is not None and pid != first_pid
 
-    await wait_until(moved)
+    async def takeover_seconds() -> float:
+        await wait_until(moved)
+        return time.monotonic() - killed
+
+    cluster.a.kill()  # kill -9 of the leader while its sagas run
+    killed = time.monotonic()
+    takeover = asyncio.create_task(takeover_seconds())
+    unfinished = [s for s in (await all_sagas(b)).values() if s.state not in FINAL]
+    for index in range(60, 90):  # the survivor keeps accepting
+        name = "bad3" if index % 3 == 0 else "ok3"
+        response = await b.StartSaga(start_request(name, index), timeout=10)
+        plan[response.saga.saga_id] = name
+    took_over = await takeover
     sagas = await wait_finished(b, set(plan))
     for saga_id, name in plan.items():
         expected = pb.SAGA_STATE_COMPLETED if name == "ok3" else pb.SAGA_STATE_COMPENSATED
@@ -324,7 +330,7 @@ async def test_leader_killed_mid_run_the_other_node_finishes_every_saga(
     check_effects(cluster.world, plan)
     transitions = await asyncio.wait_for(watched, 30)
     assert transitions[-1].saga.state in FINAL
-    print(f"{len(unfinished)} sagas unfinished when the leader was killed")
+    print(f"{len(unfinished)} sagas unfinished at the kill; lock moved after {took_over:.2f}s")
 
 
 @pytest.mark.backend
@@ -339,6 +345,7 @@ async def test_frozen_leader_is_replaced_and_stops_when_it_wakes(
     # The leader is retrying a step every 500 ms when it is frozen with its session open.
     slow = await start_slow(a, b, "slow-frozen")
     cluster.a.signal(signal.SIGSTOP)
+    frozen = time.monotonic()
     plan: dict[str, str] = {}
     for index in range(10):  # accepted while nobody drives; run once the other node takes over
         name = "bad3" if index % 3 == 0 else "ok3"
@@ -350,6 +357,7 @@ async def test_frozen_leader_is_replaced_and_stops_when_it_wakes(
         return pid is not None and pid != first_pid
 
     await wait_until(moved, limit=30)  # PostgreSQL ended the frozen session (idle_session_timeout)
+    print(f"lock moved {time.monotonic() - frozen:.2f}s after SIGSTOP")
     sagas = await wait_finished(b, set(plan))
     for saga_id, name in plan.items():
         expected = pb.SAGA_STATE_COMPLETED if name == "ok3" else pb.SAGA_STATE_COMPENSATED
