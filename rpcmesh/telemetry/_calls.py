@@ -55,6 +55,11 @@ _SERVER_ERROR_CODES = frozenset(
     }
 )
 _CODE_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
+# Per code: (numeric value, error on a client span, error on a server span).
+_CODE_FACTS = {
+    code: (code.value[0], code is not grpc.StatusCode.OK, code in _SERVER_ERROR_CODES)
+    for code in grpc.StatusCode
+}
 # The context keys under which the API keeps the current span and the baggage, found through the
 # public API once (a server call builds its context in one step instead of two copies).
 (_SPAN_KEY,) = trace.set_span_in_context(trace.INVALID_SPAN, Context())
@@ -141,11 +146,9 @@ class CallRecord:
         duration = time.perf_counter() - self.start
         span = self.span
         if span is not None:
-            span.set_attribute("rpc.grpc.status_code", code.value[0])
-            is_error = (
-                code in _SERVER_ERROR_CODES if self.kind is SpanKind.SERVER else code != grpc.StatusCode.OK
-            )
-            if is_error:
+            value, client_error, server_error = _CODE_FACTS[code]
+            span.set_attribute("rpc.grpc.status_code", value)
+            if server_error if self.kind is SpanKind.SERVER else client_error:
                 if error is not None and not isinstance(error, StatusError | grpc.RpcError):
                     span.record_exception(error)
                 span.set_status(Status(StatusCode.ERROR, f"{code.name}: {description or ''}".rstrip(": ")))

@@ -111,13 +111,21 @@ class TracingChannel(grpc.aio.Channel):
         return getattr(self.inner, name)
 
 
+def _plain_grpc_callable(inner: Any) -> bool:
+    """Whether ``inner`` is grpc.aio's own callable without interceptors: nothing in it reads our context."""
+    return type(inner).__module__ == "grpc.aio._channel" and not getattr(inner, "_interceptors", True)
+
+
 class _Callable:
-    __slots__ = ("_channel", "_inner", "_method")
+    __slots__ = ("_channel", "_inner", "_method", "_plain")
 
     def __init__(self, channel: TracingChannel, method: str, inner: Any) -> None:
         self._channel = channel
         self._method = method
         self._inner = inner
+        # A plain grpc.aio callable reads neither the OpenTelemetry context nor the correlation
+        # id while it sets the call up: no need to make the call's span current around it.
+        self._plain = _plain_grpc_callable(inner)
 
     def _start(self, request: Any, kwargs: dict[str, Any]) -> tuple[CallRecord | None, Any]:
         channel = self._channel
@@ -126,6 +134,12 @@ class _Callable:
             return None, self._inner(request, **kwargs)
         record, outgoing = begin_client_call(telemetry, self._method, kwargs.get("metadata"), channel._target)
         kwargs["metadata"] = tuple(outgoing)
+        if self._plain:
+            try:
+                return record, self._inner(request, **kwargs)
+            except BaseException as exc:
+                record.finish_with_error(exc)
+                raise
         token = otel_context.attach(record.context) if record.context is not None else None
         correlation_token = set_correlation_id(record.correlation)
         try:

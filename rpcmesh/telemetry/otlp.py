@@ -41,8 +41,8 @@ from opentelemetry.sdk.trace import ReadableSpan
 from rpcmesh.telemetry.correlation import CORRELATION_ATTRIBUTE
 from rpcmesh.telemetry.spans import CallSpan
 
-UNCACHED_ATTRIBUTES = frozenset({CORRELATION_ATTRIBUTE, "network.peer.port", "exception.stacktrace"})
-"""Attributes whose values differ per call: never cached."""
+UNCACHED_ATTRIBUTES = frozenset({CORRELATION_ATTRIBUTE, "exception.stacktrace"})
+"""Attributes whose values differ per call: never cached (the cache of others is bounded)."""
 
 EXPORT_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 
@@ -52,13 +52,20 @@ _IS_REMOTE = int(SpanFlags.SPAN_FLAGS_CONTEXT_IS_REMOTE_MASK)
 _KIND_VALUES = {kind: int(value) for kind, value in _SPAN_KIND_MAP.items()}
 
 
-def _varint(value: int) -> bytes:
+def _encode_varint(value: int) -> bytes:
     out = bytearray()
     while value > 0x7F:
         out.append((value & 0x7F) | 0x80)
         value >>= 7
     out.append(value)
     return bytes(out)
+
+
+_SMALL_VARINTS = tuple(_encode_varint(value) for value in range(1 << 14))
+
+
+def _varint(value: int) -> bytes:
+    return _SMALL_VARINTS[value] if 0 <= value < 16384 else _encode_varint(value)
 
 
 def _length_delimited(tag: bytes, payload: bytes) -> bytes:
@@ -89,16 +96,55 @@ _RESOURCE_SPANS_RESOURCE = b"\x0a"
 _RESOURCE_SPANS_SCOPE_SPANS = b"\x12"
 _RESOURCE_SPANS_SCHEMA = b"\x1a"
 _REQUEST_RESOURCE_SPANS = b"\x0a"
+_LOCAL_FLAGS = _SPAN_FLAGS + _HAS_IS_REMOTE.to_bytes(4, "little")
+_REMOTE_PARENT_FLAGS = _SPAN_FLAGS + (_HAS_IS_REMOTE | _IS_REMOTE).to_bytes(4, "little")
 
 
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 _UINT64_MASK = (1 << 64) - 1
 _UNSET_STATUS = (0, None)
+_CACHEABLE = frozenset({str, int, float, bool})
+
+
+_IDS = struct.Struct(">2sQQ2sQ")  # trace id (tag, two big-endian halves), span id (tag, big-endian)
+_PARENT = struct.Struct(">2sQ")
+_TIMES = struct.Struct("<cQcQ")  # start and end time (tag, fixed64 little-endian each)
+_LOW_64 = (1 << 64) - 1
+_KEY_PREFIXES: dict[str, bytes] = {}
+
+
+def _key_prefix(key: str) -> bytes:
+    """``KeyValue.key`` of ``key``, encoded (cached: attribute keys are few)."""
+    prefix = _KEY_PREFIXES.get(key)
+    if prefix is None:
+        name = key.encode()
+        prefix = b"\x0a" + _varint(len(name)) + name
+        if len(_KEY_PREFIXES) < _MAX_CACHED:
+            _KEY_PREFIXES[key] = prefix
+    return prefix
 
 
 def _attribute_field(key: str, value: Any) -> bytes:
     """A span's ``attributes`` field (``KeyValue``) for one attribute, written by hand for scalars."""
-    if isinstance(value, str):
+    if type(value) is str:  # the usual uncached value (a correlation id): the shortest path
+        encoded = value.encode()
+        size = len(encoded)
+        if size < 120:  # every length prefix below is one byte
+            prefix = _key_prefix(key)
+            return b"".join(
+                (
+                    _SPAN_ATTRIBUTE,
+                    _SMALL_VARINTS[len(prefix) + size + 4],
+                    prefix,
+                    b"\x12",
+                    _SMALL_VARINTS[size + 2],
+                    b"\x0a",
+                    _SMALL_VARINTS[size],
+                    encoded,
+                )
+            )
+        any_value = b"\x0a" + _varint(size) + encoded
+    elif isinstance(value, str):
         encoded = value.encode()
         any_value = b"\x0a" + _varint(len(encoded)) + encoded  # AnyValue.string_value
     elif isinstance(value, bool):
@@ -112,8 +158,7 @@ def _attribute_field(key: str, value: Any) -> bytes:
             _length_delimited(_SPAN_ATTRIBUTE, pair.SerializeToString())
             for pair in _encode_attributes({key: value})
         )
-    name = key.encode()
-    pair = b"\x0a" + _varint(len(name)) + name + b"\x12" + _varint(len(any_value)) + any_value
+    pair = _key_prefix(key) + b"\x12" + _varint(len(any_value)) + any_value
     return _SPAN_ATTRIBUTE + _varint(len(pair)) + pair
 
 
@@ -185,24 +230,17 @@ class SpanEncoder:
         """One ``Span`` message of a ``CallSpan`` (the same message as its ``to_readable()``)."""
         context = span._context
         parent = span._parent
+        trace_id = context.trace_id
         parts = [
-            _SPAN_TRACE_ID,
-            context.trace_id.to_bytes(16, "big"),
-            _SPAN_SPAN_ID,
-            context.span_id.to_bytes(8, "big"),
+            _IDS.pack(_SPAN_TRACE_ID, trace_id >> 64, trace_id & _LOW_64, _SPAN_SPAN_ID, context.span_id)
         ]
         state = context.trace_state
         if state:
             parts.append(_length_delimited(_SPAN_TRACE_STATE, (_encode_trace_state(state) or "").encode()))
         if parent is not None:
-            parts += (_SPAN_PARENT_ID, parent.span_id.to_bytes(8, "big"))
+            parts.append(_PARENT.pack(_SPAN_PARENT_ID, parent.span_id))
         parts.append(self._name_kind(span._name, span._kind))
-        parts += (
-            _SPAN_START,
-            span._start.to_bytes(8, "little"),
-            _SPAN_END,
-            (span._end or 0).to_bytes(8, "little"),
-        )
+        parts.append(_TIMES.pack(_SPAN_START, span._start, _SPAN_END, span._end or 0))
         base = span._base
         own = span._attributes
         if own and base and not base.keys().isdisjoint(own):  # own values replace shared ones
@@ -211,7 +249,13 @@ class SpanEncoder:
             if base:
                 parts.append(self._block(base))
             if own:
-                self._attributes(own, parts)
+                pairs = self._pairs
+                for key, value in own.items():
+                    if key in UNCACHED_ATTRIBUTES:
+                        parts.append(_attribute_field(key, value))
+                        continue
+                    encoded = pairs.get((key, type(value), value)) if type(value) in _CACHEABLE else None
+                    parts.append(encoded if encoded is not None else self._pair(key, value))
         if span._events:
             for event in _encode_events(tuple(span._events)) or ():
                 parts.append(_length_delimited(_SPAN_EVENT, event.SerializeToString()))
@@ -221,8 +265,7 @@ class SpanEncoder:
             if status is not None
             else self._status_bytes(_UNSET_STATUS)
         )
-        flags = _HAS_IS_REMOTE | (_IS_REMOTE if parent is not None and parent.is_remote else 0)
-        parts += (_SPAN_FLAGS, flags.to_bytes(4, "little"))
+        parts.append(_REMOTE_PARENT_FLAGS if parent is not None and parent.is_remote else _LOCAL_FLAGS)
         return b"".join(parts)
 
     def _status(self, status: Any) -> bytes:
@@ -287,7 +330,7 @@ class SpanEncoder:
             group = groups.get(key)
             if group is None:
                 group = groups[key] = (resource, scope, [])
-            group[2].append(_SCOPE_SPANS_SPAN + _varint(len(encoded)) + encoded)
+            group[2].extend((_SCOPE_SPANS_SPAN, _varint(len(encoded)), encoded))
         by_resource: dict[int, tuple[Any, list[bytes]]] = {}
         for resource, scope, encoded_spans in groups.values():
             parts = [self._scope_block(scope)]

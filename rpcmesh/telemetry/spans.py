@@ -56,6 +56,7 @@ _RANDOM = TraceFlags.RANDOM_TRACE_ID
 _LOW_64 = (1 << 64) - 1
 _FLAGS = {value: TraceFlags(value) for value in range(4)}
 _EMPTY_STATE = TraceState()
+_new_span_context = tuple.__new__
 _ids = random.Random()  # seeded from os.urandom; re-seeded in forked children so they never share ids
 os.register_at_fork(after_in_child=_ids.seed)
 
@@ -256,9 +257,8 @@ class CallTracer:
         sampled = self.sampled(parent, trace_id)
         if sampled:
             flags |= _SAMPLED
-        context = SpanContext(
-            trace_id, span_id, is_remote=False, trace_flags=_FLAGS[flags], trace_state=state
-        )
+        # SpanContext(...) without its range checks: both ids are known valid here.
+        context = _new_span_context(SpanContext, (trace_id, span_id, False, _FLAGS[flags], state, True))
         if not sampled:
             return NonRecordingSpan(context)
         return CallSpan(self, name, context, parent, kind, base, attributes)

@@ -92,6 +92,8 @@ def test_call_spans_encode_as_their_readable_form() -> None:
             server.span.set_attribute("ratio", 0.25)
             server.span.set_attribute("flag", index == 1)
             server.span.set_attribute("list", ["a", "b"])
+            server.span.set_attribute("long", "é" * (100 + index * 60))  # 1- and 2-byte length prefixes
+            server.span.set_attribute("big", 1 << 70)  # beyond int64: the SDK's encoder decides
             record.span.set_attribute("rpc.method", "Renamed")  # replaces the shared per-method value
             if code == grpc.StatusCode.OK:
                 server.finish(code)
