@@ -100,6 +100,9 @@ class SagaOwnership:
         self.heartbeat_interval = heartbeat_interval
         self.margin = margin
         self._position = 1
+        # While leading, reads skip other nodes' transitions; a node that stops leading reads the
+        # log again from where it last knew it held the lock (the last heartbeat sent and answered).
+        self._rewind_to = 1
         self._pull_lock = asyncio.Lock()
         self._lease_until = 0.0
         self._leader = False
@@ -146,7 +149,6 @@ class SagaOwnership:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
-        self._leader = False
 
     # -- the log ----------------------------------------------------------------------------------
 
@@ -214,6 +216,9 @@ class SagaOwnership:
                 self._leader = False
                 logger.warning("saga coordinator no longer drives sagas; another node takes over")
                 await self.engine.step_down()
+                async with self._pull_lock:
+                    # A new leader can only have written after our last answered heartbeat.
+                    self._position = min(self._position, self._rewind_to)
             await asyncio.sleep(self.retry_interval)
 
     async def _hold_lock(self) -> None:
@@ -231,8 +236,14 @@ class SagaOwnership:
                 await asyncio.sleep(self.retry_interval)
             self._lease_until = sent + self.session_timeout - self.margin
             await conn.execute(f"LISTEN {NUDGE_CHANNEL}")
-            # Everything recorded until now is mirrored before the runners start.
+            # Everything recorded until now is mirrored before the runners start; then a heartbeat
+            # (the catch-up may have been long) so the lease is fresh when they do.
             await self.pull()
+            read_to = self._position
+            sent = time.monotonic()
+            await asyncio.wait_for(conn.execute("SELECT 1"), self.session_timeout - self.margin)
+            self._lease_until = sent + self.session_timeout - self.margin
+            self._rewind_to = read_to
             self._leader = True
             resumed = self.engine.take_over()
             logger.info("saga coordinator drives the sagas of the store (%d unfinished resumed)", resumed)
@@ -243,7 +254,9 @@ class SagaOwnership:
                     async for _ in conn.notifies(timeout=remaining, stop_after=1):
                         self._wake.set()
                     continue
+                read_to = self._position
                 sent = time.monotonic()
                 await asyncio.wait_for(conn.execute("SELECT 1"), self.session_timeout - self.margin)
                 self._lease_until = sent + self.session_timeout - self.margin
+                self._rewind_to = read_to
                 next_beat = sent + self.heartbeat_interval

@@ -369,6 +369,12 @@ async def test_frozen_leader_is_replaced_and_stops_when_it_wakes(
     # The woken node's runner was due to retry: its lease has run out, so it makes no call;
     # it steps down and serves again as a follower.
     await wait_until(lambda: _serves(a, slow))
+
+    async def mirrored() -> bool:  # its ListSagas (served from its mirror of the log) caught up
+        listed = await all_sagas(a)
+        return all(i in listed and listed[i].state in TERMINAL for i in [*plan, slow])
+
+    await wait_until(mirrored)
     await asyncio.sleep(1.5)
     assert sum(len(cluster.world.calls(s)) for s in SERVICES) == calls_before
     check_effects(cluster.world, plan)
