@@ -602,11 +602,6 @@ class SagaEngine:
 
     # -- shared store: several coordinators (driven by ownership.SagaOwnership) -----------------
 
-    @staticmethod
-    def is_own_event(event: StoredEvent) -> bool:
-        """Recorded by this process (already applied here when its append returned)."""
-        return event.event_id.startswith(_ID_PREFIX)
-
     async def fetch_saga(self, saga_id: str) -> SagaView:
         """:meth:`get_saga`, reading the saga's newest transitions from a shared store first.
 

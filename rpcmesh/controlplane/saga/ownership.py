@@ -189,10 +189,9 @@ class SagaOwnership:
         engine = self.engine
         by_saga: dict[str, list[StoredEvent]] = defaultdict(list)
         for event in events:
+            # This node's own writes come back too: the engine knows them by revision and skips them.
             if event.stream.startswith(DEFINITION_STREAM_PREFIX):
                 await engine.observe_definition(event)
-            elif engine.is_own_event(event):
-                continue
             elif not leading:
                 by_saga[event.stream.removeprefix(SAGA_STREAM_PREFIX)].append(event)
             elif event.event_type == SAGA_STARTED:
