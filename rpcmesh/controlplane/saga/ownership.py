@@ -10,11 +10,14 @@ leader does. Every node accepts every RPC:
   AbortSaga appends AbortRequested at the revision the node read; GetSaga and
   WatchSaga on a node that does not drive read the stream from the store.
 * Every node follows the EventStore's position-ordered global log (``saga-`` and
-  ``sagadef-`` streams, read every ``poll_interval``; the leader also LISTENs on its lock
-  connection for :data:`NUDGE_CHANNEL`, which a follower NOTIFYs after StartSaga and AbortSaga, so a
-  saga started through a follower begins at once) and mirrors what other nodes recorded: followers keep
-  their views, ListSagas and live WatchSaga current; the leader adopts and runs
-  sagas started elsewhere and re-decides sagas another node touched.
+  ``sagadef-`` streams, read every ``poll_interval``). Followers mirror every
+  transition, so their ListSagas, WatchSaga and GetSaga long polls stay current.
+  The leader reads only SagaStarted, AbortRequested and DefinitionRegistered
+  (the event-type index; it wrote everything else itself): it adopts and runs
+  sagas started elsewhere and takes an abort into the running saga at once. It
+  also LISTENs on its lock connection for :data:`NUDGE_CHANNEL`, which a
+  follower NOTIFYs after StartSaga and AbortSaga, so a saga started through a
+  follower begins without waiting for the poll.
 * When the leader dies (``kill -9``, a lost connection) PostgreSQL ends its
   session and frees the lock; another node's next try takes it, catches up
   with the log and resumes every unfinished saga from its recorded transitions.
@@ -30,7 +33,12 @@ leader that stops heartbeating (frozen by SIGSTOP, a stalled host, a network
 partition) and another node takes over after ``session_timeout`` seconds; by
 then the frozen node's lease has run out, and when it wakes it stops without
 making another call or write. Calls already in flight when it froze may still
-reach participants (with the same idempotency key).
+reach participants (with the same idempotency key). If PostgreSQL ends the lock
+session while the leader runs normally (a database restart, a dropped
+connection), the leader stops driving when its connection reports the loss (at
+once while it waits on it between heartbeats), and a new leader may have started
+just before: transitions stay exactly-once (expected revisions), calls are
+at-least-once, as across a restart on one node.
 """
 
 from __future__ import annotations
