@@ -676,6 +676,21 @@ class SagaEngine:
             if stored.version == len(versions) + 1:
                 self._definitions[stored.name] = [*versions, self._keep(stored)]
 
+    def restart_failed(self) -> int:
+        """Run again every unfinished saga whose runner ended on an error (e.g. a lost connection).
+
+        Their views are as the runner left them: anything it did not record is written
+        with the next transition, or a conflict reloads the saga. Returns how many.
+        """
+        failed = [
+            s
+            for s in self._sagas.values()
+            if not s.view.finished and s.task is not None and s.task.done() and not s.task.cancelled()
+        ]
+        for saga in failed:
+            self._spawn(saga)
+        return len(failed)
+
     def take_over(self) -> int:
         """This node now holds the lease: drive every unfinished saga; returns how many."""
         self.driving = True

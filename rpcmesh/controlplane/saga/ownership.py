@@ -267,3 +267,6 @@ class SagaOwnership:
                 self._lease_until = sent + self.session_timeout - self.margin
                 self._rewind_to = read_to
                 next_beat = sent + self.heartbeat_interval
+                # Without a restart on this node, a saga whose runner failed would wait for the next leader.
+                if restarted := self.engine.restart_failed():
+                    logger.warning("saga coordinator restarted %d saga runners that had failed", restarted)
