@@ -171,6 +171,7 @@ class SagaEngine:
         self.shared = False
         self.driving = True
         self.lease: Callable[[], bool] | None = None
+        self._failed: set[str] = set()  # sagas whose runner ended on an error
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -502,6 +503,7 @@ class SagaEngine:
             pass  # another node drives the saga now
         except Exception:
             logger.exception("saga %s runner failed; it resumes on the next start", saga.view.saga_id)
+            self._failed.add(saga.view.saga_id)
         finally:
             if saga.view.finished:
                 saga.done.set()
@@ -682,14 +684,14 @@ class SagaEngine:
         Their views are as the runner left them: anything it did not record is written
         with the next transition, or a conflict reloads the saga. Returns how many.
         """
-        failed = [
-            s
-            for s in self._sagas.values()
-            if not s.view.finished and s.task is not None and s.task.done() and not s.task.cancelled()
-        ]
-        for saga in failed:
-            self._spawn(saga)
-        return len(failed)
+        failed, self._failed = self._failed, set()
+        restarted = 0
+        for saga_id in failed:
+            saga = self._sagas.get(saga_id)
+            if saga is not None and not saga.view.finished and (saga.task is None or saga.task.done()):
+                self._spawn(saga)
+                restarted += 1
+        return restarted
 
     def take_over(self) -> int:
         """This node now holds the lease: drive every unfinished saga; returns how many."""
