@@ -54,6 +54,7 @@ _SERVER_ERROR_CODES = frozenset(
         grpc.StatusCode.DATA_LOSS,
     }
 )
+_TRACE_KEYS = frozenset({"traceparent", "tracestate", "baggage"})
 _CODE_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
 # Per code: (numeric value, error on a client span, error on a server span).
 _CODE_FACTS = {
@@ -264,9 +265,39 @@ def begin_client_call(
             carrier = {}
             inject_carrier(carrier, None, context)
             outgoing.extend(carrier.items())
+    else:
+        _pass_trace_through(metadata, outgoing)
     outgoing.append((CORRELATION_METADATA_KEY, correlation))
     record = CallRecord(telemetry, SpanKind.CLIENT, info.service, info.method, correlation, span, context)
     return record, outgoing
+
+
+def _pass_trace_through(metadata: Iterable[tuple[str, Any]] | None, outgoing: list[tuple[str, Any]]) -> None:
+    """Tracing off here (metrics or correlation ids on): a trace the caller is in still travels on.
+
+    The ``traceparent``/``tracestate``/``baggage`` the call was given are kept; without them,
+    those of the current context (e.g. a traced caller's context that this untraced service's
+    handler continues, or another tracer's span) are sent.
+    """
+    given = [(k, v) for k, v in metadata if k in _TRACE_KEYS] if metadata else []
+    keys = {k for k, _ in given}
+    outgoing.extend(given)
+    if "traceparent" not in keys:
+        current = otel_context.get_current()
+        span_context = trace.get_current_span(current).get_span_context()
+        if span_context.is_valid:
+            outgoing.append(
+                (
+                    "traceparent",
+                    format_traceparent(span_context.trace_id, span_context.span_id, span_context.trace_flags),
+                )
+            )
+            if span_context.trace_state and "tracestate" not in keys:
+                outgoing.append(("tracestate", span_context.trace_state.to_header()))
+        if "baggage" not in keys and baggage.get_all(current):
+            carrier: dict[str, str] = {}
+            BAGGAGE_PROPAGATOR.inject(carrier, current)
+            outgoing.extend(carrier.items())
 
 
 def begin_server_call(
@@ -309,8 +340,10 @@ def begin_server_call(
             attributes={**info.base, CORRELATION_ATTRIBUTE: correlation},
         )
         context = trace.set_span_in_context(span, remote)
-    elif "baggage" in carrier and CORRELATION_METADATA_KEY not in carrier:
-        _, correlation = extract_carrier(carrier)
+    elif "traceparent" in carrier or "baggage" in carrier:
+        # A traced caller, an untraced service: its trace context and baggage pass through the
+        # handler (nested calls continue the caller's trace), with the correlation id adopted.
+        context, correlation = extract_carrier(carrier)
     else:
         correlation = choose_correlation_id(carrier.get(CORRELATION_METADATA_KEY))
     return CallRecord(telemetry, SpanKind.SERVER, info.service, info.method, correlation, span, context)
