@@ -5,9 +5,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from google.protobuf import duration_pb2
+
 from rpcmesh.cli.common import CliError, add_target_arguments, parse_message, payload_bytes, target_of
 from rpcmesh.cli.output import print_json, print_table
 from rpcmesh.v1 import saga_pb2, saga_pb2_grpc
+
+# The coordinator's longest wait (GetSagaRequest.wait / StartSagaRequest.wait).
+MAX_WAIT_SECONDS = 3600.0
 
 TERMINAL_STATES = {
     saga_pb2.SAGA_STATE_COMPLETED,
@@ -47,12 +52,14 @@ def register(commands: Any) -> None:
     start.add_argument("--input-file", dest="data_file", help="saga input from a file ('-' for stdin)")
     start.add_argument("--key", default="", help="idempotency key: the same key returns the same saga")
     start.add_argument("--json", action="store_true", help="print the saga as JSON")
+    _add_wait_argument(start)
     add_target_arguments(start)
     start.set_defaults(func=run_start)
 
     status = sub.add_parser("status", help="show one saga", description="Show a saga and its steps.")
     status.add_argument("saga_id")
     status.add_argument("--json", action="store_true")
+    _add_wait_argument(status)
     add_target_arguments(status)
     status.set_defaults(func=run_status)
 
@@ -77,6 +84,33 @@ def register(commands: Any) -> None:
     watch.add_argument("--json", action="store_true")
     add_target_arguments(watch)
     watch.set_defaults(func=run_watch)
+
+
+def _add_wait_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="answer once the saga has ended, waiting at most this long; "
+        "the exit status is then 0 only if it COMPLETED",
+    )
+
+
+def _wait_of(args: argparse.Namespace) -> duration_pb2.Duration | None:
+    """The request's wait, or None without --wait; the call's deadline grows by as much."""
+    if args.wait < 0 or args.wait > MAX_WAIT_SECONDS:
+        raise CliError(f"--wait: between 0 and {MAX_WAIT_SECONDS:.0f} seconds")
+    if not args.wait:
+        return None
+    wait = duration_pb2.Duration()
+    wait.FromNanoseconds(int(args.wait * 1e9))
+    return wait
+
+
+def _exit_status(saga: saga_pb2.Saga, waited: bool) -> int:
+    """With --wait, 0 only for a COMPLETED saga (a script can branch on the outcome)."""
+    return 0 if not waited or saga.state == saga_pb2.SAGA_STATE_COMPLETED else 1
 
 
 def _read_definition(path: str) -> saga_pb2.SagaDefinition:
@@ -130,8 +164,13 @@ def run_start(args: argparse.Namespace) -> int:
         request.definition.CopyFrom(_read_definition(args.definition_file))
     else:
         request.definition_name = args.definition
+    wait = _wait_of(args)
+    if wait is not None:
+        request.wait.CopyFrom(wait)
     with target.channel() as channel:
-        response = saga_pb2_grpc.SagaCoordinatorStub(channel).StartSaga(request, timeout=target.timeout)
+        response = saga_pb2_grpc.SagaCoordinatorStub(channel).StartSaga(
+            request, timeout=target.timeout + args.wait
+        )
     if args.json:
         print_json(response)
     else:
@@ -139,18 +178,22 @@ def run_start(args: argparse.Namespace) -> int:
             f"{response.saga.saga_id}\t{state_name(response.saga.state)}"
             + ("" if response.created else "\texisting")
         )
-    return 0
+    return _exit_status(response.saga, wait is not None)
 
 
 def run_status(args: argparse.Namespace) -> int:
     """Run `rpcmesh saga status ID`."""
     target = target_of(args)
+    request = saga_pb2.GetSagaRequest(saga_id=args.saga_id)
+    wait = _wait_of(args)
+    if wait is not None:
+        request.wait.CopyFrom(wait)
     with target.channel() as channel:
         response = saga_pb2_grpc.SagaCoordinatorStub(channel).GetSaga(
-            saga_pb2.GetSagaRequest(saga_id=args.saga_id), timeout=target.timeout
+            request, timeout=target.timeout + args.wait
         )
     _print_saga(response.saga, args.json)
-    return 0
+    return _exit_status(response.saga, wait is not None)
 
 
 def run_list(args: argparse.Namespace) -> int:

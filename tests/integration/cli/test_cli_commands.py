@@ -172,9 +172,18 @@ def test_saga_commands(control_plane: tuple[ManagedProcess, str], tmp_path: Path
     again = cli(address, "saga", "start", "cli-demo", "--key", "k-1")
     assert again.stdout.split("\t")[0] == saga_id and again.stdout.strip().endswith("existing")
 
-    # The participant is not registered, so the step keeps waiting for it until the saga is aborted.
+    # The participant is not registered, so the step keeps waiting for it until the saga is aborted:
+    # a wait that runs out answers with the saga as it is, and a status other than 0.
+    running = cli(address, "saga", "status", saga_id, "--wait", "0.3", "--json")
+    assert running.returncode == 1, running.stderr
+    assert json.loads(running.stdout)["state"] == "SAGA_STATE_RUNNING"
+    assert cli(address, "saga", "status", saga_id, "--wait", "-1").returncode == 2
     aborted = cli(address, "saga", "abort", saga_id, "--reason", "changed my mind")
     assert aborted.returncode == 0, aborted.stderr
+    ended = cli(address, "saga", "status", saga_id, "--wait", "30", "--json")
+    assert ended.returncode == 1 and json.loads(ended.stdout)["state"] == "SAGA_STATE_ABORTED"
+    restarted = cli(address, "saga", "start", "cli-demo", "--key", "k-1", "--wait", "30")
+    assert restarted.returncode == 1 and restarted.stdout.split("\t")[1] == "ABORTED"
     watched = cli(address, "saga", "watch", saga_id)
     assert watched.returncode == 0, watched.stderr
     assert watched.stdout.strip().splitlines()[-1].split("\t")[1] == "ABORTED"
