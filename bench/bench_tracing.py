@@ -67,6 +67,8 @@ def _telemetry(
     from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
     class DiscardingExporter(SpanExporter):
+        accepts_call_spans = True  # like the OTLP exporter: takes rpcmesh's CallSpans as they are
+
         def export(self, spans: Sequence[Any]) -> SpanExportResult:
             return SpanExportResult.SUCCESS
 
