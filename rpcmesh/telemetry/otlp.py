@@ -18,10 +18,11 @@ compression) whose stub sends those bytes as they are.
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import grpc
+from google.protobuf.message import Message
 from opentelemetry.exporter.otlp.proto.common._internal import (
     _encode_attributes,
     _encode_instrumentation_scope,
@@ -349,21 +350,17 @@ class SpanEncoder:
         return b"".join(out)
 
     def _scope_block(self, scope: Any) -> bytes:
-        cached = self._blocks.get(id(scope))
-        if cached is None or cached[0] is not scope:
-            encoded = _length_delimited(
-                _SCOPE_SPANS_SCOPE, _encode_instrumentation_scope(scope).SerializeToString()
-            )
-            cached = self._blocks[id(scope)] = (scope, encoded)
-        return cached[1]
+        return self._cached_block(scope, _SCOPE_SPANS_SCOPE, _encode_instrumentation_scope)
 
     def _resource_block(self, resource: Any) -> bytes:
-        cached = self._blocks.get(id(resource))
-        if cached is None or cached[0] is not resource:
-            encoded = _length_delimited(
-                _RESOURCE_SPANS_RESOURCE, _encode_resource(resource).SerializeToString()
-            )
-            cached = self._blocks[id(resource)] = (resource, encoded)
+        return self._cached_block(resource, _RESOURCE_SPANS_RESOURCE, _encode_resource)
+
+    def _cached_block(self, source: Any, field: bytes, encode: Callable[[Any], Message]) -> bytes:
+        """``source`` (a scope or resource, immutable) encoded as ``field``, once per object."""
+        cached = self._blocks.get(id(source))
+        if cached is None or cached[0] is not source:
+            encoded = _length_delimited(field, encode(source).SerializeToString())
+            cached = self._blocks[id(source)] = (source, encoded)
         return cached[1]
 
 
