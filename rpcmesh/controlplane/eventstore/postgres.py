@@ -214,6 +214,11 @@ class PostgresEventStorage:
             row = await cur.fetchone()
         return int(row[0]) if row else 0
 
+    @property
+    def local_head(self) -> int:
+        """The newest position this process appended or saw at open (no query)."""
+        return self._signal.head
+
     async def notify(self, channel: str, payload: str = "") -> None:
         """Send a PostgreSQL NOTIFY on ``channel`` (for other nodes' LISTENing connections)."""
         async with self._pool.connection() as conn:

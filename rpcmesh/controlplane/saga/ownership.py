@@ -17,7 +17,11 @@ leader does. Every node accepts every RPC:
   sagas started elsewhere and takes an abort into the running saga at once. It
   also LISTENs on its lock connection for :data:`NUDGE_CHANNEL`, which a
   follower NOTIFYs after StartSaga and AbortSaga, so a saga started through a
-  follower begins without waiting for the poll.
+  follower begins without waiting for the poll. The other way round, the leader
+  NOTIFYs :data:`CHANGED_CHANNEL` after it appends (at most once per
+  ``announce_interval``, 20 ms), which followers LISTEN for on their contending
+  connection, so a follower's WatchSaga and GetSaga/StartSaga long polls see
+  transitions within milliseconds, not at the next poll.
 * When the leader dies (``kill -9``, a lost connection) PostgreSQL ends its
   session and frees the lock; another node's next try takes it, catches up
   with the log and resumes every unfinished saga from its recorded transitions.
@@ -48,6 +52,7 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
+from typing import Any
 
 import psycopg
 
@@ -67,6 +72,8 @@ SAGA_LEADER_LOCK = 7406222
 """The advisory lock key whose holder drives the sagas of a store."""
 NUDGE_CHANNEL = "rpcmesh_saga_nudge"
 """NOTIFY channel: a follower recorded something the leader should act on now."""
+CHANGED_CHANNEL = "rpcmesh_saga_changed"
+"""NOTIFY channel: the leader recorded transitions (at most one per ``announce_interval``)."""
 _PAGE = 1000
 _LEADER_TYPES = (SAGA_STARTED, ABORT_REQUESTED, DEFINITION_REGISTERED)
 
@@ -85,6 +92,8 @@ class SagaOwnership:
         heartbeat_interval: How often the leader proves its session (well under
             ``session_timeout``).
         margin: The leader stops driving this long before PostgreSQL could end its session.
+        announce_interval: The leader tells followers it recorded transitions at most this
+            often (they LISTEN on their contending connection and read the log at once).
     """
 
     def __init__(
@@ -97,6 +106,7 @@ class SagaOwnership:
         session_timeout: float = 5.0,
         heartbeat_interval: float = 1.0,
         margin: float = 1.0,
+        announce_interval: float = 0.02,
     ) -> None:
         if not 0 < heartbeat_interval < session_timeout - margin:
             raise ValueError("heartbeat_interval must be positive and below session_timeout - margin")
@@ -107,6 +117,7 @@ class SagaOwnership:
         self.session_timeout = session_timeout
         self.heartbeat_interval = heartbeat_interval
         self.margin = margin
+        self.announce_interval = announce_interval
         self._position = 1
         # While leading, reads skip other nodes' transitions; a node that stops leading reads the
         # log again from where it last knew it held the lock (the last heartbeat sent and answered).
@@ -233,6 +244,8 @@ class SagaOwnership:
         async with conn:
             timeout_ms = int(self.session_timeout * 1000)
             await conn.execute(f"SET idle_session_timeout = {timeout_ms}")
+            # A follower hears on this connection when the leader recorded something.
+            await conn.execute(f"LISTEN {CHANGED_CHANNEL}")
             while True:
                 sent = time.monotonic()
                 row = await (
@@ -240,7 +253,9 @@ class SagaOwnership:
                 ).fetchone()
                 if row is not None and row[0]:
                     break
-                await asyncio.sleep(self.retry_interval)
+                async for _ in conn.notifies(timeout=self.retry_interval):
+                    self._wake.set()
+            await conn.execute(f"UNLISTEN {CHANGED_CHANNEL}")
             self._lease_until = sent + self.session_timeout - self.margin
             await conn.execute(f"LISTEN {NUDGE_CHANNEL}")
             # Everything recorded until now is mirrored before the runners start; then a heartbeat
@@ -254,19 +269,45 @@ class SagaOwnership:
             self._leader = True
             resumed = self.engine.take_over()
             logger.info("saga coordinator drives the sagas of the store (%d unfinished resumed)", resumed)
+            announcer = asyncio.create_task(self._announce(), name="saga-announce")
+            try:
+                await self._beat(conn, sent)
+            finally:
+                announcer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await announcer
+
+    async def _beat(self, conn: psycopg.AsyncConnection[Any], sent: float) -> None:
+        """Heartbeat on the lock connection and hear nudges in between, until it fails."""
+        next_beat = sent + self.heartbeat_interval
+        while True:
+            remaining = next_beat - time.monotonic()
+            if remaining > 0:
+                async for _ in conn.notifies(timeout=remaining, stop_after=1):
+                    self._wake.set()
+                continue
+            read_to = self._position
+            sent = time.monotonic()
+            await asyncio.wait_for(conn.execute("SELECT 1"), self.session_timeout - self.margin)
+            self._lease_until = sent + self.session_timeout - self.margin
+            self._rewind_to = read_to
             next_beat = sent + self.heartbeat_interval
-            while True:
-                remaining = next_beat - time.monotonic()
-                if remaining > 0:
-                    async for _ in conn.notifies(timeout=remaining, stop_after=1):
-                        self._wake.set()
-                    continue
-                read_to = self._position
-                sent = time.monotonic()
-                await asyncio.wait_for(conn.execute("SELECT 1"), self.session_timeout - self.margin)
-                self._lease_until = sent + self.session_timeout - self.margin
-                self._rewind_to = read_to
-                next_beat = sent + self.heartbeat_interval
-                # Without a restart on this node, a saga whose runner failed would wait for the next leader.
-                if restarted := self.engine.restart_failed():
-                    logger.warning("saga coordinator restarted %d saga runners that had failed", restarted)
+            # Without a restart on this node, a saga whose runner failed would wait for the next leader.
+            if restarted := self.engine.restart_failed():
+                logger.warning("saga coordinator restarted %d saga runners that had failed", restarted)
+
+    async def _announce(self) -> None:
+        """While leading: NOTIFY followers that transitions were recorded, coalesced."""
+        storage = self.engine.storage
+        if not isinstance(storage, PostgresEventStorage):
+            return
+        seen = storage.local_head
+        while True:
+            await storage.wait_for_append(seen, 1.0)  # woken by this process's appends
+            if storage.local_head > seen:
+                seen = storage.local_head
+                try:
+                    await storage.notify(CHANGED_CHANNEL)
+                except Exception:  # followers still poll
+                    logger.warning("saga coordinator could not notify the followers", exc_info=True)
+                await asyncio.sleep(self.announce_interval)
