@@ -263,6 +263,13 @@ async def test_both_nodes_accept_one_drives(
     # A saga started through the leader is known to the follower at once (read from the store).
     assert (await b.GetSaga(pb.GetSagaRequest(saga_id=response.saga.saga_id), timeout=10)).saga.saga_id
 
+    # Start and wait for the outcome through the follower (it hears the leader's transitions).
+    request = start_request("ok3", 41)
+    request.wait.FromSeconds(30)
+    waited = await b.StartSaga(request, timeout=40)
+    assert waited.created and waited.saga.state == pb.SAGA_STATE_COMPLETED, waited.saga
+    plan[waited.saga.saga_id] = "ok3"
+
     sagas = await wait_finished(b, set(plan))
     for saga_id, name in plan.items():
         expected = pb.SAGA_STATE_COMPLETED if name == "ok3" else pb.SAGA_STATE_COMPENSATED
