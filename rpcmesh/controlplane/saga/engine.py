@@ -217,13 +217,17 @@ class SagaEngine:
     async def stop(self) -> None:
         """Cancel the runners; unrecorded outcomes are re-invoked (same key) after a restart."""
         self._stopping = True
+        await self._cancel_runners()
+        await self.invoker.close()
+
+    async def _cancel_runners(self) -> None:
+        """Cancel every saga's runner and wait until each has ended."""
         tasks = [s.task for s in self._sagas.values() if s.task is not None]
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        await self.invoker.close()
 
     # -- definitions ----------------------------------------------------------------------------
 
@@ -701,12 +705,7 @@ class SagaEngine:
     async def step_down(self) -> None:
         """The lease is lost: stop the runners, forget unrecorded outcomes, keep mirroring."""
         self.driving = False
-        tasks = [s.task for s in self._sagas.values() if s.task is not None]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await self._cancel_runners()
         for saga in self._sagas.values():
             saga.task = None
             if not saga.view.finished and saga.recorded:

@@ -54,30 +54,29 @@ class Mesh:
             )
 
 
+def start_participants(world: Mesh, registry: str, directory: Path) -> list[ManagedProcess]:
+    """One participant process per ledger service, registered at ``registry``, recorded in ``world``."""
+    started = []
+    for service in SERVICES:
+        db = directory / f"{service}.db"
+        proc = ManagedProcess(
+            [sys.executable, str(PARTICIPANT), "--registry", registry, "--service", service, "--db", str(db)],
+            env=python_env(),
+        )
+        started.append(proc)
+        world.processes.append(proc)
+        world.participants[service] = db
+        proc.wait_for_line("registered")
+    return started
+
+
 @pytest.fixture
 def mesh(tmp_path: Path) -> Iterator[Mesh]:
     """`rpcmesh up` plus one participant process per ledger service, registered in its Registry."""
     plane, address = start_control_plane(tmp_path / "data")
     world = Mesh(data_dir=tmp_path / "data", address=address, plane=plane)
     try:
-        for service in SERVICES:
-            db = tmp_path / f"{service}.db"
-            proc = ManagedProcess(
-                [
-                    sys.executable,
-                    str(PARTICIPANT),
-                    "--registry",
-                    address,
-                    "--service",
-                    service,
-                    "--db",
-                    str(db),
-                ],
-                env=python_env(),
-            )
-            world.processes.append(proc)
-            world.participants[service] = db
-            proc.wait_for_line("registered")
+        start_participants(world, address, tmp_path)
         yield world
     finally:
         for proc in world.processes:
@@ -121,3 +120,23 @@ def three_steps(name: str = "transfer", *, fail_last: bool = False) -> pb.SagaDe
             step("ship", "ledger-c", "Fail" if fail_last else "Do", compensate=not fail_last),
         ],
     )
+
+
+def ok_and_failing_definitions() -> tuple[pb.SagaDefinition, pb.SagaDefinition]:
+    """``ok3``, which completes (its flaky middle step is retried), and ``bad3``, compensated.
+
+    ``bad3``'s last step always fails, so its first two steps are compensated.
+    """
+    ok = pb.SagaDefinition(
+        name="ok3",
+        steps=[step("reserve", "ledger-a"), step("charge", "ledger-b", "Flaky"), step("ship", "ledger-c")],
+    )
+    bad = pb.SagaDefinition(
+        name="bad3",
+        steps=[
+            step("reserve", "ledger-a"),
+            step("charge", "ledger-b"),
+            step("ship", "ledger-c", "Fail", compensate=False),
+        ],
+    )
+    return ok, bad

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -25,8 +24,14 @@ from rpcmesh.v1 import saga_pb2 as pb
 from rpcmesh.v1 import saga_pb2_grpc
 
 from rpcmesh.controlplane.saga.ownership import SAGA_LEADER_LOCK
-from tests.integration.saga.conftest import PARTICIPANT, SERVICES, Mesh, step
-from tests.support.processes import ManagedProcess, python_env, start_control_plane
+from tests.integration.saga.conftest import (
+    SERVICES,
+    Mesh,
+    ok_and_failing_definitions,
+    start_participants,
+    step,
+)
+from tests.support.processes import ManagedProcess, start_control_plane
 
 FINAL = (pb.SAGA_STATE_COMPLETED, pb.SAGA_STATE_COMPENSATED)
 TERMINAL = (*FINAL, pb.SAGA_STATE_ABORTED, pb.SAGA_STATE_FAILED_COMPENSATION)
@@ -46,19 +51,7 @@ class Cluster:
 
 
 def definitions() -> list[pb.SagaDefinition]:
-    ok = pb.SagaDefinition(
-        name="ok3",
-        steps=[step("reserve", "ledger-a"), step("charge", "ledger-b", "Flaky"), step("ship", "ledger-c")],
-    )
-    bad = pb.SagaDefinition(
-        name="bad3",
-        steps=[
-            step("reserve", "ledger-a"),
-            step("charge", "ledger-b"),
-            step("ship", "ledger-c", "Fail", compensate=False),
-        ],
-    )
-    return [ok, bad]
+    return list(ok_and_failing_definitions())
 
 
 def slow_definition(backoff_ms: int = 500) -> pb.SagaDefinition:
@@ -128,25 +121,9 @@ def cluster(postgres_url: str, tmp_path: Path) -> Iterator[Cluster]:
             time.sleep(0.05)
         b, b_address = start_control_plane(tmp_path / "b", "--store", postgres_url)
         processes.append(b)
-        world = Mesh(data_dir=tmp_path / "b", address=b_address, plane=b)
-        for service in SERVICES:
-            db = tmp_path / f"{service}.db"
-            proc = ManagedProcess(
-                [
-                    sys.executable,
-                    str(PARTICIPANT),
-                    "--registry",
-                    b_address,
-                    "--service",
-                    service,
-                    "--db",
-                    str(db),
-                ],
-                env=python_env(),
-            )
-            processes.append(proc)
-            world.participants[service] = db
-            proc.wait_for_line("registered")
+        # The participants' processes go into the same list, so the cleanup below ends them too.
+        world = Mesh(data_dir=tmp_path / "b", address=b_address, plane=b, processes=processes)
+        start_participants(world, b_address, tmp_path)
         yield Cluster(postgres_url, a, a_address, b, b_address, world, processes)
     finally:
         for proc in processes:

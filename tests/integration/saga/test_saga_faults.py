@@ -20,26 +20,14 @@ from google.protobuf import wrappers_pb2
 from rpcmesh.v1 import saga_pb2 as pb
 from rpcmesh.v1 import saga_pb2_grpc
 
-from tests.integration.saga.conftest import Mesh, step
+from tests.integration.saga.conftest import Mesh, ok_and_failing_definitions
 
 SAGAS = 200
 KILLS = int(os.environ.get("RPCMESH_SAGA_FAULT_KILLS", "100"))
 
 
 def definitions() -> dict[str, pb.SagaDefinition]:
-    ok = pb.SagaDefinition(
-        name="ok3",
-        steps=[step("reserve", "ledger-a"), step("charge", "ledger-b", "Flaky"), step("ship", "ledger-c")],
-    )
-    bad = pb.SagaDefinition(
-        name="bad3",
-        steps=[
-            step("reserve", "ledger-a"),
-            step("charge", "ledger-b"),
-            step("ship", "ledger-c", "Fail", compensate=False),
-        ],
-    )
-    return {"ok3": ok, "bad3": bad}
+    return {definition.name: definition for definition in ok_and_failing_definitions()}
 
 
 async def retry(call: object, *args: object, **kwargs: object) -> object:
