@@ -2,13 +2,31 @@
 
 from __future__ import annotations
 
+import signal
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 
 import pytest
 
 from tests.support import backends
-from tests.support.processes import ManagedProcess, start_control_plane
+from tests.support.processes import ManagedProcess, kill_leftovers, start_control_plane
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A SIGTERM (e.g. from `timeout`) ends the session like Ctrl-C: teardowns and the hook below run."""
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Kill any process a test started that is still running, and say so."""
+    for args in kill_leftovers():
+        print(f"\nkilled a process left running: {' '.join(args)}", file=sys.stderr)
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -19,6 +20,7 @@ __all__ = [
     "ADDRESS_PATTERN",
     "ROOT",
     "ManagedProcess",
+    "kill_leftovers",
     "python_env",
     "rpcmesh_command",
     "start_control_plane",
@@ -48,6 +50,23 @@ class ManagedProcess(testing.ManagedProcess):
         self, args: Sequence[str], *, env: Mapping[str, str] | None = None, cwd: Path | None = None
     ) -> None:
         super().__init__(args, env=env if env is not None else python_env(), cwd=cwd or ROOT)
+        _started.add(self)
+
+
+# Every process a test started, so that none outlives the test session (see kill_leftovers).
+_started: weakref.WeakSet[ManagedProcess] = weakref.WeakSet()
+
+
+def kill_leftovers() -> list[list[str]]:
+    """Kill every process started here that still runs; returns their command lines.
+
+    The safety net behind each test's own cleanup, for a session that ends early (an interrupt,
+    a SIGTERM from a `timeout` wrapper, a crash in a teardown).
+    """
+    leftovers = [process for process in list(_started) if process.proc.poll() is None]
+    for process in leftovers:
+        process.kill()
+    return [process.args for process in leftovers]
 
 
 def start_control_plane(

@@ -85,10 +85,12 @@ async def test_host_registers_again_after_the_registry_lost_its_lease(tmp_path: 
         await wait_until(registered_again, within=20)
         assert host.lease is not None and host.lease.registrations >= 2
     finally:
-        await host.stop(grace=0)
-        first.kill()
-        if second is not None:
-            second.kill()
+        try:
+            await host.stop(grace=0)
+        finally:  # the control planes go even when stopping the host fails
+            first.kill()
+            if second is not None:
+                second.kill()
 
 
 @pytest.mark.fault
