@@ -157,6 +157,23 @@ def start_request(name: str, index: int) -> pb.StartSagaRequest:
     )
 
 
+async def register_definitions(stub: saga_pb2_grpc.SagaCoordinatorStub) -> None:
+    for definition in definitions():
+        await stub.RegisterDefinition(pb.RegisterDefinitionRequest(definition=definition), timeout=10)
+
+
+async def start_sagas(
+    plan: dict[str, str], indexes: range, *stubs: saga_pb2_grpc.SagaCoordinatorStub
+) -> pb.StartSagaResponse:
+    """Start one saga per index (every third ``bad3``), through the stubs in turn; record them in ``plan``."""
+    for index in indexes:
+        name = "bad3" if index % 3 == 0 else "ok3"
+        response = await stubs[index % len(stubs)].StartSaga(start_request(name, index), timeout=10)
+        assert response.created
+        plan[response.saga.saga_id] = name
+    return response
+
+
 async def all_sagas(stub: saga_pb2_grpc.SagaCoordinatorStub) -> dict[str, pb.Saga]:
     sagas: dict[str, pb.Saga] = {}
     token = ""
@@ -205,8 +222,7 @@ async def test_both_nodes_accept_one_drives(
     cluster: Cluster, stubs: tuple[saga_pb2_grpc.SagaCoordinatorStub, ...]
 ) -> None:
     a, b = stubs
-    for definition in definitions():
-        await a.RegisterDefinition(pb.RegisterDefinitionRequest(definition=definition), timeout=10)
+    await register_definitions(a)
     # The follower knows a definition registered through the leader.
     assert (await b.GetDefinition(pb.GetDefinitionRequest(name="bad3"), timeout=10)).definition.version == 1
     # Two versions of one name registered through both nodes at once: both stored, each under its
@@ -232,11 +248,7 @@ async def test_both_nodes_accept_one_drives(
 
     plan = {same[0].saga.saga_id: "ok3"}
     watched = asyncio.create_task(watch_to_end(b, same[0].saga.saga_id))  # a follower watches live
-    for index in range(1, 41):
-        name = "bad3" if index % 3 == 0 else "ok3"
-        response = await (a if index % 2 else b).StartSaga(start_request(name, index), timeout=10)
-        assert response.created
-        plan[response.saga.saga_id] = name
+    response = await start_sagas(plan, range(1, 41), b, a)
     # A saga started through the leader is known to the follower at once (read from the store).
     assert (await b.GetSaga(pb.GetSagaRequest(saga_id=response.saga.saga_id), timeout=10)).saga.saga_id
 
@@ -279,14 +291,10 @@ async def test_leader_killed_mid_run_the_other_node_finishes_every_saga(
     cluster: Cluster, stubs: tuple[saga_pb2_grpc.SagaCoordinatorStub, ...]
 ) -> None:
     a, b = stubs
-    for definition in definitions():
-        await b.RegisterDefinition(pb.RegisterDefinitionRequest(definition=definition), timeout=10)
+    await register_definitions(b)
     first_pid = await leader_pid(cluster.url)
     plan: dict[str, str] = {}
-    for index in range(60):
-        name = "bad3" if index % 3 == 0 else "ok3"
-        response = await (a if index % 2 else b).StartSaga(start_request(name, index), timeout=10)
-        plan[response.saga.saga_id] = name
+    await start_sagas(plan, range(60), b, a)
     watched_id = next(iter(plan))
     watched = asyncio.create_task(watch_to_end(b, watched_id))
 
@@ -302,10 +310,7 @@ async def test_leader_killed_mid_run_the_other_node_finishes_every_saga(
     killed = time.monotonic()
     takeover = asyncio.create_task(takeover_seconds())
     unfinished = [s for s in (await all_sagas(b)).values() if s.state not in FINAL]
-    for index in range(60, 90):  # the survivor keeps accepting
-        name = "bad3" if index % 3 == 0 else "ok3"
-        response = await b.StartSaga(start_request(name, index), timeout=10)
-        plan[response.saga.saga_id] = name
+    await start_sagas(plan, range(60, 90), b)  # the survivor keeps accepting
     took_over = await takeover
     sagas = await wait_finished(b, set(plan))
     for saga_id, name in plan.items():
@@ -323,18 +328,14 @@ async def test_frozen_leader_is_replaced_and_stops_when_it_wakes(
     cluster: Cluster, stubs: tuple[saga_pb2_grpc.SagaCoordinatorStub, ...]
 ) -> None:
     a, b = stubs
-    for definition in definitions():
-        await b.RegisterDefinition(pb.RegisterDefinitionRequest(definition=definition), timeout=10)
+    await register_definitions(b)
     first_pid = await leader_pid(cluster.url)
     # The leader is retrying a step every 500 ms when it is frozen with its session open.
     slow = await start_slow(a, b, "slow-frozen")
     cluster.a.signal(signal.SIGSTOP)
     frozen = time.monotonic()
     plan: dict[str, str] = {}
-    for index in range(10):  # accepted while nobody drives; run once the other node takes over
-        name = "bad3" if index % 3 == 0 else "ok3"
-        response = await b.StartSaga(start_request(name, index), timeout=10)
-        plan[response.saga.saga_id] = name
+    await start_sagas(plan, range(10), b)  # accepted while nobody drives; run once the other node takes over
 
     async def moved() -> bool:
         pid = await leader_pid(cluster.url)
