@@ -22,6 +22,9 @@ NO_STREAM: Final = -1
 STREAM_EXISTS: Final = -4
 """Expected version: the stream must exist."""
 
+compact_json: Final = json.JSONEncoder(separators=(",", ":")).encode
+"""JSON without spaces; one encoder for every call (``json.dumps`` with separators builds one each time)."""
+
 DEFAULT_PAGE_SIZE: Final = 100
 MAX_PAGE_SIZE: Final = 1000
 
@@ -149,7 +152,7 @@ def clamp_page_size(requested: int) -> int:
 
 def encode_page_token(kind: str, scope: str, value: int) -> str:
     """An opaque token resuming a read of ``kind`` over ``scope`` at ``value``."""
-    raw = json.dumps({"k": kind, "s": scope, "v": value}, separators=(",", ":")).encode()
+    raw = compact_json({"k": kind, "s": scope, "v": value}).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 

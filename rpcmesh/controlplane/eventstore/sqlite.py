@@ -24,6 +24,7 @@ from rpcmesh.controlplane.eventstore.model import (
     NewEvent,
     StoredEvent,
     WrongExpectedVersion,
+    compact_json,
     expected_matches,
     fresh_events,
     prefix_upper_bound,
@@ -51,8 +52,6 @@ CREATE INDEX IF NOT EXISTS events_by_stream_position ON events (stream, position
 """
 
 _COLUMNS = "stream, event_id, event_type, revision, position, data, content_type, metadata, recorded_at"
-# One encoder for every event's metadata (json.dumps with separators builds one per call).
-_encode_json = json.JSONEncoder(separators=(",", ":")).encode
 # Group commit cap: bounds the transaction size and the latency of the last append in it.
 _MAX_GROUP = 512
 
@@ -240,7 +239,7 @@ class SqliteEventStorage:
                     event.event_type,
                     event.data,
                     event.content_type,
-                    _encode_json(dict(event.metadata)) if event.metadata else "{}",
+                    compact_json(dict(event.metadata)) if event.metadata else "{}",
                     now,
                 )
             )

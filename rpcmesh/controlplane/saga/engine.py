@@ -30,7 +30,13 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from rpcmesh.controlplane.eventstore.model import NO_STREAM, NewEvent, StoredEvent, WrongExpectedVersion
+from rpcmesh.controlplane.eventstore.model import (
+    NO_STREAM,
+    NewEvent,
+    StoredEvent,
+    WrongExpectedVersion,
+    compact_json,
+)
 from rpcmesh.controlplane.eventstore.storage import EventStorage
 from rpcmesh.controlplane.saga import machine
 from rpcmesh.controlplane.saga.definition import step_timeout, validate_definition, validate_input
@@ -82,17 +88,13 @@ _ID_PREFIX = uuid.uuid4().hex
 _id_counter = itertools.count(1)
 
 
-# One encoder for every event (json.dumps with non-default separators builds one per call).
-_encode_json = json.JSONEncoder(separators=(",", ":")).encode
-
-
 def to_stored(event: SagaEvent) -> NewEvent:
     """A saga event as an EventStore event (JSON body; the time travels in the body)."""
     body = {"time": event.time, **event.data}
     return NewEvent(
         event_id=f"{_ID_PREFIX}-{next(_id_counter)}",
         event_type=event.kind,
-        data=_encode_json(body).encode(),
+        data=compact_json(body).encode(),
         content_type=_JSON,
     )
 
@@ -234,6 +236,13 @@ class SagaEngine:
     async def register_definition(self, definition: pb.SagaDefinition) -> pb.SagaDefinition:
         """Store a new version (or return the identical one already stored)."""
         validate_definition(definition)
+        try:
+            return await self._register_definition(definition)
+        except WrongExpectedVersion:
+            # Shared store: another node registered a version of this name at the same moment.
+            return await self._register_definition(definition)
+
+    async def _register_definition(self, definition: pb.SagaDefinition) -> pb.SagaDefinition:
         if self.shared:
             await self.fetch_definitions(definition.name)
         async with self._def_lock:
@@ -278,6 +287,17 @@ class SagaEngine:
         """Note a stored (valid) definition version and its encoded form; returns it."""
         self._stored_definitions[id(definition)] = machine.b64(definition.SerializeToString())
         return definition
+
+    async def sync_definition(self, name: str, version: int) -> None:
+        """On a shared store, read a definition registered through another node that this one lacks.
+
+        A newer version of a name this node knows arrives with the log (within its poll interval).
+        """
+        if self.shared:
+            with contextlib.suppress(NotFoundError):
+                self.get_definition(name, version)
+                return
+            await self.fetch_definitions(name)
 
     def list_definitions(self) -> list[pb.SagaDefinition]:
         """Latest version of every definition, by name."""
@@ -659,7 +679,7 @@ class SagaEngine:
                 self._remember_finished(saga_id)
         # A waiting runner decides again now (if its view is behind, its next write conflicts and reloads).
         saga.wake.set()
-        if self.driving and not saga.view.finished and (saga.task is None or saga.task.done()):
+        if self.driving and self._without_runner(saga):
             self._spawn(saga)
 
     async def fetch_definitions(self, name: str) -> None:
@@ -682,6 +702,11 @@ class SagaEngine:
             if stored.version == len(versions) + 1:
                 self._definitions[stored.name] = [*versions, self._keep(stored)]
 
+    @staticmethod
+    def _without_runner(saga: _Saga) -> bool:
+        """An unfinished saga whose runner never started or has ended."""
+        return not saga.view.finished and (saga.task is None or saga.task.done())
+
     def restart_failed(self) -> int:
         """Run again every unfinished saga whose runner ended on an error (e.g. a lost connection).
 
@@ -692,7 +717,7 @@ class SagaEngine:
         restarted = 0
         for saga_id in failed:
             saga = self._sagas.get(saga_id)
-            if saga is not None and not saga.view.finished and (saga.task is None or saga.task.done()):
+            if saga is not None and self._without_runner(saga):
                 self._spawn(saga)
                 restarted += 1
         return restarted

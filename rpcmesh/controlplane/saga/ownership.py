@@ -261,11 +261,7 @@ class SagaOwnership:
             # Everything recorded until now is mirrored before the runners start; then a heartbeat
             # (the catch-up may have been long) so the lease is fresh when they do.
             await self.pull()
-            read_to = self._position
-            sent = time.monotonic()
-            await asyncio.wait_for(conn.execute("SELECT 1"), self.session_timeout - self.margin)
-            self._lease_until = sent + self.session_timeout - self.margin
-            self._rewind_to = read_to
+            sent = await self._heartbeat(conn)
             self._leader = True
             resumed = self.engine.take_over()
             logger.info("saga coordinator drives the sagas of the store (%d unfinished resumed)", resumed)
@@ -286,15 +282,20 @@ class SagaOwnership:
                 async for _ in conn.notifies(timeout=remaining, stop_after=1):
                     self._wake.set()
                 continue
-            read_to = self._position
-            sent = time.monotonic()
-            await asyncio.wait_for(conn.execute("SELECT 1"), self.session_timeout - self.margin)
-            self._lease_until = sent + self.session_timeout - self.margin
-            self._rewind_to = read_to
+            sent = await self._heartbeat(conn)
             next_beat = sent + self.heartbeat_interval
             # Without a restart on this node, a saga whose runner failed would wait for the next leader.
             if restarted := self.engine.restart_failed():
                 logger.warning("saga coordinator restarted %d saga runners that had failed", restarted)
+
+    async def _heartbeat(self, conn: psycopg.AsyncConnection[Any]) -> float:
+        """Prove the lock session is alive; renews the lease from when it was sent (returned)."""
+        read_to = self._position
+        sent = time.monotonic()
+        await asyncio.wait_for(conn.execute("SELECT 1"), self.session_timeout - self.margin)
+        self._lease_until = sent + self.session_timeout - self.margin
+        self._rewind_to = read_to
+        return sent
 
     async def _announce(self) -> None:
         """While leading: NOTIFY followers that transitions were recorded, coalesced."""

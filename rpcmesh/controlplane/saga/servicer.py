@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -10,7 +9,6 @@ from typing import Any
 import grpc.aio
 
 from rpcmesh.controlplane.eventstore.model import (
-    WrongExpectedVersion,
     clamp_page_size,
     decode_page_token,
     encode_page_token,
@@ -19,7 +17,7 @@ from rpcmesh.controlplane.saga.definition import validate_definition
 from rpcmesh.controlplane.saga.engine import SagaEngine, view_to_proto
 from rpcmesh.controlplane.saga.machine import SagaView, transition_kind
 from rpcmesh.controlplane.saga.tracing import start_context
-from rpcmesh.errors import NotFoundError, invalid_argument
+from rpcmesh.errors import invalid_argument
 from rpcmesh.telemetry import get_telemetry
 from rpcmesh.v1 import saga_pb2 as pb
 from rpcmesh.v1 import saga_pb2_grpc as pb_grpc
@@ -79,30 +77,13 @@ class SagaCoordinatorServicer(pb_grpc.SagaCoordinatorServicer):
         assert self.engine is not None, "the SagaCoordinator component was not started"
         return self.engine
 
-    async def _sync_definition(self, name: str, version: int) -> None:
-        """On a shared store, read a definition registered through another node that this one lacks.
-
-        A newer version of a name this node knows arrives with the log (within its poll interval).
-        """
-        engine = self._engine()
-        if engine.shared:
-            with contextlib.suppress(NotFoundError):
-                engine.get_definition(name, version)
-                return
-            await engine.fetch_definitions(name)
-
     async def RegisterDefinition(
         self, request: pb.RegisterDefinitionRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.RegisterDefinitionResponse:
         """Store a definition as its next version."""
         if not request.HasField("definition"):
             raise invalid_argument("definition", "required")
-        engine = self._engine()
-        try:
-            stored = await engine.register_definition(request.definition)
-        except WrongExpectedVersion:
-            # Shared store: another node registered a version of this name at the same moment.
-            stored = await engine.register_definition(request.definition)
+        stored = await self._engine().register_definition(request.definition)
         return pb.RegisterDefinitionResponse(definition=stored)
 
     async def GetDefinition(
@@ -113,7 +94,7 @@ class SagaCoordinatorServicer(pb_grpc.SagaCoordinatorServicer):
             raise invalid_argument("name", "required")
         if request.version < 0:
             raise invalid_argument("version", "must be >= 0")
-        await self._sync_definition(request.name, request.version)
+        await self._engine().sync_definition(request.name, request.version)
         return pb.GetDefinitionResponse(
             definition=self._engine().get_definition(request.name, request.version)
         )
@@ -146,7 +127,7 @@ class SagaCoordinatorServicer(pb_grpc.SagaCoordinatorServicer):
         elif which == "definition_name":
             if request.definition_version < 0:
                 raise invalid_argument("definition_version", "must be >= 0")
-            await self._sync_definition(request.definition_name, request.definition_version)
+            await engine.sync_definition(request.definition_name, request.definition_version)
             definition = engine.get_definition(
                 request.definition_name, request.definition_version, "definition_name"
             )
@@ -174,10 +155,9 @@ class SagaCoordinatorServicer(pb_grpc.SagaCoordinatorServicer):
             trace_context=trace_context,
             correlation_id=correlation,
         )
-        if created and self.nudge is not None and not engine.driving:
-            await self.nudge()  # before waiting: the driving node starts it now
-        if wait > 0 and not view.finished:
-            view = await engine.wait_finished(view.saga_id, wait)
+        if created and self.nudge is not None:
+            await self.nudge()  # before waiting: the driving node (if another) starts it now
+        view = await engine.wait_finished(view.saga_id, wait)
         return pb.StartSagaResponse(saga=view_to_proto(view), created=created)
 
     async def GetSaga(
@@ -188,9 +168,8 @@ class SagaCoordinatorServicer(pb_grpc.SagaCoordinatorServicer):
             raise invalid_argument("saga_id", "required")
         wait = _wait_seconds(request.wait, context) if request.HasField("wait") else 0.0
         engine = self._engine()
-        view = await engine.fetch_saga(request.saga_id)
-        if wait > 0 and not view.finished:
-            view = await engine.wait_finished(request.saga_id, wait)
+        await engine.fetch_saga(request.saga_id)
+        view = await engine.wait_finished(request.saga_id, wait)
         return pb.GetSagaResponse(saga=view_to_proto(view))
 
     async def ListSagas(
@@ -261,6 +240,6 @@ class SagaCoordinatorServicer(pb_grpc.SagaCoordinatorServicer):
             raise invalid_argument("saga_id", "required")
         engine = self._engine()
         view = await engine.abort_saga(request.saga_id, request.reason or "aborted by request")
-        if self.nudge is not None and not engine.driving:
+        if self.nudge is not None:
             await self.nudge()
         return pb.AbortSagaResponse(saga=view_to_proto(view))
