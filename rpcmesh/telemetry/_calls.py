@@ -240,15 +240,7 @@ def begin_client_call(
                 {CORRELATION_ATTRIBUTE: correlation},
             )
             context = trace.set_span_in_context(started, current)
-            span_context = started.get_span_context()
-            outgoing.append(
-                (
-                    "traceparent",
-                    format_traceparent(span_context.trace_id, span_context.span_id, span_context.trace_flags),
-                )
-            )
-            if span_context.trace_state:
-                outgoing.append(("tracestate", span_context.trace_state.to_header()))
+            _append_trace_headers(outgoing, started.get_span_context())
             entries = baggage.get_all(current)
             if not entries or (len(entries) == 1 and CORRELATION_BAGGAGE_KEY in entries):
                 outgoing.append(("baggage", correlation_baggage(correlation)))
@@ -272,6 +264,16 @@ def begin_client_call(
     return record, outgoing
 
 
+def _append_trace_headers(
+    outgoing: list[tuple[str, Any]], span_context: trace.SpanContext, *, with_state: bool = True
+) -> None:
+    """``traceparent`` for ``span_context``, and its ``tracestate`` when it has one."""
+    traceparent = format_traceparent(span_context.trace_id, span_context.span_id, span_context.trace_flags)
+    outgoing.append(("traceparent", traceparent))
+    if with_state and span_context.trace_state:
+        outgoing.append(("tracestate", span_context.trace_state.to_header()))
+
+
 def _pass_trace_through(metadata: Iterable[tuple[str, Any]] | None, outgoing: list[tuple[str, Any]]) -> None:
     """Tracing off here (metrics or correlation ids on): a trace the caller is in still travels on.
 
@@ -286,14 +288,7 @@ def _pass_trace_through(metadata: Iterable[tuple[str, Any]] | None, outgoing: li
         current = otel_context.get_current()
         span_context = trace.get_current_span(current).get_span_context()
         if span_context.is_valid:
-            outgoing.append(
-                (
-                    "traceparent",
-                    format_traceparent(span_context.trace_id, span_context.span_id, span_context.trace_flags),
-                )
-            )
-            if span_context.trace_state and "tracestate" not in keys:
-                outgoing.append(("tracestate", span_context.trace_state.to_header()))
+            _append_trace_headers(outgoing, span_context, with_state="tracestate" not in keys)
         if "baggage" not in keys and baggage.get_all(current):
             carrier: dict[str, str] = {}
             BAGGAGE_PROPAGATOR.inject(carrier, current)

@@ -105,18 +105,8 @@ class OtelMeshMetrics(MeshMetrics):
             self._record_client = durations[0].record
             self._record_server = durations[1].record
         else:
-            for kind, (name, unit, description) in (("client", CLIENT_DURATION), ("server", SERVER_DURATION)):
-                histogram = meter.create_histogram(
-                    name,
-                    unit=unit,
-                    description=description,
-                    explicit_bucket_boundaries_advisory=DURATION_BUCKETS_S,
-                )
-                record = _sdk_recorder(histogram.record)
-                if kind == "client":
-                    self._record_client = record
-                else:
-                    self._record_server = record
+            self._record_client = _sdk_recorder(meter, CLIENT_DURATION)
+            self._record_server = _sdk_recorder(meter, SERVER_DURATION)
         self._retries = meter.create_counter(
             "rpcmesh.client.retries", unit="{attempt}", description="Retry attempts."
         )
@@ -234,7 +224,15 @@ class OtelMeshMetrics(MeshMetrics):
         ]
 
 
-def _sdk_recorder(record: Callable[..., None]) -> Callable[[tuple[str, str, grpc.StatusCode], float], None]:
+def _sdk_recorder(
+    meter: Meter, spec: tuple[str, str, str]
+) -> Callable[[tuple[str, str, grpc.StatusCode], float], None]:
+    """Record call durations through the SDK's own histogram ``spec`` (name, unit, description)."""
+    name, unit, description = spec
+    record = meter.create_histogram(
+        name, unit=unit, description=description, explicit_bucket_boundaries_advisory=DURATION_BUCKETS_S
+    ).record
+
     def record_key(key: tuple[str, str, grpc.StatusCode], value: float) -> None:
         record(value, _rpc_attributes(*key))
 
