@@ -96,10 +96,6 @@ class IdempotencyStore:
         runs (and commits) even if the caller is cancelled; a ``sqlite3.Error``
         it raises fails only this operation.
         """
-        return await self._run(operation)
-
-    async def _run(self, operation: Callable[[sqlite3.Connection], _T]) -> _T:
-        """Queue ``operation`` for the next transaction; it runs even if the caller is cancelled."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[_T] = loop.create_future()
         self._queue.append((operation, future))
@@ -164,7 +160,7 @@ class IdempotencyStore:
                 "INSERT OR IGNORE INTO responses VALUES (?, ?, ?, ?)", (key, name, body, time.time())
             )
 
-        await self._run(run)
+        await self.run(run)
 
     async def count(self) -> int:
         """How many keys are stored."""
@@ -172,7 +168,7 @@ class IdempotencyStore:
         def run(conn: sqlite3.Connection) -> int:
             return int(conn.execute("SELECT COUNT(*) FROM responses").fetchone()[0])
 
-        return await self._run(run)
+        return await self.run(run)
 
     def close(self) -> None:
         """Stop the writer and close the file (operations still queued fail)."""
