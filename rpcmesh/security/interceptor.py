@@ -36,13 +36,8 @@ MethodHandler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 class SecurityInterceptor(grpc.aio.ServerInterceptor):
     """Authentication, authorization and per-connection/per-identity limits for a grpc.aio server.
 
-    Args:
-        authenticator: How callers are recognised; when it is not enabled every
-            caller is :data:`ANONYMOUS`, nothing is authorized and only the
-            per-connection limit applies.
-        policy: What identities may do. None allows every authenticated caller
-            every method (service hosts, which have no per-method table).
-        limits: Concurrency caps.
+    The checks are a :class:`~rpcmesh.security.guard.CallGuard`'s (its arguments, same meaning),
+    applied to each handler as it is looked up instead of once at registration.
     """
 
     _MAX_CACHED = 4096
