@@ -12,8 +12,7 @@ encoders per span. Resource and scope are serialized once per group. The bytes p
 same message ``encode_spans`` builds (a test pins that).
 
 ``CachingOtlpSpanExporter`` is ``OTLPSpanExporter`` (same arguments, retries, TLS, headers,
-compression) whose stub sends those bytes as they are, over a ``grpc.aio`` channel on a thread of
-its own (``LoopChannel``) rather than the sync stack.
+compression) whose stub sends those bytes as they are.
 """
 
 from __future__ import annotations
@@ -22,6 +21,7 @@ import struct
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import grpc
 from google.protobuf.message import Message
 from opentelemetry.exporter.otlp.proto.common._internal import (
     _encode_attributes,
@@ -40,7 +40,6 @@ from opentelemetry.proto.trace.v1.trace_pb2 import SpanFlags, Status
 from opentelemetry.sdk.trace import ReadableSpan
 
 from rpcmesh.telemetry.correlation import CORRELATION_ATTRIBUTE
-from rpcmesh.telemetry.loop_channel import LoopChannel
 from rpcmesh.telemetry.spans import CallSpan
 
 UNCACHED_ATTRIBUTES = frozenset({CORRELATION_ATTRIBUTE, "exception.stacktrace"})
@@ -373,8 +372,8 @@ def encode_spans_bytes(spans: Sequence[ReadableSpan], encoder: SpanEncoder | Non
 class _BytesTraceStub:
     """A TraceService stub that sends an already serialized request."""
 
-    def __init__(self, channel: LoopChannel) -> None:
-        self.Export: Callable[..., ExportTraceServiceResponse] = channel.unary_unary(
+    def __init__(self, channel: grpc.Channel) -> None:
+        self.Export: grpc.UnaryUnaryMultiCallable[bytes, ExportTraceServiceResponse] = channel.unary_unary(
             EXPORT_METHOD,
             request_serializer=None,
             response_deserializer=ExportTraceServiceResponse.FromString,
@@ -382,14 +381,10 @@ class _BytesTraceStub:
 
 
 class CachingOtlpSpanExporter(OTLPSpanExporter):
-    """``OTLPSpanExporter`` (same arguments) encoding through ``SpanEncoder``, sending through ``grpc.aio``.
+    """``OTLPSpanExporter`` (same arguments) encoding through ``SpanEncoder``.
 
     ``SpanPipeline`` hands it ``CallSpan``s as they are (``accepts_call_spans``), so rpcmesh's
-    call spans are never turned into SDK ``ReadableSpan``s on their way out. Each export call
-    goes through a ``LoopChannel`` (a ``grpc.aio`` channel on a thread of its own) instead of the
-    SDK's sync channel: the sync stack's blocking call costs a busy asyncio process milliseconds of
-    CPU per export (see ``loop_channel``). Retries, reconnects, TLS, headers and compression are the
-    SDK exporter's.
+    call spans are never turned into SDK ``ReadableSpan``s on their way out.
     """
 
     accepts_call_spans = True
@@ -399,17 +394,10 @@ class CachingOtlpSpanExporter(OTLPSpanExporter):
         super().__init__(*args, **kwargs)
 
     def _initialize_channel_and_stub(self) -> None:
-        # Called at construction and on reconnects (after the SDK closed the previous channel).
-        attributes = self.__dict__
-        channel = LoopChannel(
-            attributes["_endpoint"],
-            None if attributes["_insecure"] else attributes["_credentials"],
-            compression=attributes["_compression"],
-            options=attributes["_channel_options"],
-            thread_name="rpcmesh-otlp-export",
-        )
-        attributes["_channel"] = channel
-        attributes["_client"] = _BytesTraceStub(channel)
+        # Called at construction and on reconnects: keep the SDK's channel, swap in the bytes stub.
+        super()._initialize_channel_and_stub()  # type: ignore[no-untyped-call]
+        channel: grpc.Channel = self.__dict__["_channel"]
+        self.__dict__["_client"] = _BytesTraceStub(channel)
 
     def _translate_data(self, data: Sequence[ReadableSpan]) -> Any:
         return self._encoder.request(data)
