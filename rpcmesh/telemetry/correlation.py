@@ -64,6 +64,8 @@ def choose_correlation_id(*candidates: str | None) -> str:
     """The first valid candidate (e.g. metadata, then baggage), or a new id when none is valid."""
     for candidate in candidates:
         if candidate is not None:
+            if candidate.isalnum() and candidate.isascii() and len(candidate) <= MAX_CORRELATION_ID_LENGTH:
+                return candidate  # the usual id (hex digits): valid without the pattern
             candidate = candidate.strip()
             if is_valid_correlation_id(candidate):
                 return candidate

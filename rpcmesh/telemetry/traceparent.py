@@ -21,6 +21,9 @@ from rpcmesh.telemetry.correlation import CORRELATION_BAGGAGE_KEY
 _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
 _PLAIN_BAGGAGE_VALUE = re.compile(r"[A-Za-z0-9._-]+")
 _OWN_BAGGAGE_PREFIX = CORRELATION_BAGGAGE_KEY + "="
+_FLAGS = tuple(TraceFlags(value) for value in range(256))
+_EMPTY_STATE = TraceState()
+_new_span_context = tuple.__new__
 
 
 def format_traceparent(trace_id: int, span_id: int, flags: int) -> str:
@@ -45,10 +48,9 @@ def parse_traceparent(value: str, tracestate: str | None = None) -> SpanContext 
     span_id = int(span_hex, 16)
     if trace_id == 0 or span_id == 0:
         return None
-    state = TraceState.from_header([tracestate]) if tracestate else None
-    return SpanContext(
-        trace_id, span_id, is_remote=True, trace_flags=TraceFlags(int(flags_hex, 16)), trace_state=state
-    )
+    state = TraceState.from_header([tracestate]) if tracestate else _EMPTY_STATE
+    # SpanContext(...) without its range checks: 32 and 16 hex digits, non-zero, are in range.
+    return _new_span_context(SpanContext, (trace_id, span_id, True, _FLAGS[int(flags_hex, 16)], state, True))
 
 
 def correlation_baggage(correlation: str) -> str:
