@@ -16,6 +16,10 @@ client alternates between modes, round after round, and takes medians):
 a local receiver process that parses each export and counts the spans. ``--exporter discard``:
 the batch pipeline with an exporter that drops the batches (rpcmesh's own cost only).
 
+Each throughput window ends when both sides have exported the window's spans (a flush), and
+its time and CPU include that: export work is charged to the window whose calls made the spans.
+``OTEL_BSP_MAX_EXPORT_BATCH_SIZE``, when set, replaces rpcmesh's span batch size on both sides.
+
 Prints one JSON line: ``tracing_throughput_ratio`` (on ÷ off at 32 in flight: the median over
 rounds of each round's ratio), the p50 ratio (1 in flight), the per-call microseconds of the
 tracing work measured in-process, and the raw figures.
@@ -72,12 +76,15 @@ def _telemetry(
         def export(self, spans: Sequence[Any]) -> SpanExportResult:
             return SpanExportResult.SUCCESS
 
+    # Span batch size: rpcmesh's default, or OTEL_BSP_MAX_EXPORT_BATCH_SIZE when set (children inherit it).
+    batch = os.environ.get("OTEL_BSP_MAX_EXPORT_BATCH_SIZE")
     config = TelemetryConfig(
         service_name=service_name,
         sampler="parentbased_traceidratio",
         sampler_ratio=ratio,
         traces_exporters=("otlp",) if endpoint and spans else ("none",),
         otlp_traces_endpoint=endpoint,
+        **({"span_batch_size": int(batch)} if batch else {}),
     )
     return setup_telemetry(
         config,
@@ -166,7 +173,15 @@ async def serve(modes: list[str], ratio: float, endpoint: str | None) -> None:
         addresses.append(f"{mode}=127.0.0.1:{port}")
     print(f"listening on {','.join(addresses)}", flush=True)
     stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+
+    def flush() -> None:  # the client's end-of-window request: export what is queued, then say so
+        for telemetry in telemetries:
+            telemetry.force_flush()
+        print("flushed", flush=True)
+
+    loop.add_signal_handler(signal.SIGUSR1, flush)
     await stop.wait()
     for server in servers:
         await server.stop(None)
@@ -226,8 +241,15 @@ async def run_tracing_bench(
     ratio: float = 1.0,
     endpoint: str | None = None,
     pids: dict[str, int] | None = None,
+    server: subprocess.Popen[str] | None = None,
 ) -> dict[str, Any]:
-    """Measure the servers in ``addresses`` (modes ``off``, ``on``, optionally ``interceptors``)."""
+    """Measure the servers in ``addresses`` (modes ``off``, ``on``, optionally ``interceptors``).
+
+    Each window ends with a flush of both sides' span pipelines (``server``: the child serving
+    every mode, asked with SIGUSR1), and the window's time and CPU include it: the export work
+    of a window's spans is charged to that window, not to whichever window runs next (with
+    batches as large as a window's spans, most of it would otherwise land in the next one).
+    """
     telemetry = _telemetry("bench-client", ratio, endpoint)
     channels: dict[str, Any] = {}
     for mode, address in addresses.items():
@@ -253,7 +275,10 @@ async def run_tracing_bench(
             order = list(stubs.items()) if index % 2 == 0 else list(reversed(stubs.items()))
             for mode, stub in order:
                 client_cpu, server_cpu = _cpu_seconds(None), _cpu_seconds(pids.get(mode))
-                calls, elapsed = await _calls_in(stub, seconds, inflight)
+                started = time.perf_counter()
+                calls, _ = await _calls_in(stub, seconds, inflight)
+                _flush(telemetry, server)
+                elapsed = time.perf_counter() - started
                 cpu[mode][0] += _cpu_seconds(None) - client_cpu
                 cpu[mode][1] += _cpu_seconds(pids.get(mode)) - server_cpu
                 cpu[mode][2] += calls
@@ -293,6 +318,16 @@ async def run_tracing_bench(
         figures["cpu_throughput_ratio"] = round(max(per_call["off"]) / max(per_call["on"]), 3)
     figures.update({"inflight": inflight, "seconds_per_window": seconds, "rounds": rounds})
     return figures
+
+
+def _flush(telemetry: Telemetry, server: subprocess.Popen[str] | None) -> None:
+    """Export every span both sides hold; returns once the server acknowledged."""
+    telemetry.force_flush()
+    if server is not None and server.stdout is not None:
+        server.send_signal(signal.SIGUSR1)
+        line = server.stdout.readline()
+        if line.strip() != "flushed":
+            raise RuntimeError(f"bench server did not flush: {line!r}")
 
 
 async def decompose(
@@ -436,6 +471,7 @@ def main() -> None:
                 ratio=args.sampler_ratio,
                 endpoint=endpoint,
                 pids=dict.fromkeys(modes, server.pid),
+                server=server,
             )
         )
     finally:

@@ -90,8 +90,13 @@ class TelemetryConfig:
     span_queue_size: int = 65536
     """Ended spans held for export at most; more are dropped (``OTEL_BSP_MAX_QUEUE_SIZE``)."""
 
-    span_batch_size: int = 512
-    """Spans per export call (``OTEL_BSP_MAX_EXPORT_BATCH_SIZE``)."""
+    span_batch_size: int = 4096
+    """Spans per export batch (``OTEL_BSP_MAX_EXPORT_BATCH_SIZE``).
+
+    Larger than the OpenTelemetry SDK's 512: in a busy asyncio gRPC process each export call
+    costs milliseconds of CPU whatever its size (bench_tracing: about 18 µs less server CPU per
+    call at 4096). The OTLP exporter still splits a batch into requests of at most 2 MiB.
+    """
 
     span_schedule_delay_s: float = 1.0
     """Longest an ended span waits before export (``OTEL_BSP_SCHEDULE_DELAY``, in ms there)."""

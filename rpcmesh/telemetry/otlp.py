@@ -38,6 +38,7 @@ from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExport
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 from opentelemetry.proto.trace.v1.trace_pb2 import SpanFlags, Status
 from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExportResult
 
 from rpcmesh.telemetry.correlation import CORRELATION_ATTRIBUTE
 from rpcmesh.telemetry.spans import CallSpan
@@ -161,6 +162,25 @@ def _attribute_field(key: str, value: Any) -> bytes:
         )
     pair = _key_prefix(key) + b"\x12" + _varint(len(any_value)) + any_value
     return _SPAN_ATTRIBUTE + _varint(len(pair)) + pair
+
+
+MAX_REQUEST_BYTES = 2 * 1024 * 1024
+"""Largest export request ``CachingOtlpSpanExporter`` sends (half of gRPC's default receive limit)."""
+
+_Encoded = tuple[Any, Any, bytes]  # (resource, scope or None, the Span message)
+
+
+class EncodedSpans:
+    """One serialized ``ExportTraceServiceRequest`` and how many spans it holds."""
+
+    __slots__ = ("count", "request")
+
+    def __init__(self, request: bytes, count: int) -> None:
+        self.request = request
+        self.count = count
+
+    def __len__(self) -> int:
+        return self.count
 
 
 class SpanEncoder:
@@ -319,19 +339,45 @@ class SpanEncoder:
 
     def request(self, spans: Sequence[ReadableSpan | CallSpan]) -> bytes:
         """The serialized ``ExportTraceServiceRequest`` of ``spans``."""
-        groups: dict[tuple[int, int], tuple[Any, Any, list[bytes]]] = {}
+        return self._assemble([self._encoded(span) for span in spans])
+
+    def requests(
+        self, spans: Sequence[ReadableSpan | CallSpan], max_bytes: int = MAX_REQUEST_BYTES
+    ) -> list[EncodedSpans]:
+        """``spans`` as requests of about ``max_bytes`` at most each, spans in order.
+
+        A receiver refuses larger messages (gRPC's default limit is 4 MiB), so a large batch is
+        sent as several requests; a single span larger than ``max_bytes`` goes alone.
+        """
+        out: list[EncodedSpans] = []
+        chunk: list[_Encoded] = []
+        size = 0
         for span in spans:
-            if isinstance(span, CallSpan):
-                tracer = span._tracer
-                resource, scope, encoded = tracer.resource, tracer.instrumentation_scope, self.call_span(span)
-            else:
-                resource, scope, encoded = span.resource, span.instrumentation_scope, self.span(span)
-            scope = scope or None
+            item = self._encoded(span)
+            item_size = len(item[2]) + 4  # tag and length prefix
+            if chunk and size + item_size > max_bytes:
+                out.append(EncodedSpans(self._assemble(chunk), len(chunk)))
+                chunk, size = [], 0
+            chunk.append(item)
+            size += item_size
+        if chunk:
+            out.append(EncodedSpans(self._assemble(chunk), len(chunk)))
+        return out
+
+    def _encoded(self, span: ReadableSpan | CallSpan) -> _Encoded:
+        if isinstance(span, CallSpan):
+            tracer = span._tracer
+            return tracer.resource, tracer.instrumentation_scope or None, self.call_span(span)
+        return span.resource, span.instrumentation_scope or None, self.span(span)
+
+    def _assemble(self, encoded: Sequence[_Encoded]) -> bytes:
+        groups: dict[tuple[int, int], tuple[Any, Any, list[bytes]]] = {}
+        for resource, scope, span_bytes in encoded:
             key = (id(resource), id(scope))
             group = groups.get(key)
             if group is None:
                 group = groups[key] = (resource, scope, [])
-            group[2].extend((_SCOPE_SPANS_SPAN, _varint(len(encoded)), encoded))
+            group[2].extend((_SCOPE_SPANS_SPAN, _varint(len(span_bytes)), span_bytes))
         by_resource: dict[int, tuple[Any, list[bytes]]] = {}
         for resource, scope, encoded_spans in groups.values():
             parts = [self._scope_block(scope)]
@@ -384,10 +430,14 @@ class CachingOtlpSpanExporter(OTLPSpanExporter):
     """``OTLPSpanExporter`` (same arguments) encoding through ``SpanEncoder``.
 
     ``SpanPipeline`` hands it ``CallSpan``s as they are (``accepts_call_spans``), so rpcmesh's
-    call spans are never turned into SDK ``ReadableSpan``s on their way out.
+    call spans are never turned into SDK ``ReadableSpan``s on their way out. A batch whose
+    encoding exceeds ``MAX_REQUEST_BYTES`` goes out as several requests (``SpanEncoder.requests``),
+    each with the SDK exporter's retries.
     """
 
     accepts_call_spans = True
+    max_request_bytes = MAX_REQUEST_BYTES
+    """Largest request sent; a larger batch is split."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._encoder = SpanEncoder()
@@ -399,5 +449,13 @@ class CachingOtlpSpanExporter(OTLPSpanExporter):
         channel: grpc.Channel = self.__dict__["_channel"]
         self.__dict__["_client"] = _BytesTraceStub(channel)
 
-    def _translate_data(self, data: Sequence[ReadableSpan]) -> Any:
-        return self._encoder.request(data)
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        """Send ``spans`` in as few requests as ``max_request_bytes`` allows; FAILURE if any failed."""
+        result = SpanExportResult.SUCCESS
+        for encoded in self._encoder.requests(spans, self.max_request_bytes):
+            if self._export(encoded) is not SpanExportResult.SUCCESS:  # type: ignore[arg-type]
+                result = SpanExportResult.FAILURE
+        return result
+
+    def _translate_data(self, data: Any) -> Any:
+        return data.request if isinstance(data, EncodedSpans) else self._encoder.request(data)

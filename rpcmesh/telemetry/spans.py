@@ -281,7 +281,7 @@ class SpanPipeline(SpanProcessor):
         *,
         simple: bool = False,
         max_queue: int = 65536,
-        max_batch: int = 512,
+        max_batch: int = 4096,
         schedule_delay_s: float = 1.0,
     ) -> None:
         self._exporters = list(exporters)

@@ -112,3 +112,26 @@ def test_call_spans_encode_as_their_readable_form() -> None:
     for _ in range(2):  # cold and warm caches
         assert ExportTraceServiceRequest.FromString(encoder.request(spans)) == expected  # type: ignore[arg-type]
         assert encoder.request(spans) == expected.SerializeToString(deterministic=True)  # type: ignore[arg-type]
+
+
+def test_large_batches_split_into_requests_under_the_byte_limit() -> None:
+    spans = _spans() * 50  # 400 spans, a few hundred bytes each
+    whole = ExportTraceServiceRequest.FromString(SpanEncoder().request(spans))
+    all_ids = [span.span_id for rs in whole.resource_spans for ss in rs.scope_spans for span in ss.spans]
+
+    requests = SpanEncoder().requests(spans, max_bytes=20_000)
+    assert len(requests) > 3
+    assert sum(len(encoded) for encoded in requests) == len(spans)
+    ids: list[bytes] = []
+    for encoded in requests:
+        assert len(encoded.request) <= 20_000 + 1_000  # resource and scope blocks on top of the spans
+        message = ExportTraceServiceRequest.FromString(encoded.request)
+        found = [span.span_id for rs in message.resource_spans for ss in rs.scope_spans for span in ss.spans]
+        assert len(found) == len(encoded)
+        ids += found
+    assert sorted(ids) == sorted(all_ids)  # every span once, none lost or repeated
+
+    # Under the limit: one request, the same bytes as request(); a span over it goes alone.
+    (single,) = SpanEncoder().requests(spans[:8])
+    assert single.request == SpanEncoder().request(spans[:8])
+    assert [len(encoded) for encoded in SpanEncoder().requests(spans[:3], max_bytes=10)] == [1, 1, 1]
