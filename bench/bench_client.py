@@ -12,6 +12,16 @@ load (the machine is shared); figures are medians over the slices. Prints one JS
 ``throughput_ratio`` (mesh / raw, goal >= 0.90) and ``p50_ratio`` (mesh / raw,
 goal <= 1.10) plus the raw and mesh figures.
 
+Telemetry cost, two ways (``--no-tracing`` skips both):
+
+* ``tracing_throughput_ratio``: ``bench_tracing.py`` (a bare grpc.aio Echo server and channel,
+  rpcmesh's tracing and metrics on vs nothing at all, real OTLP export): rpcmesh's whole cost.
+* ``mesh_tracing_throughput_ratio``: this benchmark's own path (mesh channel to an Echo
+  ``ServiceHost``) with telemetry on (``OTEL_*``: spans to a local OTLP receiver, metrics
+  recorded for a Prometheus endpoint) vs off, on both sides: what turning telemetry on costs a
+  deployment. Slices alternate as above; the figure is the median of the per-round ratios.
+  ``mesh_tracing_cpu_ratio`` compares the CPU per call of the busier side (client or server).
+
     .venv/bin/python bench/bench_client.py [--rounds 12] [--seconds 1.5] [--calls 500]
 """
 
@@ -20,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -135,6 +146,7 @@ def main() -> None:
     figures = asyncio.run(run(args))
     if not args.no_tracing:
         figures.update(tracing_figures())
+        figures.update(asyncio.run(mesh_tracing_figures(args)))
     print(json.dumps(figures), flush=True)
 
 
@@ -151,6 +163,128 @@ def tracing_figures() -> dict[str, Any]:
     return {
         "tracing_throughput_ratio": traced["tracing_throughput_ratio"],
         "tracing_cpu_throughput_ratio": traced.get("cpu_throughput_ratio"),
+    }
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """CPU time (user + system, all threads) of a process so far; this process when ``pid`` is None."""
+    if pid is None:
+        return time.process_time()
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+def start_otlp_receiver() -> tuple[subprocess.Popen[str], str]:
+    """bench_tracing.py's OTLP/gRPC trace receiver in a child process; returns it and its address."""
+    receiver = subprocess.Popen(
+        [sys.executable, str(ROOT / "bench" / "bench_tracing.py"), "--serve-collector"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    assert receiver.stdout is not None
+    line = receiver.stdout.readline()
+    if "listening on" not in line:
+        receiver.kill()
+        raise RuntimeError(f"OTLP receiver did not start: {line!r}")
+    return receiver, line.rsplit(" ", 1)[1].strip()
+
+
+def stop_otlp_receiver(receiver: subprocess.Popen[str]) -> int:
+    """Stop the receiver; returns the spans it received."""
+    assert receiver.stdin is not None and receiver.stdout is not None
+    receiver.stdin.close()
+    line = receiver.stdout.readline()
+    receiver.wait(timeout=30)
+    return int(line.split()[1]) if line.startswith("spans ") else 0
+
+
+async def mesh_tracing_figures(args: argparse.Namespace) -> dict[str, Any]:
+    """The mesh path with telemetry on vs off: a traced and an untraced Echo host, two meshes."""
+    from rpcmesh.telemetry import TelemetryConfig, setup_telemetry
+
+    receiver, receiver_address = start_otlp_receiver()
+    endpoint = f"http://{receiver_address}"
+    # Metrics are recorded for a Prometheus endpoint nobody scrapes: recording is the per-call cost.
+    traced_env = {
+        "OTEL_SERVICE_NAME": "echo-traced",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+        "OTEL_METRICS_EXPORTER": "prometheus",
+        "OTEL_EXPORTER_PROMETHEUS_PORT": "0",
+    }
+    client_telemetry = setup_telemetry(
+        TelemetryConfig(
+            service_name="bench-client",
+            traces_exporters=("otlp",),
+            otlp_traces_endpoint=endpoint,
+            metrics_exporters=("prometheus",),
+            prometheus_port=0,
+        ),
+        install=False,
+    )
+    processes: list[ManagedProcess] = []
+    rates: dict[str, list[float]] = {"off": [], "on": []}
+    cpu = {mode: [0.0, 0.0, 0.0] for mode in rates}  # client s, server s, calls
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            plane, registry = start_control_plane(Path(tmp) / "data")
+            processes.append(plane)
+            servers: dict[str, ManagedProcess] = {}
+            for mode, name, extra in (("off", "echo", {}), ("on", "echo-traced", traced_env)):
+                command = [sys.executable, str(ROOT / "examples/echo/server.py"), "--registry", registry]
+                server = ManagedProcess(
+                    [*command, "--name", name, "--instance-id", f"{name}-1"], env=python_env(extra)
+                )
+                processes.append(server)
+                server.wait_for_address()
+                servers[mode] = server
+            policy = MeshPolicy(default=ServicePolicy(method=MethodPolicy(idempotent=True)))
+            async with (
+                Mesh(registry, policy=policy) as plain_mesh,
+                Mesh(registry, policy=policy, telemetry=client_telemetry) as traced_mesh,
+            ):
+                stubs = {
+                    "off": echo_pb2_grpc.EchoStub(plain_mesh.channel("echo")),
+                    "on": echo_pb2_grpc.EchoStub(traced_mesh.channel("echo-traced")),
+                }
+                await plain_mesh.wait_for_instances("echo", 1)
+                await traced_mesh.wait_for_instances("echo-traced", 1)
+                for stub in stubs.values():  # warm-up: connections, caches
+                    await throughput(lambda stub=stub: stub.Echo(REQUEST), 0.5)
+                for round_number in range(args.rounds):
+                    order = ["off", "on"] if round_number % 2 == 0 else ["on", "off"]
+                    for mode in order:
+                        stub = stubs[mode]
+                        pid = servers[mode].pid
+                        client_before, server_before = cpu_seconds(None), cpu_seconds(pid)
+                        rate = await throughput(lambda stub=stub: stub.Echo(REQUEST), args.seconds)
+                        cpu[mode][0] += cpu_seconds(None) - client_before
+                        cpu[mode][1] += cpu_seconds(pid) - server_before
+                        cpu[mode][2] += rate * args.seconds
+                        rates[mode].append(rate)
+    finally:
+        for process in reversed(processes):
+            process.kill()
+        client_telemetry.shutdown()
+        spans = stop_otlp_receiver(receiver)
+    paired = [on / off for on, off in zip(rates["on"], rates["off"], strict=True)]
+    per_call = {mode: (c / n * 1e6, s / n * 1e6) for mode, (c, s, n) in cpu.items()}
+    return {
+        "mesh_tracing_throughput_ratio": round(statistics.median(paired), 3),
+        "mesh_tracing_cpu_ratio": round(max(per_call["off"]) / max(per_call["on"]), 3),
+        "mesh_off_calls_per_s": round(statistics.median(rates["off"]), 1),
+        "mesh_on_calls_per_s": round(statistics.median(rates["on"]), 1),
+        "mesh_cpu_us_per_call": {
+            f"{mode}_{side}": round(value, 1)
+            for mode, values in per_call.items()
+            for side, value in zip(("client", "server"), values, strict=True)
+        },
+        "mesh_traced_spans_received": spans,
     }
 
 

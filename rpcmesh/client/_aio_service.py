@@ -17,7 +17,7 @@ from rpcmesh.client.endpoints import EndpointChanges, ServiceCore
 from rpcmesh.client.picker import EndpointState
 from rpcmesh.client.policy import ServicePolicy
 from rpcmesh.security.client import ClientSecurity, aio_channel
-from rpcmesh.telemetry.grpc_aio import aio_client_interceptors
+from rpcmesh.telemetry.aio_channel import trace_aio_channel
 from rpcmesh.telemetry.setup import Telemetry, get_telemetry
 from rpcmesh.v1 import registry_pb2, registry_pb2_grpc
 
@@ -105,15 +105,15 @@ class AioService:
         for endpoint in changes.removed:
             self._close_endpoint(endpoint)
         for endpoint in changes.added:
-            interceptors = self._interceptors
-            if (self.telemetry or get_telemetry()).active:
-                # Per attempt: each attempt is a CLIENT span of its own. With telemetry off the
-                # sub-channel stays uninstrumented (zero cost); the mesh sends the correlation id.
-                tracing = aio_client_interceptors(self.telemetry, target=endpoint.address)
-                interceptors = [*tracing, *self._interceptors]
-            channel = aio_channel(
-                endpoint.address, self._security, options=self._options, interceptors=interceptors
+            channel: grpc.aio.Channel = aio_channel(
+                endpoint.address, self._security, options=self._options, interceptors=self._interceptors
             )
+            if (self.telemetry or get_telemetry()).active:
+                # Per attempt: each attempt is a CLIENT span of its own, made outside the user's
+                # interceptors (as the first interceptor would) without grpc.aio's interceptor
+                # machinery. With telemetry off the sub-channel stays uninstrumented (zero cost);
+                # the mesh sends the correlation id.
+                channel = trace_aio_channel(channel, self.telemetry, target=endpoint.address)
             endpoint.extra[CHANNEL_KEY] = channel
             endpoint.extra[CALLABLES_KEY] = {}
             self._monitors[endpoint.instance_id] = asyncio.create_task(self._monitor(endpoint, channel))

@@ -25,6 +25,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from rpcmesh.client.picker import NoEndpointError
+from rpcmesh.telemetry._calls import MethodInfo, method_info, start_call_span
 from rpcmesh.telemetry.attempts import record_attempt, record_breaker_rejection, record_breaker_transition
 from rpcmesh.telemetry.correlation import (
     CORRELATION_ATTRIBUTE,
@@ -35,13 +36,7 @@ from rpcmesh.telemetry.correlation import (
 )
 from rpcmesh.telemetry.setup import Telemetry, get_telemetry
 
-__all__ = ["CallTelemetry", "breaker_listener", "split_method"]
-
-
-def split_method(full_method: str) -> tuple[str, str]:
-    """``/echo.v1.Echo/Echo`` → (``echo.v1.Echo``, ``Echo``)."""
-    service, _, method = full_method.lstrip("/").rpartition("/")
-    return service or "unknown", method
+__all__ = ["CallTelemetry", "breaker_listener"]
 
 
 def breaker_listener(telemetry: Telemetry | None) -> Any:
@@ -83,24 +78,22 @@ class CallTelemetry:
 
     __slots__ = ("_finished", "context", "correlation", "method", "service", "span", "telemetry")
 
-    def __init__(self, telemetry: Telemetry, service: str, method: str) -> None:
+    def __init__(self, telemetry: Telemetry, info: MethodInfo) -> None:
         self.telemetry = telemetry
-        self.service = service
-        self.method = method
+        self.service = info.service
+        self.method = info.method
         self.correlation = correlation_id() or new_correlation_id()
         self.span: Span | None = None
         self.context: otel_context.Context | None = None
         self._finished = False
         if telemetry.tracing:
-            self.span = telemetry.tracer.start_span(
-                f"{service}/{method}",
+            # rpc.system/service/method shared per method; the cheap CallTracer path when there is one.
+            self.span = start_call_span(
+                telemetry,
+                info.name,
                 kind=SpanKind.INTERNAL,
-                attributes={
-                    "rpc.system": "grpc",
-                    "rpc.service": service,
-                    "rpc.method": method,
-                    CORRELATION_ATTRIBUTE: self.correlation,
-                },
+                shared_attributes=info.base,
+                attributes={CORRELATION_ATTRIBUTE: self.correlation},
             )
             self.context = trace.set_span_in_context(self.span)
 
@@ -110,8 +103,7 @@ class CallTelemetry:
         handle = telemetry or get_telemetry()
         if not handle.active:
             return None
-        service, method = split_method(full_method)
-        return cls(handle, service, method)
+        return cls(handle, method_info(full_method))
 
     def scope(self) -> _Scope:
         """A ``with`` block in which the call's span and correlation id are current (synchronous only)."""

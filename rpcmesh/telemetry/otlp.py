@@ -30,14 +30,13 @@ from opentelemetry.exporter.otlp.proto.common._internal import (
 )
 from opentelemetry.exporter.otlp.proto.common._internal.trace_encoder import (
     _SPAN_KIND_MAP,
-    _encode_events,
     _encode_links,
     _encode_trace_state,
 )
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 from opentelemetry.proto.trace.v1.trace_pb2 import SpanFlags, Status
-from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExportResult
 
 from rpcmesh.telemetry.correlation import CORRELATION_ATTRIBUTE
@@ -91,6 +90,11 @@ _SPAN_LINK = b"\x6a"  # 13
 _SPAN_DROPPED_LINKS = b"\x70"  # 14, varint
 _SPAN_STATUS = b"\x7a"  # 15
 _SPAN_FLAGS = b"\x85\x01"  # 16, fixed32
+_EVENT_TIME_TAG = b"\x09"  # Event 1, fixed64
+_EVENT_NAME = b"\x12"  # Event 2
+_EVENT_ATTRIBUTE = b"\x1a"  # Event 3 (the span's attribute tag is one byte too)
+_EVENT_DROPPED_ATTRIBUTES = b"\x20"  # Event 4, varint
+_EVENT_TIME = struct.Struct("<cQ")
 _SCOPE_SPANS_SCOPE = b"\x0a"
 _SCOPE_SPANS_SPAN = b"\x12"
 _SCOPE_SPANS_SCHEMA = b"\x1a"
@@ -278,8 +282,7 @@ class SpanEncoder:
                     encoded = pairs.get((key, type(value), value)) if type(value) in _CACHEABLE else None
                     parts.append(encoded if encoded is not None else self._pair(key, value))
         if span._events:
-            for event in _encode_events(tuple(span._events)) or ():
-                parts.append(_length_delimited(_SPAN_EVENT, event.SerializeToString()))
+            parts += map(self._event, span._events)
         status = span._status
         parts.append(
             self._status_bytes((int(status.status_code.value), status.description))
@@ -288,6 +291,22 @@ class SpanEncoder:
         )
         parts.append(_REMOTE_PARENT_FLAGS if parent is not None and parent.is_remote else _LOCAL_FLAGS)
         return b"".join(parts)
+
+    def _event(self, event: Event) -> bytes:
+        """A span's ``events`` field for one event, its attributes through the attribute cache."""
+        parts: list[bytes] = []
+        if event.timestamp:
+            parts.append(_EVENT_TIME.pack(_EVENT_TIME_TAG, event.timestamp))
+        if event.name:
+            parts.append(_length_delimited(_EVENT_NAME, event.name.encode()))
+        if event.attributes:
+            for key, value in event.attributes.items():
+                field = self._pair(key, value)
+                if field:  # the same KeyValue, as Event.attributes (field 3) instead of Span.attributes
+                    parts.append(_EVENT_ATTRIBUTE + field[len(_SPAN_ATTRIBUTE) :])
+        if event.dropped_attributes:
+            parts.append(_EVENT_DROPPED_ATTRIBUTES + _varint(event.dropped_attributes))
+        return _length_delimited(_SPAN_EVENT, b"".join(parts))
 
     def _status(self, status: Any) -> bytes:
         return self._status_bytes((int(status.status_code.value), status.description))
@@ -322,8 +341,7 @@ class SpanEncoder:
         if span.dropped_attributes:
             parts += (_SPAN_DROPPED_ATTRIBUTES, _varint(span.dropped_attributes))
         if span.events:
-            for event in _encode_events(span.events) or ():
-                parts.append(_length_delimited(_SPAN_EVENT, event.SerializeToString()))
+            parts += map(self._event, span.events)
         if span.dropped_events:
             parts += (_SPAN_DROPPED_EVENTS, _varint(span.dropped_events))
         if span.links:
