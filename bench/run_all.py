@@ -23,6 +23,7 @@ GOALS = [
     ("bench_client.py", "throughput_ratio", 0.90, True),
     ("bench_client.py", "p50_ratio", 1.10, False),
     ("bench_tracing.py", "tracing_throughput_ratio", 0.90, True),
+    ("bench_client.py", "mesh_tracing_throughput_ratio", 0.90, True),
     ("bench_registry.py", "resolve_p99_ms", 5.0, False),
     ("bench_registry.py", "watch_p99_ms", 50.0, False),
     ("bench_registry.py", "rss_mb", 200.0, False),

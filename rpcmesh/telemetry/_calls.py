@@ -15,7 +15,7 @@ import grpc
 from opentelemetry import baggage, trace
 from opentelemetry import context as otel_context
 from opentelemetry.context import Context
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import NonRecordingSpan, Span, SpanKind, Status, StatusCode
 from opentelemetry.util.types import AttributeValue
 
 from rpcmesh.errors import StatusError
@@ -301,47 +301,60 @@ def begin_server_call(
     """Start a server call: continue the caller's trace and adopt (or create) its correlation id."""
     info = method_info(full_method)
     carrier = carrier_from_metadata(invocation_metadata)
-    span: Span | None = None
-    context: Context | None = None
     call_tracer = telemetry.call_tracer
-    if call_tracer is not None:
-        remote: Context | None = None
-        from_baggage: str | None = None
-        header = carrier.get("baggage")
-        if header is not None:
-            from_baggage = own_baggage_only(header)
-            if from_baggage is None:  # other entries: the generic parser keeps them all
-                remote = BAGGAGE_PROPAGATOR.extract(carrier)
-                found = baggage.get_baggage(CORRELATION_BAGGAGE_KEY, remote)
-                from_baggage = found if isinstance(found, str) else None
-        correlation = choose_correlation_id(carrier.get(CORRELATION_METADATA_KEY), from_baggage)
-        traceparent = carrier.get("traceparent")
-        parent = parse_traceparent(traceparent, carrier.get("tracestate")) if traceparent else None
-        started = call_tracer.start(
-            info.name, SpanKind.SERVER, parent, info.base, {CORRELATION_ATTRIBUTE: correlation}
-        )
-        if remote is None:  # the usual case: build the handler's context in one step
-            context = Context({_SPAN_KEY: started, _BAGGAGE_KEY: {CORRELATION_BAGGAGE_KEY: correlation}})
-        else:
-            context = trace.set_span_in_context(started, context_with_correlation(correlation, remote))
-        if started.is_recording():
-            span = started
-    elif telemetry.tracing:
-        remote, correlation = extract_carrier(carrier)
-        span = telemetry.tracer.start_span(
+    if call_tracer is None and telemetry.tracing:  # a handle built around another tracer: the SDK path
+        extracted, correlation = extract_carrier(carrier)
+        sdk_span = telemetry.tracer.start_span(
             info.name,
-            context=remote,
+            context=extracted,
             kind=SpanKind.SERVER,
             attributes={**info.base, CORRELATION_ATTRIBUTE: correlation},
         )
-        context = trace.set_span_in_context(span, remote)
-    elif "traceparent" in carrier or "baggage" in carrier:
-        # A traced caller, an untraced service: its trace context and baggage pass through the
-        # handler (nested calls continue the caller's trace), with the correlation id adopted.
-        context, correlation = extract_carrier(carrier)
-    else:
+        sdk_context = trace.set_span_in_context(sdk_span, extracted)
+        return CallRecord(
+            telemetry, SpanKind.SERVER, info.service, info.method, correlation, sdk_span, sdk_context
+        )
+    if call_tracer is None and "traceparent" not in carrier and "baggage" not in carrier:
         correlation = choose_correlation_id(carrier.get(CORRELATION_METADATA_KEY))
+        return CallRecord(telemetry, SpanKind.SERVER, info.service, info.method, correlation, None, None)
+    parent, correlation, remote = _read_caller(carrier)
+    span: Span | None = None
+    if call_tracer is not None:
+        started: Span = call_tracer.start(
+            info.name, SpanKind.SERVER, parent, info.base, {CORRELATION_ATTRIBUTE: correlation}
+        )
+        if started.is_recording():
+            span = started
+    else:
+        # A traced caller, an untraced service (metrics or correlation ids only): the caller's trace
+        # context and baggage pass through the handler, so nested calls continue the caller's trace.
+        started = NonRecordingSpan(parent) if parent is not None else trace.INVALID_SPAN
+    if remote is None:  # the usual case: build the handler's context in one step
+        context = Context({_SPAN_KEY: started, _BAGGAGE_KEY: {CORRELATION_BAGGAGE_KEY: correlation}})
+    else:
+        context = trace.set_span_in_context(started, context_with_correlation(correlation, remote))
     return CallRecord(telemetry, SpanKind.SERVER, info.service, info.method, correlation, span, context)
+
+
+def _read_caller(carrier: Mapping[str, str]) -> tuple[trace.SpanContext | None, str, Context | None]:
+    """The caller's span context, the correlation id to adopt, and its baggage when it holds more.
+
+    The last item is None when the baggage holds nothing but rpcmesh's entry (read without the
+    generic parser); else the context the generic baggage parser built, every entry in it.
+    """
+    remote: Context | None = None
+    from_baggage: str | None = None
+    header = carrier.get("baggage")
+    if header is not None:
+        from_baggage = own_baggage_only(header)
+        if from_baggage is None:  # other entries: the generic parser keeps them all
+            remote = BAGGAGE_PROPAGATOR.extract(carrier)
+            found = baggage.get_baggage(CORRELATION_BAGGAGE_KEY, remote)
+            from_baggage = found if isinstance(found, str) else None
+    correlation = choose_correlation_id(carrier.get(CORRELATION_METADATA_KEY), from_baggage)
+    traceparent = carrier.get("traceparent")
+    parent = parse_traceparent(traceparent, carrier.get("tracestate")) if traceparent else None
+    return parent, correlation, remote
 
 
 _peers: dict[str, tuple[str | None, int | None]] = {}

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from opentelemetry import baggage, trace
 from opentelemetry import context as otel_context
-from opentelemetry import trace
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
@@ -75,3 +75,21 @@ def test_untraced_service_passes_a_traced_callers_trace_on(metrics_only: Telemet
     assert parent is not None and parent.trace_id == caller_context.trace_id
     assert parent.span_id == caller_context.span_id
     assert caller.correlation in headers["baggage"] and headers["x-correlation-id"] == caller.correlation
+
+
+def test_untraced_service_keeps_every_baggage_entry_of_the_caller(metrics_only: Telemetry) -> None:
+    sent = [("traceparent", TRACEPARENT), ("baggage", "tenant=acme,rpcmesh.correlation_id=corr-7")]
+    server = begin_server_call(metrics_only, METHOD, sent)
+    assert server.span is None and server.correlation == "corr-7"
+    assert server.context is not None
+    assert baggage.get_all(server.context) == {"tenant": "acme", "rpcmesh.correlation_id": "corr-7"}
+    remote = trace.get_current_span(server.context).get_span_context()
+    assert (f"{remote.trace_id:032x}", f"{remote.span_id:016x}") == (
+        "0af7651916cd43dd8448eb211c80319c",
+        "b7ad6b7169203331",
+    )
+
+
+def test_untraced_service_without_trace_headers_builds_no_context(metrics_only: Telemetry) -> None:
+    server = begin_server_call(metrics_only, METHOD, [("x-correlation-id", "plain-1")])
+    assert server.context is None and server.correlation == "plain-1"
