@@ -56,8 +56,8 @@ def attempt_metadata(metadata: MetadataLike, attempt: int) -> tuple[tuple[str, s
     if incoming is not None and incoming.request_id and all(k != REQUEST_ID_KEY for k, _ in items):
         items.append((REQUEST_ID_KEY, incoming.request_id))
     if correlation is not None and all(k != CORRELATION_METADATA_KEY for k, _ in items):
-        # Telemetry off: the correlation id still travels (the tracing interceptors, when on,
-        # replace this entry with their own).
+        # Telemetry off: the correlation id still travels (the attempt tracing, when on,
+        # replaces this entry with its own).
         items.append((CORRELATION_METADATA_KEY, correlation))
     return tuple(items)
 

@@ -2,7 +2,7 @@
 
 A logical call (all its retries and hedges) gets one INTERNAL span named
 ``service/method``; each attempt is a CLIENT span of its own, made by the
-tracing interceptors on the instance's sub-channel, as a child of it (so the
+traced sub-channel of the instance (``trace_aio_channel``), as a child of it (so the
 server span of each attempt hangs under its attempt). Attempts, breaker
 rejections and breaker transitions are events on the logical span, counted in
 the metrics by :mod:`rpcmesh.telemetry`. One correlation id serves every attempt.

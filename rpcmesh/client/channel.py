@@ -12,9 +12,9 @@ the method's policy says. The decisions are made by
 Interceptor order: the mesh layer (deadline, breaker, retries, hedging, picking)
 is outermost, around the whole call; client interceptors given to the Mesh run
 per attempt, on each sub-channel, the first listed outermost. With telemetry on,
-the call has a span of its own (:mod:`rpcmesh.client._telemetry`) and the
-tracing interceptors come first on each sub-channel, so every attempt is a
-CLIENT span under it.
+the call has a span of its own (:mod:`rpcmesh.client._telemetry`) and each
+sub-channel is traced around its interceptors (``trace_aio_channel``), so every
+attempt is a CLIENT span under it.
 """
 
 from __future__ import annotations

@@ -44,9 +44,10 @@ class Mesh:
             ``ClientSecurity.from_env()`` when None (plaintext when nothing is set).
         telemetry: The telemetry handle to record into; None follows
             ``rpcmesh.telemetry.get_telemetry()``. While it is active every call gets
-            a span with one CLIENT span per attempt under it (the tracing interceptors
-            are listed before ``interceptors``); while it is off no interceptor is added
-            and only a current correlation id travels (``x-correlation-id``).
+            a span with one CLIENT span per attempt under it (each sub-channel is wrapped by
+            ``trace_aio_channel``, so ``interceptors`` run inside the attempt's span); while
+            it is off nothing is added and only a current correlation id travels
+            (``x-correlation-id``).
     """
 
     def __init__(

@@ -7,7 +7,7 @@ one started after a crash, so participants' spans join the trace the saga was st
 
 With tracing on, each call gets an INTERNAL span (``saga.step reserve``,
 ``saga.compensate reserve``) whose parent is the stored context; the mesh's call span and
-its CLIENT attempt spans nest under it, and the mesh's tracing interceptors write
+its CLIENT attempt spans nest under it, and the mesh's attempt tracing writes
 ``traceparent``/``baggage``/``x-correlation-id`` for each attempt (so the stored
 ``traceparent`` is not sent as well). With tracing off only the correlation id is made
 current (one contextvar write) and the engine sends the stored headers explicitly, so
