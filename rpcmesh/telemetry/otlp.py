@@ -6,13 +6,14 @@ through ``json.dumps``) and then serializes it; in the export thread of a busy p
 costs several times the span's own recording. RPC spans repeat almost everything
 (``rpc.system``, ``rpc.service``, ``rpc.method``, the server address, the status code), so
 ``encode_spans_bytes`` writes the ``ExportTraceServiceRequest`` wire format directly: each
-repeated attribute is serialized once and its bytes reused; high-cardinality values
-(correlation ids, peer ports, anything unhashable), events and links go through the SDK's own
-encoders per span. Resource and scope are serialized once per group. The bytes parse to the
-same message ``encode_spans`` builds (a test pins that).
+repeated attribute is serialized once and its bytes reused (span events' attributes too);
+high-cardinality values (correlation ids, anything unhashable) are written per span, links go
+through the SDK's own encoder. Resource and scope are serialized once per group. The bytes parse
+to the same message ``encode_spans`` builds (a test pins that).
 
 ``CachingOtlpSpanExporter`` is ``OTLPSpanExporter`` (same arguments, retries, TLS, headers,
-compression) whose stub sends those bytes as they are.
+compression) whose stub sends those bytes as they are, a large batch as several requests of at
+most ``MAX_REQUEST_BYTES``.
 """
 
 from __future__ import annotations
