@@ -7,10 +7,11 @@ hand. Not thread-safe: the embedded store guards it with a lock.
 
 from __future__ import annotations
 
-import heapq
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from rpcmesh.controlplane.registry.deadline_queue import DeadlineQueue
 
 Clock = Callable[[], float]
 
@@ -34,7 +35,7 @@ class LeaseTable:
     def __init__(self, clock: Clock = time.monotonic) -> None:
         self._clock = clock
         self._leases: dict[str, Lease] = {}
-        self._heap: list[tuple[float, str]] = []
+        self._deadlines: DeadlineQueue[str] = DeadlineQueue()
 
     def __len__(self) -> int:
         return len(self._leases)
@@ -50,7 +51,7 @@ class LeaseTable:
         """Create or replace a lease; it expires ttl_ms from now."""
         lease = Lease(lease_id, key, token_hash, ttl_ms, self._clock() + ttl_ms / 1000)
         self._leases[lease_id] = lease
-        heapq.heappush(self._heap, (lease.deadline, lease_id))
+        self._deadlines.set(lease_id, lease.deadline)
         return lease
 
     def renew(self, lease_id: str) -> Lease | None:
@@ -60,36 +61,19 @@ class LeaseTable:
         if lease is None or lease.deadline <= now:
             return None
         lease.deadline = now + lease.ttl_ms / 1000
-        heapq.heappush(self._heap, (lease.deadline, lease_id))
+        self._deadlines.set(lease_id, lease.deadline)
         return lease
 
     def revoke(self, lease_id: str) -> Lease | None:
         """Forget a lease (its instance was deregistered)."""
+        self._deadlines.discard(lease_id)
         return self._leases.pop(lease_id, None)
 
     def pop_expired(self, limit: int = 1000) -> list[Lease]:
-        """Remove and return up to ``limit`` leases whose deadline has passed."""
-        now = self._clock()
-        expired: list[Lease] = []
-        while self._heap and len(expired) < limit:
-            deadline, lease_id = self._heap[0]
-            if deadline > now:
-                break
-            heapq.heappop(self._heap)
-            lease = self._leases.get(lease_id)
-            # Renewals push a new heap entry; stale entries are skipped here.
-            if lease is not None and lease.deadline == deadline:
-                del self._leases[lease_id]
-                expired.append(lease)
-        return expired
+        """Remove and return up to ``limit`` leases whose deadline has passed, earliest first."""
+        return [self._leases.pop(lease_id) for lease_id in self._deadlines.pop_due(self._clock(), limit)]
 
     def seconds_to_next_deadline(self) -> float | None:
-        """How long until the earliest deadline (may be stale-early); None when empty."""
-        while self._heap:
-            deadline, lease_id = self._heap[0]
-            lease = self._leases.get(lease_id)
-            if lease is None or lease.deadline != deadline:
-                heapq.heappop(self._heap)
-                continue
-            return max(0.0, deadline - self._clock())
-        return None
+        """How long until the earliest deadline; None when empty."""
+        deadline = self._deadlines.next_deadline()
+        return None if deadline is None else max(0.0, deadline - self._clock())

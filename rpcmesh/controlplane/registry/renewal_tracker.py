@@ -15,11 +15,11 @@ Not thread-safe: it lives on the event loop.
 
 from __future__ import annotations
 
-import heapq
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from rpcmesh.controlplane.registry.deadline_queue import DeadlineQueue
 from rpcmesh.controlplane.registry.leases import Clock
 
 
@@ -50,7 +50,7 @@ class RenewalTracker:
     def __init__(self, clock: Clock = time.monotonic) -> None:
         self._clock = clock
         self._leases: dict[str, TrackedLease] = {}
-        self._heap: list[tuple[float, str]] = []
+        self._deadlines: DeadlineQueue[str] = DeadlineQueue()
 
     def __len__(self) -> int:
         return len(self._leases)
@@ -65,7 +65,7 @@ class RenewalTracker:
     def _set(self, lease_id: str, ttl_ms: int, renewals: int) -> TrackedLease:
         lease = TrackedLease(lease_id, ttl_ms, renewals, self._clock() + ttl_ms / 1000)
         self._leases[lease_id] = lease
-        heapq.heappush(self._heap, (lease.deadline, lease_id))
+        self._deadlines.set(lease_id, lease.deadline)
         return lease
 
     def take_over(self, sightings: Iterable[Sighting]) -> None:
@@ -89,36 +89,19 @@ class RenewalTracker:
     def forget(self, lease_id: str) -> None:
         """The lease is gone from the store (expired, deregistered or replaced)."""
         self._leases.pop(lease_id, None)
+        self._deadlines.discard(lease_id)
 
     def clear(self) -> None:
         """Forget everything (leadership lost)."""
         self._leases.clear()
-        self._heap.clear()
+        self._deadlines.clear()
 
     def due(self, limit: int = 1000) -> list[TrackedLease]:
         """Up to ``limit`` leases past their deadline, earliest first; they stay tracked.
 
         The caller tries a conditional delete of each, then calls :meth:`settle`.
         """
-        now = self._clock()
-        found: list[TrackedLease] = []
-        seen: set[str] = set()
-        kept: list[tuple[float, str]] = []
-        while self._heap and len(found) < limit:
-            deadline, lease_id = self._heap[0]
-            if deadline > now:
-                break
-            heapq.heappop(self._heap)
-            lease = self._leases.get(lease_id)
-            # Every reset pushes a new heap entry; stale ones are dropped here.
-            if lease is None or lease.deadline != deadline or lease_id in seen:
-                continue
-            seen.add(lease_id)
-            found.append(lease)
-            kept.append((deadline, lease_id))
-        for entry in kept:
-            heapq.heappush(self._heap, entry)
-        return found
+        return [self._leases[lease_id] for lease_id in self._deadlines.due(self._clock(), limit)]
 
     def settle(self, lease_id: str, current: int | None) -> bool:
         """Record the outcome of an expiry attempt on a due lease.
@@ -140,11 +123,5 @@ class RenewalTracker:
 
     def seconds_to_next_deadline(self) -> float | None:
         """How long until the earliest deadline; None when nothing is tracked."""
-        while self._heap:
-            deadline, lease_id = self._heap[0]
-            lease = self._leases.get(lease_id)
-            if lease is None or lease.deadline != deadline:
-                heapq.heappop(self._heap)
-                continue
-            return max(0.0, deadline - self._clock())
-        return None
+        deadline = self._deadlines.next_deadline()
+        return None if deadline is None else max(0.0, deadline - self._clock())
