@@ -30,7 +30,6 @@ from rpcmesh.telemetry.correlation import (
 from rpcmesh.telemetry.propagation import (
     BAGGAGE_PROPAGATOR,
     PROPAGATED_KEYS,
-    carrier_from_metadata,
     context_with_correlation,
     extract_carrier,
     inject_carrier,
@@ -296,28 +295,46 @@ def _pass_trace_through(metadata: Iterable[tuple[str, Any]] | None, outgoing: li
 
 
 def begin_server_call(
-    telemetry: Telemetry, full_method: str, invocation_metadata: Iterable[Any] | None
+    telemetry: Telemetry, method: str | MethodInfo, invocation_metadata: Iterable[Any] | None
 ) -> CallRecord:
-    """Start a server call: continue the caller's trace and adopt (or create) its correlation id."""
-    info = method_info(full_method)
-    carrier = carrier_from_metadata(invocation_metadata)
+    """Start a server call: continue the caller's trace and adopt (or create) its correlation id.
+
+    Args:
+        telemetry: The handle to record into.
+        method: The full method name, or its ``method_info`` (handler wrappers look it up once).
+        invocation_metadata: The call's metadata (pairs or ``Metadatum``).
+    """
+    info = method if isinstance(method, MethodInfo) else method_info(method)
+    # One pass over the metadata for the four propagation keys (the last of a repeated key wins).
+    traceparent = tracestate = header = sent = None
+    for item in invocation_metadata or ():
+        key = item[0]
+        if key in PROPAGATED_KEYS and isinstance(item[1], str):
+            if key == "traceparent":
+                traceparent = item[1]
+            elif key == "baggage":
+                header = item[1]
+            elif key == CORRELATION_METADATA_KEY:
+                sent = item[1]
+            else:
+                tracestate = item[1]
     call_tracer = telemetry.call_tracer
-    if call_tracer is None and telemetry.tracing:  # a handle built around another tracer: the SDK path
-        extracted, correlation = extract_carrier(carrier)
-        sdk_span = telemetry.tracer.start_span(
-            info.name,
-            context=extracted,
-            kind=SpanKind.SERVER,
-            attributes={**info.base, CORRELATION_ATTRIBUTE: correlation},
-        )
-        sdk_context = trace.set_span_in_context(sdk_span, extracted)
-        return CallRecord(
-            telemetry, SpanKind.SERVER, info.service, info.method, correlation, sdk_span, sdk_context
-        )
-    if call_tracer is None and "traceparent" not in carrier and "baggage" not in carrier:
-        correlation = choose_correlation_id(carrier.get(CORRELATION_METADATA_KEY))
-        return CallRecord(telemetry, SpanKind.SERVER, info.service, info.method, correlation, None, None)
-    parent, correlation, remote = _read_caller(carrier)
+    if call_tracer is None:
+        if telemetry.tracing:  # a handle built around another tracer: the SDK path
+            return _begin_sdk_server_call(telemetry, info, traceparent, tracestate, header, sent)
+        if traceparent is None and header is None:
+            correlation = choose_correlation_id(sent)
+            return CallRecord(telemetry, SpanKind.SERVER, info.service, info.method, correlation, None, None)
+    remote: Context | None = None  # set when the baggage holds more than rpcmesh's entry
+    from_baggage: str | None = None
+    if header is not None:
+        from_baggage = own_baggage_only(header)
+        if from_baggage is None:  # other entries: the generic parser keeps them all
+            remote = BAGGAGE_PROPAGATOR.extract({"baggage": header})
+            found = baggage.get_baggage(CORRELATION_BAGGAGE_KEY, remote)
+            from_baggage = found if isinstance(found, str) else None
+    correlation = choose_correlation_id(sent, from_baggage)
+    parent = parse_traceparent(traceparent, tracestate) if traceparent else None
     span: Span | None = None
     if call_tracer is not None:
         started: Span = call_tracer.start(
@@ -336,25 +353,28 @@ def begin_server_call(
     return CallRecord(telemetry, SpanKind.SERVER, info.service, info.method, correlation, span, context)
 
 
-def _read_caller(carrier: Mapping[str, str]) -> tuple[trace.SpanContext | None, str, Context | None]:
-    """The caller's span context, the correlation id to adopt, and its baggage when it holds more.
-
-    The last item is None when the baggage holds nothing but rpcmesh's entry (read without the
-    generic parser); else the context the generic baggage parser built, every entry in it.
-    """
-    remote: Context | None = None
-    from_baggage: str | None = None
-    header = carrier.get("baggage")
-    if header is not None:
-        from_baggage = own_baggage_only(header)
-        if from_baggage is None:  # other entries: the generic parser keeps them all
-            remote = BAGGAGE_PROPAGATOR.extract(carrier)
-            found = baggage.get_baggage(CORRELATION_BAGGAGE_KEY, remote)
-            from_baggage = found if isinstance(found, str) else None
-    correlation = choose_correlation_id(carrier.get(CORRELATION_METADATA_KEY), from_baggage)
-    traceparent = carrier.get("traceparent")
-    parent = parse_traceparent(traceparent, carrier.get("tracestate")) if traceparent else None
-    return parent, correlation, remote
+def _begin_sdk_server_call(
+    telemetry: Telemetry,
+    info: MethodInfo,
+    traceparent: str | None,
+    tracestate: str | None,
+    header: str | None,
+    sent: str | None,
+) -> CallRecord:
+    """A server call on a handle without a ``CallTracer``: the SDK tracer and the generic propagators."""
+    found = {"traceparent": traceparent, "tracestate": tracestate, "baggage": header}
+    carrier = {key: value for key, value in found.items() if value is not None}
+    if sent is not None:
+        carrier[CORRELATION_METADATA_KEY] = sent
+    extracted, correlation = extract_carrier(carrier)
+    sdk_span = telemetry.tracer.start_span(
+        info.name,
+        context=extracted,
+        kind=SpanKind.SERVER,
+        attributes={**info.base, CORRELATION_ATTRIBUTE: correlation},
+    )
+    context = trace.set_span_in_context(sdk_span, extracted)
+    return CallRecord(telemetry, SpanKind.SERVER, info.service, info.method, correlation, sdk_span, context)
 
 
 _peers: dict[str, tuple[str | None, int | None]] = {}

@@ -32,6 +32,7 @@ from rpcmesh.telemetry._calls import (
     CallRecord,
     begin_client_call,
     begin_server_call,
+    method_info,
     set_peer,
     status_code_of,
 )
@@ -236,12 +237,13 @@ def wrap_server_handler(
         method: The full method name (``/echo.v1.Echo/Echo``).
         telemetry: The handle; None: ``get_telemetry()`` at each call (fully off: the call passes through).
     """
+    info = method_info(method)
 
     def start(context: grpc.aio.ServicerContext[Any, Any]) -> CallRecord | None:
         current = telemetry or get_telemetry()
         if not current.propagate_correlation:
             return None
-        record = begin_server_call(current, method, context.invocation_metadata())
+        record = begin_server_call(current, info, context.invocation_metadata())
         if record.span is not None:
             set_peer(record, context.peer())
         # Each grpc.aio RPC runs in its own task (a copy of the context): nothing to reset afterwards.

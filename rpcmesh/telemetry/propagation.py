@@ -66,18 +66,6 @@ def extract_carrier(carrier: Mapping[str, str]) -> tuple[Context, str]:
     return context_with_correlation(correlation, context), correlation
 
 
-def carrier_from_metadata(metadata: Iterable[Any] | None) -> dict[str, str]:
-    """The propagation entries of gRPC metadata (pairs or ``Metadatum``), as a dict."""
-    carrier: dict[str, str] = {}
-    if not metadata:
-        return carrier
-    for item in metadata:
-        key, value = item[0], item[1]
-        if key in PROPAGATED_KEYS and isinstance(value, str):
-            carrier[key] = value
-    return carrier
-
-
 def inject_metadata(
     metadata: Iterable[tuple[str, Any]] | None, correlation: str | None = None
 ) -> list[tuple[str, Any]]:
