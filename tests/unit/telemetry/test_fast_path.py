@@ -51,6 +51,12 @@ def test_traceparent_round_trip_matches_the_otel_propagator() -> None:
         True,
     )
     assert parsed.trace_state.to_header() == "vendor=1"
+    # Built without SpanContext's constructor: the same tuple, field for field, as the SDK's own.
+    assert parsed == expected and parsed.is_valid
+    plain = parse_traceparent(header)
+    assert plain == trace.SpanContext(
+        0xABC, 0x12, is_remote=True, trace_flags=trace.TraceFlags(0x03), trace_state=trace.TraceState()
+    )
 
 
 @pytest.mark.parametrize(
