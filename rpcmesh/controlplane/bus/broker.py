@@ -36,6 +36,7 @@ from rpcmesh.controlplane.bus.group_state import Dead, GroupState
 from rpcmesh.controlplane.bus.node_link import NodeLink
 from rpcmesh.controlplane.bus.store import AppendResult, BusStore, GroupRecord, NativeGroupStore
 from rpcmesh.controlplane.bus.validation import SubscriptionSettings
+from rpcmesh.controlplane.tasks import stop_tasks
 from rpcmesh.errors import (
     DeadlineExceededError,
     NotFoundError,
@@ -390,10 +391,8 @@ class Broker:
         """End subscriptions, persist progress and close the store."""
         for subscription in list(self._subscriptions):
             await subscription.close()
-        tasks = [*self._tasks, *[runtime.task for runtime in self._groups.values() if runtime.task]]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        # Housekeeping and dispatchers call the store (NATS requests can swallow one cancel).
+        await stop_tasks([*self._tasks, *[runtime.task for runtime in self._groups.values() if runtime.task]])
         for runtime in list(self._groups.values()):
             if isinstance(runtime, ConsumerGroupRuntime):
                 await runtime.close()

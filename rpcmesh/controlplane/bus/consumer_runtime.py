@@ -27,6 +27,7 @@ from rpcmesh.controlplane.bus.consumer_policy import over_delivered
 from rpcmesh.controlplane.bus.group_state import Dead, DeliveryPolicy
 from rpcmesh.controlplane.bus.redelivery import exhausted, redelivery_delay
 from rpcmesh.controlplane.bus.store import GroupConsumer
+from rpcmesh.controlplane.tasks import stop_tasks
 from rpcmesh.v1 import bus_pb2
 
 if TYPE_CHECKING:
@@ -170,10 +171,8 @@ class ConsumerGroupRuntime:
         if self._closed:
             return
         self._closed = True
-        if self.task is not None and self.task is not asyncio.current_task():
-            self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self.task
+        if self.task is not None:
+            await stop_tasks([self.task])  # skips the current task; survives a swallowed cancel
         actions, self._actions = self._actions, []
         with contextlib.suppress(Exception):
             await self.consumer.settle(actions)

@@ -44,6 +44,7 @@ from rpcmesh.controlplane.bus import jetstream_group
 from rpcmesh.controlplane.bus.group_state import DeliveryPolicy
 from rpcmesh.controlplane.bus.node_link import NodeLink
 from rpcmesh.controlplane.bus.store import AppendResult, GroupRecord, RetentionPolicy, TopicStats
+from rpcmesh.controlplane.tasks import stop_tasks
 from rpcmesh.errors import NotFoundError, UnavailableError
 from rpcmesh.v1 import bus_pb2
 
@@ -118,9 +119,7 @@ class NatsBusStore:
     async def close(self) -> None:
         """Close readers and the connection."""
         if self._refresher is not None:
-            self._refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._refresher
+            await stop_tasks([self._refresher])  # its stream_info calls can swallow one cancel
         for cache in self._topics.values():
             for reader in cache.readers.values():
                 with contextlib.suppress(Exception):
