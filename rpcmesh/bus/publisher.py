@@ -34,6 +34,7 @@ from rpcmesh.errors import (
     from_rpc_error,
     from_status,
 )
+from rpcmesh.tasks import stop_tasks
 from rpcmesh.telemetry import inject_message_headers, producer_span
 from rpcmesh.v1 import bus_pb2, bus_pb2_grpc
 
@@ -224,9 +225,7 @@ class Publisher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
         if self._flusher is not None:
-            self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
+            await stop_tasks([self._flusher])
 
 
 class SyncPublisher:

@@ -37,6 +37,7 @@ from google.protobuf.message import Message
 
 from rpcmesh.bus.payloads import decode
 from rpcmesh.errors import RpcMeshError, StatusError, from_rpc_error
+from rpcmesh.tasks import stop_tasks
 from rpcmesh.telemetry import consumer_span, record_dead_letter
 from rpcmesh.v1 import bus_pb2, bus_pb2_grpc
 
@@ -183,9 +184,7 @@ class Subscriber:
     async def stop(self) -> None:
         """End the subscription; handlers still running are cancelled (their messages come back)."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop_tasks([self._task])
             self._task = None
 
     async def run(self) -> None:

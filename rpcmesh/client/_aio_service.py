@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -17,6 +16,7 @@ from rpcmesh.client.endpoints import EndpointChanges, ServiceCore
 from rpcmesh.client.picker import EndpointState
 from rpcmesh.client.policy import ServicePolicy
 from rpcmesh.security.client import ClientSecurity, aio_channel
+from rpcmesh.tasks import stop_tasks
 from rpcmesh.telemetry.aio_channel import trace_aio_channel
 from rpcmesh.telemetry.setup import Telemetry, get_telemetry
 from rpcmesh.v1 import registry_pb2, registry_pb2_grpc
@@ -145,20 +145,11 @@ class AioService:
     async def close(self) -> None:
         """Stop the watch and close every sub-channel."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop_tasks([self._task])
             self._task = None
-        for monitor in self._monitors.values():
-            monitor.cancel()
-        for monitor in list(self._monitors.values()):
-            with contextlib.suppress(asyncio.CancelledError):
-                await monitor
+        await stop_tasks(self._monitors.values())
         self._monitors.clear()
-        for task in list(self._closing):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_tasks(list(self._closing))
         for endpoint in self.core.clear():
             channel = endpoint.extra.pop(CHANNEL_KEY, None)
             if isinstance(channel, grpc.aio.Channel):

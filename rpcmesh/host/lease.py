@@ -11,7 +11,6 @@ exponential backoff, rotating over the configured Registry addresses.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Sequence
 
@@ -21,6 +20,7 @@ from google.protobuf import duration_pb2
 
 from rpcmesh.client.backoff import ExponentialBackoff
 from rpcmesh.security.client import ClientSecurity, aio_channel
+from rpcmesh.tasks import stop_tasks
 from rpcmesh.v1 import registry_pb2, registry_pb2_grpc
 
 __all__ = ["LeaseKeeper", "LeaseLostError"]
@@ -100,9 +100,7 @@ class LeaseKeeper:
     async def stop(self, *, deregister: bool = True) -> None:
         """Stop renewing; report NOT_SERVING and deregister (best effort)."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop_tasks([self._task])
             self._task = None
         if deregister and self._lease_token and self._stub is not None:
             try:

@@ -36,7 +36,6 @@ from rpcmesh.controlplane.bus.group_state import Dead, GroupState
 from rpcmesh.controlplane.bus.node_link import NodeLink
 from rpcmesh.controlplane.bus.store import AppendResult, BusStore, GroupRecord, NativeGroupStore
 from rpcmesh.controlplane.bus.validation import SubscriptionSettings
-from rpcmesh.controlplane.tasks import stop_tasks
 from rpcmesh.errors import (
     DeadlineExceededError,
     NotFoundError,
@@ -44,6 +43,7 @@ from rpcmesh.errors import (
     UnavailableError,
     invalid_argument,
 )
+from rpcmesh.tasks import stop_tasks
 from rpcmesh.telemetry import get_telemetry
 from rpcmesh.v1 import bus_pb2
 

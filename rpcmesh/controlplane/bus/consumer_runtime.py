@@ -27,7 +27,7 @@ from rpcmesh.controlplane.bus.consumer_policy import over_delivered
 from rpcmesh.controlplane.bus.group_state import Dead, DeliveryPolicy
 from rpcmesh.controlplane.bus.redelivery import exhausted, redelivery_delay
 from rpcmesh.controlplane.bus.store import GroupConsumer
-from rpcmesh.controlplane.tasks import stop_tasks
+from rpcmesh.tasks import stop_tasks
 from rpcmesh.v1 import bus_pb2
 
 if TYPE_CHECKING:

@@ -44,8 +44,8 @@ from rpcmesh.controlplane.bus import jetstream_group
 from rpcmesh.controlplane.bus.group_state import DeliveryPolicy
 from rpcmesh.controlplane.bus.node_link import NodeLink
 from rpcmesh.controlplane.bus.store import AppendResult, GroupRecord, RetentionPolicy, TopicStats
-from rpcmesh.controlplane.tasks import stop_tasks
 from rpcmesh.errors import NotFoundError, UnavailableError
+from rpcmesh.tasks import stop_tasks
 from rpcmesh.v1 import bus_pb2
 
 logger = logging.getLogger(__name__)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import itertools
 import json
 import logging
@@ -35,6 +34,7 @@ from typing import Any, TypeVar
 
 from rpcmesh.controlplane.bus.store import AppendResult, GroupRecord, RetentionPolicy, TopicStats
 from rpcmesh.errors import NotFoundError
+from rpcmesh.tasks import stop_tasks
 from rpcmesh.v1 import bus_pb2
 
 logger = logging.getLogger(__name__)
@@ -188,9 +188,7 @@ class SqliteBusStore:
     async def close(self) -> None:
         """Finish queued writes and close the connections."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop_tasks([self._task])
             self._task = None
         if self._queue:
             batch, self._queue = self._queue, []

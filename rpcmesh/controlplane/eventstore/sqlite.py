@@ -10,7 +10,6 @@ their own thread; WAL lets them run beside the writer.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import sqlite3
 import time
@@ -30,6 +29,7 @@ from rpcmesh.controlplane.eventstore.model import (
     prefix_upper_bound,
 )
 from rpcmesh.controlplane.eventstore.storage import AppendSignal
+from rpcmesh.tasks import stop_tasks
 
 _T = TypeVar("_T")
 
@@ -135,9 +135,7 @@ class SqliteEventStorage:
         """Stop the writer, fail queued appends, close both connections."""
         self._closed = True
         if self._writer_task is not None:
-            self._writer_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._writer_task
+            await stop_tasks([self._writer_task])
         for item in self._queue:
             if not item.future.done():
                 item.future.set_exception(RuntimeError("event store closed"))

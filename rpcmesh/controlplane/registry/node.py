@@ -10,7 +10,6 @@ client reads its own writes on the node it wrote through.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -20,6 +19,7 @@ from rpcmesh.controlplane.registry.settings import RegistrySettings
 from rpcmesh.controlplane.registry.store import Decide, RegistryStore
 from rpcmesh.controlplane.registry.view import RegistryView
 from rpcmesh.controlplane.registry.watch import WatchHub
+from rpcmesh.tasks import stop_tasks
 from rpcmesh.telemetry.setup import get_telemetry
 from rpcmesh.v1 import registry_pb2
 
@@ -57,9 +57,7 @@ class RegistryNode:
         """End watches, stop expiry and close the store."""
         self.hub.close()
         if self._expiry_task is not None:
-            self._expiry_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._expiry_task
+            await stop_tasks([self._expiry_task])
             self._expiry_task = None
         await self.store.close()
         for _, future in self._waiters:

@@ -40,6 +40,7 @@ from rpcmesh.controlplane.registry.model import Change, Committed, Event, Stored
 from rpcmesh.controlplane.registry.renewal_tracker import RenewalTracker, Sighting
 from rpcmesh.controlplane.registry.store import Decide, EventSink, Loaded
 from rpcmesh.errors import NotFoundError, OutOfRangeError, PermissionDeniedError
+from rpcmesh.tasks import stop_tasks
 from rpcmesh.v1 import registry_pb2
 
 logger = logging.getLogger(__name__)
@@ -169,11 +170,7 @@ class PostgresRegistryStore:
 
     async def close(self) -> None:
         """Stop tailing and close the pool."""
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_tasks(self._tasks)
         self._tasks = []
         self._leader = False
         self._tracker.clear()

@@ -22,6 +22,7 @@ from rpcmesh.controlplane.registry import transitions, validation
 from rpcmesh.controlplane.registry.damping import DamperState, observe
 from rpcmesh.controlplane.registry.model import DELETE, Event
 from rpcmesh.controlplane.registry.node import RegistryNode
+from rpcmesh.tasks import stop_tasks
 from rpcmesh.v1 import registry_pb2
 
 logger = logging.getLogger(__name__)
@@ -58,11 +59,7 @@ class HealthProber:
             self.node.listeners.remove(self._on_event)
         tasks = [task for _, task in self._tasks.values()]
         self._tasks.clear()
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_tasks(tasks)
 
     def __len__(self) -> int:
         return len(self._tasks)

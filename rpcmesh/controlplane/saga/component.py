@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
@@ -19,6 +18,7 @@ from rpcmesh.controlplane.saga.invoker import MeshStepInvoker, StepInvoker, chec
 from rpcmesh.controlplane.saga.security import coordinator_client_security
 from rpcmesh.controlplane.saga.servicer import SagaCoordinatorServicer
 from rpcmesh.security.client import ClientSecurity, aio_channel
+from rpcmesh.tasks import stop_tasks
 from rpcmesh.telemetry import Telemetry
 from rpcmesh.v1 import registry_pb2, registry_pb2_grpc, saga_pb2, saga_pb2_grpc
 
@@ -133,8 +133,6 @@ class SagaCoordinatorComponent:
         if self.ownership is not None:
             await self.ownership.stop()
         if self._resume_task is not None:
-            self._resume_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._resume_task
+            await stop_tasks([self._resume_task])
         if self.engine is not None:
             await self.engine.stop()

@@ -59,6 +59,7 @@ from rpcmesh.errors import (
     invalid_argument,
     status_code_name,
 )
+from rpcmesh.tasks import stop_tasks
 from rpcmesh.telemetry import Telemetry, get_telemetry, inject_metadata
 from rpcmesh.v1 import saga_pb2 as pb
 
@@ -224,12 +225,7 @@ class SagaEngine:
 
     async def _cancel_runners(self) -> None:
         """Cancel every saga's runner and wait until each has ended."""
-        tasks = [s.task for s in self._sagas.values() if s.task is not None]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await stop_tasks([s.task for s in self._sagas.values() if s.task is not None])
 
     # -- definitions ----------------------------------------------------------------------------
 

@@ -65,6 +65,7 @@ from rpcmesh.controlplane.saga.engine import (
     SagaEngine,
 )
 from rpcmesh.controlplane.saga.machine import ABORT_REQUESTED, SAGA_STARTED
+from rpcmesh.tasks import stop_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -162,11 +163,7 @@ class SagaOwnership:
     async def stop(self) -> None:
         """Stop following and contending; closing the lock connection frees the lock."""
         self._leader = False  # runners stop acting before another node can take the lock
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_tasks(self._tasks)
         self._tasks = []
 
     # -- the log ----------------------------------------------------------------------------------
@@ -269,9 +266,7 @@ class SagaOwnership:
             try:
                 await self._beat(conn, sent)
             finally:
-                announcer.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await announcer
+                await stop_tasks([announcer])
 
     async def _beat(self, conn: psycopg.AsyncConnection[Any], sent: float) -> None:
         """Heartbeat on the lock connection and hear nudges in between, until it fails."""

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from rpcmesh.controlplane.tasks import stop_tasks
+from rpcmesh.tasks import stop_tasks
 
 
 async def test_a_task_that_swallows_a_cancellation_is_cancelled_again() -> None:
