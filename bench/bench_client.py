@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -44,7 +43,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "examples")]
 
 import grpc.aio  # noqa: E402
+from bench_tracing import start_collector, stop_collector  # noqa: E402
 from echo.v1 import echo_pb2, echo_pb2_grpc  # noqa: E402
+from process_cpu import cpu_seconds  # noqa: E402
 
 from rpcmesh.client import Mesh, MeshPolicy, MethodPolicy, ServicePolicy  # noqa: E402
 from tests.support.processes import ManagedProcess, python_env, start_control_plane  # noqa: E402
@@ -166,50 +167,11 @@ def tracing_figures() -> dict[str, Any]:
     }
 
 
-_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int | None) -> float:
-    """CPU time (user + system, all threads) of a process so far; this process when ``pid`` is None."""
-    if pid is None:
-        return time.process_time()
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
-
-
-def start_otlp_receiver() -> tuple[subprocess.Popen[str], str]:
-    """bench_tracing.py's OTLP/gRPC trace receiver in a child process; returns it and its address."""
-    receiver = subprocess.Popen(
-        [sys.executable, str(ROOT / "bench" / "bench_tracing.py"), "--serve-collector"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
-    assert receiver.stdout is not None
-    line = receiver.stdout.readline()
-    if "listening on" not in line:
-        receiver.kill()
-        raise RuntimeError(f"OTLP receiver did not start: {line!r}")
-    return receiver, line.rsplit(" ", 1)[1].strip()
-
-
-def stop_otlp_receiver(receiver: subprocess.Popen[str]) -> int:
-    """Stop the receiver; returns the spans it received."""
-    assert receiver.stdin is not None and receiver.stdout is not None
-    receiver.stdin.close()
-    line = receiver.stdout.readline()
-    receiver.wait(timeout=30)
-    return int(line.split()[1]) if line.startswith("spans ") else 0
-
-
 async def mesh_tracing_figures(args: argparse.Namespace) -> dict[str, Any]:
     """The mesh path with telemetry on vs off: a traced and an untraced Echo host, two meshes."""
     from rpcmesh.telemetry import TelemetryConfig, setup_telemetry
 
-    receiver, receiver_address = start_otlp_receiver()
-    endpoint = f"http://{receiver_address}"
+    receiver, endpoint = start_collector()
     # Metrics are recorded for a Prometheus endpoint nobody scrapes: recording is the per-call cost.
     traced_env = {
         "OTEL_SERVICE_NAME": "echo-traced",
@@ -271,7 +233,7 @@ async def mesh_tracing_figures(args: argparse.Namespace) -> dict[str, Any]:
         for process in reversed(processes):
             process.kill()
         client_telemetry.shutdown()
-        spans = stop_otlp_receiver(receiver)
+        spans = stop_collector(receiver)
     paired = [on / off for on, off in zip(rates["on"], rates["off"], strict=True)]
     per_call = {mode: (c / n * 1e6, s / n * 1e6) for mode, (c, s, n) in cpu.items()}
     return {

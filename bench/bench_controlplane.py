@@ -46,10 +46,10 @@ sys.path[:0] = [str(ROOT)]
 import grpc  # noqa: E402
 import grpc.aio  # noqa: E402
 from google.protobuf import duration_pb2  # noqa: E402
+from process_cpu import cpu_seconds  # noqa: E402
 from rpcmesh.v1 import eventstore_pb2, eventstore_pb2_grpc, registry_pb2, registry_pb2_grpc  # noqa: E402
 
 STREAM_EVENTS = 10
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 async def serve_raw(data_dir: Path) -> None:
@@ -98,12 +98,6 @@ def _start(args: list[str]) -> tuple[subprocess.Popen[str], str]:
             return proc, line.rsplit(" ", 1)[1].strip()
     proc.kill()
     raise RuntimeError(f"server did not start: {args}")
-
-
-def _cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 Call = Callable[[int], Awaitable[None]]
@@ -178,11 +172,11 @@ async def _window(target: Target, call: Call, seconds: float, inflight: int) -> 
             await call(index)
             count += 1
 
-    cpu_before = _cpu_seconds(target.pid)
+    cpu_before = cpu_seconds(target.pid)
     started = time.perf_counter()
     await asyncio.gather(*(worker(index) for index in range(inflight)))
     elapsed = time.perf_counter() - started
-    cpu = _cpu_seconds(target.pid) - cpu_before
+    cpu = cpu_seconds(target.pid) - cpu_before
     return count / elapsed, cpu / max(count, 1) * 1e6
 
 

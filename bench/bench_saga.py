@@ -44,6 +44,7 @@ from google.protobuf import duration_pb2, wrappers_pb2
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from process_cpu import cpu_seconds  # noqa: E402
 from rpcmesh.v1 import (  # noqa: E402
     eventstore_pb2,
     eventstore_pb2_grpc,
@@ -57,16 +58,6 @@ from tests.support.processes import ManagedProcess, python_env, start_control_pl
 
 PARTICIPANT = ROOT / "tests" / "integration" / "saga" / "participant.py"
 SERVICES = ("ledger-a", "ledger-b", "ledger-c")
-
-
-_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (all its threads) so far."""
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICKS
 
 
 def _identity(data: bytes) -> bytes:

@@ -49,6 +49,7 @@ import grpc  # noqa: E402
 import grpc.aio  # noqa: E402
 from echo.servicer import EchoServicer  # noqa: E402
 from echo.v1 import echo_pb2, echo_pb2_grpc  # noqa: E402
+from process_cpu import cpu_seconds  # noqa: E402
 
 from rpcmesh.telemetry import (  # noqa: E402
     DISABLED,
@@ -189,18 +190,6 @@ async def serve(modes: list[str], ratio: float, endpoint: str | None) -> None:
         telemetry.shutdown()  # exports what is still queued
 
 
-def _cpu_seconds(pid: int | None) -> float:
-    """CPU time (user + system, all threads) of a process so far; this process when ``pid`` is None."""
-    if pid is None:
-        return time.process_time()
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
-
-
-_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
 async def _throughput(stub: echo_pb2_grpc.EchoStub, seconds: float, inflight: int) -> float:
     calls, elapsed = await _calls_in(stub, seconds, inflight)
     return calls / elapsed
@@ -274,13 +263,13 @@ async def run_tracing_bench(
             # Alternate the order too, so neither mode always runs right after the other.
             order = list(stubs.items()) if index % 2 == 0 else list(reversed(stubs.items()))
             for mode, stub in order:
-                client_cpu, server_cpu = _cpu_seconds(None), _cpu_seconds(pids.get(mode))
+                client_cpu, server_cpu = cpu_seconds(None), cpu_seconds(pids.get(mode))
                 started = time.perf_counter()
                 calls, _ = await _calls_in(stub, seconds, inflight)
                 _flush(telemetry, server)
                 elapsed = time.perf_counter() - started
-                cpu[mode][0] += _cpu_seconds(None) - client_cpu
-                cpu[mode][1] += _cpu_seconds(pids.get(mode)) - server_cpu
+                cpu[mode][0] += cpu_seconds(None) - client_cpu
+                cpu[mode][1] += cpu_seconds(pids.get(mode)) - server_cpu
                 cpu[mode][2] += calls
                 rates[mode].append(calls / elapsed)
                 p50s[mode].append(await _p50_ms(stub, 100))
@@ -347,9 +336,9 @@ async def decompose(
         for index in range(rounds):
             order = list(stubs.items()) if index % 2 == 0 else list(reversed(stubs.items()))
             for mode, stub in order:
-                before = _cpu_seconds(pid)
+                before = cpu_seconds(pid)
                 calls, _ = await _calls_in(stub, seconds, inflight)
-                totals[mode][0] += _cpu_seconds(pid) - before
+                totals[mode][0] += cpu_seconds(pid) - before
                 totals[mode][1] += calls
     finally:
         for channel in channels.values():
@@ -408,6 +397,21 @@ def _start(args: list[str]) -> tuple[subprocess.Popen[str], str]:
     return process, line.rsplit(" ", 1)[1].strip()
 
 
+def start_collector() -> tuple[subprocess.Popen[str], str]:
+    """The OTLP/gRPC trace receiver (``--serve-collector``) in a child process, and its endpoint URL."""
+    collector, address = _start(["--serve-collector"])
+    return collector, f"http://{address}"
+
+
+def stop_collector(collector: subprocess.Popen[str]) -> int | None:
+    """Stop the receiver; returns how many spans it received."""
+    assert collector.stdin is not None and collector.stdout is not None
+    collector.stdin.close()
+    line = collector.stdout.readline()
+    collector.wait(timeout=30)
+    return int(line.split()[1]) if line.startswith("spans ") else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--serve", help=argparse.SUPPRESS)  # comma-separated modes
@@ -455,8 +459,7 @@ def main() -> None:
     collector: subprocess.Popen[str] | None = None
     endpoint: str | None = None
     if args.exporter == "otlp":
-        collector, address = _start(["--serve-collector"])
-        endpoint = f"http://{address}"
+        collector, endpoint = start_collector()
     modes = ["off", "on"] + (["interceptors"] if args.with_interceptors else [])
     child_args = ["--sampler-ratio", str(args.sampler_ratio)] + (["--endpoint", endpoint] if endpoint else [])
     server, listening = _start(["--serve", ",".join(modes), *child_args])
@@ -478,11 +481,7 @@ def main() -> None:
         server.terminate()
         server.wait(timeout=30)
     if collector is not None:
-        assert collector.stdin is not None and collector.stdout is not None
-        collector.stdin.close()
-        line = collector.stdout.readline()
-        collector.wait(timeout=10)
-        figures["spans_received_by_collector"] = int(line.split()[1]) if line.startswith("spans ") else None
+        figures["spans_received_by_collector"] = stop_collector(collector)
     figures.update(per_call_microseconds(args.sampler_ratio))
     print(json.dumps(figures))
 
