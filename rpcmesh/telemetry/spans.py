@@ -45,18 +45,16 @@ from opentelemetry.trace import (
     Status,
     StatusCode,
     TraceFlags,
-    TraceState,
 )
 from opentelemetry.util import types
+
+from rpcmesh.telemetry.traceparent import EMPTY_TRACE_STATE, trusted_span_context
 
 logger = logging.getLogger(__name__)
 
 _SAMPLED = TraceFlags.SAMPLED
 _RANDOM = TraceFlags.RANDOM_TRACE_ID
 _LOW_64 = (1 << 64) - 1
-_FLAGS = {value: TraceFlags(value) for value in range(4)}
-_EMPTY_STATE = TraceState()
-_new_span_context = tuple.__new__
 _ids = random.Random()  # seeded from os.urandom; re-seeded in forked children so they never share ids
 os.register_at_fork(after_in_child=_ids.seed)
 
@@ -248,7 +246,7 @@ class CallTracer:
                 bits = self._random.getrandbits(192)
                 trace_id, span_id = bits >> 64, bits & _LOW_64
             flags = _RANDOM
-            state = _EMPTY_STATE
+            state = EMPTY_TRACE_STATE
         else:
             trace_id = parent.trace_id
             span_id = self._random.getrandbits(64) or 1
@@ -257,8 +255,7 @@ class CallTracer:
         sampled = self.sampled(parent, trace_id)
         if sampled:
             flags |= _SAMPLED
-        # SpanContext(...) without its range checks: both ids are known valid here.
-        context = _new_span_context(SpanContext, (trace_id, span_id, False, _FLAGS[flags], state, True))
+        context = trusted_span_context(trace_id, span_id, flags, state)  # both ids are known valid here
         if not sampled:
             return NonRecordingSpan(context)
         return CallSpan(self, name, context, parent, kind, base, attributes)

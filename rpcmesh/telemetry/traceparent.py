@@ -22,8 +22,19 @@ _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f
 _PLAIN_BAGGAGE_VALUE = re.compile(r"[A-Za-z0-9._-]+")
 _OWN_BAGGAGE_PREFIX = CORRELATION_BAGGAGE_KEY + "="
 _FLAGS = tuple(TraceFlags(value) for value in range(256))
-_EMPTY_STATE = TraceState()
-_new_span_context = tuple.__new__
+EMPTY_TRACE_STATE = TraceState()
+"""The shared empty ``TraceState`` (immutable)."""
+
+
+def trusted_span_context(
+    trace_id: int, span_id: int, flags: int, state: TraceState = EMPTY_TRACE_STATE, *, remote: bool = False
+) -> SpanContext:
+    """A ``SpanContext`` for ids already known valid (non-zero, in range), without the SDK's checks.
+
+    Relies on ``SpanContext`` being the tuple (trace id, span id, remote, flags, state, valid);
+    a test pins it against the SDK's own constructor.
+    """
+    return tuple.__new__(SpanContext, (trace_id, span_id, remote, _FLAGS[flags], state, True))
 
 
 def format_traceparent(trace_id: int, span_id: int, flags: int) -> str:
@@ -48,9 +59,9 @@ def parse_traceparent(value: str, tracestate: str | None = None) -> SpanContext 
     span_id = int(span_hex, 16)
     if trace_id == 0 or span_id == 0:
         return None
-    state = TraceState.from_header([tracestate]) if tracestate else _EMPTY_STATE
-    # SpanContext(...) without its range checks: 32 and 16 hex digits, non-zero, are in range.
-    return _new_span_context(SpanContext, (trace_id, span_id, True, _FLAGS[int(flags_hex, 16)], state, True))
+    state = TraceState.from_header([tracestate]) if tracestate else EMPTY_TRACE_STATE
+    # 32 and 16 hex digits, non-zero: in range.
+    return trusted_span_context(trace_id, span_id, int(flags_hex, 16), state, remote=True)
 
 
 def correlation_baggage(correlation: str) -> str:
