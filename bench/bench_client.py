@@ -16,6 +16,9 @@ Telemetry cost, two ways (``--no-tracing`` skips both):
 
 * ``tracing_throughput_ratio``: ``bench_tracing.py`` (a bare grpc.aio Echo server and channel,
   rpcmesh's tracing and metrics on vs nothing at all, real OTLP export): rpcmesh's whole cost.
+  The same run measures ``propagation_floor_ratio``: the three propagation headers the issue
+  requires (``traceparent``, ``baggage``, ``x-correlation-id``) sent and read with no tracing
+  work at all, i.e. the ratio no implementation of the issue can beat on this machine.
 * ``mesh_tracing_throughput_ratio``: this benchmark's own path (mesh channel to an Echo
   ``ServiceHost``) with telemetry on (``OTEL_*``: spans to a local OTLP receiver, metrics
   recorded for a Prometheus endpoint) vs off, on both sides: what turning telemetry on costs a
@@ -154,7 +157,7 @@ def main() -> None:
 def tracing_figures() -> dict[str, Any]:
     """Tracing and metrics on vs off on the same echo service (bench_tracing.py, real OTLP export)."""
     result = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "bench_tracing.py"), "--rounds", "8"],
+        [sys.executable, str(ROOT / "bench" / "bench_tracing.py"), "--rounds", "8", "--floor"],
         capture_output=True,
         text=True,
         timeout=600,
@@ -164,6 +167,9 @@ def tracing_figures() -> dict[str, Any]:
     return {
         "tracing_throughput_ratio": traced["tracing_throughput_ratio"],
         "tracing_cpu_throughput_ratio": traced.get("cpu_throughput_ratio"),
+        # The same run's floor: the three propagation headers alone, no spans or metrics.
+        "propagation_floor_ratio": traced.get("propagation_floor_ratio"),
+        "propagation_floor_cpu_ratio": traced.get("propagation_floor_cpu_ratio"),
     }
 
 

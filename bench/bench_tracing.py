@@ -1,7 +1,7 @@
 """Tracing overhead: an Echo service over grpc.aio with rpcmesh's tracing and metrics on vs off.
 
     .venv/bin/python bench/bench_tracing.py [--seconds 1] [--rounds 10] [--inflight 32]
-        [--sampler-ratio 1.0] [--exporter otlp|discard] [--with-interceptors]
+        [--sampler-ratio 1.0] [--exporter otlp|discard] [--with-interceptors] [--floor]
 
 Modes, each with its own server (all servers in one child process, the client in this one; the
 client alternates between modes, round after round, and takes medians):
@@ -11,6 +11,10 @@ client alternates between modes, round after round, and takes medians):
   rpcmesh's batch ``SpanPipeline`` into the exporter, call-duration histograms into a reader.
 - ``interceptors`` (``--with-interceptors``): the same but the client uses
   ``aio_client_interceptors`` (grpc.aio's interceptor machinery).
+- ``propagation`` (``--floor``): no telemetry at all, only what any implementation of issue 7
+  must do on the wire: the client sends the three propagation headers (a fresh ``traceparent``
+  and correlation id per call, as ``baggage`` and ``x-correlation-id``), the server reads them
+  from the call's metadata. No span, no export, no histogram: the floor of the tracing cost.
 
 ``--exporter otlp`` (default): a real OTLP/gRPC span exporter in every traced process, sending to
 a local receiver process that parses each export and counts the spans. ``--exporter discard``:
@@ -22,7 +26,12 @@ its time and CPU include that: export work is charged to the window whose calls 
 
 Prints one JSON line: ``tracing_throughput_ratio`` (on ÷ off at 32 in flight: the median over
 rounds of each round's ratio), the p50 ratio (1 in flight), the per-call microseconds of the
-tracing work measured in-process, and the raw figures.
+tracing work measured in-process, and the raw figures; with ``--floor`` also
+``propagation_floor_ratio`` (propagation ÷ off) and its CPU ratio.
+
+Every mode serves ``BenchEchoServicer``: the example servicer minus its echo of the caller's
+``x-*`` metadata as trailers (a test aid for proxies), which would make traced calls, and only
+them, carry an extra trailer (``echoed-x-correlation-id``) that no real service sends.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import signal
 import statistics
 import subprocess
@@ -52,6 +62,8 @@ from echo.v1 import echo_pb2, echo_pb2_grpc  # noqa: E402
 from process_cpu import cpu_seconds  # noqa: E402
 
 from rpcmesh.telemetry import (  # noqa: E402
+    CORRELATION_BAGGAGE_KEY,
+    CORRELATION_METADATA_KEY,
     DISABLED,
     AioServerTracingInterceptor,
     Telemetry,
@@ -63,6 +75,47 @@ from rpcmesh.telemetry import (  # noqa: E402
 )
 
 _TRACE_EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+_PROPAGATED = frozenset({"traceparent", "baggage", CORRELATION_METADATA_KEY})
+
+
+class BenchEchoServicer(EchoServicer):
+    """The example Echo servicer without the echo of ``x-*`` metadata as trailers."""
+
+    async def Echo(
+        self, request: echo_pb2.EchoRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> echo_pb2.EchoResponse:
+        self.served += 1
+        return echo_pb2.EchoResponse(
+            message=request.message, instance_id=self.instance_id, served=self.served
+        )
+
+
+class PropagationOnlyEchoServicer(BenchEchoServicer):
+    """``propagation`` mode's server: reads the three propagation headers, records nothing."""
+
+    async def Echo(
+        self, request: echo_pb2.EchoRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> echo_pb2.EchoResponse:
+        self.propagated = [value for key, value in context.invocation_metadata() or () if key in _PROPAGATED]
+        return await super().Echo(request, context)
+
+
+class PropagationOnlyStub:
+    """``propagation`` mode's client: a plain stub whose calls carry fresh propagation headers."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self._stub = echo_pb2_grpc.EchoStub(channel)
+        self._ids = random.Random()
+
+    def Echo(self, request: echo_pb2.EchoRequest) -> Any:
+        ids = self._ids
+        correlation = f"{ids.getrandbits(128):032x}"
+        metadata = (
+            ("traceparent", f"00-{ids.getrandbits(128):032x}-{ids.getrandbits(64):016x}-01"),
+            ("baggage", f"{CORRELATION_BAGGAGE_KEY}={correlation}"),
+            (CORRELATION_METADATA_KEY, correlation),
+        )
+        return self._stub.Echo(request, metadata=metadata)
 
 
 def _telemetry(
@@ -159,15 +212,17 @@ async def serve(modes: list[str], ratio: float, endpoint: str | None) -> None:
             telemetries.append(telemetry)
         elif mode == "correlation":
             telemetry = DISABLED
-        elif mode != "off":
+        elif mode not in ("off", "propagation"):
             telemetry = _telemetry(f"bench-server-{mode}", ratio, endpoint)
             telemetries.append(telemetry)
         if mode == "interceptors":
             interceptors = [AioServerTracingInterceptor(telemetry)]
         server = grpc.aio.server(interceptors=interceptors)
         # "on": the servicer is registered through trace_aio_server (no interceptor machinery).
-        target = trace_aio_server(server, telemetry) if mode not in ("off", "interceptors") else server
-        echo_pb2_grpc.add_EchoServicer_to_server(EchoServicer(mode), target)
+        plain = mode in ("off", "interceptors", "propagation")
+        target = server if plain else trace_aio_server(server, telemetry)
+        servicer = PropagationOnlyEchoServicer(mode) if mode == "propagation" else BenchEchoServicer(mode)
+        echo_pb2_grpc.add_EchoServicer_to_server(servicer, target)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         servers.append(server)
@@ -190,12 +245,12 @@ async def serve(modes: list[str], ratio: float, endpoint: str | None) -> None:
         telemetry.shutdown()  # exports what is still queued
 
 
-async def _throughput(stub: echo_pb2_grpc.EchoStub, seconds: float, inflight: int) -> float:
+async def _throughput(stub: Any, seconds: float, inflight: int) -> float:
     calls, elapsed = await _calls_in(stub, seconds, inflight)
     return calls / elapsed
 
 
-async def _calls_in(stub: echo_pb2_grpc.EchoStub, seconds: float, inflight: int) -> tuple[int, float]:
+async def _calls_in(stub: Any, seconds: float, inflight: int) -> tuple[int, float]:
     request = echo_pb2.EchoRequest(message="x" * 32)
     done = 0
     stop_at = time.perf_counter() + seconds
@@ -211,7 +266,7 @@ async def _calls_in(stub: echo_pb2_grpc.EchoStub, seconds: float, inflight: int)
     return done, time.perf_counter() - started
 
 
-async def _p50_ms(stub: echo_pb2_grpc.EchoStub, calls: int) -> float:
+async def _p50_ms(stub: Any, calls: int) -> float:
     request = echo_pb2.EchoRequest(message="x" * 32)
     samples = []
     for _ in range(calls):
@@ -248,7 +303,7 @@ async def run_tracing_bench(
             channels[mode] = grpc.aio.insecure_channel(
                 address, interceptors=aio_client_interceptors(telemetry, target=address)
             )
-        else:
+        else:  # off, propagation
             channels[mode] = grpc.aio.insecure_channel(address)
     rates: dict[str, list[float]] = {mode: [] for mode in channels}
     p50s: dict[str, list[float]] = {mode: [] for mode in channels}
@@ -256,7 +311,10 @@ async def run_tracing_bench(
     cpu: dict[str, list[float]] = {mode: [0.0, 0.0, 0.0] for mode in channels}
     pids = pids or {}
     try:
-        stubs = {mode: echo_pb2_grpc.EchoStub(channel) for mode, channel in channels.items()}
+        stubs: dict[str, Any] = {
+            mode: PropagationOnlyStub(channel) if mode == "propagation" else echo_pb2_grpc.EchoStub(channel)
+            for mode, channel in channels.items()
+        }
         for stub in stubs.values():  # warm up connections and code paths
             await _throughput(stub, 0.5, inflight)
         for index in range(rounds):
@@ -293,6 +351,10 @@ async def run_tracing_bench(
         figures["interceptors_throughput_ratio"] = round(
             statistics.median(i / o for i, o in zip(rates["interceptors"], rates["off"], strict=True)), 3
         )
+    if "propagation" in rate:
+        figures["propagation_floor_ratio"] = round(
+            statistics.median(p / o for p, o in zip(rates["propagation"], rates["off"], strict=True)), 3
+        )
     for mode in rate:
         figures[f"{mode}_calls_per_s"] = round(rate[mode], 1)
         figures[f"{mode}_p50_ms"] = round(p50[mode], 3)
@@ -305,6 +367,10 @@ async def run_tracing_bench(
             figures[f"{mode}_client_cpu_us_per_call"] = round(client_us, 1)
             figures[f"{mode}_server_cpu_us_per_call"] = round(server_us, 1)
         figures["cpu_throughput_ratio"] = round(max(per_call["off"]) / max(per_call["on"]), 3)
+        if "propagation" in per_call:
+            figures["propagation_floor_cpu_ratio"] = round(
+                max(per_call["off"]) / max(per_call["propagation"]), 3
+            )
     figures.update({"inflight": inflight, "seconds_per_window": seconds, "rounds": rounds})
     return figures
 
@@ -428,6 +494,11 @@ def main() -> None:
         "--with-interceptors", action="store_true", help="also measure aio_client_interceptors"
     )
     parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="also measure the propagation headers alone (no spans, no metrics): the floor",
+    )
+    parser.add_argument(
         "--decompose", action="store_true", help="server CPU per call of: " + "; ".join(DECOMPOSE.values())
     )
     args = parser.parse_args()
@@ -461,6 +532,7 @@ def main() -> None:
     if args.exporter == "otlp":
         collector, endpoint = start_collector()
     modes = ["off", "on"] + (["interceptors"] if args.with_interceptors else [])
+    modes += ["propagation"] if args.floor else []
     child_args = ["--sampler-ratio", str(args.sampler_ratio)] + (["--endpoint", endpoint] if endpoint else [])
     server, listening = _start(["--serve", ",".join(modes), *child_args])
     addresses = dict(item.split("=", 1) for item in listening.split(","))
