@@ -174,9 +174,6 @@ MAX_REQUEST_BYTES = 2 * 1024 * 1024
 
 _Encoded = tuple[Any, Any, bytes]  # (resource, scope or None, the Span message)
 
-PreEncodedSpan = tuple[int, bytes]
-"""A ``CallSpan`` encoded as it ended: (its resource and scope's group number, the Span message)."""
-
 
 class EncodedSpans:
     """One serialized ``ExportTraceServiceRequest`` and how many spans it holds."""
@@ -204,8 +201,6 @@ class SpanEncoder:
         # Keyed by id(); each entry keeps its object alive, so an id is never reused while cached.
         self._blocks: dict[int, tuple[Any, bytes]] = {}
         self._names: dict[tuple[str, Any], bytes] = {}
-        self._groups: list[tuple[Any, Any]] = []
-        self._group_numbers: dict[tuple[int, int], int] = {}
 
     def _pair(self, key: str, value: Any) -> bytes:
         if key in UNCACHED_ATTRIBUTES or not isinstance(value, str | int | float | bool):
@@ -388,22 +383,7 @@ class SpanEncoder:
             out.append(EncodedSpans(self._assemble(chunk), len(chunk)))
         return out
 
-    def pre_encode(self, span: CallSpan) -> PreEncodedSpan:
-        """``span`` encoded now (on the thread that ended it); ``request(s)`` take the result."""
-        tracer = span._tracer
-        resource, scope = tracer.resource, tracer.instrumentation_scope or None
-        key = (id(resource), id(scope))
-        number = self._group_numbers.get(key)
-        if number is None or self._groups[number][0] is not resource or self._groups[number][1] is not scope:
-            number = len(self._groups)
-            self._groups.append((resource, scope))
-            self._group_numbers[key] = number
-        return number, self.call_span(span)
-
-    def _encoded(self, span: Any) -> _Encoded:
-        if type(span) is tuple:
-            resource, scope = self._groups[span[0]]
-            return resource, scope, span[1]
+    def _encoded(self, span: ReadableSpan | CallSpan) -> _Encoded:
         if isinstance(span, CallSpan):
             tracer = span._tracer
             return tracer.resource, tracer.instrumentation_scope or None, self.call_span(span)
@@ -487,10 +467,6 @@ class CachingOtlpSpanExporter(OTLPSpanExporter):
         super()._initialize_channel_and_stub()  # type: ignore[no-untyped-call]
         channel: grpc.Channel = self.__dict__["_channel"]
         self.__dict__["_client"] = _BytesTraceStub(channel)
-
-    def pre_encode(self, span: CallSpan) -> PreEncodedSpan:
-        """Encode ``span`` as it ends; ``SpanPipeline`` queues the result instead of the span."""
-        return self._encoder.pre_encode(span)
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         """Send ``spans`` in as few requests as ``max_request_bytes`` allows; FAILURE if any failed."""

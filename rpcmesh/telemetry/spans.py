@@ -286,9 +286,7 @@ class SpanPipeline(SpanProcessor):
         self._max_queue = max_queue
         self._max_batch = max_batch
         self._delay = schedule_delay_s
-        self._queue: collections.deque[Any] = collections.deque()
-        only = self._exporters[0] if len(self._exporters) == 1 else None
-        self._pre_encode: Any = getattr(only, "pre_encode", None) if not simple else None
+        self._queue: collections.deque[CallSpan | ReadableSpan] = collections.deque()
         self._wake = threading.Event()
         self._export_lock = threading.Lock()
         self._stopped = False
@@ -308,10 +306,7 @@ class SpanPipeline(SpanProcessor):
         if len(queue) >= self._max_queue or self._stopped:
             self.dropped += 1
             return
-        if self._pre_encode is not None and type(span) is CallSpan:
-            queue.append(self._pre_encode(span))
-        else:
-            queue.append(span)
+        queue.append(span)
         if len(queue) >= self._max_batch and not self._wake.is_set():
             self._wake.set()
 
