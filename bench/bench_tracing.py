@@ -8,7 +8,7 @@ Modes, each with its own server (all servers in one child process, the client in
 client alternates between modes, round after round, and takes medians):
 
 - ``off``: no tracing anywhere (plain channel, server without interceptors).
-- ``on``: client ``trace_aio_channel`` + server ``AioServerTracingInterceptor``; spans through
+- ``on``: client ``trace_aio_channel`` + server ``trace_aio_server``; spans through
   rpcmesh's batch ``SpanPipeline`` into the exporter, call-duration histograms into a reader.
 - ``interceptors`` (``--with-interceptors``): the same but the client uses
   ``aio_client_interceptors`` (grpc.aio's interceptor machinery).
