@@ -75,13 +75,16 @@ from rpcmesh.telemetry import (  # noqa: E402
     Telemetry,
     TelemetryConfig,
     aio_client_interceptors,
+    new_correlation_id,
     setup_telemetry,
     trace_aio_channel,
     trace_aio_server,
 )
+from rpcmesh.telemetry.traceparent import format_traceparent  # noqa: E402
 
 _TRACE_EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 _PROPAGATED = frozenset({"traceparent", "baggage", CORRELATION_METADATA_KEY})
+_LOW_64 = (1 << 64) - 1
 
 
 class BenchEchoServicer(EchoServicer):
@@ -114,10 +117,10 @@ class PropagationOnlyStub:
         self._ids = random.Random()
 
     def Echo(self, request: echo_pb2.EchoRequest) -> Any:
-        ids = self._ids
-        correlation = f"{ids.getrandbits(128):032x}"
+        bits = self._ids.getrandbits(192)
+        correlation = new_correlation_id()
         metadata = (
-            ("traceparent", f"00-{ids.getrandbits(128):032x}-{ids.getrandbits(64):016x}-01"),
+            ("traceparent", format_traceparent(bits >> 64, bits & _LOW_64 or 1, 1)),
             ("baggage", f"{CORRELATION_BAGGAGE_KEY}={correlation}"),
             (CORRELATION_METADATA_KEY, correlation),
         )
@@ -156,6 +159,12 @@ def _telemetry(
 
 # --variant: "on" without one piece of the telemetry, on both sides (keyword arguments of _telemetry).
 VARIANTS: dict[str, dict[str, bool]] = {"nometrics": {"metrics": False}, "nospans": {"spans": False}}
+
+
+def _variant(mode: str) -> dict[str, bool]:
+    """What ``_telemetry`` leaves out for ``mode`` (``on-nometrics``: metrics; other modes: nothing)."""
+    return VARIANTS[mode.removeprefix("on-")] if mode.startswith("on-") else {}
+
 
 # --decompose: server variants, all registered through trace_aio_server, in one process.
 DECOMPOSE = {
@@ -221,11 +230,8 @@ async def serve(modes: list[str], ratio: float, endpoint: str | None) -> None:
             telemetries.append(telemetry)
         elif mode == "correlation":
             telemetry = DISABLED
-        elif mode.startswith("on-"):
-            telemetry = _telemetry(f"bench-server-{mode}", ratio, endpoint, **VARIANTS[mode[3:]])
-            telemetries.append(telemetry)
         elif mode not in ("off", "propagation"):
-            telemetry = _telemetry(f"bench-server-{mode}", ratio, endpoint)
+            telemetry = _telemetry(f"bench-server-{mode}", ratio, endpoint, **_variant(mode))
             telemetries.append(telemetry)
         if mode == "interceptors":
             interceptors = [AioServerTracingInterceptor(telemetry)]
@@ -310,12 +316,12 @@ async def run_tracing_bench(
     telemetries = [telemetry]
     channels: dict[str, Any] = {}
     for mode, address in addresses.items():
-        if mode == "on":
-            channels[mode] = trace_aio_channel(grpc.aio.insecure_channel(address), telemetry, target=address)
-        elif mode.startswith("on-"):
-            variant = _telemetry(f"bench-client-{mode}", ratio, endpoint, **VARIANTS[mode[3:]])
-            telemetries.append(variant)
-            channels[mode] = trace_aio_channel(grpc.aio.insecure_channel(address), variant, target=address)
+        if mode == "on" or mode.startswith("on-"):
+            handle = telemetry
+            if mode != "on":
+                handle = _telemetry(f"bench-client-{mode}", ratio, endpoint, **_variant(mode))
+                telemetries.append(handle)
+            channels[mode] = trace_aio_channel(grpc.aio.insecure_channel(address), handle, target=address)
         elif mode == "interceptors":
             channels[mode] = grpc.aio.insecure_channel(
                 address, interceptors=aio_client_interceptors(telemetry, target=address)
@@ -358,6 +364,10 @@ async def run_tracing_bench(
     # Each round measures every mode back to back: the median of the per-round ratios cancels the
     # load drift of a shared machine better than the ratio of the medians (both are reported).
     paired = [on / off for on, off in zip(rates["on"], rates["off"], strict=True)]
+
+    def against_off(mode: str) -> float:
+        return round(statistics.median(m / o for m, o in zip(rates[mode], rates["off"], strict=True)), 3)
+
     figures: dict[str, Any] = {
         "tracing_throughput_ratio": round(statistics.median(paired), 3),
         "ratio_of_median_rates": round(rate["on"] / rate["off"], 3),
@@ -365,18 +375,11 @@ async def run_tracing_bench(
         "sampler_ratio": ratio,
         "exporter": "otlp" if endpoint else "discard",
     }
-    if "interceptors" in rate:
-        figures["interceptors_throughput_ratio"] = round(
-            statistics.median(i / o for i, o in zip(rates["interceptors"], rates["off"], strict=True)), 3
-        )
-    for mode in (mode for mode in rate if mode.startswith("on-")):
-        figures[f"{mode}_throughput_ratio"] = round(
-            statistics.median(v / o for v, o in zip(rates[mode], rates["off"], strict=True)), 3
-        )
+    for mode in rate:
+        if mode == "interceptors" or mode.startswith("on-"):
+            figures[f"{mode}_throughput_ratio"] = against_off(mode)
     if "propagation" in rate:
-        figures["propagation_floor_ratio"] = round(
-            statistics.median(p / o for p, o in zip(rates["propagation"], rates["off"], strict=True)), 3
-        )
+        figures["propagation_floor_ratio"] = against_off("propagation")
     for mode in rate:
         figures[f"{mode}_calls_per_s"] = round(rate[mode], 1)
         figures[f"{mode}_p50_ms"] = round(p50[mode], 3)
