@@ -70,11 +70,14 @@ def kill_leftovers() -> list[list[str]]:
 
 
 def start_control_plane(
-    data_dir: Path, *extra: str, env: dict[str, str] | None = None
+    data_dir: Path, *extra: str, env: dict[str, str] | None = None, port: int = 0
 ) -> tuple[ManagedProcess, str]:
-    """Start `rpcmesh up` on a free port; returns the process and its address."""
+    """Start `rpcmesh up` on ``port`` (a free one by default); returns the process and its address.
+
+    Pass the port of an earlier run to restart a control plane where its clients expect it.
+    """
     proc = ManagedProcess(
-        rpcmesh_command("up", "--port", "0", "--data-dir", str(data_dir), *extra),
+        rpcmesh_command("up", "--port", str(port), "--data-dir", str(data_dir), *extra),
         env=python_env(env),
     )
     try:
