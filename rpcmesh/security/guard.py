@@ -45,13 +45,21 @@ from typing import Any, NoReturn, TypeAlias
 import grpc
 import grpc.aio
 
-from rpcmesh.errors import StatusError
+from rpcmesh.errors import PermissionDeniedError, StatusError
 from rpcmesh.security.identity import AuthenticationError, Authenticator, Identity
 from rpcmesh.security.limits import ConcurrencyTracker, Limits
 from rpcmesh.security.methods import PUBLIC_METHODS, accesses_for, stream_kind
-from rpcmesh.security.policy import Policy
+from rpcmesh.security.policy import Access, Policy
 
-__all__ = ["ANONYMOUS", "CallGuard", "GuardedServer", "current_identity", "guard_server"]
+__all__ = [
+    "ANONYMOUS",
+    "CallGuard",
+    "GuardedServer",
+    "authorize",
+    "current_identity",
+    "guard_server",
+    "may",
+]
 
 ANONYMOUS = Identity("anonymous", "none")
 """The identity of callers when authentication is off (development)."""
@@ -60,6 +68,36 @@ current_identity: contextvars.ContextVar[Identity | None] = contextvars.ContextV
     "rpcmesh_current_identity", default=None
 )
 """The authenticated caller of the call being handled."""
+
+_current_policy: contextvars.ContextVar[Policy | None] = contextvars.ContextVar(
+    "rpcmesh_current_policy", default=None
+)
+"""The policy the call being handled was admitted under (None: no policy, everything allowed)."""
+
+
+def may(*accesses: Access) -> bool:
+    """Whether the caller of the call being handled may perform every one of ``accesses``.
+
+    For checks that need the object itself, which the per-method table cannot see from the
+    request alone (the definition a saga id belongs to, the sagas a list may show). True when
+    the call was admitted without a policy (authentication off, or every identity allowed).
+    """
+    return _denial_reason(accesses) is None
+
+
+def authorize(*accesses: Access) -> None:
+    """Raise PERMISSION_DENIED (naming the identity and the object) unless :func:`may` allows."""
+    reason = _denial_reason(accesses)
+    if reason is not None:
+        raise PermissionDeniedError(reason)
+
+
+def _denial_reason(accesses: Sequence[Access]) -> str | None:
+    policy, identity = _current_policy.get(), current_identity.get()
+    if policy is None or identity is None:
+        return None
+    return policy.check(identity.name, accesses)
+
 
 Handler = Callable[..., Any]
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -213,6 +251,7 @@ class CallGuard:
                     if reason is not None:
                         await _abort(context, grpc.StatusCode.PERMISSION_DENIED, reason)
                     current_identity.set(identity)
+                    _current_policy.set(self._policy)
                     async for response in behavior(request, context):
                         yield response
                 except mapped as exc:
@@ -229,6 +268,7 @@ class CallGuard:
                 if reason is not None:
                     await _abort(context, grpc.StatusCode.PERMISSION_DENIED, reason)
                 current_identity.set(identity)
+                _current_policy.set(self._policy)
                 return await behavior(request, context)
             except mapped as exc:
                 await _abort_with(context, exc)
@@ -265,6 +305,7 @@ class CallGuard:
                 connection, identity = await self._admit(method, kind, context)
                 try:
                     current_identity.set(identity)
+                    _current_policy.set(self._policy)
                     async for response in behavior(
                         self._checked(identity, method, requests, context), context
                     ):
@@ -280,6 +321,7 @@ class CallGuard:
             connection, identity = await self._admit(method, kind, context)
             try:
                 current_identity.set(identity)
+                _current_policy.set(self._policy)
                 return await behavior(self._checked(identity, method, requests, context), context)
             except mapped as exc:
                 await _abort_with(context, exc)

@@ -93,7 +93,10 @@ _TABLE: dict[str, Extractor] = {
     _SAGA + "GetDefinition": lambda r: _one(Action.SAGA, r.name),
     _SAGA + "ListDefinitions": lambda r: _one(Action.SAGA, ALL),
     _SAGA + "StartSaga": _start_saga,
-    _SAGA + "ListSagas": lambda r: _one(Action.SAGA, r.definition_name),
+    # Without a definition name: any saga permission; the servicer lists only what the caller may see.
+    _SAGA + "ListSagas": lambda r: (
+        _one(Action.SAGA, r.definition_name) if r.definition_name else _one(Action.SAGA_BY_ID, ALL)
+    ),
     _SAGA + "GetSaga": lambda r: _one(Action.SAGA_BY_ID, r.saga_id),
     _SAGA + "WatchSaga": lambda r: _one(Action.SAGA_BY_ID, r.saga_id),
     _SAGA + "AbortSaga": lambda r: _one(Action.SAGA_BY_ID, r.saga_id),

@@ -67,7 +67,8 @@ class Action(enum.Enum):
     SAGA = "saga"
     """Define, start or list sagas of a definition (ALL: every definition)."""
     SAGA_BY_ID = "saga_by_id"
-    """Get, watch or abort a saga by its id."""
+    """Get, watch, abort or list sagas by id: any saga permission admits the call; the coordinator
+    then checks the saga's own definition (SAGA) before it answers, and lists only those."""
     READ_STREAM = "read_stream"
     """Read or subscribe to event streams starting with the resource (ALL: every stream)."""
     APPEND_STREAM = "append_stream"

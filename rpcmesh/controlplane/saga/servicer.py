@@ -18,6 +18,8 @@ from rpcmesh.controlplane.saga.engine import SagaEngine, view_to_proto
 from rpcmesh.controlplane.saga.machine import SagaView, transition_kind
 from rpcmesh.controlplane.saga.tracing import start_context
 from rpcmesh.errors import invalid_argument
+from rpcmesh.security.guard import authorize, may
+from rpcmesh.security.policy import Access, Action
 from rpcmesh.telemetry import get_telemetry
 from rpcmesh.v1 import saga_pb2 as pb
 from rpcmesh.v1 import saga_pb2_grpc as pb_grpc
@@ -63,6 +65,15 @@ def _wait_seconds(wait: Any, context: grpc.aio.ServicerContext[Any, Any]) -> flo
         # Answer with the saga as it is just before the caller's deadline rather than let it expire.
         seconds = min(seconds, max(0.0, remaining - DEADLINE_MARGIN_SECONDS))
     return seconds
+
+
+def _may_see(view: SagaView) -> bool:
+    return may(Access(Action.SAGA, view.definition.name))
+
+
+def _authorize_saga(view: SagaView) -> None:
+    """Per object: the caller may act on this saga only if its policy covers the saga's definition."""
+    authorize(Access(Action.SAGA, view.definition.name))
 
 
 class SagaCoordinatorServicer(pb_grpc.SagaCoordinatorServicer):
@@ -168,7 +179,7 @@ class SagaCoordinatorServicer(pb_grpc.SagaCoordinatorServicer):
             raise invalid_argument("saga_id", "required")
         wait = _wait_seconds(request.wait, context) if request.HasField("wait") else 0.0
         engine = self._engine()
-        await engine.fetch_saga(request.saga_id)
+        _authorize_saga(await engine.fetch_saga(request.saga_id))
         view = await engine.wait_finished(request.saga_id, wait)
         return pb.GetSagaResponse(saga=view_to_proto(view))
 
@@ -208,7 +219,7 @@ class SagaCoordinatorServicer(pb_grpc.SagaCoordinatorServicer):
                 and (upper is None or view.started_at < upper)
             )
 
-        matching = [view for view in self._engine().list_sagas() if keep(view)]
+        matching = [view for view in self._engine().list_sagas() if keep(view) and _may_see(view)]
         page = matching[offset : offset + limit]
         token = ""
         if offset + limit < len(matching):
@@ -221,7 +232,7 @@ class SagaCoordinatorServicer(pb_grpc.SagaCoordinatorServicer):
         """Every transition from the start, then live ones, until the saga ends."""
         if not request.saga_id:
             raise invalid_argument("saga_id", "required")
-        await self._engine().fetch_saga(request.saga_id)
+        _authorize_saga(await self._engine().fetch_saga(request.saga_id))
         async for event, view in self._engine().watch(request.saga_id):
             transition = pb.SagaTransition(
                 kind=transition_kind(event.kind),
@@ -239,6 +250,7 @@ class SagaCoordinatorServicer(pb_grpc.SagaCoordinatorServicer):
         if not request.saga_id:
             raise invalid_argument("saga_id", "required")
         engine = self._engine()
+        _authorize_saga(await engine.fetch_saga(request.saga_id))
         view = await engine.abort_saga(request.saga_id, request.reason or "aborted by request")
         if self.nudge is not None:
             await self.nudge()

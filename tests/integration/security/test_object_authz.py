@@ -1,0 +1,150 @@
+"""Authorization per object: an identity acts only on the sagas its policy covers, whoever knows the id.
+
+Two identities against a real `rpcmesh up`, once with client certificates (mTLS) and once with bearer
+tokens: ``payments`` may run ``refund`` sagas and ``orders`` ``place-order`` sagas. Saga ids travel to
+every participant (``x-saga-id``), so knowing one must not let ``orders`` read, watch or abort a
+``refund`` saga, nor see it in a list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import grpc.aio
+import pytest
+from rpcmesh.v1 import saga_pb2 as pb
+from rpcmesh.v1 import saga_pb2_grpc
+
+from rpcmesh.security.certs import write_development_set
+from rpcmesh.security.client import ClientSecurity, aio_channel
+from rpcmesh.security.tls import ClientTlsConfig
+from rpcmesh.security.tokens import mint_token
+from tests.integration.saga.conftest import step
+from tests.support.processes import start_control_plane
+
+POLICY = """\
+identities:
+  orders:
+    sagas: [place-order]
+  payments:
+    sagas: [refund]
+"""
+SECRET = b"object-authz-secret-0123456789abcdef"
+TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class Plane:
+    address: str
+    folder: Path
+    mode: str
+
+    def security(self, identity: str) -> ClientSecurity:
+        if self.mode == "mtls":
+            return ClientSecurity(
+                tls=ClientTlsConfig(
+                    ca_file=self.folder / "ca.crt",
+                    cert_file=self.folder / f"client-{identity}.crt",
+                    key_file=self.folder / f"client-{identity}.key",
+                )
+            )
+        token = mint_token(SECRET, subject=identity, issuer="rpcmesh", ttl=600)
+        return ClientSecurity(tls=ClientTlsConfig(ca_file=self.folder / "ca.crt"), token=token)
+
+
+@pytest.fixture(scope="module", params=["mtls", "token"])
+def plane(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Plane]:
+    folder = tmp_path_factory.mktemp("authz-pki")
+    write_development_set(folder, clients=["orders", "payments"])
+    (folder / "token.secret").write_bytes(SECRET)
+    (folder / "policy.yaml").write_text(POLICY)
+    extra = ["--tls-client-auth"] if request.param == "mtls" else []
+    proc, address = start_control_plane(
+        folder / "data",
+        "--tls-cert",
+        str(folder / "server.crt"),
+        "--tls-key",
+        str(folder / "server.key"),
+        "--tls-ca",
+        str(folder / "ca.crt"),
+        "--token-secret-file",
+        str(folder / "token.secret"),
+        "--policy",
+        str(folder / "policy.yaml"),
+        *extra,
+    )
+    try:
+        yield Plane(address=address, folder=folder, mode=request.param)
+    finally:
+        proc.kill()
+
+
+@pytest.fixture
+async def stubs(plane: Plane) -> AsyncIterator[dict[str, saga_pb2_grpc.SagaCoordinatorStub]]:
+    channels = {name: aio_channel(plane.address, plane.security(name)) for name in ("orders", "payments")}
+    try:
+        yield {name: saga_pb2_grpc.SagaCoordinatorStub(channel) for name, channel in channels.items()}
+    finally:
+        for channel in channels.values():
+            await channel.close()
+
+
+async def _start(stub: saga_pb2_grpc.SagaCoordinatorStub, name: str) -> str:
+    # The step's service is never registered: the saga stays RUNNING, which is all these tests need.
+    definition = pb.SagaDefinition(name=name, steps=[step("charge", f"{name}-ledger")])
+    started = await stub.StartSaga(
+        pb.StartSagaRequest(definition=definition, input=b"card=4111111111111111"), timeout=TIMEOUT
+    )
+    return started.saga.saga_id
+
+
+async def _denied(call: object) -> str:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        result = await call  # type: ignore[misc]
+        if hasattr(result, "__aiter__"):
+            async for _ in result:
+                pass
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED, caught.value
+    return caught.value.details() or ""
+
+
+async def test_an_identity_cannot_read_watch_or_abort_another_identitys_saga(
+    stubs: dict[str, saga_pb2_grpc.SagaCoordinatorStub],
+) -> None:
+    orders, payments = stubs["orders"], stubs["payments"]
+    refund = await _start(payments, "refund")
+
+    reason = await _denied(orders.GetSaga(pb.GetSagaRequest(saga_id=refund), timeout=TIMEOUT))
+    assert "orders" in reason and "refund" in reason
+    await _denied(orders.AbortSaga(pb.AbortSagaRequest(saga_id=refund, reason="x"), timeout=TIMEOUT))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in orders.WatchSaga(pb.WatchSagaRequest(saga_id=refund), timeout=TIMEOUT):
+            pass
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+    # The refused abort changed nothing; the owner can still read and abort its saga.
+    saga = (await payments.GetSaga(pb.GetSagaRequest(saga_id=refund), timeout=TIMEOUT)).saga
+    assert saga.state == pb.SAGA_STATE_RUNNING, saga
+    aborted = await payments.AbortSaga(pb.AbortSagaRequest(saga_id=refund, reason="ops"), timeout=TIMEOUT)
+    assert aborted.saga.state != pb.SAGA_STATE_RUNNING
+
+
+async def test_lists_show_only_the_sagas_the_caller_may_see(
+    stubs: dict[str, saga_pb2_grpc.SagaCoordinatorStub],
+) -> None:
+    orders, payments = stubs["orders"], stubs["payments"]
+    mine = await _start(orders, "place-order")
+    theirs = await _start(payments, "refund")
+
+    listed = await orders.ListSagas(pb.ListSagasRequest(page_size=1000), timeout=TIMEOUT)
+    names = {saga.definition_name for saga in listed.sagas}
+    ids = {saga.saga_id for saga in listed.sagas}
+    assert mine in ids and theirs not in ids
+    assert names == {"place-order"}, names
+    await _denied(orders.ListSagas(pb.ListSagasRequest(definition_name="refund"), timeout=TIMEOUT))
+    # Its own saga stays fully readable.
+    own = await orders.GetSaga(pb.GetSagaRequest(saga_id=mine), timeout=TIMEOUT)
+    assert own.saga.definition_name == "place-order"
