@@ -45,7 +45,10 @@ def _bus_message_topics(action: Action, topic: str, messages: Any) -> list[Acces
 def _subscribe(request: Any) -> list[Access]:
     which = request.WhichOneof("action")
     if which == "open":
-        return _one(Action.SUBSCRIBE, request.open.topic)
+        accesses = _one(Action.SUBSCRIBE, request.open.topic)
+        if request.open.group:
+            accesses.append(Access(Action.GROUP, request.open.group))
+        return accesses
     if which in ("ack", "nak", "term"):
         refs = getattr(request, which).refs
         return [Access(Action.SUBSCRIBE, topic) for topic in dict.fromkeys(ref.topic for ref in refs)]
@@ -86,8 +89,8 @@ _TABLE: dict[str, Extractor] = {
     _BUS + "Request": lambda r: _bus_message_topics(Action.PUBLISH, r.topic, [r.message]),
     _BUS + "Reply": lambda r: _one(Action.REPLY, r.reply_to),
     _BUS + "PublishEvent": lambda r: _one(Action.PUBLISH, f"events.{r.event_type}"),
-    _BUS + "ListDeadLetters": lambda r: _one(Action.SUBSCRIBE, r.topic),
-    _BUS + "ReplayDeadLetters": lambda r: _one(Action.SUBSCRIBE, r.topic),
+    _BUS + "ListDeadLetters": lambda r: [Access(Action.SUBSCRIBE, r.topic), Access(Action.GROUP, r.group)],
+    _BUS + "ReplayDeadLetters": lambda r: [Access(Action.SUBSCRIBE, r.topic), Access(Action.GROUP, r.group)],
     # SagaCoordinator
     _SAGA + "RegisterDefinition": lambda r: _one(Action.SAGA, r.definition.name),
     _SAGA + "GetDefinition": lambda r: _one(Action.SAGA, r.name),

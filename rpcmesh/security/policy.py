@@ -10,11 +10,15 @@ identity what it may touch::
         discover: ["*"]               # resolve and watch these services (globs; default "*")
         publish: ["orders.>"]         # topics, NATS-style: '*' one token, '>' the rest
         subscribe: ["payments.*", "events.>"]
+        groups: [order-service, "order-service-*"]  # consumer groups it may join (globs)
         sagas: [place-order]          # start, define, list these sagas (globs)
         streams: ["order-"]           # event streams it owns: read and append (prefixes)
 
 ``services`` defaults to the identity's own name, so a service identity needs
-no more than its entry to register itself. An identity that is not listed may
+no more than its entry to register itself. ``groups`` defaults to the identity's
+name and names starting with it and a dash (``order-service``, ``order-service-audit``):
+joining a consumer group takes its messages from the other members, so one
+service cannot drain another's group by knowing its name. An identity that is not listed may
 do nothing (PERMISSION_DENIED), even with a valid token or certificate.
 
 Requests name resources through :class:`Access` values (see
@@ -60,6 +64,8 @@ class Action(enum.Enum):
     """Publish to a topic (or create it)."""
     SUBSCRIBE = "subscribe"
     """Subscribe to a topic or pattern, ack, nak, handle its dead letters."""
+    GROUP = "group"
+    """Join a consumer group, list or replay its dead letters (ALL: every group's)."""
     TOPIC_INFO = "topic_info"
     """Read a topic's description: allowed to its publishers and subscribers."""
     REPLY = "reply"
@@ -139,6 +145,9 @@ class IdentityPermissions:
     subscribe: tuple[str, ...] = ()
     """Topic patterns it may subscribe to."""
 
+    groups: tuple[str, ...] = ()
+    """Consumer groups it may join and whose dead letters it may read and replay (globs)."""
+
     sagas: tuple[str, ...] = ()
     """Saga definitions it may define, start and list (globs)."""
 
@@ -158,6 +167,8 @@ class IdentityPermissions:
             return any(topic_covers(pattern, resource) for pattern in self.publish)
         if action is Action.SUBSCRIBE:
             return any(topic_covers(pattern, resource) for pattern in self.subscribe)
+        if action is Action.GROUP:
+            return _glob_allows(self.groups, resource)
         if action is Action.TOPIC_INFO:
             return any(topic_covers(pattern, resource) for pattern in (*self.publish, *self.subscribe))
         if action is Action.SAGA:
@@ -212,7 +223,7 @@ class Policy:
         if not isinstance(raw_identities, dict):
             raise ValueError("identities: expected a mapping of identity to permissions")
         identities: dict[str, IdentityPermissions] = {}
-        fields = {"services", "discover", "publish", "subscribe", "sagas", "streams"}
+        fields = {"services", "discover", "publish", "subscribe", "groups", "sagas", "streams"}
         for name, raw in raw_identities.items():
             where = f"identities.{name}"
             if not isinstance(name, str) or not name:
@@ -227,6 +238,7 @@ class Policy:
                 key: _strings(raw[key], f"{where}.{key}") for key in fields if key in raw
             }
             kwargs.setdefault("services", (name,))
+            kwargs.setdefault("groups", (name, f"{name}-*"))
             for key in ("publish", "subscribe"):
                 for pattern in kwargs.get(key, ()):
                     tokens = pattern.split(".")

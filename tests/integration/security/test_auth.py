@@ -184,7 +184,7 @@ async def test_bus_topics(tls_plane: str, channels: Channels) -> None:
     await outgoing.put(
         bus_pb2.SubscribeRequest(
             open=bus_pb2.SubscriptionOptions(
-                topic="orders.created", group="g", start=bus_pb2.StartPosition(earliest=True)
+                topic="orders.created", group="order-service", start=bus_pb2.StartPosition(earliest=True)
             )
         )
     )

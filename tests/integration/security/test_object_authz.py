@@ -1,9 +1,10 @@
-"""Authorization per object: an identity acts only on the sagas its policy covers, whoever knows the id.
+"""Authorization per object: an identity acts only on the sagas and consumer groups its policy covers.
 
 Two identities against a real `rpcmesh up`, once with client certificates (mTLS) and once with bearer
 tokens: ``payments`` may run ``refund`` sagas and ``orders`` ``place-order`` sagas. Saga ids travel to
 every participant (``x-saga-id``), so knowing one must not let ``orders`` read, watch or abort a
-``refund`` saga, nor see it in a list.
+``refund`` saga, nor see it in a list. ``orders`` may read ``payments.*`` topics, but only in its own
+consumer groups: joining ``payments-ledger`` would take that group's messages from ``payments``.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from pathlib import Path
 import grpc
 import grpc.aio
 import pytest
+from rpcmesh.v1 import bus_pb2, bus_pb2_grpc, saga_pb2_grpc
 from rpcmesh.v1 import saga_pb2 as pb
-from rpcmesh.v1 import saga_pb2_grpc
 
 from rpcmesh.security.certs import write_development_set
 from rpcmesh.security.client import ClientSecurity, aio_channel
@@ -29,8 +30,11 @@ POLICY = """\
 identities:
   orders:
     sagas: [place-order]
+    subscribe: ["payments.*"]
   payments:
     sagas: [refund]
+    publish: ["payments.*"]
+    subscribe: ["payments.*"]
 """
 SECRET = b"object-authz-secret-0123456789abcdef"
 TIMEOUT = 10.0
@@ -148,3 +152,47 @@ async def test_lists_show_only_the_sagas_the_caller_may_see(
     # Its own saga stays fully readable.
     own = await orders.GetSaga(pb.GetSagaRequest(saga_id=mine), timeout=TIMEOUT)
     assert own.saga.definition_name == "place-order"
+
+
+async def _open_group(channel: grpc.aio.Channel, group: str) -> grpc.StatusCode:
+    """Open a group subscription on payments.charged; OK once the server accepted it (a first read)."""
+    opened = bus_pb2.SubscribeRequest(
+        open=bus_pb2.SubscriptionOptions(
+            topic="payments.charged", group=group, start=bus_pb2.StartPosition(earliest=True)
+        )
+    )
+    call = bus_pb2_grpc.BusStub(channel).Subscribe(iter([opened]), timeout=3.0)
+    try:
+        await call.read()
+    except grpc.aio.AioRpcError as exc:
+        return exc.code()
+    finally:
+        call.cancel()
+    return grpc.StatusCode.OK
+
+
+async def test_an_identity_cannot_join_or_drain_another_identitys_consumer_group(plane: Plane) -> None:
+    orders = aio_channel(plane.address, plane.security("orders"))
+    payments = aio_channel(plane.address, plane.security("payments"))
+    try:
+        await bus_pb2_grpc.BusStub(payments).Publish(
+            bus_pb2.PublishRequest(topic="payments.charged", messages=[bus_pb2.BusMessage(payload=b"c1")]),
+            timeout=TIMEOUT,
+        )
+        assert await _open_group(payments, "payments-ledger") == grpc.StatusCode.OK
+        assert await _open_group(orders, "payments-ledger") == grpc.StatusCode.PERMISSION_DENIED
+        assert await _open_group(orders, "orders-audit") == grpc.StatusCode.OK
+        for request in (
+            bus_pb2.ListDeadLettersRequest(topic="payments.charged", group="payments-ledger"),
+            bus_pb2.ListDeadLettersRequest(topic="payments.charged"),
+        ):
+            await _denied(bus_pb2_grpc.BusStub(orders).ListDeadLetters(request, timeout=TIMEOUT))
+        await _denied(
+            bus_pb2_grpc.BusStub(orders).ReplayDeadLetters(
+                bus_pb2.ReplayDeadLettersRequest(topic="payments.charged", group="payments-ledger"),
+                timeout=TIMEOUT,
+            )
+        )
+    finally:
+        await orders.close()
+        await payments.close()

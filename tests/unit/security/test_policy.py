@@ -164,3 +164,34 @@ def test_table_names_the_resources() -> None:
     assert stream_kind("/rpcmesh.v1.Registry/Watch") == "watch"
     assert stream_kind("/rpcmesh.v1.Bus/Subscribe") == "subscription"
     assert stream_kind("/rpcmesh.v1.Registry/KeepAlive") is None
+
+
+def test_groups_default_to_the_identitys_own_name_and_explicit_grants_replace_it() -> None:
+    policy = Policy.from_mapping(
+        {"identities": {"orders": {"subscribe": ["payments.*"]}, "audit": {"groups": ["ledger-*"]}}}
+    )
+    assert policy.check("orders", [Access(Action.GROUP, "orders")]) is None
+    assert policy.check("orders", [Access(Action.GROUP, "orders-audit")]) is None
+    reason = policy.check("orders", [Access(Action.GROUP, "payments-ledger")])
+    assert reason is not None and "payments-ledger" in reason
+    assert policy.check("orders", [Access(Action.GROUP, ALL)]) is not None
+    assert policy.check("audit", [Access(Action.GROUP, "ledger-1")]) is None
+    assert policy.check("audit", [Access(Action.GROUP, "audit")]) is not None
+
+
+def test_subscribe_open_and_dead_letters_name_the_group() -> None:
+    opened = bus_pb2.SubscribeRequest(open=bus_pb2.SubscriptionOptions(topic="payments.charged", group="g"))
+    assert accesses_for("/rpcmesh.v1.Bus/Subscribe", opened) == [
+        Access(Action.SUBSCRIBE, "payments.charged"),
+        Access(Action.GROUP, "g"),
+    ]
+    broadcast = bus_pb2.SubscribeRequest(open=bus_pb2.SubscriptionOptions(topic="payments.charged"))
+    assert accesses_for("/rpcmesh.v1.Bus/Subscribe", broadcast) == [
+        Access(Action.SUBSCRIBE, "payments.charged")
+    ]
+    for method in ("ListDeadLetters", "ReplayDeadLetters"):
+        request_type = getattr(bus_pb2, f"{method}Request")
+        assert accesses_for(f"/rpcmesh.v1.Bus/{method}", request_type(topic="t", group="")) == [
+            Access(Action.SUBSCRIBE, "t"),
+            Access(Action.GROUP, ALL),
+        ]
