@@ -69,6 +69,14 @@ class LeaseTable:
         self._deadlines.discard(lease_id)
         return self._leases.pop(lease_id, None)
 
+    def restore(self, lease_id: str, previous: Lease | None) -> None:
+        """Put back what ``lease_id`` was before a change that was not committed (None: no lease)."""
+        if previous is None:
+            self.revoke(lease_id)
+            return
+        self._leases[lease_id] = previous
+        self._deadlines.set(lease_id, previous.deadline)
+
     def pop_expired(self, limit: int = 1000) -> list[Lease]:
         """Remove and return up to ``limit`` leases whose deadline has passed, earliest first."""
         return [self._leases.pop(lease_id) for lease_id in self._deadlines.pop_due(self._clock(), limit)]

@@ -14,12 +14,12 @@ import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from rpcmesh.controlplane.registry.model import Committed, Event
+from rpcmesh.controlplane.registry.model import DELETE, PUT, Committed, Event
 from rpcmesh.controlplane.registry.settings import RegistrySettings
-from rpcmesh.controlplane.registry.store import Decide, RegistryStore
+from rpcmesh.controlplane.registry.store import Decide, Loaded, RegistryStore
 from rpcmesh.controlplane.registry.view import RegistryView
 from rpcmesh.controlplane.registry.watch import WatchHub
-from rpcmesh.tasks import stop_tasks
+from rpcmesh.tasks import start_supervised, stop_tasks
 from rpcmesh.telemetry.setup import get_telemetry
 from rpcmesh.v1 import registry_pb2
 
@@ -48,10 +48,10 @@ class RegistryNode:
 
     async def start(self) -> None:
         """Open the store, build the view and start expiring leases."""
-        loaded = await self.store.open(self._on_events)
+        loaded = await self.store.open(self._on_events, self._on_reset)
         self.view = RegistryView((stored.instance for stored in loaded.instances), loaded.revision)
         self._report_instances({instance.service for instance in self.view.instances()})
-        self._expiry_task = asyncio.create_task(self._expire_loop(), name="registry-expiry")
+        self._expiry_task = start_supervised(self._expire_loop, name="registry-expiry")
 
     async def stop(self) -> None:
         """End watches, stop expiry and close the store."""
@@ -92,23 +92,48 @@ class RegistryNode:
         if changed:
             self._report_instances(changed)
         if self._waiters:
-            revision = self.view.revision
-            still_waiting = []
-            for wanted, future in self._waiters:
-                if wanted <= revision:
-                    if not future.done():
-                        future.set_result(None)
-                else:
-                    still_waiting.append((wanted, future))
-            self._waiters = still_waiting
+            self._wake_waiters()
+
+    def _on_reset(self, loaded: Loaded) -> None:
+        """Rebuild the view from a snapshot; watches end (OUT_OF_RANGE) and listeners get the diff."""
+        old = {(i.service, i.instance_id): i for i in self.view.instances()}
+        self.view = RegistryView((stored.instance for stored in loaded.instances), loaded.revision)
+        self.hub.reset(loaded.revision)
+        new = {(i.service, i.instance_id): i for i in self.view.instances()}
+        changes = [Event(loaded.revision, DELETE, old[key]) for key in old.keys() - new.keys()]
+        changes += [Event(loaded.revision, PUT, new[key]) for key in new if old.get(key) != new[key]]
+        for event in changes:
+            for listener in self.listeners:
+                try:
+                    listener(event)
+                except Exception:
+                    logger.exception("registry event listener failed")
+        self._report_instances({key[0] for key in old.keys() | new.keys()})
+        self._wake_waiters()
+
+    def _wake_waiters(self) -> None:
+        revision = self.view.revision
+        still_waiting = []
+        for wanted, future in self._waiters:
+            if wanted <= revision:
+                if not future.done():
+                    future.set_result(None)
+            else:
+                still_waiting.append((wanted, future))
+        self._waiters = still_waiting
 
     async def caught_up(self, revision: int) -> None:
         """Wait until the view reflects ``revision``."""
         if self.view.revision >= revision:
             return
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append((revision, future))
-        await future
+        entry = (revision, asyncio.get_running_loop().create_future())
+        self._waiters.append(entry)
+        try:
+            await entry[1]
+        finally:
+            # A waiter given up (cancelled, timed out) must not stay behind.
+            if entry in self._waiters:
+                self._waiters.remove(entry)
 
     async def mutate(self, service: str, instance_id: str, decide: Decide[Any]) -> Committed[Any]:
         """Commit a decision and wait until this node's view shows it."""
@@ -117,6 +142,7 @@ class RegistryNode:
         return committed
 
     async def _expire_loop(self) -> None:
+        """Expire due leases; supervised, so even an unexpected error restarts it after a backoff."""
         while True:
             delay = min(self.store.seconds_to_next_expiry(), self.settings.expiry_check_interval)
             await asyncio.sleep(delay)

@@ -12,15 +12,27 @@ expiry: it holds a session advisory lock on a dedicated connection that also
 LISTENs for those renewals, and keeps every lease's deadline on its own
 ``time.monotonic()`` (see :mod:`.renewal_tracker`); when it takes over, every
 lease gets its full TTL again. When the leader dies its session ends, the
-lock is released and another node takes over. The leader expires a lease with
+lock is released and another node takes over. A leader that is alive but
+unresponsive (frozen by SIGSTOP, a stalled host, a cut-off network) loses it
+too: its lock session carries ``idle_session_timeout = session_timeout`` (and
+TCP keepalives and ``tcp_user_timeout``), it heartbeats every
+``heartbeat_interval``, and it expires nothing unless its last heartbeat was
+sent less than ``session_timeout - margin`` ago, so once PostgreSQL has ended the
+frozen session and another node leads, the old leader, when it wakes, expires
+nothing until it has stepped down. The leader expires a lease with
 a delete conditional on the renewal counter it saw, under the revision lock,
 so a renewal racing the expiry wins and each lease expires exactly once.
 Neither the database's ``now()`` nor any wall clock is read for expiry.
 
 Caveats: a lease past its deadline can still be renewed until the leader
 deletes it (one expiry check, ``expiry_interval``, at most while a leader
-runs); while no node holds the lock (all stopped, or the leader frozen by
-SIGSTOP with its session still open) nothing expires.
+runs); while no node holds the lock (all stopped, or for up to ``session_timeout``
+after the leader froze) nothing expires.
+
+A node that finds the shared log compacted past what it applied (it was frozen
+or cut off for longer than the retained window) cannot replay the gap: it reads
+the whole state again and hands it to the node's reset callback, which rebuilds
+the view and ends its watches with OUT_OF_RANGE so their clients take a snapshot.
 """
 
 from __future__ import annotations
@@ -28,19 +40,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from typing import Any
 
 import psycopg
+from psycopg.conninfo import make_conninfo
 from psycopg_pool import AsyncConnectionPool
 
 from rpcmesh.controlplane.registry import transitions
 from rpcmesh.controlplane.registry.leases import Clock
 from rpcmesh.controlplane.registry.model import Change, Committed, Event, StoredInstance, hash_token
 from rpcmesh.controlplane.registry.renewal_tracker import RenewalTracker, Sighting
-from rpcmesh.controlplane.registry.store import Decide, EventSink, Loaded
+from rpcmesh.controlplane.registry.store import Decide, EventSink, Loaded, ResetSink
 from rpcmesh.errors import NotFoundError, OutOfRangeError, PermissionDeniedError
-from rpcmesh.tasks import stop_tasks
+from rpcmesh.tasks import start_supervised, stop_tasks
 from rpcmesh.v1 import registry_pb2
 
 logger = logging.getLogger(__name__)
@@ -49,6 +63,8 @@ CHANNEL = "rpcmesh_registry"
 _SCHEMA_LOCK = 0x52454749  # "REGI": serialises schema creation between nodes starting together
 _LEADER_LOCK = 0x5245474C  # "REGL": held (session lock) by the node that expires leases
 RENEW_CHANNEL = "rpcmesh_registry_renew"
+LEADER_APPLICATION_PREFIX = "rpcmesh-registry-leader-"
+"""``application_name`` of a node's lock session, followed by its process id (seen in pg_stat_activity)."""
 _SCHEMA = [
     """CREATE TABLE IF NOT EXISTS registry_instances (
         service TEXT NOT NULL,
@@ -90,6 +106,20 @@ def parse_renewal(payload: str) -> Sighting | None:
     return Sighting(parts[0], int(parts[2]), int(parts[1]))
 
 
+def bounded_conninfo(url: str, timeout: float, **extra: str) -> str:
+    """``url`` with the libpq settings that notice a dead server or network within ~``timeout``."""
+    seconds = max(1, int(timeout / 3))
+    return make_conninfo(
+        url,
+        keepalives=1,
+        keepalives_idle=seconds,
+        keepalives_interval=seconds,
+        keepalives_count=3,
+        tcp_user_timeout=int(timeout * 1000),
+        **extra,
+    )
+
+
 def _stored(row: tuple[Any, ...]) -> StoredInstance:
     token_hash, ttl_ms, probe_passing, data = row
     return StoredInstance(
@@ -111,17 +141,29 @@ class PostgresRegistryStore:
         poll_interval: float = 0.5,
         expiry_interval: float = 0.2,
         leader_retry_interval: float = 0.5,
+        session_timeout: float = 3.0,
+        heartbeat_interval: float = 0.5,
+        margin: float = 1.0,
         clock: Clock = time.monotonic,
     ) -> None:
+        if not 0 < heartbeat_interval < session_timeout - margin:
+            raise ValueError("heartbeat_interval: must be positive and below session_timeout - margin")
         self.url = url
         self.retain_events = retain_events
         self.poll_interval = poll_interval
         self.expiry_interval = expiry_interval
         self.leader_retry_interval = leader_retry_interval
+        self.session_timeout = session_timeout
+        """``idle_session_timeout`` of the lock session: takeover time after the leader froze."""
+        self.heartbeat_interval = heartbeat_interval
+        self.margin = margin
+        """The leader stops expiring this long before PostgreSQL could end its silent session."""
+        self._lease_until = 0.0
         self._tracker = RenewalTracker(clock)
         self._leader = False
         self._pool: AsyncConnectionPool | None = None
         self._sink: EventSink | None = None
+        self._reset: ResetSink | None = None
         self._applied = 0
         self._compact_revision = 0
         self._wakeup = asyncio.Event()
@@ -129,8 +171,8 @@ class PostgresRegistryStore:
 
     @property
     def is_leader(self) -> bool:
-        """This node holds the expiry lock and tracks lease deadlines."""
-        return self._leader
+        """This node holds the expiry lock, its session proved alive recently, and it tracks leases."""
+        return self._lease_valid()
 
     @property
     def compact_revision(self) -> int:
@@ -142,9 +184,10 @@ class PostgresRegistryStore:
             raise RuntimeError("registry store is not open")
         return self._pool
 
-    async def open(self, sink: EventSink) -> Loaded:
+    async def open(self, sink: EventSink, reset: ResetSink | None = None) -> Loaded:
         """Create the schema, load the state, start tailing and contend for expiry leadership."""
         self._sink = sink
+        self._reset = reset
         pool = AsyncConnectionPool(self.url, min_size=1, max_size=8, kwargs={"autocommit": True}, open=False)
         await pool.open(wait=True, timeout=30)
         self._pool = pool
@@ -152,6 +195,17 @@ class PostgresRegistryStore:
             await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
             for statement in _SCHEMA:
                 await conn.execute(statement)
+        loaded = await self._load()
+        self._tasks = [
+            start_supervised(self._listen, name="registry-pg-listen"),
+            start_supervised(self._tail, name="registry-pg-tail"),
+            start_supervised(self._lead, name="registry-pg-lead"),
+        ]
+        return loaded
+
+    async def _load(self) -> Loaded:
+        """Read every instance and the revision they are at, in one snapshot."""
+        pool = self._pool_or_fail()
         async with pool.connection() as conn, conn.transaction():
             await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
             meta = await (
@@ -160,13 +214,7 @@ class PostgresRegistryStore:
             rows = await (await conn.execute(_SELECT)).fetchall()
         assert meta is not None
         self._applied, self._compact_revision = int(meta[0]), int(meta[1])
-        instances = [_stored(row) for row in rows]
-        self._tasks = [
-            asyncio.create_task(self._listen(), name="registry-pg-listen"),
-            asyncio.create_task(self._tail(), name="registry-pg-tail"),
-            asyncio.create_task(self._lead(), name="registry-pg-lead"),
-        ]
-        return Loaded(instances=instances, revision=self._applied)
+        return Loaded(instances=[_stored(row) for row in rows], revision=self._applied)
 
     async def close(self) -> None:
         """Stop tailing and close the pool."""
@@ -180,50 +228,80 @@ class PostgresRegistryStore:
 
     # -- expiry leadership ------------------------------------------------------
 
+    def _lease_valid(self) -> bool:
+        return self._leader and time.monotonic() < self._lease_until
+
     async def _lead(self) -> None:
-        """Contend for the expiry lock; while held, follow renewals on the same connection."""
+        """Contend for the expiry lock, hold it while the session proves alive; step down on loss."""
         while True:
             try:
-                conn = await psycopg.AsyncConnection.connect(self.url, autocommit=True)
-                async with conn:
-                    while True:
-                        row = await (
-                            await conn.execute("SELECT pg_try_advisory_lock(%s)", (_LEADER_LOCK,))
-                        ).fetchone()
-                        if row is not None and row[0]:
-                            break
-                        await asyncio.sleep(self.leader_retry_interval)
-                    # LISTEN before reading: a renewal committed in between is seen twice, never missed.
-                    await conn.execute(f"LISTEN {RENEW_CHANNEL}")
-                    rows = await (
-                        await conn.execute("SELECT lease_id, ttl_ms, renewals FROM registry_instances")
-                    ).fetchall()
-                    # Like etcd's new leader: every lease gets its full TTL again, so a restart
-                    # or a leader change does not expire healthy instances.
-                    self._tracker.take_over(Sighting(str(r[0]), int(r[1]), int(r[2])) for r in rows)
-                    self._leader = True
-                    logger.info("registry node leads lease expiry (%d leases)", len(rows))
-                    async for note in conn.notifies():
-                        sighting = parse_renewal(note.payload)
-                        if sighting is not None:
-                            self._tracker.observe(sighting)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
+                await self._hold_lock()
+            except (psycopg.Error, OSError, TimeoutError):
                 logger.warning("registry expiry-leader connection lost; contending again", exc_info=True)
             finally:
+                # Also on cancellation or an unexpected error (the supervisor restarts this loop).
                 if self._leader:
-                    logger.info("registry node no longer leads lease expiry")
+                    logger.warning("registry node no longer leads lease expiry")
                 self._leader = False
+                self._lease_until = 0.0
                 self._tracker.clear()
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(self.leader_retry_interval)
+
+    async def _hold_lock(self) -> None:
+        conninfo = bounded_conninfo(
+            self.url, self.session_timeout, application_name=f"{LEADER_APPLICATION_PREFIX}{os.getpid()}"
+        )
+        conn = await psycopg.AsyncConnection.connect(conninfo, autocommit=True)
+        async with conn:
+            # PostgreSQL ends a session that sends nothing for this long (a leader frozen by SIGSTOP,
+            # a stalled host, a cut-off network), which frees the lock for another node.
+            await conn.execute(f"SET idle_session_timeout = {int(self.session_timeout * 1000)}")
+            while True:
+                sent = time.monotonic()
+                row = await (
+                    await conn.execute("SELECT pg_try_advisory_lock(%s)", (_LEADER_LOCK,))
+                ).fetchone()
+                if row is not None and row[0]:
+                    break
+                await asyncio.sleep(self.leader_retry_interval)
+            # LISTEN before reading: a renewal committed in between is seen twice, never missed.
+            await conn.execute(f"LISTEN {RENEW_CHANNEL}")
+            rows = await (
+                await conn.execute("SELECT lease_id, ttl_ms, renewals FROM registry_instances")
+            ).fetchall()
+            # Like etcd's new leader: every lease gets its full TTL again, so a restart
+            # or a leader change does not expire healthy instances.
+            self._tracker.take_over(Sighting(str(r[0]), int(r[1]), int(r[2])) for r in rows)
+            self._lease_until = sent + self.session_timeout - self.margin
+            self._leader = True
+            logger.info("registry node leads lease expiry (%d leases)", len(rows))
+            await self._beat(conn, sent)
+
+    async def _beat(self, conn: Conn, sent: float) -> None:
+        """Follow renewals on the lock connection and prove the session alive, until it fails."""
+        next_beat = sent + self.heartbeat_interval
+        while True:
+            remaining = next_beat - time.monotonic()
+            if remaining > 0:
+                async for note in conn.notifies(timeout=remaining):
+                    sighting = parse_renewal(note.payload)
+                    if sighting is not None:
+                        self._tracker.observe(sighting)
+                continue
+            sent = time.monotonic()
+            await asyncio.wait_for(conn.execute("SELECT 1"), self.session_timeout - self.margin)
+            # The session was alive when the heartbeat was sent: PostgreSQL cannot end it (and free
+            # the lock) before sent + session_timeout, and this node stops expiring a margin earlier.
+            self._lease_until = sent + self.session_timeout - self.margin
+            next_beat = sent + self.heartbeat_interval
 
     # -- tailing the shared log --------------------------------------------------
 
     async def _listen(self) -> None:
         while True:
             try:
-                conn = await psycopg.AsyncConnection.connect(self.url, autocommit=True)
+                conninfo = bounded_conninfo(self.url, self.session_timeout)
+                conn = await psycopg.AsyncConnection.connect(conninfo, autocommit=True)
                 async with conn:
                     await conn.execute(f"LISTEN {CHANNEL}")
                     self._wakeup.set()  # catch up on whatever happened before LISTEN
@@ -265,10 +343,17 @@ class PostgresRegistryStore:
             if not rows:
                 return
             if int(rows[0][0]) != self._applied + 1:
-                # Compacted past us: nothing but a restart can rebuild the view consistently.
-                logger.error(
-                    "registry event log compacted past revision %d; restart this node", self._applied
+                # Compacted past us: the gap cannot be replayed, so the node starts from a snapshot.
+                behind = self._applied
+                loaded = await self._load()
+                logger.warning(
+                    "registry event log compacted past revision %d; reloaded the state at revision %d",
+                    behind,
+                    loaded.revision,
                 )
+                if self._reset is not None:
+                    self._reset(loaded)
+                continue
             events = [Event.from_proto(registry_pb2.WatchEvent.FromString(bytes(row[1]))) for row in rows]
             self._applied = events[-1].revision
             if self._sink is not None:
@@ -385,7 +470,7 @@ class PostgresRegistryStore:
         first wins (its lease gets a new deadline), one that comes later finds
         the lease gone, and each lease expires exactly once.
         """
-        if not self._leader:
+        if not self._lease_valid():
             return 0
         due = {lease.lease_id: lease.renewals for lease in self._tracker.due(_EXPIRE_BATCH)}
         if not due:
@@ -436,7 +521,7 @@ class PostgresRegistryStore:
 
     def seconds_to_next_expiry(self) -> float:
         """The leader sleeps until its earliest deadline; the others check leadership every interval."""
-        if not self._leader:
+        if not self._lease_valid():
             return self.expiry_interval
         remaining = self._tracker.seconds_to_next_deadline()
         return self.expiry_interval if remaining is None else remaining

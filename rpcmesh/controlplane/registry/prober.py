@@ -3,8 +3,10 @@
 One task per probed instance calls ``grpc.health.v1.Health/Check`` every
 interval with the configured timeout; results go through the pure damper
 (:mod:`.damping`) and only a change of the damped verdict is written, as a
-HEALTH event. Probes never run commands. With PostgreSQL every node probes
-(verdict writes are idempotent, so the only cost is duplicate probes).
+HEALTH event. Probes never run commands. With PostgreSQL only the expiry
+leader probes (checked every ``leadership_check_interval``), so nodes never
+write verdicts from dampers of their own that disagree; a new leader starts each
+damper from the health the instance has. Every probe task is supervised.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from rpcmesh.controlplane.registry import transitions, validation
 from rpcmesh.controlplane.registry.damping import DamperState, observe
 from rpcmesh.controlplane.registry.model import DELETE, Event
 from rpcmesh.controlplane.registry.node import RegistryNode
-from rpcmesh.tasks import stop_tasks
+from rpcmesh.tasks import start_supervised, stop_tasks
 from rpcmesh.v1 import registry_pb2
 
 logger = logging.getLogger(__name__)
@@ -43,28 +45,64 @@ def _probe_signature(instance: registry_pb2.Instance) -> bytes:
 class HealthProber:
     """Keeps one probe task per instance that declared a GrpcHealthCheck."""
 
-    def __init__(self, node: RegistryNode) -> None:
+    def __init__(self, node: RegistryNode, *, leadership_check_interval: float = 0.25) -> None:
         self.node = node
+        self.leadership_check_interval = leadership_check_interval
         self._tasks: dict[Key, tuple[bytes, asyncio.Task[None]]] = {}
+        self._active = False
+        self._leadership: asyncio.Task[None] | None = None
+
+    @property
+    def active(self) -> bool:
+        """This node probes (it leads expiry)."""
+        return self._active
 
     def start(self) -> None:
-        """Probe the instances already registered, and follow changes."""
-        for instance in self.node.view.instances():
-            self._sync(instance)
+        """Follow changes, and probe the registered instances whenever this node leads expiry."""
         self.node.listeners.append(self._on_event)
+        self._follow_leadership_once()
+        self._leadership = start_supervised(self._follow_leadership, name="registry-probe-leadership")
 
     async def stop(self) -> None:
         """Cancel every probe."""
         with contextlib.suppress(ValueError):
             self.node.listeners.remove(self._on_event)
+        if self._leadership is not None:
+            await stop_tasks([self._leadership])
+            self._leadership = None
+        self._active = False
+        await self._cancel_all()
+
+    async def _cancel_all(self) -> None:
         tasks = [task for _, task in self._tasks.values()]
         self._tasks.clear()
         await stop_tasks(tasks)
+
+    def _follow_leadership_once(self) -> bool:
+        """Start probing on becoming the leader; returns True when probing must stop."""
+        leads = self.node.store.is_leader
+        if leads and not self._active:
+            self._active = True
+            for instance in self.node.view.instances():
+                self._sync(instance)
+            return False
+        if not leads and self._active:
+            self._active = False
+            return True
+        return False
+
+    async def _follow_leadership(self) -> None:
+        while True:
+            if self._follow_leadership_once():
+                await self._cancel_all()
+            await asyncio.sleep(self.leadership_check_interval)
 
     def __len__(self) -> int:
         return len(self._tasks)
 
     def _on_event(self, event: Event) -> None:
+        if not self._active:
+            return
         key = (event.instance.service, event.instance.instance_id)
         if event.type == DELETE:
             self._cancel(key)
@@ -88,8 +126,8 @@ class HealthProber:
         self._cancel(key)
         copy = registry_pb2.Instance()
         copy.CopyFrom(instance)
-        task = asyncio.create_task(
-            self._probe_loop(copy), name=f"probe-{instance.service}-{instance.instance_id}"
+        task = start_supervised(
+            partial(self._probe_loop, copy), name=f"probe-{instance.service}-{instance.instance_id}"
         )
         self._tasks[key] = (signature, task)
 

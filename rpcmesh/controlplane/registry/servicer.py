@@ -6,6 +6,8 @@ turns them into precise statuses with rich details.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from functools import partial
 from typing import Any
@@ -16,7 +18,7 @@ from google.protobuf import timestamp_pb2
 from rpcmesh.controlplane.registry import transitions, validation
 from rpcmesh.controlplane.registry.model import PUT, Event, new_id, new_token
 from rpcmesh.controlplane.registry.node import RegistryNode
-from rpcmesh.errors import ResourceExhaustedError, StatusError
+from rpcmesh.errors import OutOfRangeError, ResourceExhaustedError, StatusError
 from rpcmesh.security import ANONYMOUS, current_identity
 from rpcmesh.v1 import registry_pb2, registry_pb2_grpc
 
@@ -163,6 +165,23 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
             services=services, next_page_token=next_token, revision=view.revision
         )
 
+    async def _check_reached(self, revision: int) -> None:
+        """Raise OUT_OF_RANGE for a revision this registry never reached.
+
+        It lost its data, or it is not the registry the client watched. A node of a shared store
+        gets a moment to catch up first.
+        """
+        node = self.node
+        if revision <= node.view.revision:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(node.caught_up(revision), 2 * node.settings.poll_interval)
+        if revision > node.view.revision:
+            raise OutOfRangeError(
+                f"after_revision: {revision} is ahead of this registry's revision {node.view.revision} "
+                "(it lost its data or is another registry); watch again from 0 for a snapshot"
+            )
+
     async def Watch(
         self, request: registry_pb2.WatchRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[registry_pb2.WatchResponse]:
@@ -182,6 +201,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
                 delivered = revision
             else:
                 delivered = request.after_revision
+                await self._check_reached(delivered)
                 upto = node.view.revision
                 while delivered < upto:
                     history = await node.store.events_after(delivered, _WATCH_BATCH)

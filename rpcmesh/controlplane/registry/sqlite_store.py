@@ -5,7 +5,9 @@ transaction, so concurrent registrations share one fsync and the event loop
 never blocks on disk. Leases live in memory on the monotonic clock: a renewal
 is not a write, and on open every lease is granted its full TTL again (as etcd
 does when a new leader takes over), so a restart does not expire healthy
-instances.
+instances. Lease changes made by a batch (grants, revocations, leases popped as
+expired) are undone when its commit fails, so the leases in memory always match
+the instances in the file.
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from rpcmesh.controlplane.registry import transitions
-from rpcmesh.controlplane.registry.leases import Clock, LeaseTable
+from rpcmesh.controlplane.registry.leases import Clock, Lease, LeaseTable
 from rpcmesh.controlplane.registry.model import Change, Committed, Event, StoredInstance, token_matches
-from rpcmesh.controlplane.registry.store import Decide, EventSink, Loaded
+from rpcmesh.controlplane.registry.store import Decide, EventSink, Loaded, ResetSink
 from rpcmesh.errors import NotFoundError, OutOfRangeError, PermissionDeniedError, StatusError
 from rpcmesh.v1 import registry_pb2
 
@@ -80,6 +82,8 @@ class SqliteRegistryStore:
         self.retain_events = retain_events
         self._leases = LeaseTable(clock) if clock is not None else LeaseTable()
         self._lease_lock = threading.Lock()
+        # (lease_id, lease before the change) for every lease change of the running batch.
+        self._lease_undo: list[tuple[str, Lease | None]] = []
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
         self._revision = 0
         self._compact_revision = 0
@@ -94,6 +98,11 @@ class SqliteRegistryStore:
     def compact_revision(self) -> int:
         """Events up to this revision were compacted away."""
         return self._compact_revision
+
+    @property
+    def is_leader(self) -> bool:
+        """Always: the embedded store has one node."""
+        return True
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -113,8 +122,8 @@ class SqliteRegistryStore:
         self._reader = _connect(self.path)
         return Loaded(instances=instances, revision=self._revision)
 
-    async def open(self, sink: EventSink) -> Loaded:
-        """Open the file, load every instance and start the writer thread."""
+    async def open(self, sink: EventSink, reset: ResetSink | None = None) -> Loaded:
+        """Open the file, load every instance and start the writer thread (``reset`` is never needed)."""
         self._loop = asyncio.get_running_loop()
         self._sink = sink
         loaded = await asyncio.to_thread(self._open_sync)
@@ -161,6 +170,7 @@ class SqliteRegistryStore:
         outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
         events: list[Event] = []
         start_revision = self._revision
+        self._lease_undo = []
         try:
             conn.execute("BEGIN IMMEDIATE")
             for job in jobs:
@@ -184,8 +194,12 @@ class SqliteRegistryStore:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
             self._revision = start_revision
+            with self._lease_lock:
+                for lease_id, previous in reversed(self._lease_undo):
+                    self._leases.restore(lease_id, previous)
             outcomes = [(job.future, None, exc) for job in jobs]
             events = []
+        self._lease_undo = []
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._deliver, events, outcomes)
 
@@ -255,8 +269,10 @@ class SqliteRegistryStore:
         with self._lease_lock:
             if stored is None:
                 if change.event is not None:
-                    self._leases.revoke(change.event.instance.lease_id)
+                    lease_id = change.event.instance.lease_id
+                    self._lease_undo.append((lease_id, self._leases.revoke(lease_id)))
             elif change.renew:
+                self._lease_undo.append((stored.lease_id, self._leases.get(stored.lease_id)))
                 self._leases.grant(stored.lease_id, key, stored.token_hash, stored.ttl_ms)
         return [change.event] if change.event is not None else []
 
@@ -304,6 +320,7 @@ class SqliteRegistryStore:
         def run(conn: sqlite3.Connection) -> tuple[Any, list[Event]]:
             with self._lease_lock:
                 expired = self._leases.pop_expired()
+            self._lease_undo.extend((lease.lease_id, lease) for lease in expired)
             events: list[Event] = []
             for lease in expired:
                 change = transitions.expire(

@@ -25,6 +25,9 @@ Decide = Callable[[StoredInstance | None, int], Change[T]]
 EventSink = Callable[[Sequence[Event]], None]
 """Receives committed events in revision order, on the event loop thread."""
 
+ResetSink = Callable[["Loaded"], None]
+"""Receives the whole state again when the store cannot replay what the node missed (log compacted)."""
+
 
 @dataclass(frozen=True)
 class Loaded:
@@ -43,8 +46,16 @@ class RegistryStore(Protocol):
         """Events up to this revision are no longer retained."""
         ...
 
-    async def open(self, sink: EventSink) -> Loaded:
+    @property
+    def is_leader(self) -> bool:
+        """This node expires leases and runs probes (always, for a store used by one node)."""
+        ...
+
+    async def open(self, sink: EventSink, reset: ResetSink | None = None) -> Loaded:
         """Open (creating the schema) and return the current state.
+
+        ``reset`` is called with the whole state when the node fell behind the
+        retained log (a shared store only): the node must rebuild from it.
 
         Every lease gets its full TTL again on a monotonic clock: at open for the
         embedded store, when a node takes over expiry for the shared one.

@@ -4,7 +4,9 @@ The hub is fed synchronously, in revision order, by whoever applies events to
 the view, so a watcher that subscribes and reads the view in the same step of
 the event loop misses nothing. A watcher that falls more than ``max_backlog``
 events behind is cut off with ABORTED and told where to resume, rather than
-letting the server's memory grow without bound.
+letting the server's memory grow without bound. When the node rebuilds its view
+from a snapshot (its store could not replay what it missed), every watch is
+ended with OUT_OF_RANGE: its client must take a snapshot too.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import asyncio
 from collections import deque
 
 from rpcmesh.controlplane.registry.model import Event
-from rpcmesh.errors import AbortedError, UnavailableError
+from rpcmesh.errors import AbortedError, OutOfRangeError, StatusError, UnavailableError
 
 
 class Subscription:
@@ -27,12 +29,13 @@ class Subscription:
         self._wakeup = asyncio.Event()
         self._overflowed_after: int | None = None
         self._closed = False
+        self._ended: StatusError | None = None
         self.delivered = 0
         """Highest revision handed out by :meth:`next_batch`."""
 
     def push(self, event: Event) -> None:
         """Queue an event (called by the hub)."""
-        if self._overflowed_after is not None or self._closed:
+        if self._overflowed_after is not None or self._closed or self._ended is not None:
             return
         if self.service and event.instance.service != self.service:
             return
@@ -48,6 +51,11 @@ class Subscription:
         self._closed = True
         self._wakeup.set()
 
+    def end(self, error: StatusError) -> None:
+        """End the watch with ``error`` (raised once the queued events are taken)."""
+        self._ended = error
+        self._wakeup.set()
+
     async def next_batch(self, limit: int = 1000) -> list[Event]:
         """Wait for at least one event and return up to ``limit`` in revision order."""
         while not self._events:
@@ -56,6 +64,8 @@ class Subscription:
                     f"watch fell more than {self._max_backlog} events behind; "
                     f"resume with after_revision={max(self._overflowed_after, self.delivered)}"
                 )
+            if self._ended is not None:
+                raise self._ended
             if self._closed:
                 raise UnavailableError("registry is shutting down; resume the watch elsewhere")
             self._wakeup.clear()
@@ -93,6 +103,17 @@ class WatchHub:
         """Hand a committed event to every subscription."""
         for subscription in self._subscriptions:
             subscription.push(event)
+
+    def reset(self, revision: int) -> None:
+        """End every watch with OUT_OF_RANGE: the view was rebuilt at ``revision`` from a snapshot."""
+        for subscription in list(self._subscriptions):
+            subscription.end(
+                OutOfRangeError(
+                    f"after_revision: this registry node reloaded its state at revision {revision} "
+                    "and cannot replay the events before it; watch again from 0 for a snapshot"
+                )
+            )
+        self._subscriptions.clear()
 
     def close(self) -> None:
         """End every watch."""
