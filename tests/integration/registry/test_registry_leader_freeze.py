@@ -1,0 +1,156 @@
+"""The PostgreSQL Registry's expiry leader frozen by SIGSTOP: another node takes over lease expiry.
+
+Two `rpcmesh up` nodes share one fresh database. Each trial registers leases that
+are renewed (through a node that is not frozen) and leases that are not, then
+freezes the current expiry leader at a random moment relative to their
+deadlines. The other node must expire the unrenewed leases within TTL + 6 s of
+the freeze and keep every renewed one; when the frozen node wakes it must not
+expire a renewed lease either, and its own view must converge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import signal
+import time
+from pathlib import Path
+
+import grpc.aio
+import psycopg
+import pytest
+from rpcmesh.v1 import registry_pb2, registry_pb2_grpc
+
+from tests.integration.registry.helpers import register, resolve_ids
+from tests.support.processes import ManagedProcess, start_control_plane
+
+pytestmark = [pytest.mark.fault, pytest.mark.slow, pytest.mark.backend]
+
+LEADER_LOCK = 0x5245474C  # postgres_store._LEADER_LOCK
+LEADER_APP = "rpcmesh-registry-leader-"  # postgres_store.LEADER_APPLICATION_PREFIX
+TTL = 2.0
+TRIALS = 3
+SEED = 20261204
+
+
+async def _lock_holder(postgres_url: str) -> tuple[int, str] | None:
+    """(backend pid, application_name) of the session holding the expiry lock, if any."""
+    async with await psycopg.AsyncConnection.connect(postgres_url, autocommit=True) as conn:
+        row = await (
+            await conn.execute(
+                "SELECT l.pid, a.application_name FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
+                "WHERE l.locktype = 'advisory' AND l.granted "
+                "AND ((l.classid::bigint << 32) | l.objid::bigint) = %s",
+                (LEADER_LOCK,),
+            )
+        ).fetchone()
+    return (int(row[0]), str(row[1])) if row is not None else None
+
+
+async def _leader(postgres_url: str, nodes: list[ManagedProcess], first_trial: bool) -> ManagedProcess:
+    """The node process whose session holds the expiry lock (waits for one to hold it)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        holder = await _lock_holder(postgres_url)
+        if holder is not None:
+            for node in nodes:
+                if holder[1] == f"{LEADER_APP}{node.pid}":
+                    return node
+            if first_trial:  # a build that does not name its lock session: the first node took it
+                return nodes[0]
+        await asyncio.sleep(0.1)
+    raise AssertionError("no node took the expiry lock within 30 s")
+
+
+async def test_frozen_expiry_leader_another_node_expires_and_renewed_leases_stay(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    nodes: list[ManagedProcess] = []
+    addresses: dict[int, str] = {}
+    frozen: ManagedProcess | None = None
+    try:
+        for name in ("a", "b"):
+            node, address = start_control_plane(tmp_path / name, "--store", postgres_url)
+            nodes.append(node)
+            addresses[node.pid] = address
+            if name == "a":  # the first node leads; only then does the second one start
+                await _leader(postgres_url, nodes, first_trial=True)
+        channels = {pid: grpc.aio.insecure_channel(address) for pid, address in addresses.items()}
+        stubs = {pid: registry_pb2_grpc.RegistryStub(channel) for pid, channel in channels.items()}
+        try:
+            for trial in range(TRIALS):
+                seed = SEED + trial
+                rng = random.Random(seed)
+                leader = await _leader(postgres_url, nodes, first_trial=trial == 0)
+                other = next(node for node in nodes if node is not leader)
+                survivor = stubs[other.pid]
+                service = f"frozen{trial}"
+                through = list(stubs.values())
+                registered = [
+                    await register(rng.choice(through), service=service, port=7000 + i, ttl_seconds=TTL)
+                    for i in range(6)
+                ]
+                kept, dropped = registered[:3], registered[3:]
+                kept_ids = {r.instance_id for r in kept}
+                freeze_after = rng.uniform(0.0, TTL)
+                where = f"seed={seed} trial={trial} freeze_after={freeze_after:.2f}s"
+
+                async def renew(kept: list[registry_pb2.RegisterResponse] = kept) -> None:
+                    while True:
+                        for r in kept:
+                            await survivor.Heartbeat(
+                                registry_pb2.HeartbeatRequest(lease_id=r.lease_id, lease_token=r.lease_token),
+                                timeout=5,
+                            )
+                        await asyncio.sleep(0.3)
+
+                renewer = asyncio.create_task(renew())
+                try:
+                    await asyncio.sleep(freeze_after)
+                    frozen = leader
+                    leader.signal(signal.SIGSTOP)
+                    stopped_at = time.monotonic()
+                    while True:
+                        present = await resolve_ids(survivor, service)
+                        assert kept_ids <= present, f"a renewed lease expired ({where})"
+                        if present == kept_ids:
+                            break
+                        elapsed = time.monotonic() - stopped_at
+                        assert elapsed <= TTL + 6, (
+                            f"unrenewed leases still resolve {elapsed:.1f}s after the leader froze ({where})"
+                        )
+                        assert not renewer.done(), f"renewals failed: {renewer.exception()!r} ({where})"
+                        await asyncio.sleep(0.1)
+                    leader.signal(signal.SIGCONT)
+                    frozen = None
+                    # The woken node must not expire a renewed lease, and its view must converge.
+                    woke_at = time.monotonic()
+                    while (
+                        time.monotonic() - woke_at < 2.5
+                        or await resolve_ids(stubs[leader.pid], service) != kept_ids
+                    ):
+                        assert time.monotonic() - woke_at < 20, (
+                            f"the woken node's view did not converge ({where})"
+                        )
+                        assert await resolve_ids(survivor, service) == kept_ids, f"after wake-up ({where})"
+                        assert not renewer.done(), f"renewals failed: {renewer.exception()!r} ({where})"
+                        await asyncio.sleep(0.2)
+                finally:
+                    renewer.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                        await renewer
+                for r in kept:  # leave the next trial a clean slate
+                    await survivor.Deregister(
+                        registry_pb2.DeregisterRequest(
+                            service=service, instance_id=r.instance_id, lease_token=r.lease_token
+                        )
+                    )
+        finally:
+            for channel in channels.values():
+                await channel.close()
+    finally:
+        if frozen is not None:
+            frozen.signal(signal.SIGCONT)
+        for node in nodes:
+            node.kill()
