@@ -25,6 +25,10 @@ class CliError(Exception):
     """A usage or input problem, reported as one line with exit code 2."""
 
 
+class CommandFailed(Exception):
+    """The command ran but did not succeed (no responders, ...): one line, exit code 1."""
+
+
 @dataclass(frozen=True)
 class Target:
     """Where the control plane is, and how long a call may take."""

@@ -2,7 +2,13 @@
 
 Every failure ends as one line on stderr and a non-zero exit: 2 for usage and
 input problems (bad JSON, conflicting flags), 1 for errors from the control
-plane (its status code and message), 1 for an unreachable control plane.
+plane (its status code and message), 1 for an unreachable control plane, 1 for
+a server that cannot start (port in use, data folder locked or unwritable, a
+damaged database, a bad policy or TLS file).
+
+`rpcmesh up` and `rpcmesh gateway` stop on the first SIGINT or SIGTERM in order
+and within a bounded time (see docs/operations.md); a second signal exits at once
+(exit code 128 + the signal number).
 """
 
 from __future__ import annotations
@@ -14,7 +20,8 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
 
 import grpc
@@ -27,8 +34,9 @@ from rpcmesh.cli import (
     registry_commands,
     saga_commands,
 )
-from rpcmesh.cli.common import CliError
+from rpcmesh.cli.common import CliError, CommandFailed
 from rpcmesh.cli.server_security import add_server_security_arguments, server_security_settings
+from rpcmesh.controlplane.component import StartupError
 from rpcmesh.controlplane.config import ControlPlaneConfig
 from rpcmesh.errors import from_rpc_error
 
@@ -71,7 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--store", default=os.environ.get("RPCMESH_STORE"), help="postgresql://... (env RPCMESH_STORE)"
     )
     up.add_argument("--bus", default=os.environ.get("RPCMESH_BUS"), help="nats://... (env RPCMESH_BUS)")
-    up.add_argument("--grace", type=float, default=5.0, help="seconds to drain calls on shutdown")
+    up.add_argument(
+        "--grace",
+        type=float,
+        default=float(os.environ.get("RPCMESH_GRACE", "5")),
+        help="seconds unary calls get to finish on shutdown; open streams end at once "
+        "(env RPCMESH_GRACE; default 5)",
+    )
     add_server_security_arguments(up, with_policy=True)
     up.set_defaults(func=run_up)
 
@@ -98,21 +112,44 @@ def run_up(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise CliError(str(exc)) from exc
-    asyncio.run(_serve_until_signalled(config))
+    from rpcmesh.controlplane.server import serve
+
+    run_until_signalled(serve(config), deadline=config.grace + config.close_timeout + 5.0)
     print("rpcmesh control plane stopped", flush=True)
     return 0
 
 
-async def _serve_until_signalled(config: ControlPlaneConfig) -> None:
-    from rpcmesh.controlplane.server import serve
+def run_until_signalled(main: Coroutine[object, object, None], *, deadline: float) -> None:
+    """Run a server coroutine until SIGINT/SIGTERM; then let it shut down, for at most ``deadline`` s.
 
+    The first signal cancels ``main`` (its ``finally`` stops the server in order). A second
+    signal, or a shutdown still running after ``deadline`` seconds, ends the process at once.
+    """
+    asyncio.run(_serve_until_signalled(main, deadline))
+
+
+async def _serve_until_signalled(main: Coroutine[object, object, None], deadline: float) -> None:
     task = asyncio.current_task()
     assert task is not None
     loop = asyncio.get_running_loop()
+
+    def exit_now(sig: int, why: str) -> None:
+        print(f"rpcmesh: {why}; exiting at once", file=sys.stderr, flush=True)
+        os._exit(128 + sig)
+
+    def first_signal(sig: int) -> None:
+        for again in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(again, exit_now, again, f"{signal.Signals(again).name} during shutdown")
+        # A thread, not the loop: it fires even if some shutdown step blocks the loop.
+        watchdog = threading.Timer(deadline, exit_now, (signal.SIGALRM, f"shutdown took over {deadline:g}s"))
+        watchdog.daemon = True
+        watchdog.start()
+        task.cancel()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, task.cancel)
+        loop.add_signal_handler(sig, first_signal, sig)
     with contextlib.suppress(asyncio.CancelledError):
-        await serve(config)
+        await main
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -135,6 +172,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except CliError as exc:
         print(f"rpcmesh {name}: {exc}", file=sys.stderr)
         code = 2
+    except (StartupError, CommandFailed) as exc:
+        print(f"rpcmesh {name}: {exc}", file=sys.stderr)
+        code = 1
     except grpc.RpcError as exc:
         error = from_rpc_error(exc)
         if error.code is grpc.StatusCode.UNAVAILABLE:

@@ -11,6 +11,13 @@ import grpc.aio
 from rpcmesh.controlplane.config import ControlPlaneConfig
 
 
+class StartupError(Exception):
+    """A control plane (or gateway) cannot start: one line naming the cause and the file, folder or port.
+
+    The CLI prints it as ``rpcmesh up: <message>`` and exits 1, without a traceback.
+    """
+
+
 @dataclass(frozen=True)
 class ControlPlaneContext:
     """What a component learns when the control plane starts it."""
@@ -27,7 +34,10 @@ class Component(Protocol):
 
     Lifecycle: ``add_to_server`` before the port is bound, ``start`` once it is
     bound but before calls are accepted (open storage, recover, spawn background
-    tasks), ``stop`` after the server stopped accepting calls.
+    tasks), ``stop`` after the server stopped accepting calls and every open stream
+    has ended (its handler's cleanup has run): flush state, stop tasks, close storage.
+    ``stop`` gets ``config.close_timeout`` seconds before it is abandoned. A storage
+    problem at ``start`` is best raised as :class:`StartupError` naming the file.
     """
 
     @property

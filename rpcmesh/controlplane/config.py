@@ -30,7 +30,13 @@ class ControlPlaneConfig:
     """``nats://…`` to run the Bus on NATS JetStream; None for the embedded SQLite log."""
 
     grace: float = 5.0
-    """Seconds in-flight calls get to finish on shutdown."""
+    """Seconds in-flight calls get to finish on shutdown (open streams are ended at once).
+
+    Shutdown as a whole takes at most ``grace + close_timeout`` (10 s by default).
+    """
+
+    close_timeout: float = 5.0
+    """Seconds each component gets to flush its state and close its stores on shutdown."""
 
     security: SecuritySettings = field(default_factory=SecuritySettings)
     """TLS/mTLS, token secret and issuer, policy file, development mode and limits.
@@ -48,6 +54,8 @@ class ControlPlaneConfig:
             raise ValueError(f"bus: expected a nats:// URL, got {self.bus!r}")
         if self.grace < 0:
             raise ValueError(f"grace: must be >= 0, got {self.grace}")
+        if self.close_timeout <= 0:
+            raise ValueError(f"close_timeout: must be > 0, got {self.close_timeout}")
 
     @property
     def address(self) -> str:
@@ -56,8 +64,8 @@ class ControlPlaneConfig:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ControlPlaneConfig:
-        """Read RPCMESH_HOST, RPCMESH_PORT, RPCMESH_DATA_DIR, RPCMESH_STORE, RPCMESH_BUS and the security
-        variables (see :meth:`SecuritySettings.from_env`)."""  # noqa: D205, D209
+        """Read RPCMESH_HOST, RPCMESH_PORT, RPCMESH_DATA_DIR, RPCMESH_STORE, RPCMESH_BUS, RPCMESH_GRACE and
+        the security variables (see :meth:`SecuritySettings.from_env`)."""  # noqa: D205, D209
         env = os.environ if environ is None else environ
         return cls(
             host=env.get("RPCMESH_HOST", "127.0.0.1"),
@@ -65,5 +73,6 @@ class ControlPlaneConfig:
             data_dir=Path(env.get("RPCMESH_DATA_DIR", ".rpcmesh")),
             store=env.get("RPCMESH_STORE") or None,
             bus=env.get("RPCMESH_BUS") or None,
+            grace=float(env.get("RPCMESH_GRACE", "5")),
             security=SecuritySettings.from_env(env),
         )

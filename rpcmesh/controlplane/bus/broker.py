@@ -127,6 +127,7 @@ class Subscription:
         self.outbox: asyncio.Queue[list[bus_pb2.Delivery] | None] = asyncio.Queue()
         self.groups: dict[str, GroupRunner] = {}
         self.closed = False
+        self._closing: asyncio.Future[None] | None = None
 
     def __hash__(self) -> int:
         return self.id
@@ -180,10 +181,21 @@ class Subscription:
             self._runtime(f"term.refs[{index}]", ref).term(ref.sequence, reason)
 
     async def close(self) -> None:
-        """Leave every group; in-flight deliveries go to other members at once."""
-        if self.closed:
-            return
-        self.closed = True
+        """Leave every group; in-flight deliveries go to other members at once.
+
+        Every caller returns once the subscription has left all its groups (their state
+        saved), also when another caller started the close: the broker's shutdown relies
+        on that before it closes the store. The close runs to its end even if a caller
+        is cancelled.
+        """
+        if self._closing is None:
+            self.closed = True
+            self._closing = asyncio.ensure_future(self._close())
+            self.broker._background.add(self._closing)
+            self._closing.add_done_callback(self.broker._background.discard)
+        await asyncio.shield(self._closing)
+
+    async def _close(self) -> None:
         self.broker._subscriptions.discard(self)
         link = self.broker.node_link
         if link is not None:
@@ -260,8 +272,12 @@ class GroupRuntime:
         if self.task is not None and self.task is not asyncio.current_task():
             self.task.cancel()
         if self.durable:
-            await self.broker.store.save_group(self.record())
-            self.dirty = False
+            try:
+                await self.broker.store.save_group(self.record())
+            except Exception:
+                logger.exception("saving group %s/%s failed", self.topic, self.name)
+            else:
+                self.dirty = False
 
     def bury(self, dead: list[Dead]) -> None:
         """Dead-letter messages the state gave up on (durable groups only)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 from collections.abc import Sequence
 
 import grpc.aio
@@ -9,7 +11,7 @@ import grpc.aio
 from rpcmesh.controlplane.bus.broker import Broker
 from rpcmesh.controlplane.bus.servicer import BusServicer
 from rpcmesh.controlplane.bus.store import BusStore
-from rpcmesh.controlplane.component import ControlPlaneContext
+from rpcmesh.controlplane.component import ControlPlaneContext, StartupError
 from rpcmesh.controlplane.config import ControlPlaneConfig
 from rpcmesh.v1 import bus_pb2, bus_pb2_grpc
 
@@ -43,8 +45,17 @@ class BusComponent:
         bus_pb2_grpc.add_BusServicer_to_server(self.servicer, server)
 
     async def start(self, context: ControlPlaneContext) -> None:
-        """Open the store and start housekeeping."""
-        await self.broker.start()
+        """Open the store and start housekeeping; a damaged or unreadable file is a StartupError."""
+        path = getattr(self.broker.store, "path", None)
+        try:
+            await self.broker.start()
+        except (sqlite3.DatabaseError, OSError) as exc:
+            with contextlib.suppress(Exception):
+                await self.broker.store.close()
+            if path is None:
+                raise
+            problem = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise StartupError(f"Bus: cannot open {path}: {problem}") from exc
 
     async def stop(self) -> None:
         """Close subscriptions and the store."""

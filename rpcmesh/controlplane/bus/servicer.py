@@ -268,7 +268,11 @@ class BusServicer(bus_pb2_grpc.BusServicer):
                     raise invalid_argument("action", "must be one of ack, nak, term")
         except StatusError as exc:
             failure.append(exc)
-        except (asyncio.CancelledError, grpc.aio.AioRpcError):
+        except asyncio.CancelledError:
+            # The call is ending (or the server shutting down): Subscribe closes the
+            # subscription itself. Swallowing the cancel here once kept shutdown waiting.
+            raise
+        except grpc.aio.AioRpcError:
             pass
         except Exception:
             logger.exception("subscribe stream reader failed")

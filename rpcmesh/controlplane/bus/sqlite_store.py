@@ -125,6 +125,7 @@ class SqliteBusStore:
         self._queue: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
+        self._closed = False
         self._ids = itertools.count(1)
         self._id_prefix = f"{os.getpid():x}{int(time.time() * 1000):x}-"
 
@@ -186,7 +187,8 @@ class SqliteBusStore:
             self._topics = topics
 
     async def close(self) -> None:
-        """Finish queued writes and close the connections."""
+        """Finish queued writes and close the connections; later writes fail at once."""
+        self._closed = True
         if self._task is not None:
             await stop_tasks([self._task])
             self._task = None
@@ -208,6 +210,9 @@ class SqliteBusStore:
     async def _write(self, operation: Callable[[sqlite3.Connection], T]) -> T:
         if self._wake is None:
             raise RuntimeError("store is not open")
+        if self._closed:
+            # Nothing would ever run it: fail rather than wait forever.
+            raise RuntimeError(f"{self.path} is closed")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._queue.append((operation, future))
         self._wake.set()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 from collections.abc import Sequence
 
 import grpc.aio
 
-from rpcmesh.controlplane.component import ControlPlaneContext
+from rpcmesh.controlplane.component import ControlPlaneContext, StartupError
 from rpcmesh.controlplane.config import ControlPlaneConfig
 from rpcmesh.controlplane.eventstore.servicer import EventStoreServicer
 from rpcmesh.controlplane.eventstore.storage import EventStorage
@@ -50,7 +52,16 @@ class EventStoreComponent:
     async def ensure_open(self) -> None:
         """Open the storage once."""
         if not self._opened:
-            await self.storage.open()
+            path = getattr(self.storage, "path", None)
+            try:
+                await self.storage.open()
+            except (sqlite3.DatabaseError, OSError) as exc:
+                with contextlib.suppress(Exception):
+                    await self.storage.close()
+                if path is None:
+                    raise
+                problem = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                raise StartupError(f"EventStore: cannot open {path}: {problem}") from exc
             self._opened = True
 
     async def stop(self) -> None:
