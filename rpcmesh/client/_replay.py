@@ -1,12 +1,13 @@
-"""Request-stream replay for retries of client-streaming calls (asyncio)."""
+"""Request-stream replay for retries of client-streaming calls (asyncio and sync)."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from typing import Any
 
-__all__ = ["RequestReplay"]
+__all__ = ["RequestReplay", "SyncRequestReplay"]
 
 _END = object()
 
@@ -114,3 +115,37 @@ class RequestReplay:
         if self._pending is not None and not self._pending.done():
             self._pending.cancel()
         self._pending = None
+
+
+class SyncRequestReplay:
+    """The sync shell's :class:`RequestReplay`: feeds successive attempts from one iterator."""
+
+    def __init__(self, source: Iterable[Any], limit_bytes: int) -> None:
+        self._source = iter(source)
+        self._buffer: list[Any] = []
+        self._size = 0
+        self._limit = limit_bytes
+        self._lock = threading.Lock()
+        self._attempt = 0
+        self.overflowed = False
+
+    def attempt(self) -> Iterator[Any]:
+        """The request iterator of a new attempt (earlier ones stop pulling)."""
+        self._attempt += 1
+        return self._feed(self._attempt, list(self._buffer))
+
+    def _feed(self, attempt: int, replay: list[Any]) -> Iterator[Any]:
+        yield from replay
+        while attempt == self._attempt:
+            with self._lock:
+                item = next(self._source, _END)
+                if item is _END:
+                    return
+                if not self.overflowed:
+                    self._size += _size(item)
+                    if self._size > self._limit:
+                        self.overflowed = True
+                        self._buffer.clear()
+                    else:
+                        self._buffer.append(item)
+            yield item

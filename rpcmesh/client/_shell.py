@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 import grpc.aio
 
 from rpcmesh.client.attempts import (
     ATTEMPT_KEY,
+    Attempt,
     AttemptOutcome,
     CallController,
     attempt_reached_server,
     parse_pushback,
 )
 from rpcmesh.client.context import REQUEST_ID_KEY, current_call
-from rpcmesh.client.picker import EndpointState, NoEndpointError
+from rpcmesh.client.picker import NoEndpointError
 from rpcmesh.telemetry.correlation import CORRELATION_METADATA_KEY, correlation_id
 
 if TYPE_CHECKING:
@@ -26,13 +28,17 @@ __all__ = [
     "attempt_metadata",
     "begin_attempt",
     "end_attempt",
+    "end_hedge",
     "finish_call",
     "mesh_error",
     "outcome_of",
+    "send_attempt",
     "start_call",
+    "try_hedge",
 ]
 
 MetadataLike = Any
+T = TypeVar("T")
 
 
 def attempt_metadata(metadata: MetadataLike, attempt: int) -> tuple[tuple[str, str | bytes], ...] | None:
@@ -71,20 +77,29 @@ def mesh_error(code: grpc.StatusCode, message: str) -> grpc.aio.AioRpcError:
     return MeshRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=message)
 
 
+def _metadata(error: grpc.RpcError, which: str) -> Any:
+    try:
+        return getattr(error, which)()
+    except Exception:  # an error raised before any call (e.g. by an interceptor) may carry none
+        return None
+
+
 def outcome_of(error: grpc.RpcError, duration: float, *, committed: bool = False) -> AttemptOutcome:
-    """The attempt outcome a failed call reports."""
+    """The attempt outcome a failed call reports.
+
+    The attempt is committed (gRFC A6: never retried) when ``committed`` says so or the
+    server sent response headers before failing. grpc's Python API shows received headers
+    only through their entries, so a server that sends an empty header block before failing
+    is indistinguishable from a trailers-only failure and may still be retried.
+    """
     code: grpc.StatusCode = error.code()
     details: str = error.details() or ""
-    try:
-        trailing = error.trailing_metadata()
-    except Exception:  # a sync error may not carry metadata
-        trailing = None
     return AttemptOutcome(
         code=code,
         details=details,
         reached_server=attempt_reached_server(code, details),
-        pushback_ms=parse_pushback(trailing),
-        committed=committed,
+        pushback_ms=parse_pushback(_metadata(error, "trailing_metadata")),
+        committed=committed or bool(_metadata(error, "initial_metadata")),
         duration=duration,
     )
 
@@ -100,7 +115,7 @@ def start_call(controller: CallController, telemetry: CallTelemetry | None) -> C
     return controller
 
 
-def begin_attempt(controller: CallController, telemetry: CallTelemetry | None) -> EndpointState:
+def begin_attempt(controller: CallController, telemetry: CallTelemetry | None) -> Attempt:
     """Pick the next attempt's instance; a spent deadline or no admissible instance ends the call."""
     remaining = controller.remaining()
     if remaining is not None and remaining <= 0:
@@ -126,12 +141,57 @@ def finish_call(controller: CallController, code: grpc.StatusCode, telemetry: Ca
 
 def end_attempt(
     controller: CallController,
-    endpoint: EndpointState,
+    attempt: Attempt,
     outcome: AttemptOutcome,
     telemetry: CallTelemetry | None,
 ) -> float | None:
     """``controller.end_attempt``, with the call's span current (breaker transitions become its events)."""
     if telemetry is None:
-        return controller.end_attempt(endpoint, outcome)
+        return controller.end_attempt(attempt, outcome)
     with telemetry.scope():
-        return controller.end_attempt(endpoint, outcome)
+        return controller.end_attempt(attempt, outcome)
+
+
+def end_hedge(
+    controller: CallController,
+    attempt: Attempt,
+    outcome: AttemptOutcome,
+    telemetry: CallTelemetry | None,
+) -> bool:
+    """``controller.end_hedge``, with the call's span current."""
+    if telemetry is None:
+        return controller.end_hedge(attempt, outcome)
+    with telemetry.scope():
+        return controller.end_hedge(attempt, outcome)
+
+
+def try_hedge(controller: CallController, launch: Callable[[], None]) -> bool:
+    """Start the next hedged attempt with ``launch`` if one is due; False when none started."""
+    if not controller.may_hedge():
+        return False
+    try:
+        launch()
+    except grpc.RpcError:
+        return False  # no instance for another hedge: the running attempts carry on
+    return True
+
+
+def send_attempt(
+    attempt: Attempt,
+    telemetry: CallTelemetry | None,
+    send: Callable[..., T],
+    request: Any,
+    options: dict[str, Any],
+    *,
+    hedge: bool = False,
+    backoff_s: float | None = None,
+    reason: str | None = None,
+) -> T:
+    """Start the attempt (``send(request, **options)`` on its sub-channel), traced as the call's attempt."""
+    if telemetry is None:
+        return send(request, **options)
+    with telemetry.scope():
+        telemetry.attempt(
+            attempt.number, attempt.endpoint.address, hedge=hedge, backoff_s=backoff_s, reason=reason
+        )
+        return send(request, **options)

@@ -6,6 +6,12 @@ opens on ``consecutive_failures`` failures in a row, or, once the window holds
 threshold. Open: nothing is admitted until ``open_duration`` has passed, then
 it turns half-open and admits ``half_open_probes`` probe calls: if all succeed
 it closes, the first failure opens it again.
+
+Admissions are :class:`BreakerPermit` objects (:meth:`CircuitBreaker.take`),
+resolved exactly once: ``record`` an outcome, or ``release`` a call that ended
+without one (cancelled by its caller, a lost hedge). A half-open probe permit
+that is never resolved expires at its hold time and is given back, so a
+breaker cannot stay half-open with every probe held by calls that never report.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from dataclasses import dataclass
 
 from rpcmesh.client.policy import BreakerPolicy
 
-__all__ = ["BreakerSnapshot", "BreakerState", "CircuitBreaker", "TransitionListener"]
+__all__ = ["BreakerPermit", "BreakerSnapshot", "BreakerState", "CircuitBreaker", "TransitionListener"]
 
 
 class BreakerState(enum.Enum):
@@ -63,6 +69,37 @@ TransitionListener = Callable[[str, str, str], None]
 """Called as ``listener(breaker_name, from_state, to_state)`` on every state change (states by value)."""
 
 
+class BreakerPermit:
+    """One admission by a :class:`CircuitBreaker`; resolve it with :meth:`record` or :meth:`release`.
+
+    Resolving twice is harmless (the second is ignored), so a shell may release in a
+    ``finally`` whatever an earlier branch already recorded.
+
+    Attributes:
+        probe: A half-open probe (it holds one of the policy's ``half_open_probes``).
+        generation: The half-open period a probe belongs to.
+        expires_at: When the breaker takes an unresolved probe permit back by itself.
+        resolved: Recorded, released or expired.
+    """
+
+    __slots__ = ("breaker", "expires_at", "generation", "probe", "resolved")
+
+    def __init__(self, breaker: CircuitBreaker, *, probe: bool, generation: int, expires_at: float) -> None:
+        self.breaker = breaker
+        self.probe = probe
+        self.generation = generation
+        self.expires_at = expires_at
+        self.resolved = False
+
+    def record(self, *, failed: bool, duration: float = 0.0) -> None:
+        """Report the admitted call's outcome."""
+        self.breaker.resolve(self, failed=failed, duration=duration)
+
+    def release(self) -> None:
+        """Give the permit back without an outcome (the call was cancelled or lost a hedge)."""
+        self.breaker.resolve(self, failed=None)
+
+
 class CircuitBreaker:
     """One circuit breaker; thread-safe so the sync and asyncio shells share it.
 
@@ -92,13 +129,24 @@ class CircuitBreaker:
         self._probes_left = 0
         self._probe_successes = 0
         self._reason = ""
+        self._generation = 0
+        self._held: dict[BreakerPermit, float] = {}
         self.transitions: list[tuple[BreakerState, BreakerState]] = []
 
     def _advance(self, now: float) -> None:
         if self._state is BreakerState.OPEN and now - self._opened_at >= self.policy.open_duration:
             self._move(BreakerState.HALF_OPEN)
+            self._generation += 1
+            self._held.clear()
             self._probes_left = self.policy.half_open_probes
             self._probe_successes = 0
+        if self._held and self._state is BreakerState.HALF_OPEN:
+            # The backstop: a probe permit held past its time is given back.
+            for permit, expires_at in list(self._held.items()):
+                if expires_at <= now:
+                    del self._held[permit]
+                    permit.resolved = True
+                    self._probes_left = min(self._probes_left + 1, self.policy.half_open_probes)
 
     def _move(self, state: BreakerState) -> None:
         self.transitions.append((self._state, state))
@@ -140,8 +188,55 @@ class CircuitBreaker:
                 return True
             return False
 
+    def take(self, hold: float | None = None) -> BreakerPermit | None:
+        """Admit one call as a permit (None when refused): always when closed, a probe when half-open.
+
+        Args:
+            hold: Seconds the call may hold a probe permit (its deadline), capped by the
+                policy's ``max_probe_hold``; past it the breaker takes the permit back.
+        """
+        fast = self._state  # fast path: an attribute read needs no lock
+        if fast is BreakerState.CLOSED:
+            return BreakerPermit(self, probe=False, generation=self._generation, expires_at=0.0)
+        with self._lock:
+            now = self._clock()
+            self._advance(now)
+            if self._state is BreakerState.CLOSED:
+                return BreakerPermit(self, probe=False, generation=self._generation, expires_at=0.0)
+            if self._state is not BreakerState.HALF_OPEN or self._probes_left <= 0:
+                return None
+            self._probes_left -= 1
+            limit = self.policy.max_probe_hold
+            held_for = limit if hold is None else max(0.0, min(hold, limit))
+            permit = BreakerPermit(self, probe=True, generation=self._generation, expires_at=now + held_for)
+            self._held[permit] = permit.expires_at
+            return permit
+
+    def resolve(self, permit: BreakerPermit, *, failed: bool | None, duration: float = 0.0) -> None:
+        """Record a permit's outcome (``failed`` a bool) or give it back (``failed`` None); once only.
+
+        Only a probe of the current half-open period counts towards closing or reopening; a
+        call admitted while closed counts in the window only if the breaker is still closed.
+        """
+        slow = self.policy.slow_call_duration is not None and duration >= self.policy.slow_call_duration
+        with self._lock:
+            if permit.resolved:
+                return
+            permit.resolved = True
+            self._advance(self._clock())
+            held = self._held.pop(permit, None) is not None
+            current = held and self._state is BreakerState.HALF_OPEN
+            if failed is None:
+                if current:
+                    self._probes_left = min(self._probes_left + 1, self.policy.half_open_probes)
+            elif permit.probe:
+                if current:
+                    self._probe_outcome(failed, slow)
+            elif self._state is BreakerState.CLOSED:
+                self._closed_outcome(failed, slow)
+
     def record(self, *, failed: bool, duration: float = 0.0) -> None:
-        """Record the outcome of an admitted call."""
+        """Record the outcome of a call admitted by :meth:`acquire` (when half-open: as a probe)."""
         slow = self.policy.slow_call_duration is not None and duration >= self.policy.slow_call_duration
         with self._lock:
             if self._state is not BreakerState.CLOSED:
@@ -149,28 +244,34 @@ class CircuitBreaker:
             if self._state is BreakerState.OPEN:
                 return
             if self._state is BreakerState.HALF_OPEN:
-                if failed or slow:
-                    self._open("probe failed" if failed else "probe was slow")
-                    return
-                self._probe_successes += 1
-                if self._probe_successes >= self.policy.half_open_probes:
-                    self._close()
+                self._probe_outcome(failed, slow)
                 return
-            self._push(failed, slow)
-            self._consecutive = self._consecutive + 1 if failed else 0
-            limit = self.policy.consecutive_failures
-            if limit and self._consecutive >= limit:
-                self._open(f"{self._consecutive} consecutive failures")
+            self._closed_outcome(failed, slow)
+
+    def _probe_outcome(self, failed: bool, slow: bool) -> None:
+        if failed or slow:
+            self._open("probe failed" if failed else "probe was slow")
+            return
+        self._probe_successes += 1
+        if self._probe_successes >= self.policy.half_open_probes:
+            self._close()
+
+    def _closed_outcome(self, failed: bool, slow: bool) -> None:
+        self._push(failed, slow)
+        self._consecutive = self._consecutive + 1 if failed else 0
+        limit = self.policy.consecutive_failures
+        if limit and self._consecutive >= limit:
+            self._open(f"{self._consecutive} consecutive failures")
+            return
+        calls = len(self._window)
+        if calls >= self.policy.minimum_calls:
+            rate = self._failures_in_window / calls
+            if rate >= self.policy.failure_rate:
+                self._open(f"failure rate {rate:.0%} over {calls} calls")
                 return
-            calls = len(self._window)
-            if calls >= self.policy.minimum_calls:
-                rate = self._failures_in_window / calls
-                if rate >= self.policy.failure_rate:
-                    self._open(f"failure rate {rate:.0%} over {calls} calls")
-                    return
-                slow_rate = self._slow_in_window / calls
-                if self.policy.slow_call_duration is not None and slow_rate >= self.policy.slow_call_rate:
-                    self._open(f"slow-call rate {slow_rate:.0%} over {calls} calls")
+            slow_rate = self._slow_in_window / calls
+            if self.policy.slow_call_duration is not None and slow_rate >= self.policy.slow_call_rate:
+                self._open(f"slow-call rate {slow_rate:.0%} over {calls} calls")
 
     def release(self) -> None:
         """Give back a probe permit taken by :meth:`acquire` for a call that never ran."""
@@ -192,9 +293,11 @@ class CircuitBreaker:
         self._opened_at = self._clock()
         self._reason = reason
         self._probes_left = 0
+        self._held.clear()
 
     def _close(self) -> None:
         self._move(BreakerState.CLOSED)
+        self._held.clear()
         self._window.clear()
         self._failures_in_window = 0
         self._slow_in_window = 0

@@ -20,7 +20,6 @@ attempt is a CLIENT span under it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Generator, Iterable
 from typing import Any
@@ -34,13 +33,16 @@ from rpcmesh.client._shell import (
     attempt_metadata,
     begin_attempt,
     end_attempt,
+    end_hedge,
     finish_call,
     mesh_error,
     outcome_of,
+    send_attempt,
     start_call,
+    try_hedge,
 )
 from rpcmesh.client._telemetry import CallTelemetry
-from rpcmesh.client.attempts import AttemptOutcome, CallController
+from rpcmesh.client.attempts import Attempt, AttemptOutcome, CallController
 from rpcmesh.client.context import effective_deadline
 from rpcmesh.client.picker import EndpointState
 from rpcmesh.client.policy import MethodPolicy
@@ -98,19 +100,6 @@ class _Method:
 
     def start(self, deadline: float | None, telemetry: CallTelemetry | None) -> CallController:
         return start_call(CallController(self.service.core, self.method, self.policy, deadline), telemetry)
-
-
-def _end_hedge(
-    controller: CallController,
-    endpoint: EndpointState,
-    outcome: AttemptOutcome,
-    telemetry: CallTelemetry | None,
-) -> bool:
-    """``controller.end_hedge``, with the call's span current."""
-    if telemetry is None:
-        return controller.end_hedge(endpoint, outcome)
-    with telemetry.scope():
-        return controller.end_hedge(endpoint, outcome)
 
 
 class _CallOptions:
@@ -198,10 +187,13 @@ class _UnaryResponseCall(_CallBase):
         telemetry = CallTelemetry.begin(method.service.telemetry, method.method)
         try:
             controller = await method.controller(self._options.timeout, telemetry)
-            if method.policy.hedging is not None and self._replay is None:
-                response = await self._hedged(controller, telemetry)
-            else:
-                response = await self._retried(controller, telemetry)
+            try:
+                if method.policy.hedging is not None and self._replay is None:
+                    response = await self._hedged(controller, telemetry)
+                else:
+                    response = await self._retried(controller, telemetry)
+            finally:
+                controller.release()  # cancelled, or an error: nothing stays held
         except BaseException as exc:
             if telemetry is not None:
                 telemetry.finish_with_error(exc)
@@ -218,28 +210,22 @@ class _UnaryResponseCall(_CallBase):
         delay: float | None = None
         reason: str | None = None
         while True:
-            endpoint = begin_attempt(controller, telemetry)
+            attempt = begin_attempt(controller, telemetry)
+            endpoint = attempt.endpoint
             started = time.monotonic()
             try:
                 request = self._replay.attempt() if self._replay is not None else self._request
-                if telemetry is None:
-                    call = method.callable_for(endpoint)(
-                        request, **self._options.attempt(controller, method.policy)
-                    )
-                else:
-                    with telemetry.scope():
-                        telemetry.attempt(
-                            controller.attempts, endpoint.address, backoff_s=delay, reason=reason
-                        )
-                        call = method.callable_for(endpoint)(
-                            request, **self._options.attempt(controller, method.policy)
-                        )
+                options = self._options.attempt(controller, method.policy)
+                send = method.callable_for(endpoint)
+                call = send_attempt(
+                    attempt, telemetry, send, request, options, backoff_s=delay, reason=reason
+                )
                 self._attempt_call = call
                 response = await call
             except grpc.RpcError as error:
                 committed = self._replay is not None and self._replay.overflowed
                 outcome = outcome_of(error, time.monotonic() - started, committed=committed)
-                delay = end_attempt(controller, endpoint, outcome, telemetry)
+                delay = end_attempt(controller, attempt, outcome, telemetry)
                 if delay is None or self._cancelled:
                     finish_call(controller, outcome.code, telemetry)
                     raise
@@ -247,80 +233,68 @@ class _UnaryResponseCall(_CallBase):
                 await asyncio.sleep(delay)
                 continue
             except BaseException:
-                controller.abandon_attempt(endpoint)
+                controller.abandon_attempt(attempt)
                 raise
             end_attempt(
-                controller, endpoint, AttemptOutcome(code=_OK, duration=time.monotonic() - started), telemetry
+                controller, attempt, AttemptOutcome(code=_OK, duration=time.monotonic() - started), telemetry
             )
             finish_call(controller, _OK, telemetry)
             return response
 
     async def _hedged(self, controller: CallController, telemetry: CallTelemetry | None) -> Any:
         method = self._method
-        hedging = method.policy.hedging
-        assert hedging is not None
-        running: dict[asyncio.Task[Any], tuple[EndpointState, float]] = {}
+        running: dict[asyncio.Task[Any], tuple[Attempt, float]] = {}
 
         def launch() -> None:
-            endpoint = begin_attempt(controller, telemetry)
-            if telemetry is None:
-                call = method.callable_for(endpoint)(
-                    self._request, **self._options.attempt(controller, method.policy)
+            attempt = begin_attempt(controller, telemetry)
+            try:
+                options = self._options.attempt(controller, method.policy)
+                send = method.callable_for(attempt.endpoint)
+                call = send_attempt(
+                    attempt, telemetry, send, self._request, options, hedge=attempt.number > 1
                 )
-            else:
-                with telemetry.scope():
-                    number = controller.attempts
-                    telemetry.attempt(number, endpoint.address, hedge=number > 1)
-                    call = method.callable_for(endpoint)(
-                        self._request, **self._options.attempt(controller, method.policy)
-                    )
+            except BaseException:
+                controller.abandon_attempt(attempt)
+                raise
             self._attempt_call = call
-            running[asyncio.ensure_future(call)] = (endpoint, time.monotonic())
+            running[asyncio.ensure_future(call)] = (attempt, time.monotonic())
 
         last_error: BaseException | None = None
         try:
             launch()
-            while running:
-                timeout = hedging.delay if controller.may_hedge_soon() else None
-                done, _ = await asyncio.wait(running, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-                if not done:
-                    if controller.may_hedge():
-                        self._try_launch(launch)
+            while True:
+                wait = controller.hedge_wait()
+                if not running:
+                    if wait is None:
+                        break
+                    await asyncio.sleep(wait)  # a pushback delays the next hedge
+                    if not try_hedge(controller, launch):
+                        break
                     continue
+                done, _ = await asyncio.wait(running, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
-                    endpoint, started = running.pop(task)
+                    attempt, started = running.pop(task)
                     error = task.exception()
                     if error is None:
-                        _end_hedge(
-                            controller,
-                            endpoint,
-                            AttemptOutcome(code=_OK, duration=time.monotonic() - started),
-                            telemetry,
-                        )
+                        outcome = AttemptOutcome(code=_OK, duration=time.monotonic() - started)
+                        end_hedge(controller, attempt, outcome, telemetry)
                         finish_call(controller, _OK, telemetry)
                         return task.result()
                     if not isinstance(error, grpc.RpcError):
                         raise error
                     last_error = error
                     outcome = outcome_of(error, time.monotonic() - started)
-                    if not _end_hedge(controller, endpoint, outcome, telemetry):
+                    if not end_hedge(controller, attempt, outcome, telemetry):
                         finish_call(controller, outcome.code, telemetry)
                         raise error
-                    if controller.may_hedge():
-                        self._try_launch(launch)
+                try_hedge(controller, launch)
             assert last_error is not None
             finish_call(controller, last_error.code(), telemetry)  # type: ignore[attr-defined]
             raise last_error
         finally:
-            for task, (endpoint, _) in running.items():
+            for task, (attempt, _) in running.items():
                 task.cancel()
-                controller.abandon_attempt(endpoint)
-
-    @staticmethod
-    def _try_launch(launch: Callable[[], None]) -> None:
-        # No instance for another hedge: the running attempts carry on.
-        with contextlib.suppress(grpc.RpcError):
-            launch()
+                controller.abandon_attempt(attempt)
 
 
 # -- streamed responses ----------------------------------------------------------------------------------
@@ -380,59 +354,54 @@ class _StreamResponseCall(_CallBase):
 
     async def _attempts(self, telemetry: CallTelemetry | None) -> AsyncGenerator[Any, None]:
         method = self._method
-        controller = await method.controller(self._options.timeout, telemetry)
+        try:
+            controller = await method.controller(self._options.timeout, telemetry)
+        except BaseException:
+            if self._replay is not None:
+                self._replay.close()
+            raise
         delay: float | None = None
         reason: str | None = None
         try:
             while True:
-                endpoint = begin_attempt(controller, telemetry)
+                attempt = begin_attempt(controller, telemetry)
+                endpoint = attempt.endpoint
                 started = time.monotonic()
                 committed = False
-                ended = False
+                call: Any = None
                 try:
                     request = self._replay.attempt() if self._replay is not None else self._request
-                    if telemetry is None:
-                        call = method.callable_for(endpoint)(
-                            request, **self._options.attempt(controller, method.policy)
-                        )
-                    else:
-                        with telemetry.scope():
-                            telemetry.attempt(
-                                controller.attempts, endpoint.address, backoff_s=delay, reason=reason
-                            )
-                            call = method.callable_for(endpoint)(
-                                request, **self._options.attempt(controller, method.policy)
-                            )
+                    options = self._options.attempt(controller, method.policy)
+                    send = method.callable_for(endpoint)
+                    call = send_attempt(
+                        attempt, telemetry, send, request, options, backoff_s=delay, reason=reason
+                    )
                     self._attempt_call = call
                     async for response in call:
                         committed = True
                         yield response
                 except grpc.RpcError as error:
-                    ended = True
                     committed = committed or (self._replay is not None and self._replay.overflowed)
                     outcome = outcome_of(error, time.monotonic() - started, committed=committed)
-                    delay = end_attempt(controller, endpoint, outcome, telemetry)
+                    delay = end_attempt(controller, attempt, outcome, telemetry)
                     if delay is None or self._cancelled:
                         finish_call(controller, outcome.code, telemetry)
                         raise
                     reason = outcome.code.name
                     await asyncio.sleep(delay)
                     continue
-                finally:
-                    if not ended and self._attempt_call is not None and not self._attempt_call.done():
-                        self._attempt_call.cancel()
-                        controller.abandon_attempt(endpoint)
-                        ended = True
-                if not ended:
-                    end_attempt(
-                        controller,
-                        endpoint,
-                        AttemptOutcome(code=_OK, duration=time.monotonic() - started),
-                        telemetry,
-                    )
-                    finish_call(controller, _OK, telemetry)
+                except BaseException:
+                    # The caller stopped reading (aclose), was cancelled, or user code raised.
+                    if call is not None and not call.done():
+                        call.cancel()
+                    controller.abandon_attempt(attempt)
+                    raise
+                outcome = AttemptOutcome(code=_OK, duration=time.monotonic() - started)
+                end_attempt(controller, attempt, outcome, telemetry)
+                finish_call(controller, _OK, telemetry)
                 return
         finally:
+            controller.release()
             if self._replay is not None:
                 self._replay.close()
 

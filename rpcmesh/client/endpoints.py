@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
-from rpcmesh.client.breaker import BreakerSnapshot, CircuitBreaker, TransitionListener
+from rpcmesh.client.breaker import BreakerPermit, BreakerSnapshot, CircuitBreaker, TransitionListener
 from rpcmesh.client.budget import RetryBudget
 from rpcmesh.client.picker import EndpointState, NoEndpointError, Picker
 from rpcmesh.client.policy import ServicePolicy
@@ -187,6 +187,22 @@ class ServiceCore:
             endpoint = self.picker.pick(self.service, self._order, exclude)
             endpoint.outstanding += 1
             return endpoint
+
+    def admit(self, hold: float | None) -> BreakerPermit | None:
+        """Take the service breaker's permit for one call (None when there is no service breaker).
+
+        Args:
+            hold: The call's remaining time; a half-open probe permit is taken back after it.
+
+        Raises:
+            NoEndpointError: The service breaker is open (or half-open with every probe taken).
+        """
+        if self.breaker is None:
+            return None
+        permit = self.breaker.take(hold)
+        if permit is None:
+            raise NoEndpointError(self.breaker.describe(), breakers=(self.breaker.name,))
+        return permit
 
     def admit_call(self) -> None:
         """Check the service breaker at the start of a call.

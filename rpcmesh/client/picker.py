@@ -1,7 +1,11 @@
 """Endpoint picking, pure: round robin or least outstanding (power of two choices).
 
-Also zone preference, breaker ejection with a cap, and avoidance of instances
-whose connection failed.
+Also zone preference, breaker ejection with a cap, avoidance of instances
+whose connection failed, and panic routing: when breakers refuse every
+instance, the call goes to any of them rather than failing (Envoy's panic
+threshold), since a service whose every instance is ejected is better served
+by a chance than by a certain error. The picker only chooses; the caller takes
+the chosen instance's breaker permit (:meth:`CircuitBreaker.take`).
 """
 
 from __future__ import annotations
@@ -80,7 +84,7 @@ class Picker:
     def pick(
         self, service: str, endpoints: Sequence[EndpointState], exclude: Collection[str] = ()
     ) -> EndpointState:
-        """Pick one endpoint and take its breaker permit.
+        """Pick one endpoint (its breaker permit is the caller's to take).
 
         Args:
             service: Service name, for error messages.
@@ -88,21 +92,15 @@ class Picker:
             exclude: Instance ids already tried by this call; avoided while another remains.
 
         Raises:
-            NoEndpointError: No instance, or every instance ejected by its breaker.
+            NoEndpointError: No instance is registered.
         """
         if not endpoints:
             raise NoEndpointError(f"no passing instance of service '{service}' is registered")
         pool: Sequence[EndpointState] = endpoints
         ejected = self._ejected(endpoints)
         if ejected:
-            pool = [e for e in endpoints if e not in ejected]
-            if not pool:
-                reasons = "; ".join(e.breaker.describe() for e in ejected if e.breaker is not None)
-                raise NoEndpointError(
-                    f"no admissible instance of service '{service}': {reasons}",
-                    breakers=tuple(e.breaker.name for e in ejected if e.breaker is not None),
-                    peers=tuple(e.address for e in ejected if e.breaker is not None),
-                )
+            # Every instance ejected: panic routing, all of them stay pickable.
+            pool = [e for e in endpoints if e not in ejected] or endpoints
         if exclude:
             pool = _prefer(pool, lambda e: e.instance_id not in exclude)
         if any(e.connection_failed for e in pool):
@@ -110,8 +108,6 @@ class Picker:
         if self.prefer_zone:
             pool = _prefer(pool, lambda e: e.zone == self.prefer_zone)
         chosen = self._choose(pool)
-        if chosen.breaker is not None and chosen.breaker.admits():
-            chosen.breaker.acquire()
         chosen.picks += 1
         return chosen
 

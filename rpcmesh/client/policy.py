@@ -186,6 +186,10 @@ class BreakerPolicy:
     half_open_probes: int = 3
     """Probe calls let through when half-open; all must succeed to close."""
 
+    max_probe_hold: float = 60.0
+    """Longest a half-open probe permit is held (a call holds it at most until its deadline):
+    a probe that never reports back is then given back, so the breaker cannot stay half-open."""
+
     failure_codes: frozenset[grpc.StatusCode] = frozenset(
         {
             grpc.StatusCode.UNAVAILABLE,
@@ -212,6 +216,7 @@ class BreakerPolicy:
         _positive("open_duration", self.open_duration)
         if not (isinstance(self.half_open_probes, int) and self.half_open_probes >= 1):
             raise PolicyError(f"half_open_probes: must be an integer >= 1, got {self.half_open_probes!r}")
+        _positive("max_probe_hold", self.max_probe_hold)
         object.__setattr__(self, "failure_codes", parse_codes(self.failure_codes, "failure_codes"))
 
 
@@ -264,7 +269,8 @@ class ServicePolicy:
     """Breaker over the whole service's call outcomes: when open, calls fail fast. None disables."""
 
     max_ejection_share: float = 0.5
-    """Largest share of instances breakers may eject at once (at least one is always ejectable)."""
+    """Largest share of instances breakers may eject at once (at least one is always ejectable;
+    when every instance is ejected, calls go to all of them: panic routing)."""
 
     retry_budget: RetryBudgetPolicy = field(default_factory=RetryBudgetPolicy)
     """Retry throttling for the service."""

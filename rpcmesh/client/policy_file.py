@@ -56,6 +56,7 @@ _DURATION_FIELDS = {
     "delay",
     "slow_call_duration",
     "open_duration",
+    "max_probe_hold",
 }
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}
 

@@ -15,7 +15,6 @@ Usage::
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -24,18 +23,21 @@ from typing import Any
 
 import grpc
 
-from rpcmesh.client._replay import _size
+from rpcmesh.client._replay import SyncRequestReplay
 from rpcmesh.client._shell import (
     attempt_metadata,
     begin_attempt,
     end_attempt,
+    end_hedge,
     finish_call,
     mesh_error,
     outcome_of,
+    send_attempt,
     start_call,
+    try_hedge,
 )
 from rpcmesh.client._telemetry import CallTelemetry, breaker_listener
-from rpcmesh.client.attempts import AttemptOutcome, CallController
+from rpcmesh.client.attempts import Attempt, AttemptOutcome, CallController
 from rpcmesh.client.backoff import ExponentialBackoff
 from rpcmesh.client.breaker import BreakerSnapshot
 from rpcmesh.client.context import effective_deadline
@@ -86,27 +88,22 @@ class _SyncService:
         return self._synced.wait(within)
 
     def _watch(self) -> None:
+        """The watch thread's loop: it ends only on close; any failure reconnects with backoff.
+
+        A stream that fails or ends reconnects (to the next Registry address); anything
+        else that goes wrong (a bug, a library error) is logged at ERROR and the watch
+        restarts the same way, so the thread never dies and leaves the service unwatched.
+        """
         backoff = ExponentialBackoff(initial=0.1, maximum=5.0)
         index = 0
         while not self._stopped.is_set():
             address = self._registries[index % len(self._registries)]
-            after = self.core.revision if self.core.synced else 0
             try:
-                with sync_channel(address, self._security) as channel:
-                    self._channel = channel
-                    stub = registry_pb2_grpc.RegistryStub(channel)
-                    self._call = stub.Watch(
-                        registry_pb2.WatchRequest(service=self.core.service, after_revision=after)
-                    )
-                    for response in self._call:
-                        self._apply(self.core.apply(response, self._open))
-                        if self.core.synced:
-                            self._synced.set()
-                        backoff.reset()
+                self._watch_stream(address, backoff)
             except grpc.RpcError as exc:
                 code = exc.code()
                 if code is grpc.StatusCode.OUT_OF_RANGE:
-                    self.core.synced = False
+                    self.core.synced = False  # compacted past our revision: take a fresh snapshot
                     continue
                 if code is grpc.StatusCode.CANCELLED and self._stopped.is_set():
                     return
@@ -114,7 +111,26 @@ class _SyncService:
                 logger.info(
                     "watch of %s failed (%s); last known instances keep serving", self.core.service, code.name
                 )
+            except Exception:
+                index += 1
+                logger.exception("watch of %s failed; restarting it", self.core.service)
             self._stopped.wait(backoff.next())
+
+    def _watch_stream(self, address: str, backoff: ExponentialBackoff) -> None:
+        after = self.core.revision if self.core.synced else 0
+        with sync_channel(address, self._security) as channel:
+            self._channel = channel
+            stub = registry_pb2_grpc.RegistryStub(channel)
+            self._call = stub.Watch(
+                registry_pb2.WatchRequest(service=self.core.service, after_revision=after)
+            )
+            if self._stopped.is_set():
+                self._call.cancel()  # close() ran while the stream was being opened
+            for response in self._call:
+                self._apply(self.core.apply(response, self._open))
+                if self.core.synced:
+                    self._synced.set()
+                backoff.reset()
 
     def _apply(self, changes: EndpointChanges) -> None:
         for endpoint in changes.removed:
@@ -159,43 +175,6 @@ def _connectivity_tracker(endpoint: EndpointState) -> Callable[[grpc.ChannelConn
     return track
 
 
-class _Replay:
-    """Request-stream replay for retried client-streaming calls (sync)."""
-
-    def __init__(self, source: Iterable[Any], limit: int) -> None:
-        self._source = iter(source)
-        self._buffer: list[Any] = []
-        self._size = 0
-        self._limit = limit
-        self._lock = threading.Lock()
-        self._attempt = 0
-        self.overflowed = False
-
-    def attempt(self) -> Iterator[Any]:
-        self._attempt += 1
-        return self._feed(self._attempt, list(self._buffer))
-
-    def _feed(self, attempt: int, replay: list[Any]) -> Iterator[Any]:
-        yield from replay
-        while attempt == self._attempt:
-            with self._lock:
-                item = next(self._source, _END)
-                if item is _END:
-                    return
-                if not self.overflowed:
-                    size = _size(item)
-                    self._size += size
-                    if self._size > self._limit:
-                        self.overflowed = True
-                        self._buffer.clear()
-                    else:
-                        self._buffer.append(item)
-            yield item
-
-
-_END = object()
-
-
 class _SyncMethod:
     def __init__(self, service: _SyncService, method: str, shape: str, ser: Any, deser: Any) -> None:
         self.service = service
@@ -204,6 +183,7 @@ class _SyncMethod:
         self.ser = ser
         self.deser = deser
         self.policy: MethodPolicy = service.core.policy.for_method(method)
+        self.replay_limit = service.core.policy.max_buffered_request_bytes
 
     def callable_for(self, endpoint: EndpointState) -> Any:
         cache = endpoint.extra.get(_CALLABLES)
@@ -245,7 +225,7 @@ class _SyncMethod:
     def unary_response(
         self,
         request: Any,
-        replay: _Replay | None,
+        replay: SyncRequestReplay | None,
         timeout: float | None,
         metadata: Any,
         wait_for_ready: bool | None,
@@ -266,38 +246,49 @@ class _SyncMethod:
         self,
         telemetry: CallTelemetry | None,
         request: Any,
-        replay: _Replay | None,
+        replay: SyncRequestReplay | None,
         timeout: float | None,
         metadata: Any,
         wait_for_ready: bool | None,
         compression: Any,
     ) -> Any:
         controller = self.controller(timeout, telemetry)
-        if self.policy.hedging is not None and replay is None:
-            return self._hedged(controller, telemetry, request, metadata, wait_for_ready, compression)
+        try:
+            if self.policy.hedging is not None and replay is None:
+                return self._hedged(controller, telemetry, request, metadata, wait_for_ready, compression)
+            return self._retried(
+                controller, telemetry, request, replay, metadata, wait_for_ready, compression
+            )
+        finally:
+            controller.release()  # an exception in user code, an interrupt: nothing stays held
+
+    def _retried(
+        self,
+        controller: CallController,
+        telemetry: CallTelemetry | None,
+        request: Any,
+        replay: SyncRequestReplay | None,
+        metadata: Any,
+        wait_for_ready: bool | None,
+        compression: Any,
+    ) -> Any:
         delay: float | None = None
         reason: str | None = None
         while True:
-            endpoint = begin_attempt(controller, telemetry)
+            attempt = begin_attempt(controller, telemetry)
+            endpoint = attempt.endpoint
             started = time.monotonic()
             try:
                 payload = replay.attempt() if replay is not None else request
-                if telemetry is None:
-                    response = self.callable_for(endpoint)(
-                        payload, **self.kwargs(controller, metadata, wait_for_ready, compression)
-                    )
-                else:
-                    with telemetry.scope():
-                        telemetry.attempt(
-                            controller.attempts, endpoint.address, backoff_s=delay, reason=reason
-                        )
-                        response = self.callable_for(endpoint)(
-                            payload, **self.kwargs(controller, metadata, wait_for_ready, compression)
-                        )
+                options = self.kwargs(controller, metadata, wait_for_ready, compression)
+                send = self.callable_for(endpoint)
+                response = send_attempt(
+                    attempt, telemetry, send, payload, options, backoff_s=delay, reason=reason
+                )
             except grpc.RpcError as error:
                 committed = replay is not None and replay.overflowed
                 outcome = outcome_of(error, time.monotonic() - started, committed=committed)
-                delay = end_attempt(controller, endpoint, outcome, telemetry)
+                delay = end_attempt(controller, attempt, outcome, telemetry)
                 if delay is None:
                     finish_call(controller, outcome.code, telemetry)
                     raise
@@ -305,11 +296,10 @@ class _SyncMethod:
                 time.sleep(delay)
                 continue
             except BaseException:
-                controller.abandon_attempt(endpoint)
+                controller.abandon_attempt(attempt)
                 raise
-            end_attempt(
-                controller, endpoint, AttemptOutcome(code=_OK, duration=time.monotonic() - started), telemetry
-            )
+            outcome = AttemptOutcome(code=_OK, duration=time.monotonic() - started)
+            end_attempt(controller, attempt, outcome, telemetry)
             finish_call(controller, _OK, telemetry)
             return response
 
@@ -322,72 +312,64 @@ class _SyncMethod:
         wait_for_ready: bool | None,
         compression: Any,
     ) -> Any:
-        hedging = self.policy.hedging
-        assert hedging is not None
-        running: dict[Any, tuple[EndpointState, float]] = {}
+        running: dict[Any, tuple[Attempt, float]] = {}
         finished = threading.Event()
 
         def launch() -> None:
-            endpoint = begin_attempt(controller, telemetry)
-            if telemetry is None:
-                future = self.callable_for(endpoint).future(
-                    request, **self.kwargs(controller, metadata, wait_for_ready, compression)
-                )
-            else:
-                with telemetry.scope():
-                    number = controller.attempts
-                    telemetry.attempt(number, endpoint.address, hedge=number > 1)
-                    future = self.callable_for(endpoint).future(
-                        request, **self.kwargs(controller, metadata, wait_for_ready, compression)
-                    )
-            running[future] = (endpoint, time.monotonic())
+            attempt = begin_attempt(controller, telemetry)
+            try:
+                options = self.kwargs(controller, metadata, wait_for_ready, compression)
+                send = self.callable_for(attempt.endpoint).future
+                future = send_attempt(attempt, telemetry, send, request, options, hedge=attempt.number > 1)
+            except BaseException:
+                controller.abandon_attempt(attempt)
+                raise
+            running[future] = (attempt, time.monotonic())
             future.add_done_callback(lambda _: finished.set())
 
         last: grpc.RpcError | None = None
         try:
             launch()
-            while running:
-                timeout = hedging.delay if controller.may_hedge_soon() else None
-                finished.wait(timeout)
-                finished.clear()
-                done = [future for future in running if future.done()]
-                if not done:
-                    if controller.may_hedge():
-                        with contextlib.suppress(grpc.RpcError):
-                            launch()
+            while True:
+                wait = controller.hedge_wait()
+                if not running:
+                    if wait is None:
+                        break
+                    time.sleep(wait)  # a pushback delays the next hedge
+                    if not try_hedge(controller, launch):
+                        break
                     continue
-                for future in done:
-                    endpoint, started = running.pop(future)
+                finished.wait(wait)
+                finished.clear()  # before looking, so a completion from now on sets it again
+                for future in [future for future in running if future.done()]:
+                    attempt, started = running.pop(future)
                     error = future.exception()
                     if error is None:
-                        controller.end_hedge(
-                            endpoint, AttemptOutcome(code=_OK, duration=time.monotonic() - started)
-                        )
+                        outcome = AttemptOutcome(code=_OK, duration=time.monotonic() - started)
+                        end_hedge(controller, attempt, outcome, telemetry)
                         finish_call(controller, _OK, telemetry)
                         return future.result()
                     assert isinstance(error, grpc.RpcError)
                     last = error
                     outcome = outcome_of(error, time.monotonic() - started)
-                    if not controller.end_hedge(endpoint, outcome):
+                    if not end_hedge(controller, attempt, outcome, telemetry):
                         finish_call(controller, outcome.code, telemetry)
                         raise error
-                    if controller.may_hedge():
-                        with contextlib.suppress(grpc.RpcError):
-                            launch()
+                try_hedge(controller, launch)
             assert last is not None
             finish_call(controller, last.code(), telemetry)
             raise last
         finally:
-            for future, (endpoint, _) in running.items():
+            for future, (attempt, _) in running.items():
                 future.cancel()
-                controller.abandon_attempt(endpoint)
+                controller.abandon_attempt(attempt)
 
     # -- streamed responses ------------------------------------------------------------------------------
 
     def stream_response(
         self,
         request: Any,
-        replay: _Replay | None,
+        replay: SyncRequestReplay | None,
         timeout: float | None,
         metadata: Any,
         wait_for_ready: bool | None,
@@ -409,7 +391,7 @@ class _SyncMethod:
         self,
         telemetry: CallTelemetry | None,
         request: Any,
-        replay: _Replay | None,
+        replay: SyncRequestReplay | None,
         timeout: float | None,
         metadata: Any,
         wait_for_ready: bool | None,
@@ -418,51 +400,45 @@ class _SyncMethod:
         controller = self.controller(timeout, telemetry)
         delay: float | None = None
         reason: str | None = None
-        while True:
-            endpoint = begin_attempt(controller, telemetry)
-            started = time.monotonic()
-            committed = False
-            ended = False
-            call: Any = None
-            try:
-                payload = replay.attempt() if replay is not None else request
-                if telemetry is None:
-                    call = self.callable_for(endpoint)(
-                        payload, **self.kwargs(controller, metadata, wait_for_ready, compression)
+        try:
+            while True:
+                attempt = begin_attempt(controller, telemetry)
+                endpoint = attempt.endpoint
+                started = time.monotonic()
+                committed = False
+                call: Any = None
+                try:
+                    payload = replay.attempt() if replay is not None else request
+                    options = self.kwargs(controller, metadata, wait_for_ready, compression)
+                    send = self.callable_for(endpoint)
+                    call = send_attempt(
+                        attempt, telemetry, send, payload, options, backoff_s=delay, reason=reason
                     )
-                else:
-                    with telemetry.scope():
-                        telemetry.attempt(
-                            controller.attempts, endpoint.address, backoff_s=delay, reason=reason
-                        )
-                        call = self.callable_for(endpoint)(
-                            payload, **self.kwargs(controller, metadata, wait_for_ready, compression)
-                        )
-                for response in call:
-                    committed = True
-                    yield response
-            except grpc.RpcError as error:
-                ended = True
-                committed = committed or (replay is not None and replay.overflowed)
-                outcome = outcome_of(error, time.monotonic() - started, committed=committed)
-                delay = end_attempt(controller, endpoint, outcome, telemetry)
-                if delay is None:
-                    finish_call(controller, outcome.code, telemetry)
+                    for response in call:
+                        committed = True
+                        yield response
+                except grpc.RpcError as error:
+                    committed = committed or (replay is not None and replay.overflowed)
+                    outcome = outcome_of(error, time.monotonic() - started, committed=committed)
+                    delay = end_attempt(controller, attempt, outcome, telemetry)
+                    if delay is None:
+                        finish_call(controller, outcome.code, telemetry)
+                        raise
+                    reason = outcome.code.name
+                    time.sleep(delay)
+                    continue
+                except BaseException:
+                    # The caller closed the iterator (GeneratorExit) or user code raised.
+                    if call is not None and call.is_active():
+                        call.cancel()
+                    controller.abandon_attempt(attempt)
                     raise
-                reason = outcome.code.name
-                time.sleep(delay)
-                continue
-            finally:
-                if not ended and call is not None and call.is_active():
-                    call.cancel()
-                    controller.abandon_attempt(endpoint)
-                    ended = True
-            if not ended:
-                controller.end_attempt(
-                    endpoint, AttemptOutcome(code=_OK, duration=time.monotonic() - started)
-                )
+                outcome = AttemptOutcome(code=_OK, duration=time.monotonic() - started)
+                end_attempt(controller, attempt, outcome, telemetry)
                 finish_call(controller, _OK, telemetry)
-            return
+                return
+        finally:
+            controller.release()
 
 
 class _Callable:
@@ -493,7 +469,7 @@ class _StreamUnary(_Callable):
         wait_for_ready: bool | None = None,
         compression: Any = None,
     ) -> Any:
-        replay = _Replay(request_iterator, self._method.service.core.policy.max_buffered_request_bytes)
+        replay = SyncRequestReplay(request_iterator, self._method.replay_limit)
         return self._method.unary_response(None, replay, timeout, metadata, wait_for_ready, compression)
 
 
@@ -520,7 +496,7 @@ class _StreamStream(_Callable):
         wait_for_ready: bool | None = None,
         compression: Any = None,
     ) -> Iterator[Any]:
-        replay = _Replay(request_iterator, self._method.service.core.policy.max_buffered_request_bytes)
+        replay = SyncRequestReplay(request_iterator, self._method.replay_limit)
         return self._method.stream_response(None, replay, timeout, metadata, wait_for_ready, compression)
 
 

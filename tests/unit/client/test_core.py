@@ -153,7 +153,7 @@ def test_zone_preference_falls_back_to_other_zones() -> None:
     assert picker.pick("s", pool[:2]).instance_id in "ab"
 
 
-def test_breaker_ejection_is_capped_and_all_ejected_fails_naming_the_breaker() -> None:
+def test_breaker_ejection_is_capped_and_all_ejected_routes_to_all() -> None:
     clock = Clock()
     policy = BreakerPolicy(consecutive_failures=1)
     pool = endpoints("a", "b", "c", "d")
@@ -167,8 +167,12 @@ def test_breaker_ejection_is_capped_and_all_ejected_fails_naming_the_breaker() -
     single = endpoints("x")
     single[0].breaker = CircuitBreaker("instance s/x", policy, clock)
     single[0].breaker.record(failed=True)
-    with pytest.raises(NoEndpointError, match="circuit breaker 'instance s/x' is open"):
-        picker.pick("s", single)
+    assert picker.pick("s", single).instance_id == "x"  # panic routing: a chance beats a certain error
+    for endpoint in pool:
+        endpoint.breaker.record(failed=True)  # type: ignore[union-attr]
+    assert {picker.pick("s", pool).instance_id for _ in range(8)} == {"c", "d"}  # the cap holds
+    share_one = Picker("round_robin", max_ejection_share=1.0)
+    assert {share_one.pick("s", pool).instance_id for _ in range(8)} == {"a", "b", "c", "d"}
     with pytest.raises(NoEndpointError, match="no passing instance"):
         picker.pick("s", [])
 
@@ -225,10 +229,10 @@ def test_idempotent_call_retries_on_another_instance_up_to_max_attempts() -> Non
     first = ctl.begin_attempt()
     assert ctl.end_attempt(first, AttemptOutcome(code=UNAVAILABLE)) == pytest.approx(0.05)
     second = ctl.begin_attempt()
-    assert second.instance_id != first.instance_id
+    assert second.endpoint.instance_id != first.endpoint.instance_id
     assert ctl.end_attempt(second, AttemptOutcome(code=UNAVAILABLE)) == pytest.approx(0.1)
     third = ctl.begin_attempt()
-    assert {first.instance_id, second.instance_id, third.instance_id} == {"a", "b", "c"}
+    assert {a.endpoint.instance_id for a in (first, second, third)} == {"a", "b", "c"}
     assert ctl.end_attempt(third, AttemptOutcome(code=UNAVAILABLE)) is None  # 3 attempts used
 
 
@@ -243,9 +247,9 @@ def test_non_idempotent_call_retries_only_when_it_never_reached_a_server() -> No
     ctl = controller(MethodPolicy(idempotent=False))
     assert ctl.end_attempt(ctl.begin_attempt(), AttemptOutcome(code=UNAVAILABLE, reached_server=True)) is None
     ctl = controller(MethodPolicy(idempotent=False))
-    endpoint = ctl.begin_attempt()
-    assert ctl.end_attempt(endpoint, AttemptOutcome(code=UNAVAILABLE, reached_server=False)) is not None
-    assert endpoint.connection_failed
+    attempt = ctl.begin_attempt()
+    assert ctl.end_attempt(attempt, AttemptOutcome(code=UNAVAILABLE, reached_server=False)) is not None
+    assert attempt.endpoint.connection_failed
 
 
 def test_pushback_overrides_backoff_and_negative_forbids_retry() -> None:
@@ -277,12 +281,16 @@ def test_budget_limits_attempts_per_call_under_total_failure() -> None:
 def test_hedging_decisions() -> None:
     ctl = controller(MethodPolicy(idempotent=True, hedging=HedgingPolicy(max_attempts=2)))
     assert ctl.policy.retry is None
-    endpoint = ctl.begin_attempt()
+    first = ctl.begin_attempt()
+    clock = ctl.core.clock
+    assert isinstance(clock, Clock)
+    assert not ctl.may_hedge()  # not due before the hedging delay
+    clock.now += 0.05
     assert ctl.may_hedge()
-    ctl.begin_attempt()
+    second = ctl.begin_attempt()
     assert not ctl.may_hedge()  # max attempts
-    assert ctl.end_hedge(endpoint, AttemptOutcome(code=UNAVAILABLE))  # non-fatal
-    assert not ctl.end_hedge(endpoint, AttemptOutcome(code=grpc.StatusCode.INVALID_ARGUMENT))
+    assert ctl.end_hedge(first, AttemptOutcome(code=UNAVAILABLE))  # non-fatal
+    assert not ctl.end_hedge(second, AttemptOutcome(code=grpc.StatusCode.INVALID_ARGUMENT))
 
 
 def test_attempt_reached_server_and_pushback_parsing() -> None:
@@ -294,7 +302,7 @@ def test_attempt_reached_server_and_pushback_parsing() -> None:
     assert parse_pushback(()) is None
 
 
-def test_calls_refused_by_instance_breakers_do_not_open_the_service_breaker() -> None:
+def test_calls_that_reach_no_instance_do_not_open_the_service_breaker() -> None:
     clock = Clock()
     core = ServiceCore(
         "s",
@@ -311,7 +319,8 @@ def test_calls_refused_by_instance_breakers_do_not_open_the_service_breaker() ->
     endpoint = first.begin_attempt()
     first.end_attempt(endpoint, AttemptOutcome(code=UNAVAILABLE, duration=0.01, reached_server=True))
     first.finish(UNAVAILABLE)  # a real failure: counted by both breakers
-    for _ in range(10):  # the instance breaker refuses these fast: none reaches an instance
+    core.apply(registry_pb2.WatchResponse(snapshot=True, revision=2, events=[]))
+    for _ in range(10):  # no instance left: none of these reaches one
         ctl = CallController(core, "/s.S/M", method, None)
         ctl.start()
         with pytest.raises(NoEndpointError):
