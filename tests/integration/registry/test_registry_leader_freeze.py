@@ -91,12 +91,15 @@ async def test_frozen_expiry_leader_another_node_expires_and_renewed_leases_stay
                     await register(rng.choice(through), service=service, port=7000 + i, ttl_seconds=TTL)
                     for i in range(6)
                 ]
-                kept, dropped = registered[:3], registered[3:]
+                kept = registered[:3]  # the other three are never renewed
                 kept_ids = {r.instance_id for r in kept}
                 freeze_after = rng.uniform(0.0, TTL)
                 where = f"seed={seed} trial={trial} freeze_after={freeze_after:.2f}s"
 
-                async def renew(kept: list[registry_pb2.RegisterResponse] = kept) -> None:
+                async def renew(
+                    kept: list[registry_pb2.RegisterResponse] = kept,
+                    survivor: registry_pb2_grpc.RegistryStub = survivor,
+                ) -> None:
                     while True:
                         for r in kept:
                             await survivor.Heartbeat(
