@@ -1,0 +1,1 @@
+"""The rolling-restart soak: the example shop under traffic while its control plane(s) restart."""
