@@ -12,14 +12,22 @@ identity what it may touch::
         subscribe: ["payments.*", "events.>"]
         groups: [order-service, "order-service-*"]  # consumer groups it may join (globs)
         sagas: [place-order]          # start, define, list these sagas (globs)
+        calls: [inventory, "payments/Charge"]  # what its saga definitions may call (globs)
         streams: ["order-"]           # event streams it owns: read and append (prefixes)
 
 ``services`` defaults to the identity's own name, so a service identity needs
 no more than its entry to register itself. ``groups`` defaults to the identity's
 name and names starting with it and a dash (``order-service``, ``order-service-audit``):
 joining a consumer group takes its messages from the other members, so one
-service cannot drain another's group by knowing its name. An identity that is not listed may
-do nothing (PERMISSION_DENIED), even with a valid token or certificate.
+service cannot drain another's group by knowing its name. ``calls`` lists the
+``service`` or ``service/Method`` globs (``Method``: the last part of the full
+gRPC method; a bare service name covers all its methods) that the steps and
+compensations of a saga definition it registers, or starts inline, may call; it
+defaults to the identity's ``services``. The coordinator makes those calls on the
+starter's behalf, so without this check it would be a confused deputy; it also
+tells each participant who started the saga (``x-rpcmesh-saga-started-by``).
+An identity that is not listed may do nothing (PERMISSION_DENIED), even with a
+valid token or certificate.
 
 Requests name resources through :class:`Access` values (see
 :mod:`rpcmesh.security.methods`); :meth:`Policy.check` answers whether every one
@@ -72,6 +80,8 @@ class Action(enum.Enum):
     """Answer a request; the reply address and correlation id are the capability."""
     SAGA = "saga"
     """Define, start or list sagas of a definition (ALL: every definition)."""
+    CALL = "call"
+    """Have the saga coordinator call ``service/method`` in a step or compensation it defines."""
     SAGA_BY_ID = "saga_by_id"
     """Get, watch, abort or list sagas by id: any saga permission admits the call; the coordinator
     then checks the saga's own definition (SAGA) before it answers, and lists only those."""
@@ -151,6 +161,9 @@ class IdentityPermissions:
     sagas: tuple[str, ...] = ()
     """Saga definitions it may define, start and list (globs)."""
 
+    calls: tuple[str, ...] = ()
+    """``service`` or ``service/method`` globs its saga definitions' steps may call."""
+
     streams: tuple[str, ...] = ()
     """Prefixes of the event streams it owns (read and append); ``""`` owns every stream."""
 
@@ -173,6 +186,12 @@ class IdentityPermissions:
             return any(topic_covers(pattern, resource) for pattern in (*self.publish, *self.subscribe))
         if action is Action.SAGA:
             return _glob_allows(self.sagas, resource)
+        if action is Action.CALL:
+            service = resource.split("/", 1)[0]
+            return any(
+                fnmatch.fnmatchcase(resource if "/" in pattern else service, pattern)
+                for pattern in self.calls
+            )
         if action is Action.SAGA_BY_ID:
             return bool(self.sagas)
         if action in (Action.READ_STREAM, Action.APPEND_STREAM):
@@ -223,7 +242,7 @@ class Policy:
         if not isinstance(raw_identities, dict):
             raise ValueError("identities: expected a mapping of identity to permissions")
         identities: dict[str, IdentityPermissions] = {}
-        fields = {"services", "discover", "publish", "subscribe", "groups", "sagas", "streams"}
+        fields = {"services", "discover", "publish", "subscribe", "groups", "sagas", "calls", "streams"}
         for name, raw in raw_identities.items():
             where = f"identities.{name}"
             if not isinstance(name, str) or not name:
@@ -239,6 +258,7 @@ class Policy:
             }
             kwargs.setdefault("services", (name,))
             kwargs.setdefault("groups", (name, f"{name}-*"))
+            kwargs.setdefault("calls", kwargs["services"])
             for key in ("publish", "subscribe"):
                 for pattern in kwargs.get(key, ()):
                     tokens = pattern.split(".")

@@ -46,6 +46,7 @@ from rpcmesh.controlplane.saga.invoker import (
     SAGA_ID_KEY,
     SAGA_PHASE_KEY,
     SAGA_STEP_KEY,
+    STARTED_BY_KEY,
     StepCallError,
     StepInvoker,
 )
@@ -310,6 +311,7 @@ class SagaEngine:
         labels: Mapping[str, str] | None = None,
         trace_context: Mapping[str, str] | None = None,
         correlation_id: str = "",
+        started_by: str = "",
     ) -> tuple[SagaView, bool]:
         """Record SagaStarted plus the first step's start in one write, then run; (view, created)."""
         encoded = self._stored_definitions.get(id(definition))
@@ -331,6 +333,7 @@ class SagaEngine:
             labels=labels or {},
             now=now,
             encoded_definition=encoded,
+            started_by=started_by,
         )
         view = machine.fold([first], definition)
         events = [first]
@@ -580,6 +583,8 @@ class SagaEngine:
             (SAGA_PHASE_KEY, "compensate" if invoke.compensation else "execute"),
             (IDEMPOTENCY_KEY, machine.idempotency_key(view.saga_id, step_name, invoke.compensation)),
         ]
+        if view.started_by:
+            metadata.append((STARTED_BY_KEY, view.started_by))
         telemetry = self.telemetry or get_telemetry()
         result: bytes | None = None
         code, error, sent = 0, "", True

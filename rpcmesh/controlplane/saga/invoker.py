@@ -73,6 +73,7 @@ __all__ = [
     "SAGA_ID_KEY",
     "SAGA_PHASE_KEY",
     "SAGA_STEP_KEY",
+    "STARTED_BY_KEY",
     "TRACE_KEYS",
     "MeshStepInvoker",
     "StepCallError",
@@ -87,6 +88,10 @@ SAGA_STEP_KEY = "x-saga-step"
 SAGA_PHASE_KEY = "x-saga-phase"
 IDEMPOTENCY_KEY = "x-idempotency-key"
 CORRELATION_ID_KEY = "x-correlation-id"
+STARTED_BY_KEY = "x-rpcmesh-saga-started-by"
+"""The identity that started the saga, set by the coordinator from the starter's authenticated identity.
+
+Trust it only on calls authenticated as the coordinator: any other caller can send any header."""
 TRACE_KEYS = ("traceparent", "tracestate", "baggage")
 
 

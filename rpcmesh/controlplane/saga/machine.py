@@ -110,6 +110,8 @@ class SagaView:
     correlation_id: str
     labels: dict[str, str]
     started_at: float
+    started_by: str = ""
+    """The authenticated identity that started the saga ("" with authentication off)."""
     state: int = pb.SAGA_STATE_RUNNING
     error: str = ""
     updated_at: float = 0.0
@@ -150,6 +152,7 @@ def started_event(
     labels: Mapping[str, str],
     now: float,
     encoded_definition: str | None = None,
+    started_by: str = "",
 ) -> SagaEvent:
     """The first event of a saga: everything needed to run it, including its definition.
 
@@ -165,6 +168,7 @@ def started_event(
             "trace_context": dict(trace_context),
             "correlation_id": correlation_id,
             "labels": dict(labels),
+            "started_by": started_by,
         },
         now,
     )
@@ -191,6 +195,7 @@ def fold(events: Iterable[SagaEvent], definition: pb.SagaDefinition | None = Non
         correlation_id=data["correlation_id"],
         labels=dict(data["labels"]),
         started_at=first.time,
+        started_by=data.get("started_by", ""),
         updated_at=first.time,
         steps=[StepView(name=step.name) for step in definition.steps],
     )

@@ -18,7 +18,7 @@ from rpcmesh.controlplane.saga.engine import SagaEngine, view_to_proto
 from rpcmesh.controlplane.saga.machine import SagaView, transition_kind
 from rpcmesh.controlplane.saga.tracing import start_context
 from rpcmesh.errors import invalid_argument
-from rpcmesh.security.guard import authorize, may
+from rpcmesh.security.guard import ANONYMOUS, authorize, current_identity, may
 from rpcmesh.security.policy import Access, Action
 from rpcmesh.telemetry import get_telemetry
 from rpcmesh.v1 import saga_pb2 as pb
@@ -67,6 +67,21 @@ def _wait_seconds(wait: Any, context: grpc.aio.ServicerContext[Any, Any]) -> flo
     return seconds
 
 
+def _authorize_calls(definition: pb.SagaDefinition) -> None:
+    """No confused deputy: the coordinator calls only what the defining identity may have it call."""
+    targets: dict[str, None] = {}
+    for step in definition.steps:
+        for method in (step.method, step.compensation_method):
+            if method:  # "/package.Service/Method": the policy names the method by its last part
+                targets[f"{step.service}/{method.rsplit('/', 1)[-1]}"] = None
+    authorize(*(Access(Action.CALL, target) for target in targets))
+
+
+def _starter() -> str:
+    identity = current_identity.get()
+    return "" if identity is None or identity is ANONYMOUS else identity.name
+
+
 def _may_see(view: SagaView) -> bool:
     return may(Access(Action.SAGA, view.definition.name))
 
@@ -94,6 +109,7 @@ class SagaCoordinatorServicer(pb_grpc.SagaCoordinatorServicer):
         """Store a definition as its next version."""
         if not request.HasField("definition"):
             raise invalid_argument("definition", "required")
+        _authorize_calls(request.definition)
         stored = await self._engine().register_definition(request.definition)
         return pb.RegisterDefinitionResponse(definition=stored)
 
@@ -134,6 +150,7 @@ class SagaCoordinatorServicer(pb_grpc.SagaCoordinatorServicer):
         which = request.WhichOneof("definition_ref")
         if which == "definition":
             validate_definition(request.definition)
+            _authorize_calls(request.definition)
             definition = request.definition
         elif which == "definition_name":
             if request.definition_version < 0:
@@ -165,6 +182,7 @@ class SagaCoordinatorServicer(pb_grpc.SagaCoordinatorServicer):
             labels=dict(request.labels),
             trace_context=trace_context,
             correlation_id=correlation,
+            started_by=_starter(),
         )
         if created and self.nudge is not None:
             await self.nudge()  # before waiting: the driving node (if another) starts it now

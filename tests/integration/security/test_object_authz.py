@@ -30,9 +30,11 @@ POLICY = """\
 identities:
   orders:
     sagas: [place-order]
+    calls: [inventory, "payments/Refund", place-order-ledger]
     subscribe: ["payments.*"]
   payments:
     sagas: [refund]
+    calls: [refund-ledger]
     publish: ["payments.*"]
     subscribe: ["payments.*"]
 """
@@ -196,3 +198,44 @@ async def test_an_identity_cannot_join_or_drain_another_identitys_consumer_group
     finally:
         await orders.close()
         await payments.close()
+
+
+def _definition(*targets: tuple[str, str, str]) -> pb.SagaDefinition:
+    return pb.SagaDefinition(
+        name="place-order",
+        steps=[
+            pb.SagaStep(
+                name=f"s{index}",
+                service=service,
+                method=f"/shop.v1.Api/{method}",
+                compensation_method=f"/shop.v1.Api/{undo}" if undo else "",
+                no_compensation=not undo,
+            )
+            for index, (service, method, undo) in enumerate(targets)
+        ],
+    )
+
+
+async def test_saga_steps_may_only_call_what_the_defining_identity_may_have_called(
+    stubs: dict[str, saga_pb2_grpc.SagaCoordinatorStub],
+) -> None:
+    orders = stubs["orders"]
+    foreign = _definition(("inventory", "Reserve", "Release"), ("payments", "Charge", ""))
+    for request in (
+        orders.StartSaga(pb.StartSagaRequest(definition=foreign), timeout=TIMEOUT),
+        orders.RegisterDefinition(pb.RegisterDefinitionRequest(definition=foreign), timeout=TIMEOUT),
+    ):
+        reason = await _denied(request)
+        assert "payments/Charge" in reason, reason
+    # A compensation is a call too.
+    undo = _definition(("payments", "Refund", "Charge"))
+    await _denied(orders.RegisterDefinition(pb.RegisterDefinitionRequest(definition=undo), timeout=TIMEOUT))
+
+    allowed = _definition(("inventory", "Reserve", "Release"), ("payments", "Refund", ""))
+    registered = await orders.RegisterDefinition(
+        pb.RegisterDefinitionRequest(definition=allowed), timeout=TIMEOUT
+    )
+    assert registered.definition.version >= 1
+    # Nothing was stored by the refused requests: the latest version is the allowed one.
+    latest = await orders.GetDefinition(pb.GetDefinitionRequest(name="place-order"), timeout=TIMEOUT)
+    assert [step.service for step in latest.definition.steps] == ["inventory", "payments"]

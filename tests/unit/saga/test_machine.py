@@ -202,3 +202,22 @@ def test_an_earlier_ambiguous_attempt_still_needs_compensation() -> None:
     record(view, machine.STEP_STARTED, step="a")
     record(view, machine.STEP_ATTEMPT_FAILED, step="a", code=9, error="FAILED_PRECONDITION")
     assert machine.needs_compensation(view, 0)
+
+
+def test_the_starting_identity_is_recorded_and_folded() -> None:
+    definition = pb.SagaDefinition(name="d")
+    first = machine.started_event(
+        saga_id="s",
+        definition=definition,
+        input_data=b"",
+        idempotency_key="",
+        trace_context={},
+        correlation_id="c",
+        labels={},
+        now=1.0,
+        started_by="orders",
+    )
+    assert machine.fold([first]).started_by == "orders"
+    # Sagas recorded before the field existed fold with no starter.
+    del first.data["started_by"]
+    assert machine.fold([first]).started_by == ""

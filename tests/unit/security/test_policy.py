@@ -195,3 +195,15 @@ def test_subscribe_open_and_dead_letters_name_the_group() -> None:
             Access(Action.SUBSCRIBE, "t"),
             Access(Action.GROUP, ALL),
         ]
+
+
+def test_calls_cover_a_whole_service_or_one_method_and_default_to_the_identitys_services() -> None:
+    policy = Policy.from_mapping(
+        {"identities": {"orders": {"calls": ["inventory", "payments/Refund*"]}, "payments": {}}}
+    )
+    assert policy.check("orders", [Access(Action.CALL, "inventory/Reserve")]) is None
+    assert policy.check("orders", [Access(Action.CALL, "payments/RefundAll")]) is None
+    assert policy.check("orders", [Access(Action.CALL, "payments/Charge")]) is not None
+    assert policy.check("orders", [Access(Action.CALL, "inventory-admin/Wipe")]) is not None
+    assert policy.check("payments", [Access(Action.CALL, "payments/Charge")]) is None
+    assert policy.check("payments", [Access(Action.CALL, "inventory/Reserve")]) is not None
