@@ -302,6 +302,7 @@ class ControlPlane:
         self._started: list[Component] = []
         self._streams = StreamTracker()
         self._lock = DataDirLock(config.data_dir)
+        self._stopping = asyncio.Event()
         self.address = ""
         self.security: ServerSecurity | None = None
 
@@ -390,6 +391,7 @@ class ControlPlane:
         reverse order (flush state, close stores), each within ``config.close_timeout``; release
         the data folder.
         """
+        self._stopping.set()
         try:
             await self._health.enter_graceful_shutdown()
             server, self._server = self._server, None
@@ -399,7 +401,9 @@ class ControlPlane:
                 stopping = asyncio.ensure_future(server.stop(self.config.grace))
                 await asyncio.sleep(0)
                 await self._streams.end_streams(self.config.grace)
-                await stopping
+                await asyncio.wait({stopping})
+                if not stopping.cancelled() and stopping.exception() is not None:
+                    logger.error("stopping the gRPC server failed", exc_info=stopping.exception())
             for component in reversed(self._started):
                 await self._stop_component(component)
             self._started.clear()
@@ -421,9 +425,13 @@ class ControlPlane:
             raise
 
     async def wait(self) -> None:
-        """Block until the server terminates."""
-        if self._server is not None:
-            await self._server.wait_for_termination()
+        """Block until :meth:`stop` is called (or the start failed); cancelling it is safe.
+
+        Not ``server.wait_for_termination()``: cancelling that cancels the server's own
+        shutdown future, and ``server.stop(grace)`` then skips the grace period and raises
+        CancelledError, so the components were never stopped (group state not flushed).
+        """
+        await self._stopping.wait()
 
 
 async def serve(config: ControlPlaneConfig, ready: asyncio.Event | None = None) -> None:
