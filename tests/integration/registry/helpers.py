@@ -6,8 +6,14 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
+import psycopg
 from google.protobuf import duration_pb2
 from rpcmesh.v1 import registry_pb2, registry_pb2_grpc
+
+from tests.support.processes import ManagedProcess
+
+LEADER_LOCK = 0x5245474C  # postgres_store._LEADER_LOCK
+LEADER_APP = "rpcmesh-registry-leader-"  # postgres_store.LEADER_APPLICATION_PREFIX
 
 
 def instance(service: str = "echo", port: int = 5000, **fields: object) -> registry_pb2.Instance:
@@ -49,3 +55,32 @@ async def eventually(
         if time.monotonic() - start > limit:
             raise AssertionError(f"condition not met within {limit}s")
         await asyncio.sleep(interval)
+
+
+async def lock_holder(postgres_url: str) -> tuple[int, str] | None:
+    """(backend pid, application_name) of the session holding the expiry lock, if any."""
+    async with await psycopg.AsyncConnection.connect(postgres_url, autocommit=True) as conn:
+        row = await (
+            await conn.execute(
+                "SELECT l.pid, a.application_name FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
+                "WHERE l.locktype = 'advisory' AND l.granted "
+                "AND ((l.classid::bigint << 32) | l.objid::bigint) = %s",
+                (LEADER_LOCK,),
+            )
+        ).fetchone()
+    return (int(row[0]), str(row[1])) if row is not None else None
+
+
+async def expiry_leader(postgres_url: str, nodes: list[ManagedProcess], first_trial: bool) -> ManagedProcess:
+    """The node process whose session holds the expiry lock (waits for one to hold it)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        holder = await lock_holder(postgres_url)
+        if holder is not None:
+            for node in nodes:
+                if holder[1] == f"{LEADER_APP}{node.pid}":
+                    return node
+            if first_trial:  # a build that does not name its lock session: the first node took it
+                return nodes[0]
+        await asyncio.sleep(0.1)
+    raise AssertionError("no node took the expiry lock within 30 s")

@@ -18,49 +18,17 @@ import time
 from pathlib import Path
 
 import grpc.aio
-import psycopg
 import pytest
 from rpcmesh.v1 import registry_pb2, registry_pb2_grpc
 
-from tests.integration.registry.helpers import register, resolve_ids
+from tests.integration.registry.helpers import expiry_leader, register, resolve_ids
 from tests.support.processes import ManagedProcess, start_control_plane
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow, pytest.mark.backend]
 
-LEADER_LOCK = 0x5245474C  # postgres_store._LEADER_LOCK
-LEADER_APP = "rpcmesh-registry-leader-"  # postgres_store.LEADER_APPLICATION_PREFIX
 TTL = 2.0
 TRIALS = 3
 SEED = 20261204
-
-
-async def _lock_holder(postgres_url: str) -> tuple[int, str] | None:
-    """(backend pid, application_name) of the session holding the expiry lock, if any."""
-    async with await psycopg.AsyncConnection.connect(postgres_url, autocommit=True) as conn:
-        row = await (
-            await conn.execute(
-                "SELECT l.pid, a.application_name FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
-                "WHERE l.locktype = 'advisory' AND l.granted "
-                "AND ((l.classid::bigint << 32) | l.objid::bigint) = %s",
-                (LEADER_LOCK,),
-            )
-        ).fetchone()
-    return (int(row[0]), str(row[1])) if row is not None else None
-
-
-async def _leader(postgres_url: str, nodes: list[ManagedProcess], first_trial: bool) -> ManagedProcess:
-    """The node process whose session holds the expiry lock (waits for one to hold it)."""
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        holder = await _lock_holder(postgres_url)
-        if holder is not None:
-            for node in nodes:
-                if holder[1] == f"{LEADER_APP}{node.pid}":
-                    return node
-            if first_trial:  # a build that does not name its lock session: the first node took it
-                return nodes[0]
-        await asyncio.sleep(0.1)
-    raise AssertionError("no node took the expiry lock within 30 s")
 
 
 async def test_frozen_expiry_leader_another_node_expires_and_renewed_leases_stay(
@@ -75,14 +43,14 @@ async def test_frozen_expiry_leader_another_node_expires_and_renewed_leases_stay
             nodes.append(node)
             addresses[node.pid] = address
             if name == "a":  # the first node leads; only then does the second one start
-                await _leader(postgres_url, nodes, first_trial=True)
+                await expiry_leader(postgres_url, nodes, first_trial=True)
         channels = {pid: grpc.aio.insecure_channel(address) for pid, address in addresses.items()}
         stubs = {pid: registry_pb2_grpc.RegistryStub(channel) for pid, channel in channels.items()}
         try:
             for trial in range(TRIALS):
                 seed = SEED + trial
                 rng = random.Random(seed)
-                leader = await _leader(postgres_url, nodes, first_trial=trial == 0)
+                leader = await expiry_leader(postgres_url, nodes, first_trial=trial == 0)
                 other = next(node for node in nodes if node is not leader)
                 survivor = stubs[other.pid]
                 service = f"frozen{trial}"
