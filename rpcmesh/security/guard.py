@@ -46,6 +46,7 @@ import grpc
 import grpc.aio
 
 from rpcmesh.errors import PermissionDeniedError, StatusError
+from rpcmesh.security.decoding import Undecodable, reject_bad_requests, tolerant_deserializer
 from rpcmesh.security.identity import AuthenticationError, Authenticator, Identity
 from rpcmesh.security.limits import ConcurrencyTracker, Limits
 from rpcmesh.security.methods import PUBLIC_METHODS, accesses_for, stream_kind
@@ -156,6 +157,8 @@ class CallGuard:
             assert handler.stream_stream is not None
             factory, behavior = grpc.stream_stream_rpc_method_handler, handler.stream_stream
             stream_requests = True
+        # Innermost: undecodable bytes and unknown enum numbers are INVALID_ARGUMENT, not UNKNOWN.
+        behavior = reject_bad_requests(method, behavior, stream_requests=stream_requests)
         if method in PUBLIC_METHODS:
             wrapped = _map_only(behavior, mapped) if map_errors else behavior
         elif not self._authenticator.enabled:
@@ -164,7 +167,9 @@ class CallGuard:
             wrapped = self._stream_request(method, behavior, mapped)
         else:
             wrapped = self._unary_request(method, behavior, mapped)
-        return factory(wrapped, handler.request_deserializer, handler.response_serializer)
+        return factory(
+            wrapped, tolerant_deserializer(handler.request_deserializer), handler.response_serializer
+        )
 
     # Authentication off: the per-connection cap only.
 
@@ -233,8 +238,8 @@ class CallGuard:
         self._tracker.release_identity(identity.name, kind)
 
     def _denial(self, identity: Identity, method: str, request: Any) -> str | None:
-        if self._policy is None:
-            return None
+        if self._policy is None or isinstance(request, Undecodable):
+            return None  # an undecodable request is refused by the innermost check, before any handler
         return self._policy.check(identity.name, accesses_for(method, request))
 
     def _unary_request(
