@@ -233,6 +233,23 @@ async def test_watch_orders_events_and_resumes_without_gaps(registry: registry_p
     assert [(e.type, e.revision) for e in response.events] == [(DELETE, later.revision)]
 
 
+async def test_watch_from_a_revision_never_reached_is_out_of_range(
+    registry: registry_pb2_grpc.RegistryStub,
+) -> None:
+    reg = await register(registry, service="future")
+    # The registry never reached this revision (it lost its data, or is another registry).
+    ahead = registry.Watch(registry_pb2.WatchRequest(service="future", after_revision=reg.revision + 50))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await asyncio.wait_for(ahead.read(), 10)
+    assert caught.value.code() is grpc.StatusCode.OUT_OF_RANGE
+    # Its own revision is fine: a resume that starts where the registry is.
+    current = registry.Watch(registry_pb2.WatchRequest(service="future", after_revision=reg.revision))
+    later = await register(registry, service="future", port=5001)
+    response = await asyncio.wait_for(current.read(), 10)
+    current.cancel()
+    assert [e.instance.instance_id for e in response.events] == [later.instance_id]
+
+
 async def test_list_services_paginates(registry: registry_pb2_grpc.RegistryStub) -> None:
     names = [f"svc-{i:02d}" for i in range(7)]
     for index, name in enumerate(names):
