@@ -90,7 +90,9 @@ def outcome_of(error: grpc.RpcError, duration: float, *, committed: bool = False
     The attempt is committed (gRFC A6: never retried) when ``committed`` says so or the
     server sent response headers before failing. grpc's Python API shows received headers
     only through their entries, so a server that sends an empty header block before failing
-    is indistinguishable from a trailers-only failure and may still be retried.
+    is indistinguishable from a trailers-only failure and may still be retried; and grpc.aio
+    may settle a streaming call's status before headers that arrived just ahead of it (a
+    server failing within microseconds of its headers), which then look absent too.
     """
     code: grpc.StatusCode = error.code()
     details: str = error.details() or ""

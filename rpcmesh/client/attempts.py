@@ -28,8 +28,8 @@ alone); a committed call (response headers or a response already arrived, or
 the request stream outgrew its replay buffer) is never retried; a method not
 marked idempotent is retried only when the attempt provably never reached a
 server; then attempts are capped by ``max_attempts`` (an attempt that provably
-never left the client is a transparent retry and does not count, up to
-``MAX_TRANSPARENT_RETRIES``), the server's ``grpc-retry-pushback-ms`` is obeyed
+never left the client is a transparent retry, made even without a retry policy,
+and does not count, up to ``MAX_TRANSPARENT_RETRIES``), the server's ``grpc-retry-pushback-ms`` is obeyed
 (a negative value forbids retrying), the retry budget must allow it, and the
 delay must end before the call's deadline. Hedging obeys pushback too: a
 positive value delays the next hedge, a negative one stops hedging.
@@ -47,7 +47,7 @@ from rpcmesh.client.backoff import retry_delay
 from rpcmesh.client.breaker import BreakerPermit
 from rpcmesh.client.endpoints import ServiceCore
 from rpcmesh.client.picker import EndpointState
-from rpcmesh.client.policy import MethodPolicy
+from rpcmesh.client.policy import MethodPolicy, RetryPolicy
 
 __all__ = [
     "ATTEMPT_KEY",
@@ -68,7 +68,11 @@ PUSHBACK_KEY = "grpc-retry-pushback-ms"
 
 MAX_TRANSPARENT_RETRIES = 5
 """Attempts per call that never left the client and are retried without counting against
-``max_attempts`` (gRFC A6 transparent retries; bounded so a dead service cannot spin)."""
+``max_attempts``, with or without a retry policy (gRFC A6 transparent retries; bounded so a
+dead service cannot spin)."""
+
+_TRANSPARENT_BACKOFF = RetryPolicy()
+"""The backoff of transparent retries of a method without a retry policy."""
 
 # What grpc-core says when the transport could not be set up: the request
 # never left this process.
@@ -235,13 +239,17 @@ class CallController:
         if not retryable and not never_sent:
             return None  # gRFC A6: a non-retryable failure neither takes nor gives tokens
         self.core.budget.on_failure()
-        if retry is None or outcome.committed:
+        if outcome.committed:
             return None
         if not self.policy.idempotent and not never_sent:
             return None
         transparent = never_sent and self._transparent < MAX_TRANSPARENT_RETRIES
         counted = self.attempts - self._transparent - (1 if transparent else 0)
-        if counted >= retry.max_attempts:
+        if retry is None:
+            if not transparent:
+                return None
+            retry = _TRANSPARENT_BACKOFF  # transparent retries need no retry policy (gRFC A6)
+        elif counted >= retry.max_attempts:
             return None
         if outcome.pushback_ms is not None and outcome.pushback_ms < 0:
             return None

@@ -183,6 +183,11 @@ def test_transparent_retries_do_not_count_against_max_attempts() -> None:
     assert ctl.end_attempt(ctl.begin_attempt(), AttemptOutcome(code=UNAVAILABLE)) is not None
     assert ctl.end_attempt(ctl.begin_attempt(), AttemptOutcome(code=UNAVAILABLE)) is None
     assert ctl.attempts == 3  # one transparent retry plus the two max_attempts allow
+    no_policy = MethodPolicy(retry=None)
+    ctl = CallController(core, "/s.S/M", no_policy, None)
+    ctl.start()
+    assert ctl.end_attempt(ctl.begin_attempt(), never_sent) is not None  # transparent even so
+    assert ctl.end_attempt(ctl.begin_attempt(), AttemptOutcome(code=UNAVAILABLE)) is None
 
 
 def test_a_non_retryable_failure_leaves_the_retry_budget_alone() -> None:
