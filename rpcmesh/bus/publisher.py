@@ -11,6 +11,10 @@ until the message is durable, and writes the trace context (``traceparent``,
 ``baggage``) and the correlation id (``x-correlation-id``; the current one, or
 a new one) into the message headers, replacing any the caller put there.
 Subscribers continue the trace from those headers.
+
+When the stream breaks (a Bus restart, the network, or any exception from the
+call, not only an error status) every batch in flight fails its callers with
+the error, nothing is left waiting, and the next publish opens a new stream.
 """
 
 from __future__ import annotations
@@ -143,7 +147,12 @@ class Publisher:
             for topic in list(self._pending):
                 items = self._pending.pop(topic)
                 for start in range(0, len(items), self.config.max_batch):
-                    await self._send(topic, items[start : start + self.config.max_batch])
+                    batch = items[start : start + self.config.max_batch]
+                    try:
+                        await self._send(topic, batch)
+                    except Exception as exc:
+                        # Fail these callers rather than leave them waiting; the loop goes on.
+                        _fail([future for _, future in batch], UnavailableError(f"publish failed: {exc!r}"))
             await asyncio.sleep(0)
 
     def _ensure_stream(self) -> asyncio.Queue[bus_pb2.PublishStreamRequest | None]:
@@ -159,16 +168,20 @@ class Publisher:
 
             self._requests = requests
             self._call = self._stub.PublishStream(iterate())
-            self._reader = asyncio.create_task(self._read(self._call))
+            self._reader = asyncio.create_task(self._read(self._call, requests))
         return self._requests
 
     async def _send(
         self, topic: str, items: list[tuple[bus_pb2.BusMessage, asyncio.Future[bus_pb2.PublishResult]]]
     ) -> None:
         await self._slots.acquire()
+        try:
+            requests = self._ensure_stream()
+        except BaseException:
+            self._slots.release()  # the batch never went out: its slot is free again
+            raise
         batch_id = next(self._ids)
         self._inflight[batch_id] = [future for _, future in items]
-        requests = self._ensure_stream()
         requests.put_nowait(
             # partial: a bad message fails only its own caller, not the batch it shares.
             bus_pb2.PublishStreamRequest(
@@ -177,7 +190,9 @@ class Publisher:
         )
 
     async def _read(
-        self, call: grpc.aio.StreamStreamCall[bus_pb2.PublishStreamRequest, bus_pb2.PublishStreamResponse]
+        self,
+        call: grpc.aio.StreamStreamCall[bus_pb2.PublishStreamRequest, bus_pb2.PublishStreamResponse],
+        requests: asyncio.Queue[bus_pb2.PublishStreamRequest | None],
     ) -> None:
         error: RpcMeshError | None = None
         try:
@@ -197,15 +212,20 @@ class Publisher:
             error = exc
         except asyncio.CancelledError:
             error = RpcMeshError("publisher closed")
+        except Exception as exc:
+            # Any other failure of the stream (e.g. asyncio.InvalidStateError) is a broken stream too.
+            error = UnavailableError(f"publish stream failed: {exc!r}")
         if error is None:
             error = UnavailableError("publish stream ended")
+        # End this stream's requests: after a broken stream gRPC's task pumping them would otherwise
+        # wait on the queue forever (one leaked task per broken stream).
+        requests.put_nowait(None)
         for futures in self._inflight.values():
             self._slots.release()
-            for future in futures:
-                if not future.done():
-                    future.set_exception(error)
+            _fail(futures, error)
         self._inflight.clear()
-        self._requests = None
+        if self._requests is requests:  # a newer stream may already have replaced this one
+            self._requests = None
 
     async def flush(self) -> None:
         """Wait until everything published so far is acknowledged."""
@@ -226,6 +246,12 @@ class Publisher:
                 await self._reader
         if self._flusher is not None:
             await stop_tasks([self._flusher])
+
+
+def _fail(futures: list[asyncio.Future[bus_pb2.PublishResult]], error: Exception) -> None:
+    for future in futures:
+        if not future.done():
+            future.set_exception(error)
 
 
 class SyncPublisher:

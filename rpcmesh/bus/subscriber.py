@@ -6,7 +6,12 @@ exception naks it (the Bus redelivers after its backoff, then dead-letters
 after ``max_deliveries``). Acks are gathered and sent in batches. When the
 stream breaks (Bus restart, network) the subscriber reopens it with backoff;
 deliveries that were in flight come back, so handlers must be idempotent
-(at-least-once).
+(at-least-once). Once the subscription has been opened, the subscriber never
+gives up: an error that ends :meth:`Subscriber.run` (a non-retryable status,
+say from another server briefly holding the Bus's address during a restart,
+or an unexpected exception) is logged at ERROR and the subscription restarted
+with backoff (:func:`rpcmesh.tasks.run_supervised`). Before it first opened,
+:meth:`Subscriber.start` raises such an error instead.
 
 Tracing: each handler call runs in a CONSUMER span (``process <topic>``) that
 continues the trace found in the message headers (the publisher's PRODUCER
@@ -37,7 +42,7 @@ from google.protobuf.message import Message
 
 from rpcmesh.bus.payloads import decode
 from rpcmesh.errors import RpcMeshError, StatusError, from_rpc_error
-from rpcmesh.tasks import stop_tasks
+from rpcmesh.tasks import run_supervised, stop_tasks
 from rpcmesh.telemetry import consumer_span, record_dead_letter
 from rpcmesh.v1 import bus_pb2, bus_pb2_grpc
 
@@ -163,12 +168,17 @@ class Subscriber:
         self.handler = handler
         self._task: asyncio.Task[None] | None = None
         self._opened = asyncio.Event()
+        self._ever_opened = False
         self.error: StatusError | None = None
         """The last error that ended a stream."""
 
     async def start(self, wait_open: float | None = 10.0) -> None:
-        """Start the subscription; waits until the Bus confirmed it (None: do not wait)."""
-        self._task = asyncio.create_task(self.run())
+        """Start the subscription; waits until the Bus confirmed it (None: do not wait).
+
+        An error before the subscription first opened (a bad topic, a refusal) ends it and is
+        raised here; after that the subscription is supervised and never ends on its own.
+        """
+        self._task = asyncio.create_task(self._supervise(), name=f"bus-subscriber-{self.config.topic}")
         if wait_open is not None:
             opened = asyncio.create_task(self._opened.wait())
             done, _ = await asyncio.wait(
@@ -187,8 +197,28 @@ class Subscriber:
             await stop_tasks([self._task])
             self._task = None
 
+    async def _supervise(self) -> None:
+        """Run the subscription; once it has opened, restart it whenever it ends with an error."""
+        try:
+            await self.run()
+            return
+        except Exception:
+            if not self._ever_opened:
+                raise  # surfaces in start(): the subscription never worked
+            logger.exception("bus subscription to %s failed; restarting it", self.config.topic)
+        await run_supervised(
+            self.run,
+            name=f"bus-subscriber-{self.config.topic}",
+            initial_delay=self.config.reconnect_backoff,
+            max_delay=max(5.0, self.config.reconnect_backoff),
+        )
+
     async def run(self) -> None:
-        """Subscribe until cancelled, reopening broken streams; non-retryable errors are raised."""
+        """Subscribe until cancelled, reopening broken streams; non-retryable errors are raised.
+
+        A stream that ends or fails in any other way than a status (e.g. an
+        ``asyncio.InvalidStateError`` from a call that already finished) counts as broken.
+        """
         delay = self.config.reconnect_backoff
         while True:
             try:
@@ -201,7 +231,10 @@ class Subscriber:
                 logger.info(
                     "bus subscription to %s broke (%s); reopening", self.config.topic, exc.code().name
                 )
-            self._opened.clear()
+            except (asyncio.InvalidStateError, grpc.RpcError) as exc:
+                logger.info("bus subscription to %s broke (%r); reopening", self.config.topic, exc)
+            finally:
+                self._opened.clear()
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
 
@@ -234,12 +267,12 @@ class Subscriber:
         return f"$dlq.{message.topic}.{self.config.group}" if self.config.group else None
 
     async def _run_once(self) -> None:
-        requests: asyncio.Queue[bus_pb2.SubscribeRequest] = asyncio.Queue()
+        requests: asyncio.Queue[bus_pb2.SubscribeRequest | None] = asyncio.Queue()
         requests.put_nowait(bus_pb2.SubscribeRequest(open=self.config.options()))
 
         async def iterate() -> AsyncIterator[bus_pb2.SubscribeRequest]:
-            while True:
-                yield await requests.get()
+            while (request := await requests.get()) is not None:
+                yield request
 
         acks: list[bus_pb2.MessageRef] = []
         ack_ready = asyncio.Event()
@@ -280,6 +313,7 @@ class Subscriber:
         try:
             async for response in call:
                 if response.opened:
+                    self._ever_opened = True
                     self._opened.set()
                 for delivery in response.deliveries:
                     await slots.acquire()
@@ -287,6 +321,9 @@ class Subscriber:
                     handlers.add(task)
                     task.add_done_callback(handlers.discard)
         finally:
+            # The end of the requests: gRPC's task pumping them is cancelled by call.cancel() only
+            # while the call is live; after a broken stream it would wait on the queue forever.
+            requests.put_nowait(None)
             call.cancel()
             acker.cancel()
             for task in list(handlers):
