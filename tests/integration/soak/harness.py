@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import gc
 import random
 import tempfile
 import time
@@ -133,6 +134,17 @@ async def run_soak(config: SoakConfig, workdir: Path | None = None) -> SoakResul
     shop: Shop | None = None
     traffic: Traffic | None = None
     began = time.monotonic()
+    loop = asyncio.get_running_loop()
+    loop_errors: list[str] = []
+    previous_handler = loop.get_exception_handler()
+
+    def record_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        task = context.get("task") or context.get("future")
+        what = describe_task(task) if isinstance(task, asyncio.Task) else repr(task)[:120]
+        loop_errors.append(f"{context.get('message')}: {what}")
+        loop.default_exception_handler(context)
+
+    loop.set_exception_handler(record_loop_error)
     try:
         for node in nodes.values():
             await asyncio.to_thread(node.start)
@@ -164,6 +176,16 @@ async def run_soak(config: SoakConfig, workdir: Path | None = None) -> SoakResul
     finally:
         if traffic is not None:
             await traffic.close()
+            leaked = await leftover_tasks()
+            if leaked:
+                result.violations.append(f"{len(leaked)} tasks outlived the traffic's close(): {leaked[:5]}")
+        # A pending task nothing refers to is garbage: collecting it reports it to the handler above.
+        gc.collect()
+        await asyncio.sleep(0)
+        loop.set_exception_handler(previous_handler)
+        if loop_errors:
+            kinds = collections.Counter(error.split(" at 0x")[0] for error in loop_errors)
+            result.violations.append(f"{len(loop_errors)} asyncio errors (leaked tasks): {dict(kinds)}")
         if shop is not None:
             await asyncio.to_thread(shop.close)
         for node in nodes.values():
@@ -171,6 +193,25 @@ async def run_soak(config: SoakConfig, workdir: Path | None = None) -> SoakResul
         if config.bus:
             await purge_topics(config.bus, prefix)
     return result
+
+
+async def leftover_tasks() -> list[str]:
+    """Tasks of this loop still pending once everything was closed (after a moment to finish)."""
+    await asyncio.sleep(0.5)
+    current = asyncio.current_task()
+    pending = [task for task in asyncio.all_tasks() if task is not current and not task.done()]
+    return sorted(describe_task(task) for task in pending)
+
+
+def describe_task(task: asyncio.Task[Any]) -> str:
+    """The task's coroutine and, for gRPC's request pump, the request iterator it is stuck on."""
+    coroutine = task.get_coro()
+    name = getattr(coroutine, "__qualname__", repr(coroutine))
+    frame = getattr(coroutine, "cr_frame", None)
+    feeding = frame.f_locals.get("request_iterator") if frame is not None else None
+    if feeding is not None:
+        name += f" <- {getattr(feeding, '__qualname__', type(feeding).__name__)}"
+    return name
 
 
 async def purge_topics(url: str, prefix: str) -> None:
