@@ -53,7 +53,9 @@ class Backend:
         self.mode = "ok"
         self.delay = 0.0
         self.headers_pause = 0.0
+        self.pushback_ms: str | None = None
         self.calls = 0
+        self.started: list[float] = []
         self._lock = threading.Lock()
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
         handlers = {
@@ -67,6 +69,11 @@ class Backend:
     def _begin(self, context: grpc.ServicerContext) -> None:
         with self._lock:
             self.calls += 1
+            self.started.append(time.monotonic())
+        if self.pushback_ms is not None:
+            context.set_trailing_metadata((("grpc-retry-pushback-ms", self.pushback_ms),))
+            self.pushback_ms = None  # once: the next call is served
+            context.abort(grpc.StatusCode.UNAVAILABLE, "busy: come back later")
         if self.mode == "fail":
             context.abort(grpc.StatusCode.UNAVAILABLE, "backend failing")
         if self.mode == "headers_then_fail":
@@ -360,3 +367,37 @@ def test_sync_watch_thread_logs_and_restarts_after_an_unexpected_error(
         assert not failures
         assert sum("restarting it" in record.getMessage() for record in caplog.records) == 2
         assert mesh.channel(SERVICE).unary_unary(UNARY)(b"", timeout=5) == b"b0"
+
+
+# -- item 6: hedging obeys a positive pushback ---------------------------------------------------------------
+
+
+def pushback_policy() -> MeshPolicy:
+    # The hedging delay is longer than the pushback: the second attempt can only come early
+    # by skipping the pushback (before the fix, a non-fatal failure started it at once).
+    method = MethodPolicy(idempotent=True, hedging=HedgingPolicy(max_attempts=2, delay=1.0))
+    return MeshPolicy(default=ServicePolicy(method=method, instance_breaker=None, service_breaker=None))
+
+
+async def test_a_hedge_waits_for_the_server_pushback(
+    control_plane: tuple[ManagedProcess, str], backends: Callable[[str], Backend]
+) -> None:
+    backend = backends("b0")
+    async with Mesh(control_plane[1], policy=pushback_policy()) as mesh:
+        await mesh.wait_for_instances(SERVICE, 1)
+        backend.pushback_ms = "300"
+        assert await mesh.channel(SERVICE).unary_unary(UNARY)(b"", timeout=5) == b"b0"
+        assert len(backend.started) == 2
+        assert backend.started[1] - backend.started[0] >= 0.29  # not at once, as before the fix
+
+
+def test_sync_a_hedge_waits_for_the_server_pushback(
+    control_plane: tuple[ManagedProcess, str], backends: Callable[[str], Backend]
+) -> None:
+    backend = backends("b0")
+    with SyncMesh(control_plane[1], policy=pushback_policy()) as mesh:
+        mesh.wait_for_instances(SERVICE, 1)
+        backend.pushback_ms = "300"
+        assert mesh.channel(SERVICE).unary_unary(UNARY)(b"", timeout=5) == b"b0"
+        assert len(backend.started) == 2
+        assert backend.started[1] - backend.started[0] >= 0.29
