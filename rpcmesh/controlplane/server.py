@@ -12,6 +12,7 @@ cause and the file or port.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import fcntl
 import logging
@@ -159,6 +160,10 @@ class StreamTracker:
     def __init__(self) -> None:
         self._open: set[asyncio.Task[Any]] = set()
         self._ending: set[asyncio.Task[Any]] = set()
+        self._inside: set[asyncio.Task[Any]] = set()
+        """Streams whose handler task is inside the servicer's generator (safe to cancel)."""
+        self._whole: set[asyncio.Task[Any]] = set()
+        """Request-streaming calls with one response: always inside the servicer."""
         self.closing = False
 
     def wrap(self, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
@@ -195,8 +200,20 @@ class StreamTracker:
         async def tracked(request: Any, context: Any) -> Any:
             task = self._enter()
             try:
-                async for response in behavior(request, context):
-                    yield response
+                async with contextlib.aclosing(behavior(request, context)) as responses:
+                    while not self.closing:
+                        # Cancelled only in here, inside the servicer: a cancel that lands in
+                        # grpc's own send code (while this generator waits at its yield) ends
+                        # the call without a status and holds server.stop for its grace period.
+                        self._inside.add(task)
+                        try:
+                            response = await anext(responses)
+                        except StopAsyncIteration:
+                            return
+                        finally:
+                            self._inside.discard(task)
+                        yield response
+                raise UnavailableError(SHUTTING_DOWN)
             except asyncio.CancelledError:
                 if self._ended_by_shutdown(task):
                     raise UnavailableError(SHUTTING_DOWN) from None
@@ -209,6 +226,7 @@ class StreamTracker:
     def _coroutine(self, behavior: Any) -> Callable[[Any, Any], Any]:
         async def tracked(request: Any, context: Any) -> Any:
             task = self._enter()
+            self._whole.add(task)
             try:
                 return await behavior(request, context)
             except asyncio.CancelledError:
@@ -217,16 +235,22 @@ class StreamTracker:
                 raise
             finally:
                 self._open.discard(task)
+                self._whole.discard(task)
 
         return tracked
 
     async def end_streams(self, within: float) -> None:
-        """Refuse new streams, end the open ones and wait (at most ``within`` s) for their cleanup."""
+        """Refuse new streams, end the open ones and wait (at most ``within`` s) for their cleanup.
+
+        A stream waiting inside its servicer is cancelled there; one whose response is being
+        sent ends when it asks its servicer for the next one.
+        """
         self.closing = True
         tasks = set(self._open)
         for task in tasks:
-            self._ending.add(task)
-            task.cancel()
+            if task in self._inside or task in self._whole:
+                self._ending.add(task)
+                task.cancel()
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=within)
             if pending:
@@ -401,7 +425,9 @@ class ControlPlane:
                 stopping = asyncio.ensure_future(server.stop(self.config.grace))
                 await asyncio.sleep(0)
                 await self._streams.end_streams(self.config.grace)
+                logger.info("shutdown: open streams ended")
                 await asyncio.wait({stopping})
+                logger.info("shutdown: gRPC server stopped")
                 if not stopping.cancelled() and stopping.exception() is not None:
                     logger.error("stopping the gRPC server failed", exc_info=stopping.exception())
             for component in reversed(self._started):
