@@ -59,7 +59,7 @@ class SoakConfig:
     """"embedded" (one node on SQLite) or "scale-out" (two nodes on PostgreSQL + NATS)."""
     seed: int
     restarts: int = 10
-    gap: tuple[float, float] = (1.0, 2.5)
+    gap: tuple[float, float] = (0.5, 1.5)
     """Seconds of traffic before each stop, drawn uniformly."""
     down: tuple[float, float] = (0.0, 0.5)
     """Seconds a stopped node stays down, drawn uniformly."""

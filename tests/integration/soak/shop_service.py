@@ -51,7 +51,12 @@ async def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ttl", type=float, default=5.0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    options = [("grpc.lb_policy_name", "round_robin")]
+    options = [
+        ("grpc.lb_policy_name", "round_robin"),
+        # Reconnect within 2 s of a node coming back (gRPC's default backoff grows to 120 s).
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 2000),
+    ]
     async with grpc.aio.insecure_channel(control_plane_target(args.registry), options=options) as plane:
 
         async def publish(event_type: str, data: dict[str, object]) -> None:
