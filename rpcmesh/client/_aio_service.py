@@ -1,8 +1,16 @@
-"""asyncio shell of one service: its Registry watch and one sub-channel per instance."""
+"""asyncio shell of one service: its Registry watch and one sub-channel per instance.
+
+The watch and the per-instance connectivity monitors are supervised
+(:func:`rpcmesh.tasks.start_supervised`): a run that ends with an unexpected exception is
+logged at ERROR and restarted with backoff (the watch from a fresh snapshot). Any failure or
+end of the watch stream is a lost connection: the last known instances keep serving while
+it reconnects with backoff.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -16,7 +24,7 @@ from rpcmesh.client.endpoints import EndpointChanges, ServiceCore
 from rpcmesh.client.picker import EndpointState
 from rpcmesh.client.policy import ServicePolicy
 from rpcmesh.security.client import ClientSecurity, aio_channel
-from rpcmesh.tasks import stop_tasks
+from rpcmesh.tasks import start_supervised, stop_tasks
 from rpcmesh.telemetry.aio_channel import trace_aio_channel
 from rpcmesh.telemetry.setup import Telemetry, get_telemetry
 from rpcmesh.v1 import registry_pb2, registry_pb2_grpc
@@ -63,7 +71,7 @@ class AioService:
     def start(self) -> None:
         """Start watching the Registry (idempotent)."""
         if self._task is None:
-            self._task = asyncio.create_task(self._watch(), name=f"mesh-watch-{self.name}")
+            self._task = start_supervised(self._supervised_watch, name=f"mesh-watch-{self.name}")
 
     async def wait_synced(self, timeout: float | None) -> bool:  # noqa: ASYNC109
         """Wait until the first snapshot arrived; False on timeout."""
@@ -74,6 +82,14 @@ class AioService:
         except TimeoutError:
             return False
         return True
+
+    async def _supervised_watch(self) -> None:
+        try:
+            await self._watch()
+        except Exception:
+            # The view may be half-updated: the next run starts over from a snapshot.
+            self.core.synced = False
+            raise
 
     async def _watch(self) -> None:
         backoff = ExponentialBackoff(initial=0.1, maximum=5.0)
@@ -99,6 +115,11 @@ class AioService:
                 logger.info(
                     "watch of %s failed (%s); last known instances keep serving", self.name, exc.code().name
                 )
+            except (asyncio.InvalidStateError, grpc.RpcError) as exc:
+                rotate = True
+                logger.info("watch of %s broke (%r); last known instances keep serving", self.name, exc)
+            else:
+                logger.info("watch of %s ended; reconnecting", self.name)
             await asyncio.sleep(backoff.next())
 
     def _apply(self, changes: EndpointChanges) -> None:
@@ -116,7 +137,10 @@ class AioService:
                 channel = trace_aio_channel(channel, self.telemetry, target=endpoint.address)
             endpoint.extra[CHANNEL_KEY] = channel
             endpoint.extra[CALLABLES_KEY] = {}
-            self._monitors[endpoint.instance_id] = asyncio.create_task(self._monitor(endpoint, channel))
+            self._monitors[endpoint.instance_id] = start_supervised(
+                functools.partial(self._monitor, endpoint, channel),
+                name=f"mesh-monitor-{self.name}-{endpoint.instance_id}",
+            )
 
     def _close_endpoint(self, endpoint: EndpointState) -> None:
         monitor = self._monitors.pop(endpoint.instance_id, None)

@@ -25,8 +25,16 @@ from rpcmesh.client.channel import MeshChannel
 from rpcmesh.client.endpoints import EndpointView
 from rpcmesh.client.policy import MeshPolicy
 from rpcmesh.security.client import ClientSecurity, aio_channel
+from rpcmesh.tasks import stop_tasks
 from rpcmesh.telemetry.setup import Telemetry
 from rpcmesh.v1 import registry_pb2_grpc
+
+_REGISTRY_CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 5000),
+]
+"""The Registry channel reconnects within the watch's own backoff (5 s at most), not gRPC's
+default (growing to 120 s): after a long Registry outage the watch resumes as soon as it is back."""
 
 __all__ = ["Mesh"]
 
@@ -72,17 +80,20 @@ class Mesh:
         self._registry_channel: grpc.aio.Channel | None = None
         self._registry_stub: registry_pb2_grpc.RegistryAsyncStub | None = None
         self._registry_index = 0
+        self._closing: set[asyncio.Task[None]] = set()
         self._closed = False
 
     def _stub(self, rotate: bool) -> registry_pb2_grpc.RegistryAsyncStub:
         if rotate and len(self._registries) > 1 and self._registry_channel is not None:
             old = self._registry_channel
-            asyncio.get_running_loop().create_task(old.close())
+            closing = asyncio.get_running_loop().create_task(old.close())
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
             self._registry_channel = None
             self._registry_index += 1
         if self._registry_channel is None or self._registry_stub is None:
             address = self._registries[self._registry_index % len(self._registries)]
-            self._registry_channel = aio_channel(address, self.security)
+            self._registry_channel = aio_channel(address, self.security, options=_REGISTRY_CHANNEL_OPTIONS)
             self._registry_stub = registry_pb2_grpc.RegistryStub(self._registry_channel)
         return self._registry_stub
 
@@ -150,6 +161,7 @@ class Mesh:
         if self._registry_channel is not None:
             await self._registry_channel.close()
             self._registry_channel = None
+        await stop_tasks(list(self._closing))
 
     async def __aenter__(self) -> Mesh:
         return self

@@ -3,7 +3,8 @@
 A restart on the same port and data dir grants every stored lease its full TTL again; the
 instance outlives that TTL only if the keeper renewed on the new process. So each trial
 restarts the plane at a random offset in the keeper's renewal period and checks that the
-instance is still resolvable once the restored TTL has run out.
+instance is still resolvable once the restored TTL has run out. A :class:`Mesh` watches the
+service throughout: it keeps the instance, and after the last restart it still sees changes.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import grpc.aio
 import pytest
 from rpcmesh.v1 import registry_pb2, registry_pb2_grpc
 
+from rpcmesh.client import Mesh
 from rpcmesh.host import LeaseKeeper
 from tests.support.processes import ManagedProcess, start_control_plane
 
@@ -54,15 +56,20 @@ async def test_the_lease_outlives_control_plane_restarts_at_random_moments(tmp_p
     data_dir = tmp_path / "plane"
     plane, registry = start_control_plane(data_dir)
     port = int(registry.rsplit(":", 1)[1])
-    keeper = LeaseKeeper(
-        registry_pb2.Instance(service="leased", instance_id="k1", address="127.0.0.1:1"),
-        ttl=TTL,
-        registries=[registry],
-        rpc_timeout=1.0,
+    keeper, late = (
+        LeaseKeeper(
+            registry_pb2.Instance(service="leased", instance_id=name, address=f"127.0.0.1:{n}"),
+            ttl=TTL,
+            registries=[registry],
+            rpc_timeout=1.0,
+        )
+        for n, name in ((1, "k1"), (2, "k2"))
     )
+    mesh = Mesh(registry)
     loop = asyncio.get_running_loop()
     try:
         assert await keeper.start(wait=10)
+        await mesh.wait_for_instances("leased", 1)
         for trial in range(TRIALS):
             how = signal.SIGKILL if trial % 2 == 0 else signal.SIGTERM
             # The keeper renews every RENEWAL_PERIOD from a phase we do not observe: a uniform
@@ -83,8 +90,14 @@ async def test_the_lease_outlives_control_plane_restarts_at_random_moments(tmp_p
             await asyncio.sleep(restarted + TTL + 0.3 - loop.time())
             assert await instance_ids(registry, "leased") == ["k1"], f"lease not renewed: {about}"
             assert keeper.registered, about
+            assert [view.instance_id for view in mesh.endpoints("leased")] == ["k1"], about
+        # The mesh's watch is connected to the last plane: it sees an instance registered now.
+        assert await late.start(wait=10)
+        await mesh.wait_for_instances("leased", 2, within=10)
     finally:
         try:
+            await mesh.close()
+            await late.stop(deregister=False)
             await keeper.stop(deregister=False)
         finally:
             plane.kill()
