@@ -5,12 +5,21 @@ from __future__ import annotations
 import argparse
 import queue
 import sys
+import threading
 from collections.abc import Iterator
 from typing import Any
 
+import grpc
 from google.protobuf import duration_pb2
 
-from rpcmesh.cli.common import CliError, add_target_arguments, parse_headers, payload_bytes, target_of
+from rpcmesh.cli.common import (
+    CliError,
+    CommandFailed,
+    add_target_arguments,
+    parse_headers,
+    payload_bytes,
+    target_of,
+)
 from rpcmesh.cli.output import message_to_dict, print_json
 from rpcmesh.v1 import bus_pb2, bus_pb2_grpc
 
@@ -123,11 +132,15 @@ def run_subscribe(args: argparse.Namespace) -> int:
             yield item
 
     received = 0
+    finishing = False
+    deadline: threading.Timer | None = None
     with target.channel() as channel:
         call = bus_pb2_grpc.BusStub(channel).Subscribe(requests())
         try:
             for response in call:
                 for delivery in response.deliveries:
+                    if args.count and received >= args.count:
+                        break  # past --count: not acked, the group redelivers it
                     message = delivery.message
                     if args.json:
                         print_json({"attempt": delivery.attempt, **message_to_dict(message)})
@@ -140,9 +153,20 @@ def run_subscribe(args: argparse.Namespace) -> int:
                         ref = bus_pb2.MessageRef(topic=message.topic, sequence=message.sequence)
                         outbox.put(bus_pb2.SubscribeRequest(ack=bus_pb2.Ack(refs=[ref])))
                     received += 1
-                    if args.count and received >= args.count:
-                        return 0
+                if args.count and received >= args.count and not finishing:
+                    # Half-close after the queued acks: the server applies them, leaves the
+                    # group and ends the stream, which this loop reads to its end.
+                    finishing = True
+                    outbox.put(None)
+                    deadline = threading.Timer(target.timeout, call.cancel)
+                    deadline.daemon = True
+                    deadline.start()
+        except grpc.RpcError as exc:
+            if not finishing or exc.code() is not grpc.StatusCode.CANCELLED:
+                raise
         finally:
+            if deadline is not None:
+                deadline.cancel()
             outbox.put(None)
             call.cancel()
     return 0
@@ -154,10 +178,17 @@ def run_request(args: argparse.Namespace) -> int:
     timeout = duration_pb2.Duration()
     timeout.FromNanoseconds(int(target.timeout * 1e9))
     with target.channel() as channel:
-        response = bus_pb2_grpc.BusStub(channel).Request(
-            bus_pb2.RequestRequest(topic=args.topic, message=_message(args), timeout=timeout),
-            timeout=target.timeout + 1,
-        )
+        try:
+            response = bus_pb2_grpc.BusStub(channel).Request(
+                bus_pb2.RequestRequest(topic=args.topic, message=_message(args), timeout=timeout),
+                timeout=target.timeout + 1,
+            )
+        except grpc.RpcError as exc:
+            # The Bus answers UNAVAILABLE when nobody listens: not an unreachable control plane.
+            details = exc.details() if isinstance(exc, grpc.Call) else ""
+            if exc.code() is grpc.StatusCode.UNAVAILABLE and (details or "").startswith("no responders"):
+                raise CommandFailed(f"no responders on topic {args.topic!r}") from exc
+            raise
     if args.json:
         print_json(response.reply)
     else:
