@@ -38,6 +38,8 @@ import grpc.aio
 from google.protobuf import descriptor_pool, message_factory
 from google.protobuf.message import Message
 
+from rpcmesh.tasks import start_supervised
+
 IDEMPOTENCY_KEY = "x-idempotency-key"
 
 _Handler = TypeVar("_Handler", bound=Callable[..., Awaitable[Any]])
@@ -101,7 +103,8 @@ class IdempotencyStore:
         self._queue.append((operation, future))
         if self._writer is None:
             self._wake = asyncio.Event()
-            self._writer = loop.create_task(self._write_loop(), name="idempotency-writer")
+            # Supervised: were the loop ever to fail, every later run() would wait forever.
+            self._writer = start_supervised(self._write_loop, name="idempotency-writer")
         assert self._wake is not None
         self._wake.set()
         return await future
