@@ -173,7 +173,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"rpcmesh {name}: {exc}", file=sys.stderr)
         code = 2
     except (StartupError, CommandFailed) as exc:
-        print(f"rpcmesh {name}: {exc}", file=sys.stderr)
+        line = " ".join(str(exc).split())
+        print(f"rpcmesh {name}: {line}", file=sys.stderr)
         code = 1
     except grpc.RpcError as exc:
         error = from_rpc_error(exc)

@@ -112,19 +112,21 @@ class DataDirLock:
             os.close(fd)
 
 
-def _bind_problem(host: str, port: int) -> str:
-    """Why binding host:port failed, as the operating system says it (or a generic reason)."""
+def _bind_problem(host: str, port: int) -> str | None:
+    """Why host:port cannot be listened on, as the operating system says it; None if it can."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError as exc:
         return str(exc.strerror or exc)
     family, kind, proto, _, address = infos[0]
     with socket.socket(family, kind, proto) as probe:
+        # As a server binds (TIME_WAIT connections of an earlier run do not block it).
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(address)
         except OSError as exc:
             return str(exc.strerror or exc)
-    return "the gRPC server could not bind it"
+    return None
 
 
 def _check_key_pair(security: ServerSecurity) -> None:
@@ -346,7 +348,11 @@ class ControlPlane:
         try:
             security = ServerSecurity.build(self.config.security)
         except ValueError as exc:
-            raise StartupError(str(exc)) from exc
+            message = " ".join(str(exc).split())
+            policy = self.config.security.policy_file
+            if policy is not None and message.startswith("policy") and str(policy) not in message:
+                message = f"policy file {policy}: {message.removeprefix('policy').lstrip(': ')}"
+            raise StartupError(message) from exc
         _check_key_pair(security)
         self.security = security
         if _uses_data_dir(self.config):
@@ -384,14 +390,19 @@ class ControlPlane:
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
             reflection.aio.ReflectionServicer([*self.service_names, reflection.SERVICE_NAME]), registrar
         )
+        if self.config.port:
+            # grpc binds with SO_REUSEPORT (a second server could share the port) and logs its
+            # failures in several lines: check first, and say why in one.
+            problem = _bind_problem(self.config.host, self.config.port)
+            if problem is not None:
+                raise StartupError(f"cannot listen on {self.config.address}: {problem}")
         try:
             port = security.add_port(server, self.config.address)
         except RuntimeError:
             port = 0
         if port == 0:
-            raise StartupError(
-                f"cannot listen on {self.config.address}: {_bind_problem(self.config.host, self.config.port)}"
-            )
+            problem = _bind_problem(self.config.host, self.config.port) or "the gRPC server could not bind it"
+            raise StartupError(f"cannot listen on {self.config.address}: {problem}")
         self.address = f"{self.config.host}:{port}"
         context = ControlPlaneContext(config=self.config, address=self.address)
         for name in ("", *self.service_names):
