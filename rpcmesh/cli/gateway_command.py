@@ -14,12 +14,12 @@ import argparse
 import asyncio
 import contextlib
 import os
-import signal
 import sys
 from typing import Any
 
 from rpcmesh.cli.common import CliError
 from rpcmesh.cli.server_security import add_server_security_arguments, server_security_settings
+from rpcmesh.cli.signals import run_until_signalled
 
 
 def register(commands: Any) -> None:
@@ -77,7 +77,9 @@ def run_gateway(args: argparse.Namespace) -> int:
         )
     except (ValueError, PolicyError, OSError) as exc:
         raise CliError(str(exc)) from exc
-    asyncio.run(_serve(config, policy, client_security, telemetry_config))
+    run_until_signalled(
+        _serve(config, policy, client_security, telemetry_config), deadline=config.grace + 10.0
+    )
     print("rpcmesh gateway stopped", flush=True)
     return 0
 
@@ -97,11 +99,6 @@ async def _serve_gateway(config: Any, policy: Any, client_security: Any) -> None
     from rpcmesh.client import Mesh
     from rpcmesh.gateway import Gateway
 
-    task = asyncio.current_task()
-    assert task is not None
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, task.cancel)
     async with Mesh(config.registry, policy=policy, security=client_security) as mesh:
         gateway = Gateway(config, mesh)
         try:

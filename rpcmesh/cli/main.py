@@ -14,14 +14,10 @@ and within a bounded time (see docs/operations.md); a second signal exits at onc
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import logging
 import os
-import signal
 import sys
-import threading
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
@@ -36,6 +32,7 @@ from rpcmesh.cli import (
 )
 from rpcmesh.cli.common import CliError, CommandFailed
 from rpcmesh.cli.server_security import add_server_security_arguments, server_security_settings
+from rpcmesh.cli.signals import run_until_signalled
 from rpcmesh.controlplane.component import StartupError
 from rpcmesh.controlplane.config import ControlPlaneConfig
 from rpcmesh.errors import from_rpc_error
@@ -117,39 +114,6 @@ def run_up(args: argparse.Namespace) -> int:
     run_until_signalled(serve(config), deadline=config.grace + config.close_timeout + 5.0)
     print("rpcmesh control plane stopped", flush=True)
     return 0
-
-
-def run_until_signalled(main: Coroutine[object, object, None], *, deadline: float) -> None:
-    """Run a server coroutine until SIGINT/SIGTERM; then let it shut down, for at most ``deadline`` s.
-
-    The first signal cancels ``main`` (its ``finally`` stops the server in order). A second
-    signal, or a shutdown still running after ``deadline`` seconds, ends the process at once.
-    """
-    asyncio.run(_serve_until_signalled(main, deadline))
-
-
-async def _serve_until_signalled(main: Coroutine[object, object, None], deadline: float) -> None:
-    task = asyncio.current_task()
-    assert task is not None
-    loop = asyncio.get_running_loop()
-
-    def exit_now(sig: int, why: str) -> None:
-        print(f"rpcmesh: {why}; exiting at once", file=sys.stderr, flush=True)
-        os._exit(128 + sig)
-
-    def first_signal(sig: int) -> None:
-        for again in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(again, exit_now, again, f"{signal.Signals(again).name} during shutdown")
-        # A thread, not the loop: it fires even if some shutdown step blocks the loop.
-        watchdog = threading.Timer(deadline, exit_now, (signal.SIGALRM, f"shutdown took over {deadline:g}s"))
-        watchdog.daemon = True
-        watchdog.start()
-        task.cancel()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, first_signal, sig)
-    with contextlib.suppress(asyncio.CancelledError):
-        await main
 
 
 def main(argv: Sequence[str] | None = None) -> None:

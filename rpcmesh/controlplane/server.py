@@ -112,7 +112,7 @@ class DataDirLock:
             os.close(fd)
 
 
-def _bind_problem(host: str, port: int) -> str | None:
+def bind_problem(host: str, port: int) -> str | None:
     """Why host:port cannot be listened on, as the operating system says it; None if it can."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -129,7 +129,7 @@ def _bind_problem(host: str, port: int) -> str | None:
     return None
 
 
-def _check_key_pair(security: ServerSecurity) -> None:
+def check_key_pair(security: ServerSecurity) -> None:
     """Fail with the file names when the TLS certificate and key do not belong together."""
     tls = security.settings.tls
     if tls is None:
@@ -353,7 +353,7 @@ class ControlPlane:
             if policy is not None and message.startswith("policy") and str(policy) not in message:
                 message = f"policy file {policy}: {message.removeprefix('policy').lstrip(': ')}"
             raise StartupError(message) from exc
-        _check_key_pair(security)
+        check_key_pair(security)
         self.security = security
         if _uses_data_dir(self.config):
             self._lock.acquire()
@@ -393,7 +393,7 @@ class ControlPlane:
         if self.config.port:
             # grpc binds with SO_REUSEPORT (a second server could share the port) and logs its
             # failures in several lines: check first, and say why in one.
-            problem = _bind_problem(self.config.host, self.config.port)
+            problem = bind_problem(self.config.host, self.config.port)
             if problem is not None:
                 raise StartupError(f"cannot listen on {self.config.address}: {problem}")
         try:
@@ -401,7 +401,7 @@ class ControlPlane:
         except RuntimeError:
             port = 0
         if port == 0:
-            problem = _bind_problem(self.config.host, self.config.port) or "the gRPC server could not bind it"
+            problem = bind_problem(self.config.host, self.config.port) or "the gRPC server could not bind it"
             raise StartupError(f"cannot listen on {self.config.address}: {problem}")
         self.address = f"{self.config.host}:{port}"
         context = ControlPlaneContext(config=self.config, address=self.address)

@@ -10,6 +10,7 @@ backends under its own identity (the Mesh's ``ClientSecurity``).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ import grpc
 import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from rpcmesh.controlplane.component import StartupError
+from rpcmesh.controlplane.server import bind_problem, check_key_pair
 from rpcmesh.errors import StatusError, StatusErrorInterceptor
 from rpcmesh.gateway.routes import RouteTable, split_method
 from rpcmesh.gateway.shapes import Shape, ShapeCache
@@ -171,12 +174,26 @@ class Gateway:
         self._server: grpc.aio.Server | None = None
         self.security: ServerSecurity | None = None
         self.address = ""
+        self._stopping = asyncio.Event()
 
     async def start(self) -> str:
-        """Bind and serve; returns host:port."""
+        """Bind and serve; returns host:port.
+
+        Raises:
+            StartupError: one line naming the cause and the file or port.
+        """
         # Reads certificates and the token secret now: a bad file fails the start.
-        security = ServerSecurity.build(self.config.security, authorize=False)
+        try:
+            security = ServerSecurity.build(self.config.security, authorize=False)
+        except ValueError as exc:
+            raise StartupError(" ".join(str(exc).split())) from exc
+        check_key_pair(security)
         self.security = security
+        address = f"{self.config.host}:{self.config.port}"
+        if self.config.port:
+            problem = bind_problem(self.config.host, self.config.port)
+            if problem is not None:
+                raise StartupError(f"cannot listen on {address}: {problem}")
         server = grpc.aio.server(
             interceptors=[*security.interceptors, AioServerTracingInterceptor(), StatusErrorInterceptor()],
             options=security.options,
@@ -184,9 +201,13 @@ class Gateway:
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         server.add_generic_rpc_handlers([_ProxyHandler(self._forwarder)])
-        port = security.add_port(server, f"{self.config.host}:{self.config.port}")
+        try:
+            port = security.add_port(server, address)
+        except RuntimeError:
+            port = 0
         if port == 0:
-            raise OSError(f"cannot listen on {self.config.host}:{self.config.port}")
+            problem = bind_problem(self.config.host, self.config.port) or "the gRPC server could not bind it"
+            raise StartupError(f"cannot listen on {address}: {problem}")
         self._server = server
         self.address = f"{self.config.host}:{port}"
         await server.start()
@@ -195,13 +216,17 @@ class Gateway:
         return self.address
 
     async def stop(self) -> None:
-        """Stop accepting calls and drain within the grace period."""
+        """Stop accepting calls and drain within the grace period (then cancel what is left)."""
+        self._stopping.set()
         await self._health.enter_graceful_shutdown()
         if self._server is not None:
-            await self._server.stop(self.config.grace)
-            self._server = None
+            server, self._server = self._server, None
+            await server.stop(self.config.grace)
 
     async def wait(self) -> None:
-        """Block until the server terminates."""
-        if self._server is not None:
-            await self._server.wait_for_termination()
+        """Block until :meth:`stop` is called; cancelling it is safe.
+
+        Not ``server.wait_for_termination()``: cancelling that cancels the server's own shutdown
+        future, and ``server.stop(grace)`` then skips the grace period.
+        """
+        await self._stopping.wait()

@@ -129,3 +129,21 @@ def test_start_up_problems_are_one_line_naming_the_cause(case: str, tmp_path: Pa
 def test_usage_problems_exit_2(tmp_path: Path) -> None:
     result = up("--port", "0", "--data-dir", str(tmp_path), "--tls-cert", str(tmp_path / "x.crt"))
     assert_one_line(result, 2, "--tls-key")
+
+
+def test_gateway_start_up_problems_are_one_line_too() -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = subprocess.run(
+            rpcmesh_command("gateway", "--registry", "127.0.0.1:1", "--port", str(port)),
+            capture_output=True,
+            text=True,
+            env=python_env(),
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode == 1 and result.stderr == (
+        f"rpcmesh gateway: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+    ), (result.returncode, result.stderr)
