@@ -1,7 +1,7 @@
 """The PostgreSQL Registry's expiry leader frozen by SIGSTOP: another node takes over lease expiry.
 
 Two `rpcmesh up` nodes share one fresh database. Each trial registers leases that
-are renewed (through a node that is not frozen) and leases that are not, then
+are renewed (each renewal through a random node that is not frozen) and leases that are not, then
 freezes the current expiry leader at a random moment relative to their
 deadlines. The other node must expire the unrenewed leases within TTL + 6 s of
 the freeze and keep every renewed one; when the frozen node wakes it must not
@@ -46,6 +46,7 @@ async def test_frozen_expiry_leader_another_node_expires_and_renewed_leases_stay
                 await expiry_leader(postgres_url, nodes, first_trial=True)
         channels = {pid: grpc.aio.insecure_channel(address) for pid, address in addresses.items()}
         stubs = {pid: registry_pb2_grpc.RegistryStub(channel) for pid, channel in channels.items()}
+        paused: set[int] = set()  # the pid of the frozen node: renewals go through the others
         try:
             for trial in range(TRIALS):
                 seed = SEED + trial
@@ -64,22 +65,32 @@ async def test_frozen_expiry_leader_another_node_expires_and_renewed_leases_stay
                 freeze_after = rng.uniform(0.0, TTL)
                 where = f"seed={seed} trial={trial} freeze_after={freeze_after:.2f}s"
 
+                renew_rng = random.Random(seed * 7919)
+
                 async def renew(
-                    kept: list[registry_pb2.RegisterResponse] = kept,
-                    survivor: registry_pb2_grpc.RegistryStub = survivor,
+                    kept: list[registry_pb2.RegisterResponse] = kept, renew_rng: random.Random = renew_rng
                 ) -> None:
+                    """Renew every kept lease through a random node that is not frozen."""
                     while True:
                         for r in kept:
-                            await survivor.Heartbeat(
-                                registry_pb2.HeartbeatRequest(lease_id=r.lease_id, lease_token=r.lease_token),
-                                timeout=5,
+                            request = registry_pb2.HeartbeatRequest(
+                                lease_id=r.lease_id, lease_token=r.lease_token
                             )
+                            while True:
+                                live = [pid for pid in stubs if pid not in paused]
+                                try:
+                                    await stubs[renew_rng.choice(live)].Heartbeat(request, timeout=0.5)
+                                    break
+                                except grpc.aio.AioRpcError as exc:  # sent just as that node froze
+                                    if exc.code() is not grpc.StatusCode.DEADLINE_EXCEEDED:
+                                        raise
                         await asyncio.sleep(0.3)
 
                 renewer = asyncio.create_task(renew())
                 try:
                     await asyncio.sleep(freeze_after)
                     frozen = leader
+                    paused.add(leader.pid)
                     leader.signal(signal.SIGSTOP)
                     stopped_at = time.monotonic()
                     while True:
@@ -95,6 +106,7 @@ async def test_frozen_expiry_leader_another_node_expires_and_renewed_leases_stay
                         await asyncio.sleep(0.1)
                     leader.signal(signal.SIGCONT)
                     frozen = None
+                    paused.discard(leader.pid)
                     # The woken node must not expire a renewed lease, and its view must converge.
                     woke_at = time.monotonic()
                     while (
