@@ -455,7 +455,7 @@ class ControlPlane:
             if not done:
                 logger.error("stopping %s took over %.1fs; abandoning it", name, self.config.close_timeout)
                 await stop_tasks([task])
-            elif task.exception() is not None:
+            elif not task.cancelled() and task.exception() is not None:
                 logger.error("stopping %s failed", name, exc_info=task.exception())
         except asyncio.CancelledError:
             await stop_tasks([task])
