@@ -5,12 +5,18 @@ a gRPC status are :class:`StatusError` subclasses chosen by :func:`from_status`,
 so callers can ``except NotFoundError`` instead of comparing codes. Servers raise
 the same classes from handlers; :class:`StatusErrorInterceptor` turns them into
 the precise status, with ``google.rpc`` rich details, at one boundary.
+
+On the client side the mesh channel (aio and sync) raises :class:`RpcStatusError`
+subclasses, made by :func:`to_rpc_status_error` at the channel's one boundary:
+each is the rpcmesh class for its code (``NotFoundError`` ...) *and* a
+``grpc.aio.AioRpcError`` (so a ``grpc.RpcError``), so code written against plain
+gRPC keeps working.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any, ClassVar, cast
 
 import grpc
@@ -32,6 +38,7 @@ __all__ = [
     "PermissionDeniedError",
     "ResourceExhaustedError",
     "RpcMeshError",
+    "RpcStatusError",
     "StatusError",
     "StatusErrorInterceptor",
     "UnauthenticatedError",
@@ -41,6 +48,8 @@ __all__ = [
     "from_status",
     "invalid_argument",
     "map_status_errors",
+    "rpc_status_error_class",
+    "to_rpc_status_error",
 ]
 
 
@@ -210,13 +219,8 @@ def register_detail_type(kind: type[Message]) -> None:
         _DETAIL_TYPES = (*_DETAIL_TYPES, kind)
 
 
-def from_rpc_error(error: grpc.RpcError) -> StatusError:
-    """Map a grpc.RpcError (sync or aio) to a StatusError, unpacking rich details."""
-    call = cast(Any, error)  # both grpc.Call and grpc.aio.AioRpcError have these methods
-    code: grpc.StatusCode = call.code()
-    message: str = call.details() or ""
+def _unpack_details(trailing: Iterable[tuple[str, Any]]) -> list[Message]:
     details: list[Message] = []
-    trailing: Sequence[tuple[str, Any]] = call.trailing_metadata() or ()
     for key, value in trailing:
         if key != "grpc-status-details-bin":
             continue
@@ -228,8 +232,196 @@ def from_rpc_error(error: grpc.RpcError) -> StatusError:
                     packed.Unpack(item)
                     details.append(item)
                     break
+    return details
+
+
+def from_rpc_error(error: grpc.RpcError) -> StatusError:
+    """Map a grpc.RpcError (sync or aio) to a StatusError, unpacking rich details.
+
+    An error the mesh channel raised is one already (an :class:`RpcStatusError`) and is returned as it is.
+    """
+    if isinstance(error, StatusError):
+        return error
+    call = cast(Any, error)  # both grpc.Call and grpc.aio.AioRpcError have these methods
+    code: grpc.StatusCode = call.code()
+    message: str = call.details() or ""
+    details = _unpack_details(call.trailing_metadata() or ())
     mapped = from_status(code, message, details)
     return mapped
+
+
+class _CallableStatusCode:
+    """A status code that can also be called, like ``grpc.RpcError.code()``.
+
+    It compares, hashes and reads (``.name``, ``.value``) like the ``grpc.StatusCode`` it stands for.
+    """
+
+    __slots__ = ("_code",)
+
+    def __init__(self, code: grpc.StatusCode) -> None:
+        self._code = code
+
+    def __call__(self) -> grpc.StatusCode:
+        return self._code
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, _CallableStatusCode):
+            return self._code is other._code
+        if isinstance(other, grpc.StatusCode):
+            return self._code is other
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._code)
+
+    @property
+    def name(self) -> str:
+        """The code's name, e.g. ``"NOT_FOUND"``."""
+        return self._code.name
+
+    @property
+    def value(self) -> tuple[int, str]:
+        """The code's value, as ``grpc.StatusCode.value``: ``(5, "not found")``."""
+        return self._code.value
+
+    def __repr__(self) -> str:
+        return repr(self._code)
+
+    def __str__(self) -> str:
+        return str(self._code)
+
+
+class _CallableDetails(tuple[Message, ...]):
+    """The rich detail messages (a tuple) that, called like ``grpc.RpcError.details()``, give the message."""
+
+    _message: str
+
+    def __new__(cls, details: Sequence[Message], message: str) -> _CallableDetails:
+        made = super().__new__(cls, details)
+        made._message = message
+        return made
+
+    def __call__(self) -> str:
+        return self._message
+
+
+class RpcStatusError(StatusError, grpc.aio.AioRpcError):  # type: ignore[misc]  # see the docstring
+    """A failed call as the mesh channel raises it: a StatusError that is also a ``grpc.aio.AioRpcError``.
+
+    ``except NotFoundError``, ``except grpc.RpcError`` and ``except grpc.aio.AioRpcError`` all catch
+    it: each status code has its own subclass deriving from the rpcmesh class for the code (see
+    :func:`rpc_status_error_class`), and codes without one (CANCELLED, UNKNOWN, DATA_LOSS) use this class.
+
+    Names that StatusError and grpc both define serve both, so neither kind of caller notices:
+
+    * ``code`` is the status code (``err.code == grpc.StatusCode.NOT_FOUND``, ``err.code.name``) and,
+      called, returns the ``grpc.StatusCode`` itself, as grpc's ``err.code()`` does. It is a stand-in,
+      not the enum member: compare it with ``==``, not ``is``.
+    * ``details`` is the tuple of ``google.rpc`` detail messages and, called, returns the status
+      message string, as grpc's ``err.details()`` does (``err.message`` is the same string).
+    * ``initial_metadata()``, ``trailing_metadata()`` (with ``grpc-status-details-bin``, so
+      :func:`grpc_status.rpc_status.from_call`-style decoding still works) and
+      ``debug_error_string()`` are grpc's.
+    """
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        message: str,
+        details: Sequence[Message] = (),
+        initial_metadata: grpc.aio.Metadata | None = None,
+        trailing_metadata: grpc.aio.Metadata | None = None,
+        debug_error_string: str | None = None,
+    ) -> None:
+        grpc.aio.AioRpcError.__init__(
+            self,
+            code,
+            initial_metadata if initial_metadata is not None else grpc.aio.Metadata(),
+            trailing_metadata if trailing_metadata is not None else grpc.aio.Metadata(),
+            details=message,
+            debug_error_string=debug_error_string,
+        )
+        self.args = (message,)
+        self.code = cast(grpc.StatusCode, _CallableStatusCode(code))
+        self.message = message
+        self.details = _CallableDetails(details, message)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (
+            type(self),
+            (
+                self.code(),  # type: ignore[operator]
+                self.message,
+                tuple(self.details),
+                self.initial_metadata(),
+                self.trailing_metadata(),
+                self.debug_error_string(),
+            ),
+        )
+
+    def __str__(self) -> str:
+        return StatusError.__str__(self)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.code.name}, {self.message!r})"
+
+
+def _rpc_subclass(base: type[StatusError]) -> type[RpcStatusError]:
+    name = base.__name__.removesuffix("Error") + "RpcError"
+    made = type(name, (base, RpcStatusError), {"__module__": __name__, "__doc__": f"{base.__doc__}"})
+    globals()[name] = made  # importable by name, so the errors pickle
+    return cast(type[RpcStatusError], made)
+
+
+_RPC_BY_CODE: dict[grpc.StatusCode, type[RpcStatusError]] = {
+    code: _rpc_subclass(cls) for code, cls in _BY_CODE.items()
+}
+
+
+def rpc_status_error_class(code: grpc.StatusCode) -> type[RpcStatusError]:
+    """The RpcStatusError subclass for ``code`` (``NotFoundRpcError`` derives from NotFoundError ...)."""
+    return _RPC_BY_CODE.get(code, RpcStatusError)
+
+
+def _aio_metadata(metadata: Any) -> grpc.aio.Metadata | None:
+    if metadata is None or isinstance(metadata, grpc.aio.Metadata):
+        return metadata
+    return grpc.aio.Metadata(*((key, value) for key, value in metadata))
+
+
+def _read(error: grpc.RpcError, which: str) -> Any:
+    method = getattr(error, which, None)
+    if not callable(method):
+        return None
+    try:
+        return method()
+    except Exception:  # e.g. an error raised by an interceptor before any call carries no metadata
+        return None
+
+
+def to_rpc_status_error(error: grpc.RpcError) -> RpcStatusError:
+    """``error`` (a failed sync or aio call) as the RpcStatusError subclass for its code.
+
+    Code, message, metadata and debug string are kept and the ``google.rpc`` rich details unpacked.
+    An RpcStatusError is returned as it is.
+    """
+    if isinstance(error, RpcStatusError):
+        return error
+    code = _read(error, "code")
+    if not isinstance(code, grpc.StatusCode):
+        code = grpc.StatusCode.UNKNOWN
+    message = _read(error, "details")
+    if not isinstance(message, str):
+        message = "" if code is not grpc.StatusCode.UNKNOWN else str(error)
+    trailing = _aio_metadata(_read(error, "trailing_metadata"))
+    return rpc_status_error_class(code)(
+        code,
+        message,
+        _unpack_details(trailing or ()),
+        _aio_metadata(_read(error, "initial_metadata")),
+        trailing,
+        _read(error, "debug_error_string"),
+    )
 
 
 def invalid_argument(field: str, description: str) -> InvalidArgumentError:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import grpc
 import grpc.aio
@@ -18,6 +18,7 @@ from rpcmesh.client.attempts import (
 )
 from rpcmesh.client.context import REQUEST_ID_KEY, current_call
 from rpcmesh.client.picker import NoEndpointError
+from rpcmesh.errors import RpcStatusError, rpc_status_error_class
 from rpcmesh.telemetry.correlation import CORRELATION_METADATA_KEY, correlation_id
 
 if TYPE_CHECKING:
@@ -69,12 +70,33 @@ def attempt_metadata(metadata: MetadataLike, attempt: int) -> tuple[tuple[str, s
 
 
 class MeshRpcError(grpc.aio.AioRpcError):
-    """An RpcError the mesh raised itself before sending an attempt (no instance, open breaker, deadline)."""
+    """An RpcError the mesh raised itself before sending an attempt (no instance, open breaker, deadline).
+
+    Every one is also the :class:`~rpcmesh.errors.RpcStatusError` subclass for its code
+    (``UnavailableError``, ``DeadlineExceededError``), as :func:`mesh_error` makes them.
+    """
 
 
-def mesh_error(code: grpc.StatusCode, message: str) -> grpc.aio.AioRpcError:
-    """An RpcError raised by the mesh itself (no instance, open breaker, deadline spent): a MeshRpcError."""
-    return MeshRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=message)
+_MESH_ERRORS: dict[grpc.StatusCode, type[RpcStatusError]] = {}
+
+
+def _mesh_error_class(code: grpc.StatusCode) -> type[RpcStatusError]:
+    found = _MESH_ERRORS.get(code)
+    if found is None:
+        base = rpc_status_error_class(code)
+        name = "Mesh" + base.__name__
+        found = cast(type[RpcStatusError], type(name, (base, MeshRpcError), {"__module__": __name__}))
+        globals()[name] = found  # importable by name, so the errors pickle
+        _MESH_ERRORS[code] = found
+    return found
+
+
+def mesh_error(code: grpc.StatusCode, message: str) -> RpcStatusError:
+    """An RpcError raised by the mesh itself (no instance, open breaker, deadline spent).
+
+    It is a MeshRpcError and the RpcStatusError subclass for ``code``.
+    """
+    return _mesh_error_class(code)(code, message)
 
 
 def _metadata(error: grpc.RpcError, which: str) -> Any:

@@ -46,6 +46,7 @@ from rpcmesh.client.attempts import Attempt, AttemptOutcome, CallController
 from rpcmesh.client.context import effective_deadline
 from rpcmesh.client.picker import EndpointState
 from rpcmesh.client.policy import MethodPolicy
+from rpcmesh.errors import to_rpc_status_error
 
 __all__ = ["MeshChannel"]
 
@@ -194,6 +195,10 @@ class _UnaryResponseCall(_CallBase):
                     response = await self._retried(controller, telemetry)
             finally:
                 controller.release()  # cancelled, or an error: nothing stays held
+        except grpc.RpcError as exc:
+            if telemetry is not None:
+                telemetry.finish_with_error(exc)
+            raise to_rpc_status_error(exc) from None  # typed: NotFoundError and still an AioRpcError
         except BaseException as exc:
             if telemetry is not None:
                 telemetry.finish_with_error(exc)
@@ -386,7 +391,8 @@ class _StreamResponseCall(_CallBase):
                     delay = end_attempt(controller, attempt, outcome, telemetry)
                     if delay is None or self._cancelled:
                         finish_call(controller, outcome.code, telemetry)
-                        raise
+                        # typed: NotFoundError and still an AioRpcError
+                        raise to_rpc_status_error(error) from None
                     reason = outcome.code.name
                     await asyncio.sleep(delay)
                     continue

@@ -44,6 +44,7 @@ from rpcmesh.client.context import effective_deadline
 from rpcmesh.client.endpoints import EndpointChanges, EndpointView, ServiceCore
 from rpcmesh.client.picker import EndpointState
 from rpcmesh.client.policy import MeshPolicy, MethodPolicy, ServicePolicy
+from rpcmesh.errors import to_rpc_status_error
 from rpcmesh.security.client import ClientSecurity, sync_channel
 from rpcmesh.telemetry.grpc_sync import sync_client_interceptors
 from rpcmesh.telemetry.setup import Telemetry, get_telemetry
@@ -252,15 +253,18 @@ class _SyncMethod:
         wait_for_ready: bool | None,
         compression: Any,
     ) -> Any:
-        controller = self.controller(timeout, telemetry)
         try:
-            if self.policy.hedging is not None and replay is None:
-                return self._hedged(controller, telemetry, request, metadata, wait_for_ready, compression)
-            return self._retried(
-                controller, telemetry, request, replay, metadata, wait_for_ready, compression
-            )
-        finally:
-            controller.release()  # an exception in user code, an interrupt: nothing stays held
+            controller = self.controller(timeout, telemetry)
+            try:
+                if self.policy.hedging is not None and replay is None:
+                    return self._hedged(controller, telemetry, request, metadata, wait_for_ready, compression)
+                return self._retried(
+                    controller, telemetry, request, replay, metadata, wait_for_ready, compression
+                )
+            finally:
+                controller.release()  # an exception in user code, an interrupt: nothing stays held
+        except grpc.RpcError as error:
+            raise to_rpc_status_error(error) from None  # typed: NotFoundError and still a grpc.RpcError
 
     def _retried(
         self,
@@ -423,7 +427,8 @@ class _SyncMethod:
                     delay = end_attempt(controller, attempt, outcome, telemetry)
                     if delay is None:
                         finish_call(controller, outcome.code, telemetry)
-                        raise
+                        # typed: NotFoundError and still a grpc.RpcError
+                        raise to_rpc_status_error(error) from None
                     reason = outcome.code.name
                     time.sleep(delay)
                     continue
