@@ -152,8 +152,15 @@ async def bus_traffic(channel: grpc.aio.Channel, tasks: list[asyncio.Task[Any]])
             )
             await asyncio.sleep(0.005)
 
+    async def publish() -> None:
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            async for response in stub.PublishStream(busy_publisher()):
+                ACKNOWLEDGED["work"] = max(
+                    ACKNOWLEDGED.get("work", 0), *(r.sequence for r in response.results)
+                )
+
     _spawn(tasks, _drain(stub.PublishStream(idle_publisher())))
-    _spawn(tasks, _drain(stub.PublishStream(busy_publisher())))
+    _spawn(tasks, publish())
 
 
 async def eventstore_traffic(channel: grpc.aio.Channel, tasks: list[asyncio.Task[Any]]) -> None:
@@ -195,6 +202,9 @@ async def saga_traffic(channel: grpc.aio.Channel, tasks: list[asyncio.Task[Any]]
     _spawn(tasks, _forever(start_and_watch))
 
 
+ACKNOWLEDGED: dict[str, int] = {}
+"""The highest sequence a publish stream had confirmed, per topic (reset by each trial)."""
+
 SERVICES: dict[str, Traffic] = {
     "registry": registry_traffic,
     "bus": bus_traffic,
@@ -227,6 +237,7 @@ async def test_signal_under_stream_traffic_exits_promptly(service: str, tmp_path
         data_dir = tmp_path / f"trial-{trial}"
         plane, address = start_control_plane(data_dir, "--grace", str(GRACE))
         tasks: list[asyncio.Task[Any]] = []
+        ACKNOWLEDGED.clear()
         channel = grpc.aio.insecure_channel(address)
         try:
             await SERVICES[service](channel, tasks)
@@ -248,8 +259,14 @@ async def test_signal_under_stream_traffic_exits_promptly(service: str, tmp_path
             try:
                 async with grpc.aio.insecure_channel(address) as channel:
                     kept = await _ack_floor(channel, "work", "workers")
+                    topic = await bus_pb2_grpc.BusStub(channel).GetTopic(bus_pb2.GetTopicRequest(name="work"))
                 assert kept >= floor, (
                     f"{about}: ack floor {floor} before the signal, {kept} after the restart"
+                )
+                published = ACKNOWLEDGED.get("work", 0)
+                last = topic.topic.last_sequence
+                assert last >= published, (
+                    f"{about}: sequence {published} was confirmed; the topic ends at {last}"
                 )
             finally:
                 again.kill()
