@@ -49,7 +49,9 @@ class RegistryComponent:
             store if store is not None else build_store(config, self.settings), self.settings
         )
         self.servicer = RegistryServicer(
-            self.node, max_leases_per_identity=config.security.limits.max_leases_per_identity
+            self.node,
+            max_leases_per_identity=config.security.limits.max_leases_per_identity,
+            address_policy=self.settings.address_policy,
         )
         self.prober = HealthProber(self.node)
 

@@ -16,6 +16,7 @@ import grpc.aio
 from google.protobuf import timestamp_pb2
 
 from rpcmesh.controlplane.registry import transitions, validation
+from rpcmesh.controlplane.registry.address_policy import AddressPolicy
 from rpcmesh.controlplane.registry.model import PUT, Event, new_id, new_token
 from rpcmesh.controlplane.registry.node import RegistryNode
 from rpcmesh.errors import OutOfRangeError, ResourceExhaustedError, StatusError
@@ -34,10 +35,18 @@ def _status_value(error: StatusError) -> int:
 class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     """Implements rpcmesh.v1.Registry on a :class:`RegistryNode`."""
 
-    def __init__(self, node: RegistryNode, *, max_leases_per_identity: int = 0) -> None:
+    def __init__(
+        self,
+        node: RegistryNode,
+        *,
+        max_leases_per_identity: int = 0,
+        address_policy: AddressPolicy | None = None,
+    ) -> None:
         self.node = node
         self.max_leases_per_identity = max_leases_per_identity
         """0: no cap (the control plane runs without authentication)."""
+        self.address_policy = address_policy if address_policy is not None else node.settings.address_policy
+        """Which addresses Register accepts (default: the node's settings)."""
 
     def _claim_owner(self, declared: registry_pb2.Instance) -> None:
         """Record the caller as the owner of a new instance, within its lease cap."""
@@ -59,8 +68,14 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     async def Register(
         self, request: registry_pb2.RegisterRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> registry_pb2.RegisterResponse:
-        """Create or (with the lease token) update an instance."""
+        """Create or (with the lease token) update an instance.
+
+        A malformed address is INVALID_ARGUMENT; one the address policy refuses is
+        PERMISSION_DENIED with an ``ErrorInfo`` (reason ``ADDRESS_NOT_ALLOWED``).
+        """
         spec = validation.register_request(request)
+        # Before anything is read or written: a refused address changes nothing.
+        self.address_policy.check(spec.instance.address)
         declared = spec.instance
         if not declared.instance_id:
             declared.instance_id = new_id()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from rpcmesh.controlplane.registry.address_policy import AddressPolicy
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -24,6 +26,10 @@ class RegistrySettings:
     probes_enabled: bool = True
     """Run the active grpc.health.v1 probes instances ask for."""
 
+    address_policy: AddressPolicy = field(default_factory=AddressPolicy)
+    """Which instance addresses Register accepts; the default refuses link-local, unspecified,
+    multicast, broadcast and cloud metadata addresses (see :mod:`.address_policy`)."""
+
     def __post_init__(self) -> None:
         if self.retain_events < 1:
             raise ValueError(f"retain_events: must be >= 1, got {self.retain_events}")
@@ -33,3 +39,5 @@ class RegistrySettings:
             raise ValueError(f"expiry_check_interval: must be in (0, 60], got {self.expiry_check_interval}")
         if not 0 < self.poll_interval <= 60:
             raise ValueError(f"poll_interval: must be in (0, 60], got {self.poll_interval}")
+        if not isinstance(self.address_policy, AddressPolicy):
+            raise ValueError(f"address_policy: must be an AddressPolicy, got {self.address_policy!r}")

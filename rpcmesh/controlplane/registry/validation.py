@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 from dataclasses import dataclass
 
 from google.protobuf import duration_pb2
@@ -89,7 +90,25 @@ def address(value: str, field: str = "instance.address") -> str:
         raise invalid_argument(field, f"IPv6 hosts must be bracketed, as in [::1]:{port}")
     if len(host) > MAX_HOST or not _HOSTNAME.match(host):
         raise invalid_argument(field, f"{host!r} is not a host name or IPv4 address")
+    _dotted_quad_only(host, field)
     return value
+
+
+def _dotted_quad_only(host: str, field: str) -> None:
+    """Refuse numeric IPv4 forms other than a dotted quad (``2852039166``, ``0x7f.1``, ``010.0.0.1``).
+
+    Resolvers read them as IPv4 addresses (inet_aton), so they would slip past the address
+    policy as host names. A trailing dot is not allowed on a dotted quad either.
+    """
+    try:
+        parsed = socket.inet_aton(host.rstrip("."))
+    except OSError:
+        return
+    canonical = socket.inet_ntoa(parsed)
+    if host != canonical:
+        raise invalid_argument(
+            field, f"{host!r} is a numeric IPv4 form; write it as the dotted quad {canonical}"
+        )
 
 
 def duration_ms(value: duration_pb2.Duration) -> int:
