@@ -42,6 +42,7 @@ EXPECTED = [
     "RetryPolicy",
     "RouteTable",
     "RpcMeshError",
+    "RpcStatusError",
     "SecuritySettings",
     "ServerTlsConfig",
     "ServiceHost",
