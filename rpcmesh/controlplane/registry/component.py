@@ -53,7 +53,7 @@ class RegistryComponent:
             max_leases_per_identity=config.security.limits.max_leases_per_identity,
             address_policy=self.settings.address_policy,
         )
-        self.prober = HealthProber(self.node)
+        self.prober = HealthProber(self.node, address_policy=self.settings.address_policy)
 
     @property
     def service_names(self) -> Sequence[str]:

@@ -7,6 +7,11 @@ HEALTH event. Probes never run commands. With PostgreSQL only the expiry
 leader probes (checked every ``leadership_check_interval``), so nodes never
 write verdicts from dampers of their own that disagree; a new leader starts each
 damper from the health the instance has. Every probe task is supervised.
+
+An instance whose address the node's address policy refuses (stored before the
+policy, or by a node of a shared store with a looser one) is never contacted:
+each of its probes counts as failed without a connection, so it turns CRITICAL
+and Resolve leaves it out.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rpcmesh.controlplane.registry import transitions, validation
+from rpcmesh.controlplane.registry.address_policy import AddressPolicy, address_refused
 from rpcmesh.controlplane.registry.damping import DamperState, observe
 from rpcmesh.controlplane.registry.model import DELETE, Event
 from rpcmesh.controlplane.registry.node import RegistryNode
@@ -45,8 +51,16 @@ def _probe_signature(instance: registry_pb2.Instance) -> bytes:
 class HealthProber:
     """Keeps one probe task per instance that declared a GrpcHealthCheck."""
 
-    def __init__(self, node: RegistryNode, *, leadership_check_interval: float = 0.25) -> None:
+    def __init__(
+        self,
+        node: RegistryNode,
+        *,
+        leadership_check_interval: float = 0.25,
+        address_policy: AddressPolicy | None = None,
+    ) -> None:
         self.node = node
+        self.address_policy = address_policy if address_policy is not None else node.settings.address_policy
+        """Addresses this prober may contact (default: the node's settings)."""
         self.leadership_check_interval = leadership_check_interval
         self._tasks: dict[Key, tuple[bytes, asyncio.Task[None]]] = {}
         self._active = False
@@ -142,10 +156,22 @@ class HealthProber:
             and instance.reported_status != registry_pb2.SERVING_STATUS_NOT_SERVING
         )
         state = DamperState(passing=not probe_failing)
-        async with grpc.aio.insecure_channel(instance.address) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
+        refused = address_refused(self.address_policy, instance.address)
+        async with contextlib.AsyncExitStack() as stack:
+            stub: health_pb2_grpc.HealthStub | None = None
+            if refused is None:
+                channel = await stack.enter_async_context(grpc.aio.insecure_channel(instance.address))
+                stub = health_pb2_grpc.HealthStub(channel)
+            else:
+                logger.warning(
+                    "not probing %s/%s at %s: %s (the address policy); its probes count as failed",
+                    instance.service,
+                    instance.instance_id,
+                    instance.address,
+                    refused,
+                )
             while True:
-                ok = await _probe(stub, check.service_name, timeout)
+                ok = stub is not None and await _probe(stub, check.service_name, timeout)
                 new_state = observe(
                     state, ok, failures_before_critical=failures, successes_before_passing=successes
                 )

@@ -2,26 +2,28 @@
 
 Against a real `rpcmesh up` (the default policy), and, for the allow-list, which `rpcmesh up`
 has no flag for yet, against a RegistryComponent in-process with a real SQLite store and a
-real grpc.aio server on port 0.
+real grpc.aio server on port 0. The prober never contacts a stored address the policy refuses.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import grpc.aio
 import pytest
 from google.rpc import error_details_pb2, status_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from rpcmesh.v1 import registry_pb2, registry_pb2_grpc
 
 from rpcmesh.controlplane import ControlPlane, ControlPlaneConfig
 from rpcmesh.controlplane.registry import AddressPolicy, RegistryComponent, RegistrySettings
 from rpcmesh.controlplane.registry.address_policy import ERROR_REASON
-from tests.integration.registry.helpers import ttl
+from tests.integration.registry.helpers import eventually, ttl
 from tests.support.processes import ManagedProcess
 
 # Refused by the default policy, with the rule the refusal names.
@@ -241,3 +243,76 @@ async def test_refused_registrations_interleaved_at_random_change_nothing(
     refused_addresses = {address for _, address, _, allowed in plan if not allowed}
     assert len(seen) == accepted, context
     assert not {event.instance.address for event in seen} & refused_addresses, context
+
+
+class _CountingHealth(health.aio.HealthServicer):  # type: ignore[misc]
+    """grpc.health.v1 that counts the Checks it answers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.checks = 0
+
+    async def Check(self, request: health_pb2.HealthCheckRequest, context: Any) -> Any:
+        self.checks += 1
+        return await super().Check(request, context)
+
+
+async def _plane(data_dir: Path, settings: RegistrySettings) -> tuple[ControlPlane, str]:
+    config = ControlPlaneConfig(port=0, data_dir=data_dir)
+    plane = ControlPlane(config, components=[RegistryComponent(config, settings)])
+    return plane, await plane.start()
+
+
+async def test_prober_never_contacts_a_stored_address_the_policy_now_refuses(tmp_path: Path) -> None:
+    """An instance stored under a looser policy is never probed by a stricter node: it turns CRITICAL."""
+    health_servicer = _CountingHealth()
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        check = registry_pb2.GrpcHealthCheck(interval=ttl(0.2), timeout=ttl(0.2))
+        request = registry_pb2.RegisterRequest(
+            instance=registry_pb2.Instance(service="probed", address=f"127.0.0.1:{port}", health_check=check),
+            ttl=ttl(120),
+        )
+        # Stored under the default policy, by a node that does not probe.
+        plane, address = await _plane(tmp_path, RegistrySettings(probes_enabled=False))
+        try:
+            async with grpc.aio.insecure_channel(address) as channel:
+                registered = await registry_pb2_grpc.RegistryStub(channel).Register(request, timeout=10)
+        finally:
+            await plane.stop()
+
+        strict = RegistrySettings(address_policy=AddressPolicy(allow=("10.0.0.0/8",)))
+        plane, address = await _plane(tmp_path, strict)
+        try:
+            async with grpc.aio.insecure_channel(address) as channel:
+                stub = registry_pb2_grpc.RegistryStub(channel)
+
+                async def health_state() -> int:
+                    response = await stub.Resolve(
+                        registry_pb2.ResolveRequest(service="probed", include_unhealthy=True)
+                    )
+                    assert [item.instance_id for item in response.instances] == [registered.instance_id]
+                    return response.instances[0].health
+
+                await eventually(lambda: _is(health_state(), registry_pb2.HEALTH_STATE_CRITICAL))
+                passing = await stub.Resolve(registry_pb2.ResolveRequest(service="probed"))
+                assert list(passing.instances) == []
+                # A few more intervals: still critical, and never a connection.
+                await asyncio.sleep(0.6)
+                assert await health_state() == registry_pb2.HEALTH_STATE_CRITICAL
+        finally:
+            await plane.stop()
+        assert health_servicer.checks == 0
+        # The health server answers: the zero above is the prober's restraint, not a dead server.
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert health_servicer.checks == 1
+    finally:
+        await server.stop(None)
+
+
+async def _is(value: Awaitable[int], expected: int) -> bool:
+    return await value == expected
