@@ -238,10 +238,11 @@ def _unpack_details(trailing: Iterable[tuple[str, Any]]) -> list[Message]:
 def from_rpc_error(error: grpc.RpcError) -> StatusError:
     """Map a grpc.RpcError (sync or aio) to a StatusError, unpacking rich details.
 
-    An error the mesh channel raised is one already (an :class:`RpcStatusError`) and is returned as it is.
+    The result is a plain StatusError, whose ``.code`` is the ``grpc.StatusCode`` member itself (callers
+    compare it with ``is``), also for an :class:`RpcStatusError` the mesh channel raised.
     """
-    if isinstance(error, StatusError):
-        return error
+    if isinstance(error, RpcStatusError):
+        return from_status(cast(Any, error).code(), error.message, tuple(error.details))
     call = cast(Any, error)  # both grpc.Call and grpc.aio.AioRpcError have these methods
     code: grpc.StatusCode = call.code()
     message: str = call.details() or ""
@@ -502,12 +503,24 @@ def map_status_errors(handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMetho
     )
 
 
+async def _abort_with_status_of(error: StatusError, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    """Abort with ``error``'s status, unless it is a dependency's failure (an RpcStatusError).
+
+    A mesh call's error that escapes a handler is not passed on blindly (a dependency's UNAVAILABLE
+    would make this server's callers retry): it propagates like any unexpected exception (UNKNOWN),
+    as it did before mesh errors were StatusErrors. To pass it on, raise ``from_rpc_error(exc)``.
+    """
+    if isinstance(error, RpcStatusError):
+        raise error
+    await context.abort_with_status(error.to_rpc_status())
+
+
 def _wrap_unary(behavior: Handler) -> Handler:
     async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         try:
             return await behavior(request, context)
         except StatusError as exc:
-            await context.abort_with_status(exc.to_rpc_status())
+            await _abort_with_status_of(exc, context)
 
     return wrapped
 
@@ -519,7 +532,7 @@ def _wrap_stream(behavior: Handler) -> Handler:
             try:
                 await behavior(request, context)
             except StatusError as exc:
-                await context.abort_with_status(exc.to_rpc_status())
+                await _abort_with_status_of(exc, context)
 
         return wrapped_coroutine
 
@@ -528,6 +541,6 @@ def _wrap_stream(behavior: Handler) -> Handler:
             async for response in behavior(request, context):
                 yield response
         except StatusError as exc:
-            await context.abort_with_status(exc.to_rpc_status())
+            await _abort_with_status_of(exc, context)
 
     return wrapped

@@ -80,8 +80,10 @@ def assert_typed(error: BaseException, what: str) -> None:
     assert error.details() == f"{what} not found"  # type: ignore[operator]
     trailing = dict(error.trailing_metadata() or ())
     assert "grpc-status-details-bin" in trailing
-    # Mapping it again changes nothing; it survives pickling (e.g. to another process).
-    assert from_rpc_error(error) is error
+    # Mapped again it is a plain StatusError whose .code is the enum member; it survives pickling.
+    mapped = from_rpc_error(error)
+    assert type(mapped) is NotFoundError and mapped.code is grpc.StatusCode.NOT_FOUND
+    assert (mapped.message, mapped.details) == (error.message, tuple(error.details))
     copy = pickle.loads(pickle.dumps(error))
     assert type(copy) is type(error) and copy.details == error.details and copy.message == error.message
 
@@ -190,3 +192,40 @@ async def test_sync_mesh_raises_typed_errors_for_every_rpc_shape(missing_host: s
         assert_typed(error, what)
     nobody = raised[4][1]
     assert isinstance(nobody, MeshRpcError) and isinstance(nobody, grpc.RpcError)
+
+
+class FrontServicer(EchoServicer):
+    """Calls ``missing`` through the mesh: lets its error escape, or passes it on with from_rpc_error."""
+
+    def __init__(self, mesh: Mesh) -> None:
+        super().__init__("f1")
+        self.downstream = echo_pb2_grpc.EchoStub(mesh.channel("missing"))
+
+    async def Echo(
+        self, request: echo_pb2.EchoRequest, context: grpc.aio.ServicerContext
+    ) -> echo_pb2.EchoResponse:
+        try:
+            return await self.downstream.Echo(request)
+        except NotFoundError as error:
+            if request.message == "pass it on":
+                raise from_rpc_error(error) from error
+            raise
+
+
+async def test_a_dependency_error_escaping_a_handler_is_not_passed_on_blindly(missing_host: str) -> None:
+    async with Mesh(missing_host) as mesh:
+        front = ServiceHost(
+            ServiceHostConfig(service="front", registry=missing_host, instance_id="f1", ttl=5)
+        )
+        front.add_servicer(echo_pb2_grpc.add_EchoServicer_to_server, FrontServicer(mesh))
+        async with front:
+            await mesh.wait_for_instances("front", 1)
+            await mesh.wait_for_instances("missing", 1)
+            stub = echo_pb2_grpc.EchoStub(mesh.channel("front"))
+            with pytest.raises(StatusError) as escaped:
+                await stub.Echo(echo_pb2.EchoRequest(message="hi"))
+            # as before mesh errors were StatusErrors: an unexpected exception in the handler
+            assert escaped.value.code == grpc.StatusCode.UNKNOWN, escaped.value
+            with pytest.raises(NotFoundError) as passed:
+                await stub.Echo(echo_pb2.EchoRequest(message="pass it on"))
+            assert_typed(passed.value, "echo")
