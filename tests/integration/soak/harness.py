@@ -327,7 +327,7 @@ async def check(result: SoakResult, traffic: Traffic, shop: Shop, addresses: lis
 
 
 def compensation_reason(saga: saga_pb2.Saga) -> str:
-    """ " (declined)" or " (out of stock)" when a compensated saga is one of the shop's two stories."""
+    """The shop's compensation story a saga tells: ``" (declined)"``, ``" (out of stock)"`` or ""."""
     steps = {s.name: s for s in saga.steps}
     states = {name: step_state(s) for name, s in steps.items()}
     if states.get("create-order") != "COMPENSATED":
