@@ -45,7 +45,7 @@ from typing import Any, NoReturn, TypeAlias
 import grpc
 import grpc.aio
 
-from rpcmesh.errors import PermissionDeniedError, StatusError
+from rpcmesh.errors import PermissionDeniedError, RpcStatusError, StatusError
 from rpcmesh.security.decoding import Undecodable, reject_bad_requests, tolerant_deserializer
 from rpcmesh.security.identity import AuthenticationError, Authenticator, Identity
 from rpcmesh.security.limits import ConcurrencyTracker, Limits
@@ -365,6 +365,10 @@ async def _abort(context: Context, code: grpc.StatusCode, message: str) -> NoRet
 
 async def _abort_with(context: Context, error: BaseException) -> NoReturn:
     assert isinstance(error, StatusError)
+    if isinstance(error, RpcStatusError):
+        # A downstream call's failure escaped the handler: the caller gets UNKNOWN, as from
+        # StatusErrorInterceptor, not the downstream status (an UNAVAILABLE would make it retry).
+        raise error
     await context.abort_with_status(error.to_rpc_status())
     raise AssertionError("context.abort_with_status returned")  # pragma: no cover - abort always raises
 

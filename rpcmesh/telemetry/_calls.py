@@ -18,7 +18,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import NonRecordingSpan, Span, SpanKind, Status, StatusCode
 from opentelemetry.util.types import AttributeValue
 
-from rpcmesh.errors import StatusError
+from rpcmesh.errors import RpcStatusError, StatusError
 from rpcmesh.telemetry.correlation import (
     CORRELATION_ATTRIBUTE,
     CORRELATION_BAGGAGE_KEY,
@@ -164,7 +164,9 @@ class CallRecord:
         """End the call from an exception (RpcError, rpcmesh StatusError, cancellation, anything)."""
         description: str | None = str(error) or None
         if code is None:
-            if isinstance(error, StatusError):
+            if isinstance(error, RpcStatusError):  # a mesh call's error: its real grpc.StatusCode
+                code, description = grpc.aio.AioRpcError.code(error), error.message
+            elif isinstance(error, StatusError):
                 code, description = error.code, error.message
             elif isinstance(error, grpc.RpcError) and hasattr(error, "code"):
                 code = error.code()

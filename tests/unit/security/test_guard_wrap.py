@@ -36,7 +36,9 @@ def test_wrap_keeps_shape_and_serializers() -> None:
         handler = factory(behavior, request_deserializer=bytes, response_serializer=bytes)
         wrapped = guard.wrap("/a.B/C", handler)
         assert getattr(wrapped, attribute) is not None and getattr(wrapped, attribute) is not behavior
-        assert wrapped.request_deserializer is bytes and wrapped.response_serializer is bytes
+        # The deserializer is wrapped so undecodable bytes become INVALID_ARGUMENT, not UNKNOWN.
+        assert wrapped.request_deserializer is not None and wrapped.request_deserializer(b"x") == b"x"
+        assert wrapped.response_serializer is bytes
         assert wrapped.request_streaming == handler.request_streaming
         assert wrapped.response_streaming == handler.response_streaming
 
