@@ -14,6 +14,7 @@ and within a bounded time (see docs/operations.md); a second signal exits at onc
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import logging
 import os
 import sys
@@ -43,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rpcmesh",
         description="rpcmesh: gRPC service mesh. Run the control plane and talk to it.",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"rpcmesh {importlib.metadata.version('rpcmesh')}"
     )
     parser.add_argument(
         "--log-level",
@@ -83,6 +87,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds unary calls get to finish on shutdown; open streams end at once "
         "(env RPCMESH_GRACE; default 5)",
     )
+    up.add_argument(
+        "--allow-address",
+        action="append",
+        metavar="CIDR|HOST-GLOB",
+        help="the only instance addresses Register accepts (repeatable; default: any but link-local, "
+        "unspecified, multicast, broadcast and cloud metadata addresses, which stay refused)",
+    )
+    up.add_argument(
+        "--allow-link-local-addresses",
+        action="store_true",
+        help="accept link-local instance addresses (169.254.0.0/16, fe80::/10); "
+        "metadata addresses stay refused",
+    )
     add_server_security_arguments(up, with_policy=True)
     up.set_defaults(func=run_up)
 
@@ -105,6 +122,8 @@ def run_up(args: argparse.Namespace) -> int:
             store=args.store,
             bus=args.bus,
             grace=args.grace,
+            allow_addresses=tuple(args.allow_address or ()),
+            allow_link_local_addresses=args.allow_link_local_addresses,
             security=server_security_settings(args, policy_file=args.policy),
         )
     except ValueError as exc:

@@ -6,8 +6,12 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rpcmesh.security.settings import SecuritySettings
+
+if TYPE_CHECKING:
+    from rpcmesh.controlplane.registry.address_policy import AddressPolicy
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,6 +42,14 @@ class ControlPlaneConfig:
     close_timeout: float = 5.0
     """Seconds each component gets to flush its state and close its stores on shutdown."""
 
+    allow_addresses: tuple[str, ...] = ()
+    """The only instance addresses Register accepts (CIDR ranges, addresses, host-name globs); empty:
+    any but link-local, unspecified, multicast, broadcast and cloud metadata addresses, which stay
+    refused (see :mod:`rpcmesh.controlplane.registry.address_policy`)."""
+
+    allow_link_local_addresses: bool = False
+    """Accept link-local instance addresses (metadata addresses stay refused)."""
+
     security: SecuritySettings = field(default_factory=SecuritySettings)
     """TLS/mTLS, token secret and issuer, policy file, development mode and limits.
 
@@ -56,6 +68,15 @@ class ControlPlaneConfig:
             raise ValueError(f"grace: must be >= 0, got {self.grace}")
         if self.close_timeout <= 0:
             raise ValueError(f"close_timeout: must be > 0, got {self.close_timeout}")
+        self.address_policy  # noqa: B018 - validates the allow-list (ValueError naming the entry)
+
+    @property
+    def address_policy(self) -> AddressPolicy:
+        """The Registry's address policy built from ``allow_addresses`` and ``allow_link_local_addresses``."""
+        # Imported here: the registry package imports this module.
+        from rpcmesh.controlplane.registry.address_policy import AddressPolicy
+
+        return AddressPolicy(allow=self.allow_addresses, allow_link_local=self.allow_link_local_addresses)
 
     @property
     def address(self) -> str:

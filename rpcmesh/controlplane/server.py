@@ -54,11 +54,12 @@ def build_components(config: ControlPlaneConfig) -> list[Component]:
     from rpcmesh.controlplane.bus.component import BusComponent
     from rpcmesh.controlplane.eventstore.component import EventStoreComponent
     from rpcmesh.controlplane.registry.component import RegistryComponent
+    from rpcmesh.controlplane.registry.settings import RegistrySettings
     from rpcmesh.controlplane.saga.component import SagaCoordinatorComponent
 
     eventstore = EventStoreComponent(config)
     return [
-        RegistryComponent(config),
+        RegistryComponent(config, RegistrySettings(address_policy=config.address_policy)),
         BusComponent(config),
         eventstore,
         SagaCoordinatorComponent(config, eventstore=eventstore),

@@ -1,8 +1,8 @@
 """The address policy over the wire: refused addresses get PERMISSION_DENIED and change nothing.
 
-Against a real `rpcmesh up` (the default policy), and, for the allow-list, which `rpcmesh up`
-has no flag for yet, against a RegistryComponent in-process with a real SQLite store and a
-real grpc.aio server on port 0. The prober never contacts a stored address the policy refuses.
+Against a real `rpcmesh up` (the default policy, and its --allow-address and
+--allow-link-local-addresses flags), and against a RegistryComponent in-process with a real SQLite
+store and a real grpc.aio server on port 0. The prober never contacts a stored address the policy refuses.
 """
 
 from __future__ import annotations
@@ -320,3 +320,36 @@ async def test_prober_never_contacts_a_stored_address_the_policy_now_refuses(tmp
 
 async def _is(value: Awaitable[int], expected: int) -> bool:
     return await value == expected
+
+
+async def test_rpcmesh_up_flags_set_the_allow_list_and_link_local(tmp_path: Path) -> None:
+    from tests.support.processes import start_control_plane
+
+    proc, address = start_control_plane(
+        tmp_path / "data",
+        "--allow-address",
+        "127.0.0.0/8",
+        "--allow-address",
+        "169.254.0.0/16",
+        "--allow-link-local-addresses",
+    )
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:
+            registry = registry_pb2_grpc.RegistryStub(channel)
+
+            async def register(where: str) -> grpc.StatusCode:
+                request = registry_pb2.RegisterRequest(
+                    instance=registry_pb2.Instance(service="flags", address=where), ttl=ttl(30)
+                )
+                try:
+                    await registry.Register(request, timeout=10)
+                except grpc.aio.AioRpcError as exc:
+                    return exc.code()
+                return grpc.StatusCode.OK
+
+            assert await register("127.0.0.1:5000") == grpc.StatusCode.OK
+            assert await register("169.254.1.1:5000") == grpc.StatusCode.OK  # link-local, allowed by flag
+            assert await register("10.1.2.3:5000") == grpc.StatusCode.PERMISSION_DENIED  # not in the list
+            assert await register("169.254.169.254:80") == grpc.StatusCode.PERMISSION_DENIED  # metadata
+    finally:
+        proc.kill()
