@@ -35,7 +35,7 @@ from rpcmesh.cli.common import CliError, CommandFailed
 from rpcmesh.cli.server_security import add_server_security_arguments, server_security_settings
 from rpcmesh.cli.signals import run_until_signalled
 from rpcmesh.controlplane.component import StartupError
-from rpcmesh.controlplane.config import ControlPlaneConfig
+from rpcmesh.controlplane.config import DEFAULT_COORDINATOR_NAME, ControlPlaneConfig, CoordinatorIdentity
 from rpcmesh.errors import from_rpc_error
 
 
@@ -101,6 +101,36 @@ def build_parser() -> argparse.ArgumentParser:
         "metadata addresses stay refused",
     )
     add_server_security_arguments(up, with_policy=True)
+    coordinator = up.add_argument_group(
+        "saga coordinator identity",
+        "who the coordinator inside `rpcmesh up` is when it calls the Registry and the participants; "
+        "required with --tls-client-auth; it needs a policy entry (see docs/security.md)",
+    )
+    coordinator.add_argument(
+        "--coordinator-cert",
+        type=Path,
+        default=os.environ.get("RPCMESH_COORDINATOR_CERT") or None,
+        help="client certificate of the coordinator (mTLS; env RPCMESH_COORDINATOR_CERT)",
+    )
+    coordinator.add_argument(
+        "--coordinator-key",
+        type=Path,
+        default=os.environ.get("RPCMESH_COORDINATOR_KEY") or None,
+        help="key of --coordinator-cert (env RPCMESH_COORDINATOR_KEY)",
+    )
+    coordinator.add_argument(
+        "--coordinator-token-file",
+        type=Path,
+        default=os.environ.get("RPCMESH_COORDINATOR_TOKEN_FILE") or None,
+        help="file with the coordinator's bearer token (token mode; env RPCMESH_COORDINATOR_TOKEN_FILE; "
+        "default: a token the control plane mints with --token-secret-file)",
+    )
+    coordinator.add_argument(
+        "--coordinator-identity",
+        default=os.environ.get("RPCMESH_COORDINATOR_IDENTITY") or DEFAULT_COORDINATOR_NAME,
+        help="subject of the minted coordinator token "
+        "(env RPCMESH_COORDINATOR_IDENTITY; default %(default)s)",
+    )
     up.set_defaults(func=run_up)
 
     registry_commands.register(commands)
@@ -125,9 +155,23 @@ def run_up(args: argparse.Namespace) -> int:
             allow_addresses=tuple(args.allow_address or ()),
             allow_link_local_addresses=args.allow_link_local_addresses,
             security=server_security_settings(args, policy_file=args.policy),
+            coordinator=CoordinatorIdentity(
+                cert_file=args.coordinator_cert,
+                key_file=args.coordinator_key,
+                token_file=args.coordinator_token_file,
+                name=args.coordinator_identity,
+            ),
         )
     except ValueError as exc:
         raise CliError(str(exc)) from exc
+    from rpcmesh.controlplane.saga.security import coordinator_client_security
+
+    try:
+        # Refuse before serving: a secure control plane whose coordinator has no identity
+        # would accept sagas it can never run.
+        coordinator_client_security(config)
+    except ValueError as exc:
+        raise StartupError(str(exc)) from exc
     from rpcmesh.controlplane.server import serve
 
     run_until_signalled(serve(config), deadline=config.grace + config.close_timeout + 5.0)

@@ -14,6 +14,54 @@ if TYPE_CHECKING:
     from rpcmesh.controlplane.registry.address_policy import AddressPolicy
 
 
+DEFAULT_COORDINATOR_NAME = "rpcmesh-coordinator"
+"""The identity a minted coordinator token names when no other is given."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class CoordinatorIdentity:
+    """Who the saga coordinator inside `rpcmesh up` is when it calls the Registry and participants.
+
+    In mTLS mode (``--tls-client-auth``) it needs a client certificate; in token mode a token
+    file, or none: the control plane holds the token secret and mints the coordinator a token
+    naming ``name``. Either way the identity needs an entry in the policy (docs/security.md).
+    """
+
+    cert_file: Path | None = None
+    """PEM client certificate (its name is the identity); env RPCMESH_COORDINATOR_CERT."""
+
+    key_file: Path | None = None
+    """PEM key of ``cert_file``; env RPCMESH_COORDINATOR_KEY."""
+
+    token_file: Path | None = None
+    """File holding the coordinator's bearer token, read at each use; env RPCMESH_COORDINATOR_TOKEN_FILE."""
+
+    name: str = DEFAULT_COORDINATOR_NAME
+    """Subject of the token the control plane mints when no token file is given."""
+
+    def __post_init__(self) -> None:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("--coordinator-cert and --coordinator-key: give both or neither")
+        if not self.name:
+            raise ValueError("--coordinator-identity: must not be empty")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> CoordinatorIdentity:
+        """Read RPCMESH_COORDINATOR_CERT/_KEY/_TOKEN_FILE/_IDENTITY."""
+        env = os.environ if environ is None else environ
+
+        def path(name: str) -> Path | None:
+            value = env.get(name)
+            return Path(value) if value else None
+
+        return cls(
+            cert_file=path("RPCMESH_COORDINATOR_CERT"),
+            key_file=path("RPCMESH_COORDINATOR_KEY"),
+            token_file=path("RPCMESH_COORDINATOR_TOKEN_FILE"),
+            name=env.get("RPCMESH_COORDINATOR_IDENTITY") or DEFAULT_COORDINATOR_NAME,
+        )
+
+
 @dataclass(frozen=True, kw_only=True)
 class ControlPlaneConfig:
     """What `rpcmesh up` serves, where, and on which storage."""
@@ -57,6 +105,9 @@ class ControlPlaneConfig:
     loudly at start.
     """
 
+    coordinator: CoordinatorIdentity = field(default_factory=CoordinatorIdentity)
+    """The saga coordinator's identity towards the Registry and the participants (secure modes)."""
+
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port: must be 0-65535, got {self.port}")
@@ -85,8 +136,8 @@ class ControlPlaneConfig:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ControlPlaneConfig:
-        """Read RPCMESH_HOST, RPCMESH_PORT, RPCMESH_DATA_DIR, RPCMESH_STORE, RPCMESH_BUS, RPCMESH_GRACE and
-        the security variables (see :meth:`SecuritySettings.from_env`)."""  # noqa: D205, D209
+        """Read RPCMESH_HOST, RPCMESH_PORT, RPCMESH_DATA_DIR, RPCMESH_STORE, RPCMESH_BUS, RPCMESH_GRACE, the
+        security variables (see :meth:`SecuritySettings.from_env`) and the coordinator's identity."""  # noqa: D205, D209
         env = os.environ if environ is None else environ
         return cls(
             host=env.get("RPCMESH_HOST", "127.0.0.1"),
@@ -96,4 +147,5 @@ class ControlPlaneConfig:
             bus=env.get("RPCMESH_BUS") or None,
             grace=float(env.get("RPCMESH_GRACE", "5")),
             security=SecuritySettings.from_env(env),
+            coordinator=CoordinatorIdentity.from_env(env),
         )

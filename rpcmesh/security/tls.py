@@ -12,6 +12,8 @@ one or one for another host fails the handshake.
 from __future__ import annotations
 
 import os
+import socket
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,7 @@ __all__ = [
     "ClientTlsConfig",
     "ServerTlsConfig",
     "channel_credentials",
+    "diagnose_handshake",
     "server_credentials",
 ]
 
@@ -145,3 +148,92 @@ def channel_credentials(
     if call_credentials is not None:
         credentials = grpc.composite_channel_credentials(credentials, call_credentials)
     return credentials
+
+
+PLAINTEXT_CLIENT = "the server speaks TLS but this client dials plaintext (give --tls-ca, env RPCMESH_TLS_CA)"
+
+
+def _split_address(target: str) -> tuple[str, int] | None:
+    """Host and port of a ``host:port`` (or ``[v6]:port``) target; None for other target forms."""
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit() or not host or "/" in host:
+        return None
+    return host.strip("[]"), int(port)
+
+
+def _alert(exc: ssl.SSLError) -> str:
+    """A readable reason from an OpenSSL error ("tlsv13 alert certificate required", ...)."""
+    reason = exc.reason or ""
+    return reason.lower().replace("_", " ") or str(exc)
+
+
+def diagnose_handshake(target: str, config: ClientTlsConfig | None, *, timeout: float = 3.0) -> str | None:
+    """Why a TLS handshake with ``target`` fails for a client configured with ``config``, or None.
+
+    grpc reports a failed handshake as UNAVAILABLE ("Socket closed", "failed to connect"); this
+    repeats the handshake once with the standard ``ssl`` module to name the cause: a plaintext
+    client (``config`` None) dialling a TLS server, a TLS client dialling a plaintext server, an
+    unknown CA, an expired or mismatched certificate, or a client certificate the server wants
+    (missing) or refuses. None when the handshake succeeds or the server cannot be reached.
+    """
+    address = _split_address(target)
+    if address is None:
+        return None
+    host, port = address
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.set_alpn_protocols(["h2"])
+    if config is None:
+        # Only asks whether the server speaks TLS at all.
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    else:
+        try:
+            if config.ca_file is not None:
+                context.load_verify_locations(cafile=str(config.ca_file))
+            else:
+                context.load_default_certs()
+            if config.cert_file is not None and config.key_file is not None:
+                context.load_cert_chain(str(config.cert_file), str(config.key_file))
+        except (OSError, ssl.SSLError) as exc:
+            return f"cannot load the client's TLS files: {exc}"
+    try:
+        raw = socket.create_connection((host, port), timeout=timeout)
+    except OSError:
+        return None
+    with raw:
+        try:
+            with context.wrap_socket(
+                raw, server_hostname=(config.server_name if config else None) or host
+            ) as tls:
+                if config is None:
+                    return PLAINTEXT_CLIENT
+                # TLS 1.3 servers judge the client certificate after the client's handshake is done:
+                # their verdict arrives as an alert on the first read.
+                tls.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+                tls.recv(1)
+        except ssl.SSLCertVerificationError as exc:
+            message = exc.verify_message or _alert(exc)
+            if exc.verify_code in (19, 20, 21):  # self-signed in chain, unknown issuer, unverifiable leaf
+                return f"unknown CA: the server's certificate does not chain to the trusted CA ({message})"
+            return f"the server's certificate was refused: {message}"
+        except ssl.SSLError as exc:
+            reason = _alert(exc)
+            not_tls = any(
+                sign in reason for sign in ("wrong version", "record layer", "packet length", "eof")
+            )
+            if config is None:
+                return None if not_tls else PLAINTEXT_CLIENT
+            if not_tls:
+                return "the server does not speak TLS (a plaintext server?): drop --tls-ca or check the port"
+            if "certificate required" in reason or (
+                "handshake failure" in reason and config.cert_file is None
+            ):
+                return (
+                    "the server requires a client certificate (give --tls-client-cert and --tls-client-key)"
+                )
+            if "alert" in reason:
+                return f"the server refused this client's certificate ({reason})"
+            return reason
+        except OSError:
+            return None
+    return None

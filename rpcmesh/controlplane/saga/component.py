@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import grpc.aio
 
 from rpcmesh.client.policy import MeshPolicy
-from rpcmesh.controlplane.component import ControlPlaneContext
+from rpcmesh.controlplane.component import ControlPlaneContext, StartupError
 from rpcmesh.controlplane.config import ControlPlaneConfig
 from rpcmesh.controlplane.eventstore.component import EventStoreComponent
 from rpcmesh.controlplane.saga.engine import SagaEngine
@@ -89,7 +89,10 @@ class SagaCoordinatorComponent:
         await self.eventstore.ensure_open()
         security = self._client_security
         if security is None:
-            decided = coordinator_client_security(self.config)
+            try:
+                decided = coordinator_client_security(self.config)
+            except ValueError as exc:
+                raise StartupError(str(exc)) from exc
             for line in decided.warnings:
                 logger.warning("%s", line)
             security = decided.security
@@ -120,7 +123,12 @@ class SagaCoordinatorComponent:
                 try:
                     await stub.ListServices(registry_pb2.ListServicesRequest(page_size=1), timeout=1.0)
                     break
-                except grpc.aio.AioRpcError:
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                        # The Registry answers (a refusal is an answer): resume now; a coordinator
+                        # identity without `discover` in the policy shows in the steps' errors.
+                        logger.warning("saga coordinator: ListServices answered %s", exc.code().name)
+                        break
                     await asyncio.sleep(0.1)
         assert self.engine is not None
         if self.ownership is not None:
