@@ -30,11 +30,14 @@ One behavioural suite runs on both backends. Where they differ:
 * **Partial batch failures.** SQLite stores a batch in one transaction; on NATS
   a batch whose publish fails midway may be partly stored (retry with the same
   ids: deduplication stores each once).
+* **Caps** (:class:`BusCaps`) count what this node knows: on SQLite that is
+  everything; with several nodes on one NATS each enforces its own view.
 * **Broadcast** subscriptions are served by the node they are attached to on
   both backends (they read the log; nothing is acknowledged durably).
 """
 
+from rpcmesh.controlplane.bus.caps import BusCaps
 from rpcmesh.controlplane.bus.component import BusComponent, make_store
 from rpcmesh.controlplane.bus.store import BusStore, RetentionPolicy
 
-__all__ = ["BusComponent", "BusStore", "RetentionPolicy", "make_store"]
+__all__ = ["BusCaps", "BusComponent", "BusStore", "RetentionPolicy", "make_store"]

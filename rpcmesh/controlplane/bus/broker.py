@@ -16,6 +16,10 @@ instead: the backend decides deliveries and counts attempts.
 
 Broadcast subscriptions are ephemeral groups of one member that are never
 persisted (on every backend).
+
+Every path that creates a topic or a durable group asks the
+:class:`~rpcmesh.controlplane.bus.caps.CapLedger` first (:class:`BusCaps`):
+past a cap the call is RESOURCE_EXHAUSTED and nothing is created.
 """
 
 from __future__ import annotations
@@ -31,15 +35,24 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from rpcmesh.controlplane.bus import topics
+from rpcmesh.controlplane.bus.caps import BusCaps, CapLedger, Reservation
 from rpcmesh.controlplane.bus.consumer_runtime import ConsumerGroupRuntime
 from rpcmesh.controlplane.bus.group_state import Dead, GroupState
 from rpcmesh.controlplane.bus.node_link import NodeLink
-from rpcmesh.controlplane.bus.store import AppendResult, BusStore, GroupRecord, NativeGroupStore
+from rpcmesh.controlplane.bus.store import (
+    AppendResult,
+    BusStore,
+    GroupRecord,
+    NativeGroupStore,
+    RetentionPolicy,
+    TopicStats,
+)
 from rpcmesh.controlplane.bus.validation import SubscriptionSettings
 from rpcmesh.errors import (
     DeadlineExceededError,
     NotFoundError,
     OutOfRangeError,
+    ResourceExhaustedError,
     UnavailableError,
     invalid_argument,
 )
@@ -366,6 +379,7 @@ class Broker:
         *,
         clock: Callable[[], float] = time.monotonic,
         node_id: str | None = None,
+        caps: BusCaps | None = None,
     ) -> None:
         self.store = store
         self.clock = clock
@@ -374,6 +388,8 @@ class Broker:
         self._groups: dict[tuple[str, str], GroupRunner] = {}
         self._subscriptions: set[Subscription] = set()
         self._known_topics: set[str] = set()
+        self.caps = CapLedger(caps or BusCaps(), self._known_topics)
+        """What counts against the topic and group caps."""
         self._requests: dict[str, asyncio.Future[bus_pb2.BusMessage]] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
@@ -390,6 +406,9 @@ class Broker:
             if not page:
                 break
             self._known_topics.update(stats.name for stats in page)
+            for stats in page:
+                for group in stats.groups:
+                    self.caps.group_exists(stats.name, group)
             after = page[-1].name
         self._tasks = [
             asyncio.create_task(self._flush_loop(), name="bus-flush"),
@@ -425,14 +444,23 @@ class Broker:
     async def publish(
         self, topic: str, messages: Sequence[bus_pb2.BusMessage], *, dedup: bool = True
     ) -> list[AppendResult]:
-        """Store messages durably and wake the topic's dispatchers."""
-        results = await self.store.append(topic, messages, dedup=dedup)
-        metrics = get_telemetry().metrics
-        if metrics.enabled:
-            metrics.bus_published(topic, sum(1 for result in results if not result.duplicate))
-        if topic not in self._known_topics:
-            self._known_topics.add(topic)
-            await self._attach_patterns(topic)
+        """Store messages durably and wake the topic's dispatchers.
+
+        Raises:
+            ResourceExhaustedError: the topic is new and the topic cap is reached (or the groups
+                of the pattern subscriptions it would join pass the group cap); nothing is stored.
+        """
+        reservation = await self._admit_topic(topic)
+        try:
+            results = await self.store.append(topic, messages, dedup=dedup)
+            metrics = get_telemetry().metrics
+            if metrics.enabled:
+                metrics.bus_published(topic, sum(1 for result in results if not result.duplicate))
+            if topic not in self._known_topics:
+                self._known_topics.add(topic)
+                await self._attach_patterns(topic)
+        finally:
+            self.caps.release(reservation)
         # The stored messages are at hand: hand them to dispatchers that are
         # caught up, sparing a read of the log (the sequences of one append
         # are contiguous).
@@ -446,15 +474,62 @@ class Broker:
             runtime.wake.set()
         return results
 
+    async def create_topic(self, name: str, retention: RetentionPolicy) -> tuple[TopicStats, bool]:
+        """Create a topic (or find it) and attach pattern subscribers; returns it and whether it is new.
+
+        Raises:
+            ResourceExhaustedError: the topic cap is reached; nothing is created.
+        """
+        reservation = await self._admit_topic(name)
+        try:
+            stats, created = await self.store.create_topic(name, retention)
+            await self.note_topic(name)
+            return stats, created
+        finally:
+            self.caps.release(reservation)
+
     async def note_topic(self, name: str) -> None:
         """Note a topic created through CreateTopic (attaches pattern subscribers)."""
         if name not in self._known_topics:
             self._known_topics.add(name)
             await self._attach_patterns(name)
 
+    async def _admit_topic(self, topic: str) -> Reservation:
+        """Reserve room for ``topic`` and the groups pattern subscribers would make on it, when new.
+
+        No await before the reservation on the way that succeeds: concurrent batches of a
+        PublishStream keep their order into the store.
+        """
+        if topic in self._known_topics:
+            return Reservation()
+        try:
+            return self.caps.admit([topic], self._pattern_groups(topic, ()))
+        except ResourceExhaustedError:
+            # Before refusing, ask the store: another Bus node on the same NATS may have
+            # created the topic (and groups on it) since this one last looked.
+            stats = await self.store.get_topic(topic)
+            if stats is None:
+                raise
+            for group in stats.groups:
+                self.caps.group_exists(topic, group)
+            return self.caps.admit([], self._pattern_groups(topic, stats.groups))
+
+    def _pattern_groups(self, topic: str, existing: Sequence[str]) -> set[tuple[str, str]]:
+        """The groups that open pattern subscriptions would create on ``topic``."""
+        return {
+            (topic, sub.settings.group)
+            for sub in self._subscriptions
+            if not sub.closed
+            and not sub.settings.broadcast
+            and sub.settings.group not in existing
+            and topics.is_pattern(sub.settings.topic)
+            and topics.matches(sub.settings.topic, topic)
+        }
+
     def forget_topic(self, name: str) -> None:
         """A topic was deleted: stop its dispatchers and detach members."""
         self._known_topics.discard(name)
+        self.caps.forget_topic(name)
         for key, runtime in list(self._groups.items()):
             if key[0] != name:
                 continue
@@ -544,18 +619,47 @@ class Broker:
         return any(topics.matches(sub.settings.topic, topic) for sub in self._subscriptions if not sub.closed)
 
     async def subscribe(self, settings: SubscriptionSettings) -> Subscription:
-        """Open a subscription and attach it to every matching topic."""
+        """Open a subscription and attach it to every matching topic.
+
+        Raises:
+            ResourceExhaustedError: it would create a topic or groups past the caps; nothing is created.
+        """
         subscription = Subscription(self, settings)
         if topics.is_pattern(settings.topic):
             matching = [name for name in sorted(self._known_topics) if topics.matches(settings.topic, name)]
         else:
             matching = [settings.topic]
-        for name in matching:
-            await self._attach(subscription, name, fresh_topic=False)
-        self._subscriptions.add(subscription)
+        reservation = await self._admit_subscription(settings, matching)
+        try:
+            for name in matching:
+                await self._attach(subscription, name, fresh_topic=False)
+            self._subscriptions.add(subscription)
+        finally:
+            self.caps.release(reservation)
         if self.node_link is not None:
             await self.node_link.announce(settings.topic)
         return subscription
+
+    async def _admit_subscription(self, settings: SubscriptionSettings, matching: list[str]) -> Reservation:
+        """Reserve room for the topic and the durable groups a subscription would create."""
+        if settings.broadcast:
+            return Reservation()  # reads the log only: creates neither topics nor groups
+        new_topics = []
+        if (
+            not topics.is_pattern(settings.topic)
+            and settings.topic not in self._known_topics
+            and await self.store.get_topic(settings.topic) is None
+        ):
+            new_topics.append(settings.topic)
+        new_groups = []
+        for name in matching:
+            if self.caps.knows_group(name, settings.group):
+                continue
+            if name not in new_topics and await self.store.load_group(name, settings.group) is not None:
+                self.caps.group_exists(name, settings.group)
+            else:
+                new_groups.append((name, settings.group))
+        return self.caps.admit(new_topics, new_groups)
 
     async def _attach_patterns(self, topic: str) -> None:
         for subscription in list(self._subscriptions):
@@ -606,6 +710,7 @@ class Broker:
                     broker=self, topic=topic, name=settings.group, durable=True, state=state
                 )
                 self._groups[key] = runtime
+            self.caps.group_exists(topic, settings.group)
             runtime.attach(subscription)
 
     async def _open_native(

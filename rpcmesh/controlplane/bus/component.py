@@ -1,4 +1,8 @@
-"""The Bus as a control-plane component: picks the store and serves ``rpcmesh.v1.Bus``."""
+"""The Bus as a control-plane component: picks the store and serves ``rpcmesh.v1.Bus``.
+
+Topics and consumer groups are capped per Bus (:class:`~rpcmesh.controlplane.bus.caps.BusCaps`:
+10,000 of each by default, whether or not authentication is on); pass ``caps`` to change them.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from collections.abc import Sequence
 import grpc.aio
 
 from rpcmesh.controlplane.bus.broker import Broker
+from rpcmesh.controlplane.bus.caps import BusCaps
 from rpcmesh.controlplane.bus.servicer import BusServicer
 from rpcmesh.controlplane.bus.store import BusStore
 from rpcmesh.controlplane.component import ControlPlaneContext, StartupError
@@ -30,9 +35,11 @@ def make_store(config: ControlPlaneConfig) -> BusStore:
 class BusComponent:
     """Serves the Bus from ``rpcmesh up``."""
 
-    def __init__(self, config: ControlPlaneConfig, store: BusStore | None = None) -> None:
+    def __init__(
+        self, config: ControlPlaneConfig, store: BusStore | None = None, *, caps: BusCaps | None = None
+    ) -> None:
         self.config = config
-        self.broker = Broker(store or make_store(config))
+        self.broker = Broker(store or make_store(config), caps=caps)
         self.servicer = BusServicer(self.broker)
 
     @property

@@ -85,10 +85,9 @@ class BusServicer(bus_pb2_grpc.BusServicer):
         """Create a topic, or confirm an identical one."""
         check_topic("name", request.name)
         retention = retention_from_proto("retention", request.retention)
-        stats, created = await self.broker.store.create_topic(request.name, retention)
+        stats, created = await self.broker.create_topic(request.name, retention)
         if not created and stats.retention != retention:
             raise AlreadyExistsError(f"name: topic {request.name!r} exists with other retention settings")
-        await self.broker.note_topic(request.name)
         return bus_pb2.CreateTopicResponse(topic=await self._topic_proto(stats))
 
     async def GetTopic(self, request: bus_pb2.GetTopicRequest, context: Context) -> bus_pb2.GetTopicResponse:
