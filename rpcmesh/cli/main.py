@@ -145,6 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
 def run_up(args: argparse.Namespace) -> int:
     """Run `rpcmesh up`."""
     try:
+        coordinator = CoordinatorIdentity(
+            cert_file=args.coordinator_cert,
+            key_file=args.coordinator_key,
+            token_file=args.coordinator_token_file,
+            name=args.coordinator_identity,
+        )
+    except ValueError as exc:
+        raise StartupError(str(exc)) from exc
+    try:
         config = ControlPlaneConfig(
             host=args.host,
             port=args.port,
@@ -155,12 +164,7 @@ def run_up(args: argparse.Namespace) -> int:
             allow_addresses=tuple(args.allow_address or ()),
             allow_link_local_addresses=args.allow_link_local_addresses,
             security=server_security_settings(args, policy_file=args.policy),
-            coordinator=CoordinatorIdentity(
-                cert_file=args.coordinator_cert,
-                key_file=args.coordinator_key,
-                token_file=args.coordinator_token_file,
-                name=args.coordinator_identity,
-            ),
+            coordinator=coordinator,
         )
     except ValueError as exc:
         raise CliError(str(exc)) from exc

@@ -150,6 +150,7 @@ def channel_credentials(
     return credentials
 
 
+MISSING_CLIENT_CERT = "the server requires a client certificate (give --tls-client-cert and --tls-client-key)"
 PLAINTEXT_CLIENT = "the server speaks TLS but this client dials plaintext (give --tls-ca, env RPCMESH_TLS_CA)"
 
 
@@ -159,6 +160,24 @@ def _split_address(target: str) -> tuple[str, int] | None:
     if not sep or not port.isdigit() or not host or "/" in host:
         return None
     return host.strip("[]"), int(port)
+
+
+def _validity_note(cert_file: Path) -> str:
+    """A note for the message: when the certificate is outside its validity period, else a hint."""
+    import datetime
+
+    from cryptography import x509
+
+    try:
+        certificate = x509.load_pem_x509_certificate(cert_file.read_bytes())
+    except (OSError, ValueError):
+        return ""
+    now = datetime.datetime.now(datetime.UTC)
+    if certificate.not_valid_after_utc < now:
+        return f": it expired at {certificate.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"
+    if certificate.not_valid_before_utc > now:
+        return f": it is not valid before {certificate.not_valid_before_utc:%Y-%m-%d %H:%M} UTC"
+    return " (is it issued by the server's CA?)"
 
 
 def _alert(exc: ssl.SSLError) -> str:
@@ -210,7 +229,12 @@ def diagnose_handshake(target: str, config: ClientTlsConfig | None, *, timeout: 
                 # TLS 1.3 servers judge the client certificate after the client's handshake is done:
                 # their verdict arrives as an alert on the first read.
                 tls.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
-                tls.recv(1)
+                if tls.recv(1):
+                    return None
+                # Closed without an alert right after the handshake: the server refused the client.
+                if config.cert_file is None:
+                    return MISSING_CLIENT_CERT
+                return "the server refused this client's certificate" + _validity_note(config.cert_file)
         except ssl.SSLCertVerificationError as exc:
             message = exc.verify_message or _alert(exc)
             if exc.verify_code in (19, 20, 21):  # self-signed in chain, unknown issuer, unverifiable leaf

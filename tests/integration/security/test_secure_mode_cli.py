@@ -1,0 +1,158 @@
+"""Secure mode from the CLI: a failed TLS handshake is named, and `rpcmesh up` refuses to start
+without its coordinator's identity (one line naming the missing flag, exit 1)."""  # noqa: D205, D209
+
+from __future__ import annotations
+
+import datetime
+import re
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from rpcmesh.security.certs import CertificateAuthority, issue_certificate, write_development_set
+from tests.support.processes import ROOT, python_env, rpcmesh_command, start_control_plane
+
+POLICY = """\
+admins: [ops]
+identities:
+  rpcmesh-coordinator:
+    services: []
+"""
+
+
+@dataclass(frozen=True)
+class Plane:
+    """An mTLS `rpcmesh up` and the folder of its certificates."""
+
+    certs: Path
+    address: str
+
+
+def _own_lines(stderr: str) -> list[str]:
+    """The CLI's lines, without grpc core's own log lines ("I1204 12:00:00.0 ...")."""
+    return [line for line in stderr.strip().splitlines() if not re.match(r"^[IWE]\d{4} ", line)]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        rpcmesh_command(*args),
+        env=python_env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("secure-mode-pki")
+    write_development_set(folder, clients=["rpcmesh-coordinator", "ops"])
+    (folder / "policy.yaml").write_text(POLICY)
+    past = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=10)
+    write_development_set(folder / "other")  # a foreign CA
+    home = CertificateAuthority.load(folder / "ca.crt", folder / "ca.key")
+    issue_certificate(
+        home, "ops", client=True, server=False, not_before=past, validity=datetime.timedelta(days=1)
+    ).write(folder, "client-expired")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def plane(certs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Plane]:
+    # fmt: off
+    proc, address = start_control_plane(
+        tmp_path_factory.mktemp("secure-mode-plane"),
+        "--tls-cert", str(certs / "server.crt"), "--tls-key", str(certs / "server.key"),
+        "--tls-ca", str(certs / "ca.crt"), "--tls-client-auth", "--policy", str(certs / "policy.yaml"),
+        "--coordinator-cert", str(certs / "client-rpcmesh-coordinator.crt"),
+        "--coordinator-key", str(certs / "client-rpcmesh-coordinator.key"),
+    )
+    # fmt: on
+    try:
+        yield Plane(certs=certs, address=address)
+    finally:
+        proc.kill()
+
+
+def _client_flags(certs: Path, case: str) -> list[str]:
+    if case == "plaintext client":
+        return []
+    if case == "unknown CA":
+        return ["--tls-ca", str(certs / "other" / "ca.crt")]
+    if case == "missing client certificate":
+        return ["--tls-ca", str(certs / "ca.crt")]
+    if case == "expired client certificate":
+        cert, key = certs / "client-expired.crt", certs / "client-expired.key"
+        return [
+            "--tls-ca",
+            str(certs / "ca.crt"),
+            "--tls-client-cert",
+            str(cert),
+            "--tls-client-key",
+            str(key),
+        ]
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [
+        ("plaintext client", "speaks TLS but this client dials plaintext"),
+        ("unknown CA", "unknown CA"),
+        ("missing client certificate", "requires a client certificate"),
+        ("expired client certificate", "expired"),
+    ],
+)
+def test_a_failed_tls_handshake_is_named(plane: Plane, case: str, reason: str) -> None:
+    result = _run("services", "--target", plane.address, "--timeout", "5", *_client_flags(plane.certs, case))
+    lines = _own_lines(result.stderr)
+    assert result.returncode == 1 and len(lines) == 1, (case, result.returncode, result.stderr)
+    assert lines[0].startswith("rpcmesh services: TLS handshake failed:"), (case, lines)
+    assert reason in lines[0], (case, lines)
+
+
+def test_the_right_certificate_still_works(plane: Plane) -> None:
+    certs = plane.certs
+    result = _run(
+        "services", "--target", plane.address,
+        "--tls-ca", str(certs / "ca.crt"),
+        "--tls-client-cert", str(certs / "client-ops.crt"), "--tls-client-key", str(certs / "client-ops.key"),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--tls-client-auth"], "--coordinator-cert"),
+        (["--tls-client-auth", "--coordinator-cert", "{certs}/client-rpcmesh-coordinator.crt"],
+         "--coordinator-key"),
+        (["--token-secret-file", "{certs}/token.secret", "--no-ca"], "--tls-ca"),
+        (["--coordinator-token-file", "{certs}/token.secret", "--tls-client-auth",
+          "--coordinator-cert", "{certs}/client-rpcmesh-coordinator.crt",
+          "--coordinator-key", "{certs}/client-rpcmesh-coordinator.key"], "--token-secret-file"),
+    ],
+)  # fmt: skip
+def test_up_refuses_a_secure_mode_without_the_coordinators_identity(
+    certs: Path, tmp_path: Path, flags: list[str], named: str
+) -> None:
+    (certs / "token.secret").write_text("s" * 40)
+    args = [flag.format(certs=certs) for flag in flags if flag != "--no-ca"]
+    base = ["--tls-cert", str(certs / "server.crt"), "--tls-key", str(certs / "server.key")]
+    if "--no-ca" not in flags:
+        base += ["--tls-ca", str(certs / "ca.crt")]
+    result = _run("up", "--port", "0", "--data-dir", str(tmp_path / "data"), *base, *args)
+    lines = _own_lines(result.stderr)
+    assert result.returncode == 1 and len(lines) == 1, (
+        flags,
+        result.returncode,
+        result.stderr,
+        result.stdout,
+    )
+    assert lines[0].startswith("rpcmesh up: ") and named in lines[0], (flags, lines)
+    assert "listening" not in result.stdout
