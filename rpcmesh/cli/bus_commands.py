@@ -3,25 +3,35 @@
 from __future__ import annotations
 
 import argparse
+import os
 import queue
 import sys
 import threading
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from google.protobuf import duration_pb2
 
+from rpcmesh.cli import deadletter_commands, topic_commands
 from rpcmesh.cli.common import (
     CliError,
     CommandFailed,
+    Target,
     add_target_arguments,
     parse_headers,
     payload_bytes,
     target_of,
 )
-from rpcmesh.cli.output import message_to_dict, print_json
+from rpcmesh.cli.output import print_json
 from rpcmesh.v1 import bus_pb2, bus_pb2_grpc
+
+# Reconnection of `rpcmesh subscribe`: the first retry after this long, doubling up to the maximum.
+RECONNECT_FIRST_DELAY = 0.2
+RECONNECT_MAX_DELAY = 5.0
+DEFAULT_GIVE_UP_AFTER = 60.0
 
 
 def _add_payload_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,7 +54,7 @@ def register(commands: Any) -> None:
     publish.add_argument("topic")
     _add_payload_arguments(publish)
     publish.add_argument("--id", default="", help="message id for deduplication")
-    publish.add_argument("--json", action="store_true", help="print the result as JSON")
+    publish.add_argument("--json", action="store_true", help="print the PublishResponse as JSON")
     add_target_arguments(publish)
     publish.set_defaults(func=run_publish)
 
@@ -61,7 +71,17 @@ def register(commands: Any) -> None:
         "--from", dest="start", default="new", help="'new', 'earliest' or a sequence number (default new)"
     )
     subscribe.add_argument("--count", type=int, default=0, help="stop after this many messages")
-    subscribe.add_argument("--json", action="store_true", help="one JSON document per message")
+    subscribe.add_argument(
+        "--json", action="store_true", help="one JSON document per message (a Delivery) and line"
+    )
+    subscribe.add_argument(
+        "--give-up-after",
+        type=float,
+        default=float(os.environ.get("RPCMESH_GIVE_UP_AFTER", str(DEFAULT_GIVE_UP_AFTER))),
+        metavar="SECONDS",
+        help="when the control plane goes away, retry (saying so on stderr) for this long, then exit 1 "
+        "(env RPCMESH_GIVE_UP_AFTER; default %(default)s)",
+    )
     add_target_arguments(subscribe)
     subscribe.set_defaults(func=run_subscribe)
 
@@ -72,9 +92,12 @@ def register(commands: Any) -> None:
     )
     request.add_argument("topic")
     _add_payload_arguments(request)
-    request.add_argument("--json", action="store_true", help="print the reply message as JSON")
+    request.add_argument("--json", action="store_true", help="print the RequestResponse as JSON")
     add_target_arguments(request)
     request.set_defaults(func=run_request)
+
+    topic_commands.register(commands)
+    deadletter_commands.register(commands)
 
 
 def _message(args: argparse.Namespace) -> bus_pb2.BusMessage:
@@ -99,7 +122,7 @@ def run_publish(args: argparse.Namespace) -> int:
     if result.code:
         raise CliError(f"publish refused: {result.error}")
     if args.json:
-        print_json(result)
+        print_json(response)
     else:
         print(f"{args.topic}\t{result.sequence}\t{result.id}" + ("\tduplicate" if result.duplicate else ""))
     return 0
@@ -115,14 +138,70 @@ def _start_position(text: str) -> bus_pb2.StartPosition:
     raise CliError(f"--from: expected 'new', 'earliest' or a sequence number, got {text!r}")
 
 
+@dataclass
+class _Progress:
+    """What a subscription has printed so far, kept across reconnections."""
+
+    received: int = 0
+    last_sequence: int = 0
+    reconnecting: bool = False
+
+
+def _is_pattern(topic: str) -> bool:
+    return any(token in ("*", ">") for token in topic.split("."))
+
+
 def run_subscribe(args: argparse.Namespace) -> int:
-    """Run `rpcmesh subscribe TOPIC`."""
+    """Run `rpcmesh subscribe TOPIC`: reconnect when the control plane goes away, give up after a while."""
     target = target_of(args)
+    if args.give_up_after < 0:
+        raise CliError("--give-up-after: 0 or more seconds")
+    start = _start_position(args.start)
+    progress = _Progress()
+    lost_since: float | None = None
+    failures = 0
+    while True:
+        try:
+            _subscribe_once(args, target, start, progress)
+            return 0
+        except grpc.RpcError as exc:
+            if exc.code() is not grpc.StatusCode.UNAVAILABLE:
+                raise
+            details = " ".join(str(exc.details() if isinstance(exc, grpc.Call) else exc).split())
+        if progress.reconnecting:
+            progress.reconnecting = False
+            lost_since, failures = None, 0  # it had opened again: a new outage starts now
+        now = time.monotonic()
+        lost_since = now if lost_since is None else lost_since
+        left = args.give_up_after - (now - lost_since)
+        if left <= 0:
+            raise CommandFailed(
+                f"gave up: the control plane at {target.address} has been unreachable for "
+                f"{now - lost_since:.1f}s (--give-up-after {args.give_up_after:g}; {details})"
+            )
+        delay = min(RECONNECT_FIRST_DELAY * 2**failures, RECONNECT_MAX_DELAY, left)
+        failures += 1
+        print(
+            f"rpcmesh subscribe: lost the control plane at {target.address} ({details}); "
+            f"retrying in {delay:.1f}s, giving up in {left:.0f}s",
+            file=sys.stderr,
+            flush=True,
+        )
+        time.sleep(delay)
+        if not args.group and progress.last_sequence and not _is_pattern(args.topic):
+            # A broadcast subscriber has no durable position: resume after the last message it printed.
+            start = bus_pb2.StartPosition(sequence=progress.last_sequence + 1)
+
+
+def _subscribe_once(
+    args: argparse.Namespace, target: Target, start: bus_pb2.StartPosition, progress: _Progress
+) -> None:
+    """One Subscribe stream until --count is reached; raises UNAVAILABLE when the connection is lost."""
     options = bus_pb2.SubscriptionOptions(
         topic=args.topic,
         group=args.group,
         mode=bus_pb2.DELIVERY_MODE_GROUP if args.group else bus_pb2.DELIVERY_MODE_BROADCAST,
-        start=_start_position(args.start),
+        start=start,
     )
     outbox: queue.Queue[bus_pb2.SubscribeRequest | None] = queue.Queue()
     outbox.put(bus_pb2.SubscribeRequest(open=options))
@@ -131,19 +210,22 @@ def run_subscribe(args: argparse.Namespace) -> int:
         while (item := outbox.get()) is not None:
             yield item
 
-    received = 0
-    finishing = False
+    finishing = args.count and progress.received >= args.count
     deadline: threading.Timer | None = None
     with target.channel() as channel:
         call = bus_pb2_grpc.BusStub(channel).Subscribe(requests())
         try:
             for response in call:
+                if response.opened and progress.received:
+                    print("rpcmesh subscribe: subscribed again", file=sys.stderr, flush=True)
+                if response.opened:
+                    progress.reconnecting = True
                 for delivery in response.deliveries:
-                    if args.count and received >= args.count:
+                    if args.count and progress.received >= args.count:
                         break  # past --count: not acked, the group redelivers it
                     message = delivery.message
                     if args.json:
-                        print_json({"attempt": delivery.attempt, **message_to_dict(message)})
+                        print_json(delivery)
                     else:
                         print(
                             f"{message.topic}\t{message.sequence}\t{message.payload.decode(errors='replace')}",
@@ -152,8 +234,9 @@ def run_subscribe(args: argparse.Namespace) -> int:
                     if args.group:
                         ref = bus_pb2.MessageRef(topic=message.topic, sequence=message.sequence)
                         outbox.put(bus_pb2.SubscribeRequest(ack=bus_pb2.Ack(refs=[ref])))
-                    received += 1
-                if args.count and received >= args.count and not finishing:
+                    progress.received += 1
+                    progress.last_sequence = message.sequence
+                if args.count and progress.received >= args.count and not finishing:
                     # Half-close after the queued acks: the server applies them, leaves the
                     # group and ends the stream, which this loop reads to its end.
                     finishing = True
@@ -169,7 +252,6 @@ def run_subscribe(args: argparse.Namespace) -> int:
                 deadline.cancel()
             outbox.put(None)
             call.cancel()
-    return 0
 
 
 def run_request(args: argparse.Namespace) -> int:
@@ -190,7 +272,7 @@ def run_request(args: argparse.Namespace) -> int:
                 raise CommandFailed(f"no responders on topic {args.topic!r}") from exc
             raise
     if args.json:
-        print_json(response.reply)
+        print_json(response)
     else:
         sys.stdout.write(response.reply.payload.decode(errors="replace") + "\n")
     return 0

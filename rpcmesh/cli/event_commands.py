@@ -31,6 +31,7 @@ def register(commands: Any) -> None:
     append.add_argument("--content-type", default="application/json")
     append.add_argument("--id", default="", help="event id (deduplicated within the stream)")
     append.add_argument("--metadata", "-m", action="append", help="KEY=VALUE metadata (repeatable)")
+    append.add_argument("--json", action="store_true", help="print the AppendToStreamResponse as JSON")
     expected = append.add_mutually_exclusive_group()
     expected.add_argument("--expect", choices=sorted(EXPECT), default="any", help="expected stream state")
     expected.add_argument("--expected-revision", type=int, help="the stream must be at exactly this revision")
@@ -51,7 +52,9 @@ def register(commands: Any) -> None:
     read.add_argument(
         "--prefix", dest="prefixes", action="append", help="with --all: keep this stream prefix"
     )
-    read.add_argument("--json", action="store_true")
+    read.add_argument(
+        "--json", action="store_true", help="print the ReadStreamResponse (with --all: ReadAllResponse)"
+    )
     add_target_arguments(read)
     read.set_defaults(func=run_read)
 
@@ -82,7 +85,10 @@ def run_append(args: argparse.Namespace) -> int:
         request.expected_state = EXPECT[args.expect]
     with target.channel() as channel:
         response = eventstore_pb2_grpc.EventStoreStub(channel).AppendToStream(request, timeout=target.timeout)
-    print(f"{args.stream}\trevision {response.current_revision}\tposition {response.position}")
+    if args.json:
+        print_json(response)
+    else:
+        print(f"{args.stream}\trevision {response.current_revision}\tposition {response.position}")
     return 0
 
 
@@ -104,7 +110,7 @@ def run_read(args: argparse.Namespace) -> int:
                 ),
                 timeout=target.timeout,
             )
-            events = list(all_response.events)
+            response: eventstore_pb2.ReadAllResponse | eventstore_pb2.ReadStreamResponse = all_response
         else:
             direction = (
                 eventstore_pb2.READ_DIRECTION_BACKWARDS
@@ -118,10 +124,10 @@ def run_read(args: argparse.Namespace) -> int:
                 ),
                 timeout=target.timeout,
             )
-            events = list(stream_response.events)
+            response = stream_response
+    events = list(response.events)
     if args.json:
-        for event in events:
-            print_json(event)
+        print_json(response)
     else:
         print_table(
             ["position", "stream", "revision", "type", "data"],

@@ -9,7 +9,7 @@ from typing import Any
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rpcmesh.cli.common import add_target_arguments, target_of
-from rpcmesh.cli.output import message_to_dict, print_json, print_table
+from rpcmesh.cli.output import print_json, print_table
 from rpcmesh.v1 import registry_pb2, registry_pb2_grpc
 
 HEALTH_NAMES = {
@@ -32,7 +32,9 @@ def register(commands: Any) -> None:
         description="List registered services with instance counts; with SERVICE, list its instances.",
     )
     services.add_argument("service", nargs="?", help="show the instances of this service")
-    services.add_argument("--json", action="store_true", help="print JSON, one document")
+    services.add_argument(
+        "--json", action="store_true", help="print the ListServicesResponse (with SERVICE: ResolveResponse)"
+    )
     services.add_argument("--all", action="store_true", help="with SERVICE: include critical instances")
     add_target_arguments(services)
     services.set_defaults(func=run_services)
@@ -47,7 +49,7 @@ def register(commands: Any) -> None:
         "--after-revision", type=int, default=0, help="resume after this revision, no snapshot"
     )
     watch.add_argument("--count", type=int, default=0, help="stop after this many events (default: never)")
-    watch.add_argument("--json", action="store_true", help="print one JSON document per event")
+    watch.add_argument("--json", action="store_true", help="one WatchResponse per line, as it arrives")
     add_target_arguments(watch)
     watch.set_defaults(func=run_watch)
 
@@ -58,7 +60,9 @@ def register(commands: Any) -> None:
         "the Registry holds for each instance. Exits 1 when nothing is serving.",
     )
     health.add_argument("service", nargs="?", help="a registered service name")
-    health.add_argument("--json", action="store_true", help="print JSON")
+    health.add_argument(
+        "--json", action="store_true", help="print the HealthCheckResponse (with SERVICE: ResolveResponse)"
+    )
     add_target_arguments(health)
     health.set_defaults(func=run_health)
 
@@ -93,7 +97,8 @@ def run_services(args: argparse.Namespace) -> int:
             else:
                 print_table(INSTANCE_HEADERS, [_instance_row(i) for i in response.instances])
             return 0
-        summaries: list[registry_pb2.ServiceSummary] = []
+        merged = registry_pb2.ListServicesResponse()
+        summaries = merged.services
         token = ""
         while True:
             page = stub.ListServices(
@@ -104,7 +109,7 @@ def run_services(args: argparse.Namespace) -> int:
             if not token:
                 break
     if args.json:
-        print_json({"services": [message_to_dict(s) for s in summaries]})
+        print_json(merged)
     else:
         print_table(
             ["service", "instances", "passing"],
@@ -121,12 +126,13 @@ def run_watch(args: argparse.Namespace) -> int:
         stub = registry_pb2_grpc.RegistryStub(channel)
         request = registry_pb2.WatchRequest(service=args.service, after_revision=args.after_revision)
         for response in stub.Watch(request):
+            if args.json:
+                if args.count:
+                    # --count counts events: a response that crosses it is cut at the last one.
+                    del response.events[max(args.count - seen, 0) :]
+                print_json(response)
             for event in response.events:
-                if args.json:
-                    print_json(
-                        {"snapshot": response.snapshot, **message_to_dict(event)},
-                    )
-                else:
+                if not args.json:
                     kind = "SNAPSHOT" if response.snapshot else EVENT_NAMES.get(event.type, "?")
                     instance = event.instance
                     print(
@@ -164,7 +170,7 @@ def run_health(args: argparse.Namespace) -> int:
         check = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=target.timeout)
         status = health_pb2.HealthCheckResponse.ServingStatus.Name(check.status)
         if args.json:
-            print_json({"target": target.address, "status": status})
+            print_json(check)
         else:
             print(f"{target.address}\t{status}")
         return 0 if check.status == health_pb2.HealthCheckResponse.SERVING else 1

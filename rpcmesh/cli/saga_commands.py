@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 from typing import Any
 
-from google.protobuf import duration_pb2
+import yaml
+from google.protobuf import duration_pb2, json_format
 
-from rpcmesh.cli.common import CliError, add_target_arguments, parse_message, payload_bytes, target_of
+from rpcmesh.cli.common import CliError, add_target_arguments, payload_bytes, target_of
 from rpcmesh.cli.output import print_json, print_table
 from rpcmesh.v1 import saga_pb2, saga_pb2_grpc
 
@@ -38,11 +40,41 @@ def register(commands: Any) -> None:
     sub = saga.add_subparsers(dest="saga_command", required=True, metavar="SUBCOMMAND")
 
     define = sub.add_parser(
-        "define", help="register a saga definition", description="Register a definition from a JSON file."
+        "define",
+        help="register a saga definition (same as `definitions register`)",
+        description="Register a definition from a YAML or JSON file.",
     )
-    define.add_argument("file", help="SagaDefinition as protobuf JSON")
-    add_target_arguments(define)
-    define.set_defaults(func=run_define)
+    _add_register_arguments(define)
+
+    definitions = sub.add_parser(
+        "definitions",
+        help="list, show and register saga definitions",
+        description="Work with saga definitions.",
+    )
+    definition_commands = definitions.add_subparsers(
+        dest="definitions_command", required=True, metavar="SUBCOMMAND"
+    )
+    listing = definition_commands.add_parser(
+        "list", help="list definitions", description="List registered definitions (every version)."
+    )
+    listing.add_argument("--json", action="store_true", help="print the ListDefinitionsResponse as JSON")
+    add_target_arguments(listing)
+    listing.set_defaults(func=run_definitions_list)
+    show = definition_commands.add_parser(
+        "show", help="show a definition", description="Show a definition and its steps."
+    )
+    show.add_argument("name")
+    show.add_argument("--version", type=int, default=0, help="definition version (default: latest)")
+    show.add_argument("--json", action="store_true", help="print the GetDefinitionResponse as JSON")
+    add_target_arguments(show)
+    show.set_defaults(func=run_definitions_show)
+    register_definition = definition_commands.add_parser(
+        "register",
+        help="register a definition from a file",
+        description="Register a SagaDefinition from a YAML or JSON file in protobuf's JSON mapping "
+        "(field names as in saga.proto, durations as '5s'); prints its name and assigned version.",
+    )
+    _add_register_arguments(register_definition)
 
     start = sub.add_parser("start", help="start a saga", description="Start a saga; prints its id and state.")
     start.add_argument("definition", nargs="?", help="registered definition name")
@@ -51,14 +83,14 @@ def register(commands: Any) -> None:
     start.add_argument("--input", dest="data", help="saga input (bytes of the text)")
     start.add_argument("--input-file", dest="data_file", help="saga input from a file ('-' for stdin)")
     start.add_argument("--key", default="", help="idempotency key: the same key returns the same saga")
-    start.add_argument("--json", action="store_true", help="print the saga as JSON")
+    start.add_argument("--json", action="store_true", help="print the StartSagaResponse as JSON")
     _add_wait_argument(start)
     add_target_arguments(start)
     start.set_defaults(func=run_start)
 
     status = sub.add_parser("status", help="show one saga", description="Show a saga and its steps.")
     status.add_argument("saga_id")
-    status.add_argument("--json", action="store_true")
+    status.add_argument("--json", action="store_true", help="print the GetSagaResponse as JSON")
     _add_wait_argument(status)
     add_target_arguments(status)
     status.set_defaults(func=run_status)
@@ -67,13 +99,14 @@ def register(commands: Any) -> None:
     listing.add_argument("--state", action="append", help="filter by state, e.g. COMPENSATED (repeatable)")
     listing.add_argument("--definition", default="", help="filter by definition name")
     listing.add_argument("--limit", type=int, default=50, help="at most this many (default %(default)s)")
-    listing.add_argument("--json", action="store_true")
+    listing.add_argument("--json", action="store_true", help="print the ListSagasResponse as JSON")
     add_target_arguments(listing)
     listing.set_defaults(func=run_list)
 
     abort = sub.add_parser("abort", help="abort a saga", description="Abort a saga and compensate its steps.")
     abort.add_argument("saga_id")
     abort.add_argument("--reason", default="aborted from the CLI")
+    abort.add_argument("--json", action="store_true", help="print the AbortSagaResponse as JSON")
     add_target_arguments(abort)
     abort.set_defaults(func=run_abort)
 
@@ -81,9 +114,16 @@ def register(commands: Any) -> None:
         "watch", help="follow a saga", description="Print each transition until the saga ends."
     )
     watch.add_argument("saga_id")
-    watch.add_argument("--json", action="store_true")
+    watch.add_argument("--json", action="store_true", help="one WatchSagaResponse per transition and line")
     add_target_arguments(watch)
     watch.set_defaults(func=run_watch)
+
+
+def _add_register_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", help="SagaDefinition as YAML or JSON (protobuf JSON mapping)")
+    parser.add_argument("--json", action="store_true", help="print the RegisterDefinitionResponse as JSON")
+    add_target_arguments(parser)
+    parser.set_defaults(func=run_define)
 
 
 def _add_wait_argument(parser: argparse.ArgumentParser) -> None:
@@ -114,18 +154,32 @@ def _exit_status(saga: saga_pb2.Saga, waited: bool) -> int:
 
 
 def _read_definition(path: str) -> saga_pb2.SagaDefinition:
+    """A SagaDefinition from a JSON or YAML file (JSON is YAML, but its errors read better as JSON)."""
     try:
         with open(path, encoding="utf-8") as handle:
             text = handle.read()
     except OSError as exc:
         raise CliError(f"{path}: {exc.strerror}") from exc
-    return parse_message(text, saga_pb2.SagaDefinition, path)
+    value: object
+    if text.lstrip().startswith("{"):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise CliError(f"{path}: bad JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
+    else:
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise CliError(f"{path}: bad YAML: {' '.join(str(exc).split())}") from exc
+    if not isinstance(value, dict):
+        raise CliError(f"{path}: expected a SagaDefinition object, got {type(value).__name__}")
+    try:
+        return json_format.ParseDict(value, saga_pb2.SagaDefinition())
+    except json_format.ParseError as exc:
+        raise CliError(f"{path}: {exc}") from exc
 
 
-def _print_saga(saga: saga_pb2.Saga, as_json: bool) -> None:
-    if as_json:
-        print_json(saga)
-        return
+def _print_saga(saga: saga_pb2.Saga) -> None:
     print(f"saga {saga.saga_id}  {saga.definition_name} v{saga.definition_version}  {state_name(saga.state)}")
     if saga.error:
         print(f"error: {saga.error}")
@@ -146,7 +200,64 @@ def run_define(args: argparse.Namespace) -> int:
         response = saga_pb2_grpc.SagaCoordinatorStub(channel).RegisterDefinition(
             saga_pb2.RegisterDefinitionRequest(definition=definition), timeout=target.timeout
         )
-    print(f"{response.definition.name}\tv{response.definition.version}")
+    if args.json:
+        print_json(response)
+    else:
+        print(f"{response.definition.name}\tv{response.definition.version}")
+    return 0
+
+
+def run_definitions_list(args: argparse.Namespace) -> int:
+    """Run `rpcmesh saga definitions list`."""
+    target = target_of(args)
+    merged = saga_pb2.ListDefinitionsResponse()
+    with target.channel() as channel:
+        stub = saga_pb2_grpc.SagaCoordinatorStub(channel)
+        token = ""
+        while True:
+            page = stub.ListDefinitions(
+                saga_pb2.ListDefinitionsRequest(page_size=500, page_token=token), timeout=target.timeout
+            )
+            merged.definitions.extend(page.definitions)
+            token = page.next_page_token
+            if not token:
+                break
+    if args.json:
+        print_json(merged)
+    else:
+        print_table(
+            ["definition", "version", "steps"],
+            [[d.name, d.version, " > ".join(step.name for step in d.steps)] for d in merged.definitions],
+        )
+    return 0
+
+
+def run_definitions_show(args: argparse.Namespace) -> int:
+    """Run `rpcmesh saga definitions show NAME`."""
+    target = target_of(args)
+    with target.channel() as channel:
+        response = saga_pb2_grpc.SagaCoordinatorStub(channel).GetDefinition(
+            saga_pb2.GetDefinitionRequest(name=args.name, version=args.version), timeout=target.timeout
+        )
+    if args.json:
+        print_json(response)
+        return 0
+    definition = response.definition
+    print(f"definition {definition.name} v{definition.version}")
+    print_table(
+        ["step", "service", "method", "compensation", "timeout", "attempts"],
+        [
+            [
+                step.name,
+                step.service,
+                step.method,
+                step.compensation_method or "-",
+                step.timeout.ToJsonString() if step.HasField("timeout") else "-",
+                step.retry.max_attempts or "-",
+            ]
+            for step in definition.steps
+        ],
+    )
     return 0
 
 
@@ -192,7 +303,10 @@ def run_status(args: argparse.Namespace) -> int:
         response = saga_pb2_grpc.SagaCoordinatorStub(channel).GetSaga(
             request, timeout=target.timeout + args.wait
         )
-    _print_saga(response.saga, args.json)
+    if args.json:
+        print_json(response)
+    else:
+        _print_saga(response.saga)
     return _exit_status(response.saga, wait is not None)
 
 
@@ -205,7 +319,8 @@ def run_list(args: argparse.Namespace) -> int:
             states.append(saga_pb2.SagaState.Value(f"SAGA_STATE_{name.upper()}"))
         except ValueError as exc:
             raise CliError(f"--state: unknown state {name!r}") from exc
-    sagas: list[saga_pb2.Saga] = []
+    merged = saga_pb2.ListSagasResponse()
+    sagas = merged.sagas
     token = ""
     with target.channel() as channel:
         stub = saga_pb2_grpc.SagaCoordinatorStub(channel)
@@ -224,7 +339,7 @@ def run_list(args: argparse.Namespace) -> int:
             if not token:
                 break
     if args.json:
-        print_json({"sagas": [saga_to_json(s) for s in sagas]})
+        print_json(merged)
     else:
         print_table(
             ["saga", "definition", "state", "started"],
@@ -241,13 +356,6 @@ def run_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def saga_to_json(saga: saga_pb2.Saga) -> dict[str, Any]:
-    """A saga as a JSON-ready dict."""
-    from rpcmesh.cli.output import message_to_dict
-
-    return message_to_dict(saga)
-
-
 def run_abort(args: argparse.Namespace) -> int:
     """Run `rpcmesh saga abort ID`."""
     target = target_of(args)
@@ -255,7 +363,10 @@ def run_abort(args: argparse.Namespace) -> int:
         response = saga_pb2_grpc.SagaCoordinatorStub(channel).AbortSaga(
             saga_pb2.AbortSagaRequest(saga_id=args.saga_id, reason=args.reason), timeout=target.timeout
         )
-    print(f"{response.saga.saga_id}\t{state_name(response.saga.state)}")
+    if args.json:
+        print_json(response)
+    else:
+        print(f"{response.saga.saga_id}\t{state_name(response.saga.state)}")
     return 0
 
 
