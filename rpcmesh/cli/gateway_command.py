@@ -6,6 +6,13 @@ Security: the gateway's own port takes the same TLS/mTLS and token flags as
 gateway reaches the Registry and the services with ``ClientSecurity.from_env()``
 (``RPCMESH_TLS_CA``, ``RPCMESH_TLS_CLIENT_CERT``/``_KEY``, ``RPCMESH_TOKEN``...).
 Telemetry comes from the ``OTEL_*`` variables.
+
+Authorization: with authentication on, ``--access-policy FILE`` (control-plane
+policy format; env ``RPCMESH_GATEWAY_ACCESS_POLICY``) says which identity may call
+which ``service/Method`` through the gateway; without it every call is refused
+unless ``--allow-any-identity`` (env ``RPCMESH_GATEWAY_ALLOW_ANY_IDENTITY``) is
+given. ``--policy`` is something else: the mesh call policies (retries, timeouts,
+breakers) of the forwarded calls.
 """
 
 from __future__ import annotations
@@ -15,10 +22,15 @@ import asyncio
 import contextlib
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from rpcmesh.cli.common import CliError
-from rpcmesh.cli.server_security import add_server_security_arguments, server_security_settings
+from rpcmesh.cli.server_security import (
+    add_server_security_arguments,
+    env_flag,
+    server_security_settings,
+)
 from rpcmesh.cli.signals import run_until_signalled
 
 
@@ -48,6 +60,25 @@ def register(commands: Any) -> None:
     gateway.add_argument("--policy", help="call policies (YAML or TOML) for the forwarded calls")
     gateway.add_argument("--grace", type=float, default=5.0, help="seconds to drain calls on shutdown")
     add_server_security_arguments(gateway, with_policy=False)
+    access = gateway.add_argument_group(
+        "authorization",
+        "who may call what through the gateway (needs authentication: tokens or client certificates)",
+    )
+    access.add_argument(
+        "--access-policy",
+        type=Path,
+        default=os.environ.get("RPCMESH_GATEWAY_ACCESS_POLICY") or None,
+        help="YAML policy (control-plane format): an identity may call SERVICE/METHOD when its `calls` "
+        "globs cover it (default: its `services`); admins may call everything "
+        "(env RPCMESH_GATEWAY_ACCESS_POLICY)",
+    )
+    access.add_argument(
+        "--allow-any-identity",
+        action="store_true",
+        default=env_flag("RPCMESH_GATEWAY_ALLOW_ANY_IDENTITY"),
+        help="without --access-policy, let every authenticated identity call every service (the "
+        "default refuses every call) (env RPCMESH_GATEWAY_ALLOW_ANY_IDENTITY)",
+    )
     gateway.set_defaults(func=run_gateway)
 
 
@@ -68,7 +99,8 @@ def run_gateway(args: argparse.Namespace) -> int:
             port=args.port,
             routes=routes,
             grace=args.grace,
-            security=server_security_settings(args, limits=HOST_LIMITS),
+            security=server_security_settings(args, policy_file=args.access_policy, limits=HOST_LIMITS),
+            allow_any_identity=args.allow_any_identity,
         )
         policy = load_policy(args.policy) if args.policy else None
         client_security = ClientSecurity.from_env()
@@ -103,8 +135,7 @@ async def _serve_gateway(config: Any, policy: Any, client_security: Any) -> None
         gateway = Gateway(config, mesh)
         try:
             address = await gateway.start()
-            assert gateway.security is not None
-            for line in gateway.security.warnings(address):
+            for line in gateway.warnings(address):
                 print(line, file=sys.stderr, flush=True)
             print(f"rpcmesh gateway listening on {address}", flush=True)
             with contextlib.suppress(asyncio.CancelledError):

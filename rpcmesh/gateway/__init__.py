@@ -4,9 +4,16 @@
 service name (:mod:`rpcmesh.gateway.routes`) and forwards the call through the
 mesh client stack, so discovery, load balancing, retries, breakers and tracing
 apply to callers that know nothing of rpcmesh.
+
+With authentication on, each call is authorized per caller identity and
+resolved target (:mod:`rpcmesh.gateway.access`): the identity's ``calls`` in
+the access policy (control-plane policy format) must cover
+``<service>/<Method>``; admins may call everything. With no access policy every
+call is refused unless ``allow_any_identity`` is set.
 """
 
+from rpcmesh.gateway.access import GatewayAccess
 from rpcmesh.gateway.routes import RouteTable
 from rpcmesh.gateway.server import Gateway, GatewayConfig
 
-__all__ = ["Gateway", "GatewayConfig", "RouteTable"]
+__all__ = ["Gateway", "GatewayAccess", "GatewayConfig", "RouteTable"]

@@ -6,6 +6,14 @@ Server interceptors, outermost first: security (TLS/mTLS, tokens, limits from
 trace goes on through the gateway), then :class:`~rpcmesh.errors.StatusErrorInterceptor`.
 The caller's ``authorization`` header is not forwarded: the gateway calls
 backends under its own identity (the Mesh's ``ClientSecurity``).
+
+Authorization (:mod:`rpcmesh.gateway.access`): each call's target is resolved
+first, then the caller's identity needs a grant for ``<service>/<Method>`` in the
+access policy (``GatewayConfig.security.policy_file``, control-plane format:
+``calls`` globs, ``admins``). With authentication on and no policy every call is
+refused unless ``GatewayConfig.allow_any_identity`` is set. A refused call is
+PERMISSION_DENIED naming the identity and the target, and reaches no backend (not
+even the shape lookup).
 """
 
 from __future__ import annotations
@@ -22,12 +30,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from rpcmesh.controlplane.component import StartupError
 from rpcmesh.controlplane.server import bind_problem, check_key_pair
-from rpcmesh.errors import StatusError, StatusErrorInterceptor
+from rpcmesh.errors import PermissionDeniedError, StatusError, StatusErrorInterceptor
+from rpcmesh.gateway.access import GatewayAccess
 from rpcmesh.gateway.routes import RouteTable, split_method
 from rpcmesh.gateway.shapes import Shape, ShapeCache
 from rpcmesh.host.config import HOST_LIMITS
 from rpcmesh.security.identity import AUTHORIZATION_KEY
-from rpcmesh.security.settings import SecuritySettings, ServerSecurity
+from rpcmesh.security.interceptor import current_identity
+from rpcmesh.security.policy import load_policy
+from rpcmesh.security.settings import OPEN_POLICY_WARNING, SecuritySettings, ServerSecurity
 from rpcmesh.telemetry.grpc_aio import AioServerTracingInterceptor
 
 logger = logging.getLogger(__name__)
@@ -56,9 +67,18 @@ class GatewayConfig:
     """Seconds in-flight calls get to finish on shutdown."""
 
     security: SecuritySettings = field(default_factory=lambda: SecuritySettings(limits=HOST_LIMITS))
-    """How the gateway's port is protected (TLS/mTLS, accepted tokens, limits); default plaintext."""
+    """How the gateway's port is protected (TLS/mTLS, accepted tokens, limits); default plaintext.
+
+    Its ``policy_file`` is the access policy: who may call which ``service/Method`` through the
+    gateway (control-plane policy format; needs authentication)."""
+
+    allow_any_identity: bool = False
+    """With authentication on and no access policy, let every authenticated identity call every
+    service. Off by default: then every call is refused (PERMISSION_DENIED)."""
 
     def __post_init__(self) -> None:
+        if self.allow_any_identity and self.security.policy_file is not None:
+            raise ValueError("allow_any_identity: give it or an access policy file, not both")
         if not self.registry:
             raise ValueError("registry: at least one Registry address is needed")
         if not 0 <= self.port <= 65535:
@@ -80,10 +100,18 @@ def forwardable_metadata(metadata: Sequence[tuple[str, Any]]) -> tuple[tuple[str
 class Forwarder:
     """Forwards one call: route, learn the shape, call through the mesh, pass errors back unchanged."""
 
-    def __init__(self, mesh: Any, routes: RouteTable, shapes: ShapeCache | None = None) -> None:
+    def __init__(
+        self,
+        mesh: Any,
+        routes: RouteTable,
+        shapes: ShapeCache | None = None,
+        access: GatewayAccess | None = None,
+    ) -> None:
         self._mesh = mesh
         self._routes = routes
         self._shapes = shapes or ShapeCache()
+        self.access = access or GatewayAccess()
+        """Who may call what; the gateway sets it at start, once the policy file is read."""
 
     async def forward(
         self, method: str, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[bytes, bytes]
@@ -93,6 +121,10 @@ class Forwarder:
         headers = {key: value for key, value in incoming if isinstance(value, str)}
         service_name = self._routes.resolve(method, headers)
         grpc_service, method_name = split_method(method)
+        # Decided on the resolved target, before anything reaches a backend.
+        reason = self.access.denial(current_identity.get(), service_name, method_name)
+        if reason is not None:
+            raise PermissionDeniedError(reason)
         channel = self._mesh.channel(service_name)
         shape = await self._shapes.shape(channel, grpc_service, method_name)
         remaining = context.time_remaining()
@@ -188,6 +220,7 @@ class Gateway:
         except ValueError as exc:
             raise StartupError(" ".join(str(exc).split())) from exc
         check_key_pair(security)
+        self._forwarder.access = self._access(security.settings)
         self.security = security
         address = f"{self.config.host}:{self.config.port}"
         if self.config.port:
@@ -214,6 +247,39 @@ class Gateway:
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         logger.info("gateway listening on %s", self.address)
         return self.address
+
+    def _access(self, settings: SecuritySettings) -> GatewayAccess:
+        """The authorization settings, with the access policy read (a bad file is a StartupError)."""
+        policy = None
+        if settings.policy_file is not None:
+            try:
+                policy = load_policy(settings.policy_file)
+            except ValueError as exc:
+                raise StartupError(" ".join(str(exc).split())) from exc
+        return GatewayAccess(
+            authentication=settings.authentication_enabled,
+            policy=policy,
+            allow_any_identity=self.config.allow_any_identity,
+        )
+
+    def warnings(self, address: str) -> list[str]:
+        """Lines to print loudly at start: the port's (plaintext, development mode) and the access rule."""
+        if self.security is None:
+            return []
+        lines = [line for line in self.security.warnings(address) if line != OPEN_POLICY_WARNING]
+        settings = self.security.settings
+        if settings.authentication_enabled and settings.policy_file is None:
+            if self.config.allow_any_identity:
+                lines.append(
+                    "WARNING: --allow-any-identity: every authenticated identity may call every "
+                    "service through the gateway. Give --access-policy to grant least privilege."
+                )
+            else:
+                lines.append(
+                    "NOTE: authentication is on but no access policy is given: the gateway refuses "
+                    "every call (PERMISSION_DENIED). Give --access-policy FILE (or --allow-any-identity)."
+                )
+        return lines
 
     async def stop(self) -> None:
         """Stop accepting calls and drain within the grace period (then cancel what is left)."""
