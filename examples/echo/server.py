@@ -2,7 +2,9 @@
 
     python examples/echo/server.py --registry 127.0.0.1:50051 [--name echo] [--instance-id ID] [--port 0]
 
-Prints ``listening on HOST:PORT`` once serving and exits cleanly on SIGTERM.
+Prints ``listening on HOST:PORT`` once serving and exits cleanly on SIGTERM (a second
+signal exits at once). A start-up problem (port in use, bad TLS files) is one line on
+stderr and exit code 1.
 
 Security from the environment: its own port from ``RPCMESH_TLS_CERT``/``_KEY``/``_CA``/
 ``_CLIENT_AUTH`` and ``RPCMESH_TOKEN_SECRET_FILE``; the Registry is reached with
@@ -28,7 +30,7 @@ if __package__ in (None, ""):
 
 from echo.servicer import EchoServicer
 from echo.v1 import echo_pb2, echo_pb2_grpc
-from rpcmesh.host import ServiceHost, ServiceHostConfig, host_security_from_env
+from rpcmesh.host import ServiceHost, ServiceHostConfig, StartupError, host_security_from_env
 
 
 class SlowEchoServicer(EchoServicer):
@@ -86,5 +88,9 @@ async def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except StartupError as exc:
+        print(f"echo: {exc}", file=sys.stderr, flush=True)
+        sys.exit(1)
     print("echo stopped", flush=True)

@@ -19,6 +19,12 @@ telemetry off it only adopts the correlation id), :class:`CallContextInterceptor
 :class:`~rpcmesh.errors.StatusErrorInterceptor` (rpcmesh errors raised by handlers
 become precise statuses), then the user's.
 
+Start-up problems (a bad TLS file or key pair, a port in use) raise
+:class:`~rpcmesh.controlplane.component.StartupError` with one line naming the
+cause and the file or port; the process entry point prints it and exits 1.
+:meth:`run` handles SIGINT/SIGTERM: the first stops gracefully, a second (or a
+stop running past its deadline) ends the process at once with 128 + the signal.
+
 Telemetry: :meth:`run` (the process entry point) sets it up from the standard
 ``OTEL_*`` variables and shuts it down on stop; an embedding application that
 manages telemetry itself uses :meth:`start`/:meth:`stop` and passes ``telemetry``.
@@ -29,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -39,10 +44,13 @@ import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from rpcmesh.controlplane.component import StartupError
+from rpcmesh.controlplane.server import bind_problem, check_key_pair
 from rpcmesh.errors import StatusErrorInterceptor
 from rpcmesh.host.config import ServiceHostConfig
 from rpcmesh.host.interceptors import CallContextInterceptor
 from rpcmesh.host.lease import LeaseKeeper
+from rpcmesh.host.signals import ShutdownSignals
 from rpcmesh.security.client import ClientSecurity
 from rpcmesh.security.settings import ServerSecurity
 from rpcmesh.telemetry.config import TelemetryConfig
@@ -110,8 +118,8 @@ class ServiceHost:
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self._lease: LeaseKeeper | None = None
-        self._stopping: asyncio.Event | None = None
         self._stopped = False
+        self._stopped_event = asyncio.Event()
         self.address = ""
         self.service_names: list[str] = []
 
@@ -145,10 +153,32 @@ class ServiceHost:
         self._adders.append((add_to_server, servicer, tuple(service_names)))
 
     async def start(self) -> str:
-        """Bind, start serving and register; returns the bound ``host:port``."""
+        """Bind, start serving and register; returns the bound ``host:port``.
+
+        A start that fails stops what it started (as :meth:`stop` does).
+
+        Raises:
+            StartupError: one line naming the cause and the file or port (bad TLS
+                files, a certificate and key that do not match, a port in use).
+        """
+        if self._stopped:
+            raise RuntimeError("start: the host was stopped; create a new one")
+        if self._server is not None:
+            raise RuntimeError("start: the host is already started")
         # Reads certificates and the token secret now: a bad file fails the start.
-        security = ServerSecurity.build(self.config.security, authorize=False)
+        try:
+            security = ServerSecurity.build(self.config.security, authorize=False)
+        except ValueError as exc:
+            raise StartupError(" ".join(str(exc).split())) from exc
+        check_key_pair(security)
         self.security = security
+        try:
+            return await self._start(security)
+        except BaseException:
+            await asyncio.shield(self.stop(0))
+            raise
+
+    async def _start(self, security: ServerSecurity) -> str:
         server = grpc.aio.server(
             interceptors=[
                 *security.interceptors,
@@ -169,10 +199,22 @@ class ServiceHost:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         self.service_names = [*recorder.names, _HEALTH_SERVICE]
         reflection.enable_server_reflection([*self.service_names, reflection.SERVICE_NAME], server)
-        port = security.add_port(server, f"{self.config.host}:{self.config.port}")
-        if port == 0:
-            raise OSError(f"cannot listen on {self.config.host}:{self.config.port}")
+        # Stopped by stop() from here on, even if binding fails.
         self._server = server
+        where = f"{self.config.host}:{self.config.port}"
+        if self.config.port:
+            # grpc binds with SO_REUSEPORT (a second server could share the port) and logs
+            # its failures in several lines: check first, and say why in one.
+            problem = bind_problem(self.config.host, self.config.port)
+            if problem is not None:
+                raise StartupError(f"cannot listen on {where}: {problem}")
+        try:
+            port = security.add_port(server, where)
+        except RuntimeError:
+            port = 0
+        if port == 0:
+            problem = bind_problem(self.config.host, self.config.port) or "the gRPC server could not bind it"
+            raise StartupError(f"cannot listen on {where}: {problem}")
         self.address = f"{self.config.host}:{port}"
         await server.start()
         for name in ("", *self.service_names):
@@ -203,30 +245,44 @@ class ServiceHost:
             return
         self._stopped = True
         grace = self.config.grace if grace is None else grace
-        await self._health.enter_graceful_shutdown()
-        if self._lease is not None:
-            await self._lease.stop(deregister=True)
-            if self._drain_delay > 0 and self._server is not None:
-                # Clients learn of the deregistration through their watch; keep
-                # accepting calls meanwhile so none is turned away.
-                await asyncio.sleep(min(self._drain_delay, grace))
-        if self._server is not None:
-            await self._server.stop(grace)
-        if self._stopping is not None:
-            self._stopping.set()
-        logger.info("%s on %s stopped", self.config.service, self.address)
-        if self._owned_telemetry is not None:
-            telemetry, self._owned_telemetry = self._owned_telemetry, None
-            # Flushing exports over the network: keep it off the event loop.
-            await asyncio.to_thread(telemetry.shutdown)
+        try:
+            await self._health.enter_graceful_shutdown()
+            if self._lease is not None:
+                await self._lease.stop(deregister=True)
+                if self._drain_delay > 0 and self._server is not None:
+                    # Clients learn of the deregistration through their watch; keep
+                    # accepting calls meanwhile so none is turned away.
+                    await asyncio.sleep(min(self._drain_delay, grace))
+            if self._server is not None:
+                await self._server.stop(grace)
+            logger.info("%s on %s stopped", self.config.service, self.address)
+        finally:
+            self._stopped_event.set()
+            if self._owned_telemetry is not None:
+                telemetry, self._owned_telemetry = self._owned_telemetry, None
+                # Flushing exports over the network: keep it off the event loop.
+                await asyncio.to_thread(telemetry.shutdown)
 
     async def wait(self) -> None:
-        """Block until the host is stopped."""
-        if self._server is not None:
-            await self._server.wait_for_termination()
+        """Block until :meth:`stop` has stopped the host (or a start failed); cancelling it is safe.
 
-    async def run(self, *, print_address: bool = True) -> None:
+        Not ``server.wait_for_termination()``: cancelling that cancels the server's own
+        shutdown future, and ``server.stop(grace)`` then skips the grace period (in-flight
+        calls are cut off) and raises CancelledError.
+        """
+        await self._stopped_event.wait()
+
+    async def run(self, *, print_address: bool = True, shutdown_deadline: float | None = None) -> None:
         """Start, print ``listening on HOST:PORT``, serve until SIGTERM/SIGINT, then stop gracefully.
+
+        The process entry point: a second SIGTERM/SIGINT during the stop, or a stop still
+        running ``shutdown_deadline`` seconds after the first signal (default: the drain
+        delay and ``config.grace`` plus 15 s for deregistering and flushing telemetry),
+        ends the process at once with exit code 128 + the signal number.
+
+        Raises:
+            StartupError: the host could not start (see :meth:`start`); the caller
+                prints its one line and exits 1.
 
         Also the process's telemetry: set up from the ``OTEL_*`` variables (service name
         defaults to the registered service name) unless a handle was given or one is
@@ -239,23 +295,20 @@ class ServiceHost:
             )
             overrides = {} if named else {"service_name": self.config.service}
             self._owned_telemetry = setup_telemetry(TelemetryConfig.from_env(None, **overrides))
-        loop = asyncio.get_running_loop()
-        self._stopping = asyncio.Event()
+        if shutdown_deadline is None:
+            shutdown_deadline = self._drain_delay + self.config.grace + 15.0
         stop_requested = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop_requested.set)
-        try:
-            await self.start()
-            if print_address:
-                assert self.security is not None
-                for line in self.security.warnings(self.address):
-                    print(line, file=sys.stderr, flush=True)
-                print(f"{self.config.service} listening on {self.address}", flush=True)
-            await stop_requested.wait()
-        finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
-            await asyncio.shield(self.stop())
+        async with ShutdownSignals(stop_requested.set, deadline=shutdown_deadline, name=self.config.service):
+            try:
+                await self.start()
+                if print_address:
+                    assert self.security is not None
+                    for line in self.security.warnings(self.address):
+                        print(line, file=sys.stderr, flush=True)
+                    print(f"{self.config.service} listening on {self.address}", flush=True)
+                await stop_requested.wait()
+            finally:
+                await asyncio.shield(self.stop())
 
     async def __aenter__(self) -> ServiceHost:
         await self.start()
