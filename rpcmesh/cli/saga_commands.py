@@ -55,7 +55,9 @@ def register(commands: Any) -> None:
         dest="definitions_command", required=True, metavar="SUBCOMMAND"
     )
     listing = definition_commands.add_parser(
-        "list", help="list definitions", description="List registered definitions (every version)."
+        "list",
+        help="list definitions",
+        description="List registered definitions (the latest version of each).",
     )
     listing.add_argument("--json", action="store_true", help="print the ListDefinitionsResponse as JSON")
     add_target_arguments(listing)

@@ -92,8 +92,9 @@ def test_bus_commands(control_plane: tuple[ManagedProcess, str]) -> None:
     assert received.stdout.splitlines() == ['cli.orders\t1\t{"n": 1}', 'cli.orders\t2\t{"n": 2}']
 
     as_json = cli(address, "subscribe", "cli.orders", "--from", "1", "--count", "1", "--json")
-    message = json.loads(as_json.stdout)
-    assert message["headers"] == {"x-correlation-id": "c-1"} and message["attempt"] == 1
+    delivery = json.loads(as_json.stdout)
+    assert delivery["message"]["headers"] == {"x-correlation-id": "c-1"} and delivery["attempt"] == 1
+    assert delivery["message"]["payload"] == {"n": 1}  # application/json: embedded, not base64
 
     bad_json = cli(address, "publish", "cli.orders", "--data", "{oops")
     assert bad_json.returncode == 2 and "bad JSON" in bad_json.stderr
@@ -137,7 +138,12 @@ def test_event_commands(control_plane: tuple[ManagedProcess, str]) -> None:
     backwards = cli(address, "events", "read", "cart-1", "--backwards", "--limit", "1")
     assert [line.split("\t")[2] for line in backwards.stdout.splitlines()] == ["1"]
     everything = cli(address, "events", "read", "--all", "--prefix", "cart-", "--json")
-    assert [json.loads(line)["stream"] for line in everything.stdout.splitlines()] == ["cart-1", "cart-1"]
+    (document,) = everything.stdout.splitlines()
+    events = json.loads(document)["events"]
+    assert [e["stream"] for e in events] == ["cart-1", "cart-1"]
+    # Zero values are kept: the first event is at stream_revision 0 (int64: a string in JSON).
+    assert [e["stream_revision"] for e in events] == ["0", "1"]
+    assert events[0]["data"] == {"sku": "book"}
 
     neither = cli(address, "events", "read")
     assert neither.returncode == 2
@@ -175,12 +181,12 @@ def test_saga_commands(control_plane: tuple[ManagedProcess, str], tmp_path: Path
     # a wait that runs out answers with the saga as it is, and a status other than 0.
     running = cli(address, "saga", "status", saga_id, "--wait", "0.3", "--json")
     assert running.returncode == 1, running.stderr
-    assert json.loads(running.stdout)["state"] == "SAGA_STATE_RUNNING"
+    assert json.loads(running.stdout)["saga"]["state"] == "SAGA_STATE_RUNNING"
     assert cli(address, "saga", "status", saga_id, "--wait", "-1").returncode == 2
     aborted = cli(address, "saga", "abort", saga_id, "--reason", "changed my mind")
     assert aborted.returncode == 0, aborted.stderr
     ended = cli(address, "saga", "status", saga_id, "--wait", "30", "--json")
-    assert ended.returncode == 1 and json.loads(ended.stdout)["state"] == "SAGA_STATE_ABORTED"
+    assert ended.returncode == 1 and json.loads(ended.stdout)["saga"]["state"] == "SAGA_STATE_ABORTED"
     restarted = cli(address, "saga", "start", "cli-demo", "--key", "k-1", "--wait", "30")
     assert restarted.returncode == 1 and restarted.stdout.split("\t")[1] == "ABORTED"
     watched = cli(address, "saga", "watch", saga_id)
@@ -188,7 +194,7 @@ def test_saga_commands(control_plane: tuple[ManagedProcess, str], tmp_path: Path
     assert watched.stdout.strip().splitlines()[-1].split("\t")[1] == "ABORTED"
 
     status = cli(address, "saga", "status", saga_id, "--json")
-    assert json.loads(status.stdout)["saga_id"] == saga_id
+    assert json.loads(status.stdout)["saga"]["saga_id"] == saga_id
     listed = cli(address, "saga", "list", "--definition", "cli-demo")
     assert saga_id in listed.stdout
 
