@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from rpcmesh.controlplane.bus import topics
-from rpcmesh.controlplane.bus.caps import BusCaps, CapLedger, Reservation
+from rpcmesh.controlplane.bus.caps import BusCaps, CapLedger
 from rpcmesh.controlplane.bus.consumer_runtime import ConsumerGroupRuntime
 from rpcmesh.controlplane.bus.group_state import Dead, GroupState
 from rpcmesh.controlplane.bus.node_link import NodeLink
@@ -52,7 +52,6 @@ from rpcmesh.errors import (
     DeadlineExceededError,
     NotFoundError,
     OutOfRangeError,
-    ResourceExhaustedError,
     UnavailableError,
     invalid_argument,
 )
@@ -388,7 +387,7 @@ class Broker:
         self._groups: dict[tuple[str, str], GroupRunner] = {}
         self._subscriptions: set[Subscription] = set()
         self._known_topics: set[str] = set()
-        self.caps = CapLedger(caps or BusCaps(), self._known_topics)
+        self.caps = CapLedger(caps or BusCaps(), self._known_topics, store)
         """What counts against the topic and group caps."""
         self._requests: dict[str, asyncio.Future[bus_pb2.BusMessage]] = {}
         self._background: set[asyncio.Task[None]] = set()
@@ -450,7 +449,7 @@ class Broker:
             ResourceExhaustedError: the topic is new and the topic cap is reached (or the groups
                 of the pattern subscriptions it would join pass the group cap); nothing is stored.
         """
-        reservation = await self._admit_topic(topic)
+        reservation = await self.caps.admit_topic(topic, self._pattern_settings())
         try:
             results = await self.store.append(topic, messages, dedup=dedup)
             metrics = get_telemetry().metrics
@@ -480,7 +479,7 @@ class Broker:
         Raises:
             ResourceExhaustedError: the topic cap is reached; nothing is created.
         """
-        reservation = await self._admit_topic(name)
+        reservation = await self.caps.admit_topic(name, self._pattern_settings())
         try:
             stats, created = await self.store.create_topic(name, retention)
             await self.note_topic(name)
@@ -494,37 +493,13 @@ class Broker:
             self._known_topics.add(name)
             await self._attach_patterns(name)
 
-    async def _admit_topic(self, topic: str) -> Reservation:
-        """Reserve room for ``topic`` and the groups pattern subscribers would make on it, when new.
-
-        No await before the reservation on the way that succeeds: concurrent batches of a
-        PublishStream keep their order into the store.
-        """
-        if topic in self._known_topics:
-            return Reservation()
-        try:
-            return self.caps.admit([topic], self._pattern_groups(topic, ()))
-        except ResourceExhaustedError:
-            # Before refusing, ask the store: another Bus node on the same NATS may have
-            # created the topic (and groups on it) since this one last looked.
-            stats = await self.store.get_topic(topic)
-            if stats is None:
-                raise
-            for group in stats.groups:
-                self.caps.group_exists(topic, group)
-            return self.caps.admit([], self._pattern_groups(topic, stats.groups))
-
-    def _pattern_groups(self, topic: str, existing: Sequence[str]) -> set[tuple[str, str]]:
-        """The groups that open pattern subscriptions would create on ``topic``."""
-        return {
-            (topic, sub.settings.group)
+    def _pattern_settings(self) -> list[SubscriptionSettings]:
+        """Settings of the open subscriptions that would join a new topic (durable, by pattern)."""
+        return [
+            sub.settings
             for sub in self._subscriptions
-            if not sub.closed
-            and not sub.settings.broadcast
-            and sub.settings.group not in existing
-            and topics.is_pattern(sub.settings.topic)
-            and topics.matches(sub.settings.topic, topic)
-        }
+            if not sub.closed and not sub.settings.broadcast and topics.is_pattern(sub.settings.topic)
+        ]
 
     def forget_topic(self, name: str) -> None:
         """A topic was deleted: stop its dispatchers and detach members."""
@@ -629,7 +604,7 @@ class Broker:
             matching = [name for name in sorted(self._known_topics) if topics.matches(settings.topic, name)]
         else:
             matching = [settings.topic]
-        reservation = await self._admit_subscription(settings, matching)
+        reservation = await self.caps.admit_subscription(settings, matching)
         try:
             for name in matching:
                 await self._attach(subscription, name, fresh_topic=False)
@@ -639,27 +614,6 @@ class Broker:
         if self.node_link is not None:
             await self.node_link.announce(settings.topic)
         return subscription
-
-    async def _admit_subscription(self, settings: SubscriptionSettings, matching: list[str]) -> Reservation:
-        """Reserve room for the topic and the durable groups a subscription would create."""
-        if settings.broadcast:
-            return Reservation()  # reads the log only: creates neither topics nor groups
-        new_topics = []
-        if (
-            not topics.is_pattern(settings.topic)
-            and settings.topic not in self._known_topics
-            and await self.store.get_topic(settings.topic) is None
-        ):
-            new_topics.append(settings.topic)
-        new_groups = []
-        for name in matching:
-            if self.caps.knows_group(name, settings.group):
-                continue
-            if name not in new_topics and await self.store.load_group(name, settings.group) is not None:
-                self.caps.group_exists(name, settings.group)
-            else:
-                new_groups.append((name, settings.group))
-        return self.caps.admit(new_topics, new_groups)
 
     async def _attach_patterns(self, topic: str) -> None:
         for subscription in list(self._subscriptions):

@@ -24,9 +24,12 @@ drops the reservations of a creation that failed or was cancelled.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from rpcmesh.controlplane.bus import topics
+from rpcmesh.controlplane.bus.store import BusStore
+from rpcmesh.controlplane.bus.validation import SubscriptionSettings
 from rpcmesh.errors import ResourceExhaustedError
 
 DEFAULT_MAX_TOPICS = 10_000
@@ -67,16 +70,19 @@ class Reservation:
 
 
 class CapLedger:
-    """The counts a Bus node enforces its :class:`BusCaps` with (pure bookkeeping, no I/O).
+    """The counts a Bus node enforces its :class:`BusCaps` with, and the admissions that use them.
 
     ``known_topics`` is the broker's own set of topic names (shared, not copied):
     the broker adds a topic there once it exists. Groups are recorded here with
-    :meth:`group_exists` once created or found.
+    :meth:`group_exists` once created or found. The store is only asked whether a
+    topic or group exists already.
     """
 
-    def __init__(self, caps: BusCaps, known_topics: set[str]) -> None:
+    def __init__(self, caps: BusCaps, known_topics: set[str], store: BusStore) -> None:
         self.caps = caps
+        """The caps in force (a frozen value; replace it to change them)."""
         self._known_topics = known_topics
+        self._store = store
         self._groups: set[tuple[str, str]] = set()
         self._pending_topics: set[str] = set()
         self._pending_groups: set[tuple[str, str]] = set()
@@ -134,12 +140,73 @@ class CapLedger:
         self._pending_groups |= wanted_groups
         return Reservation(topics=wanted_topics, groups=wanted_groups)
 
+    async def admit_topic(self, topic: str, patterns: Sequence[SubscriptionSettings]) -> Reservation:
+        """Reserve room for ``topic`` and the groups ``patterns`` subscriptions would make on it, when new.
+
+        No await before the reservation on the way that succeeds: concurrent batches of a
+        PublishStream keep their order into the store.
+
+        Raises:
+            ResourceExhaustedError: past a cap; nothing is reserved.
+        """
+        if topic in self._known_topics:
+            return Reservation()
+        try:
+            return self.admit([topic], _pattern_groups(topic, patterns, ()))
+        except ResourceExhaustedError:
+            # Before refusing, ask the store: another Bus node on the same NATS may have
+            # created the topic (and groups on it) since this one last looked.
+            stats = await self._store.get_topic(topic)
+            if stats is None:
+                raise
+            for group in stats.groups:
+                self.group_exists(topic, group)
+            return self.admit([], _pattern_groups(topic, patterns, stats.groups))
+
+    async def admit_subscription(
+        self, settings: SubscriptionSettings, matching: Sequence[str]
+    ) -> Reservation:
+        """Reserve room for the topic and the durable groups a subscription would create.
+
+        Raises:
+            ResourceExhaustedError: past a cap; nothing is reserved.
+        """
+        if settings.broadcast:
+            return Reservation()  # reads the log only: creates neither topics nor groups
+        new_topics = []
+        if (
+            not topics.is_pattern(settings.topic)
+            and settings.topic not in self._known_topics
+            and await self._store.get_topic(settings.topic) is None
+        ):
+            new_topics.append(settings.topic)
+        new_groups = []
+        for name in matching:
+            if self.knows_group(name, settings.group):
+                continue
+            if name not in new_topics and await self._store.load_group(name, settings.group) is not None:
+                self.group_exists(name, settings.group)
+            else:
+                new_groups.append((name, settings.group))
+        return self.admit(new_topics, new_groups)
+
     def release(self, reservation: Reservation) -> None:
         """End a creation: what it created is known by now; the rest stops counting."""
         self._pending_topics -= reservation.topics
         self._pending_groups -= reservation.groups
         reservation.topics.clear()
         reservation.groups.clear()
+
+
+def _pattern_groups(
+    topic: str, patterns: Sequence[SubscriptionSettings], existing: Sequence[str]
+) -> set[tuple[str, str]]:
+    """The groups that these pattern subscriptions would create on ``topic``."""
+    return {
+        (topic, settings.group)
+        for settings in patterns
+        if settings.group not in existing and topics.matches(settings.topic, topic)
+    }
 
 
 def _names(names: Iterable[str]) -> str:
