@@ -4,7 +4,13 @@
 
 Services: users, orders, inventory, payments, notifications. Orders publishes
 order events on the Bus; notifications subscribes to them. Prints
-``listening on HOST:PORT`` once serving and exits cleanly on SIGTERM.
+``listening on HOST:PORT`` once serving and exits cleanly on SIGTERM; a start-up
+problem (port in use, bad TLS files) is one line on stderr and exit code 1.
+
+Secure mode comes from the environment (docs/security.md): ``RPCMESH_TLS_CERT``/``_KEY``
+(the service's own TLS port), ``RPCMESH_TLS_CLIENT_AUTH`` (require client certificates),
+``RPCMESH_TLS_CA``, and the service's identity towards the control plane:
+``RPCMESH_TLS_CLIENT_CERT``/``_KEY`` (mTLS) or ``RPCMESH_TOKEN``.
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ if __package__ in (None, ""):
 import grpc.aio
 
 from rpcmesh.bus import Received, Subscriber, SubscriberConfig, publish_event
-from rpcmesh.host import ServiceHost, ServiceHostConfig
+from rpcmesh.host import ServiceHost, ServiceHostConfig, StartupError, host_security_from_env
+from rpcmesh.security import ClientSecurity, aio_channel
 from rpcmesh.telemetry import TelemetryConfig, setup_telemetry
 from shop.servicers import (
     InventoryServicer,
@@ -70,7 +77,7 @@ async def run_notifications(control_plane: grpc.aio.Channel) -> None:
 async def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper())
-    async with grpc.aio.insecure_channel(args.registry) as control_plane:
+    async with aio_channel(args.registry, ClientSecurity.from_env()) as control_plane:
         if args.service == "notifications":
             # A plain process (no ServiceHost): it sets its telemetry up itself.
             telemetry = setup_telemetry(TelemetryConfig.from_env(service_name="notifications"))
@@ -96,6 +103,7 @@ async def main(argv: list[str] | None = None) -> None:
                 instance_id=args.instance_id,
                 ttl=args.ttl,
                 grace=2.0,
+                security=host_security_from_env(),
             )
         )
         if args.service == "users":
@@ -110,5 +118,10 @@ async def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(main())
+    service = parse_args().service  # exits 2 on bad arguments before anything starts
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(main())
+    except StartupError as exc:
+        print(f"{service}: {exc}", file=sys.stderr, flush=True)
+        sys.exit(1)
