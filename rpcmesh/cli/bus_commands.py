@@ -144,7 +144,16 @@ class _Progress:
 
     received: int = 0
     last_sequence: int = 0
-    reconnecting: bool = False
+    opened: bool = False
+    """The current stream was confirmed by the Bus."""
+    lost: bool = False
+    """An earlier stream was lost."""
+    finishing: bool = False
+    """--count is reached and the stream half-closed: its end is expected."""
+
+
+class _StreamLost(Exception):
+    """The stream ended without this side asking: the control plane stopped or went away."""
 
 
 def _is_pattern(topic: str) -> bool:
@@ -161,16 +170,17 @@ def run_subscribe(args: argparse.Namespace) -> int:
     lost_since: float | None = None
     failures = 0
     while True:
+        progress.opened = False
         try:
             _subscribe_once(args, target, start, progress)
             return 0
-        except grpc.RpcError as exc:
-            if exc.code() is not grpc.StatusCode.UNAVAILABLE:
-                raise
-            details = " ".join(str(exc.details() if isinstance(exc, grpc.Call) else exc).split())
-        if progress.reconnecting:
-            progress.reconnecting = False
-            lost_since, failures = None, 0  # it had opened again: a new outage starts now
+        except _StreamLost as exc:
+            details = str(exc)
+        if args.count and progress.received >= args.count:
+            return 0  # lost while leaving: the acks not applied come again to the group, at least once
+        if progress.opened:
+            lost_since, failures = None, 0  # it had subscribed again: a new outage starts now
+        progress.lost = True
         now = time.monotonic()
         lost_since = now if lost_since is None else lost_since
         left = args.give_up_after - (now - lost_since)
@@ -196,7 +206,7 @@ def run_subscribe(args: argparse.Namespace) -> int:
 def _subscribe_once(
     args: argparse.Namespace, target: Target, start: bus_pb2.StartPosition, progress: _Progress
 ) -> None:
-    """One Subscribe stream until --count is reached; raises UNAVAILABLE when the connection is lost."""
+    """One Subscribe stream until --count is reached; _StreamLost when the control plane goes away."""
     options = bus_pb2.SubscriptionOptions(
         topic=args.topic,
         group=args.group,
@@ -210,48 +220,70 @@ def _subscribe_once(
         while (item := outbox.get()) is not None:
             yield item
 
-    finishing = args.count and progress.received >= args.count
+    try:
+        with target.channel() as channel:
+            call = bus_pb2_grpc.BusStub(channel).Subscribe(requests())
+            try:
+                _consume(args, target, call, outbox, progress)
+            finally:
+                outbox.put(None)
+                call.cancel()
+    except grpc.RpcError as exc:
+        # Out here, past the channel's block: a failed TLS handshake has become CommandFailed there.
+        code = exc.code()
+        if progress.finishing and code is grpc.StatusCode.CANCELLED:
+            return
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+            # CANCELLED that this side did not ask for: the server stopped and cut its streams.
+            detail = exc.details() if isinstance(exc, grpc.Call) else None
+            raise _StreamLost(f"{code.name}: {' '.join(str(detail or exc).split())}") from exc
+        raise
+    if not progress.finishing:
+        raise _StreamLost("the stream ended")
+
+
+def _consume(
+    args: argparse.Namespace,
+    target: Target,
+    call: Any,
+    outbox: queue.Queue[bus_pb2.SubscribeRequest | None],
+    progress: _Progress,
+) -> None:
+    """Print (and ack) deliveries until the stream ends; half-close once --count is reached."""
     deadline: threading.Timer | None = None
-    with target.channel() as channel:
-        call = bus_pb2_grpc.BusStub(channel).Subscribe(requests())
-        try:
-            for response in call:
-                if response.opened and progress.received:
+    try:
+        for response in call:
+            if response.opened:
+                progress.opened = True
+                if progress.lost:
                     print("rpcmesh subscribe: subscribed again", file=sys.stderr, flush=True)
-                if response.opened:
-                    progress.reconnecting = True
-                for delivery in response.deliveries:
-                    if args.count and progress.received >= args.count:
-                        break  # past --count: not acked, the group redelivers it
-                    message = delivery.message
-                    if args.json:
-                        print_json(delivery)
-                    else:
-                        print(
-                            f"{message.topic}\t{message.sequence}\t{message.payload.decode(errors='replace')}",
-                            flush=True,
-                        )
-                    if args.group:
-                        ref = bus_pb2.MessageRef(topic=message.topic, sequence=message.sequence)
-                        outbox.put(bus_pb2.SubscribeRequest(ack=bus_pb2.Ack(refs=[ref])))
-                    progress.received += 1
-                    progress.last_sequence = message.sequence
-                if args.count and progress.received >= args.count and not finishing:
-                    # Half-close after the queued acks: the server applies them, leaves the
-                    # group and ends the stream, which this loop reads to its end.
-                    finishing = True
-                    outbox.put(None)
-                    deadline = threading.Timer(target.timeout, call.cancel)
-                    deadline.daemon = True
-                    deadline.start()
-        except grpc.RpcError as exc:
-            if not finishing or exc.code() is not grpc.StatusCode.CANCELLED:
-                raise
-        finally:
-            if deadline is not None:
-                deadline.cancel()
-            outbox.put(None)
-            call.cancel()
+            for delivery in response.deliveries:
+                if args.count and progress.received >= args.count:
+                    break  # past --count: not acked, the group redelivers it
+                message = delivery.message
+                if args.json:
+                    print_json(delivery)
+                else:
+                    print(
+                        f"{message.topic}\t{message.sequence}\t{message.payload.decode(errors='replace')}",
+                        flush=True,
+                    )
+                if args.group:
+                    ref = bus_pb2.MessageRef(topic=message.topic, sequence=message.sequence)
+                    outbox.put(bus_pb2.SubscribeRequest(ack=bus_pb2.Ack(refs=[ref])))
+                progress.received += 1
+                progress.last_sequence = message.sequence
+            if args.count and progress.received >= args.count and not progress.finishing:
+                # Half-close after the queued acks: the server applies them, leaves the
+                # group and ends the stream, which this loop reads to its end.
+                progress.finishing = True
+                outbox.put(None)
+                deadline = threading.Timer(target.timeout, call.cancel)
+                deadline.daemon = True
+                deadline.start()
+    finally:
+        if deadline is not None:
+            deadline.cancel()
 
 
 def run_request(args: argparse.Namespace) -> int:

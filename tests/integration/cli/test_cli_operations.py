@@ -69,7 +69,7 @@ async def test_topic_and_dead_letter_commands(
         subscriber = RawSubscriber(stub, options("ops.orders", "workers"))
         try:
             await subscriber.opened()
-            first, second, third = await subscriber.receive(3)
+            first, second, _third = await subscriber.receive(3)
             subscriber.ack([first])
             subscriber.term([second], "poison")
             await subscriber.nothing(0.5)  # let the acks land
