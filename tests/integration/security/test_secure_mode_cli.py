@@ -59,6 +59,9 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     issue_certificate(
         home, "ops", client=True, server=False, not_before=past, validity=datetime.timedelta(days=1)
     ).write(folder, "client-expired")
+    issue_certificate(
+        home, "server", names=["127.0.0.1"], not_before=past, validity=datetime.timedelta(days=1)
+    ).write(folder, "server-expired")
     return folder
 
 
@@ -77,6 +80,28 @@ def plane(certs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pla
         yield Plane(certs=certs, address=address)
     finally:
         proc.kill()
+
+
+@pytest.fixture(scope="module")
+def expired_plane(certs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Plane]:
+    """`rpcmesh up` serving TLS with an expired server certificate."""
+    proc, address = start_control_plane(
+        tmp_path_factory.mktemp("expired-plane"),
+        "--tls-cert", str(certs / "server-expired.crt"), "--tls-key", str(certs / "server-expired.key"),
+    )  # fmt: skip
+    try:
+        yield Plane(certs=certs, address=address)
+    finally:
+        proc.kill()
+
+
+def test_an_expired_server_certificate_is_named(expired_plane: Plane) -> None:
+    ca = str(expired_plane.certs / "ca.crt")
+    result = _run("services", "--target", expired_plane.address, "--timeout", "5", "--tls-ca", ca)
+    lines = _own_lines(result.stderr)
+    assert result.returncode == 1 and len(lines) == 1, (result.returncode, result.stderr)
+    assert lines[0].startswith("rpcmesh services: TLS handshake failed:"), lines
+    assert "certificate has expired" in lines[0], lines
 
 
 def _client_flags(certs: Path, case: str) -> list[str]:
