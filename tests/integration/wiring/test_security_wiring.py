@@ -175,6 +175,9 @@ async def test_gateway_with_tls(pki: Pki, processes: Processes) -> None:
     registry = processes.control_plane(*_plane_args(pki, mtls=False))
     processes.echo(registry, "echo-1", _host_env(pki, "echo", mtls=False))
     gateway_env = {"RPCMESH_TLS_CA": str(pki.ca), "RPCMESH_TOKEN": pki.token("gateway")}
+    # With authentication on, the gateway forwards only what an access policy grants.
+    access = pki.folder / "gateway-access.yaml"
+    access.write_text("identities:\n  client:\n    calls: [echo]\n")
     gateway = processes.gateway(
         registry,
         gateway_env,
@@ -184,6 +187,8 @@ async def test_gateway_with_tls(pki: Pki, processes: Processes) -> None:
         str(pki.server_key),
         "--token-secret-file",
         str(pki.secret_file),
+        "--access-policy",
+        str(access),
     )
 
     async with aio_channel(gateway, pki.token_client("client")) as channel:
