@@ -3,7 +3,9 @@ without its coordinator's identity (one line naming the missing flag, exit 1).""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import io
 import re
 import subprocess
 from collections.abc import Iterator
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from rpcmesh.cli.main import build_parser
 from rpcmesh.security.certs import CertificateAuthority, issue_certificate, write_development_set
 from tests.support.processes import ROOT, python_env, rpcmesh_command, start_control_plane
 
@@ -181,3 +184,50 @@ def test_up_refuses_a_secure_mode_without_the_coordinators_identity(
     )
     assert lines[0].startswith("rpcmesh up: ") and named in lines[0], (flags, lines)
     assert "listening" not in result.stdout
+
+
+SERVERS = {"up", "gateway"}  # servers: their own TLS flags; the gateway's client identity is env
+
+
+def _help(*command: str) -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        build_parser().parse_args([*command, "--help"])
+    return out.getvalue()
+
+
+def _listed_commands(help_text: str) -> list[str]:
+    """The (sub)command names a help text lists under its positional arguments."""
+    listing = help_text.split("positional arguments:", 1)[-1].split("options:", 1)[0]
+    return re.findall(r"^    ([a-z][a-z-]*)(?:\s|$)", listing, re.M)
+
+
+def _client_commands() -> list[tuple[str, ...]]:
+    """Every command that talks to the control plane (it takes --target), found through --help."""
+    found: list[tuple[str, ...]] = []
+    for name in _listed_commands(_help()):
+        if name in SERVERS:
+            continue
+        text = _help(name)
+        if "--target" in text:
+            found.append((name,))
+        elif "SUBCOMMAND" in text:
+            found += [(name, sub) for sub in _listed_commands(text) if "--target" in _help(name, sub)]
+    return found
+
+
+def test_every_client_command_shows_its_tls_and_token_flags_in_help() -> None:
+    commands = _client_commands()
+    assert len(commands) >= 10, commands
+    for name in commands:
+        text = _help(*name)
+        for flag, env in [
+            ("--tls-ca", "RPCMESH_TLS_CA"),
+            ("--tls-client-cert", "RPCMESH_TLS_CLIENT_CERT"),
+            ("--tls-client-key", "RPCMESH_TLS_CLIENT_KEY"),
+            ("--tls-server-name", "RPCMESH_TLS_SERVER_NAME"),
+            ("--token", "RPCMESH_TOKEN"),
+            ("--token-file", "RPCMESH_TOKEN_FILE"),
+            ("--insecure", "RPCMESH_INSECURE"),
+        ]:
+            assert flag in text and env in text, (name, flag)
