@@ -7,6 +7,7 @@ covered by test_cli_commands.py and test_cli_subscribe_giveup.py.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -33,6 +34,17 @@ def one_json(out: str) -> dict[str, object]:
     value = json.loads(line)
     assert isinstance(value, dict)
     return value
+
+
+async def settled(stub: bus_pb2_grpc.BusStub, topic: str, within: float = 30.0) -> None:
+    """Wait until the Bus has applied the ack and the term (they travel on the stream, unanswered)."""
+    async with asyncio.timeout(within):
+        while True:
+            response = await stub.GetTopic(bus_pb2.GetTopicRequest(name=topic))
+            (group,) = response.topic.groups
+            if group.ack_floor == 2 and group.dead_letters == 1:
+                return
+            await asyncio.sleep(0.05)
 
 
 async def test_topic_and_dead_letter_commands(
@@ -72,7 +84,7 @@ async def test_topic_and_dead_letter_commands(
             first, second, _third = await subscriber.receive(3)
             subscriber.ack([first])
             subscriber.term([second], "poison")
-            await subscriber.nothing(0.5)  # let the acks land
+            await settled(stub, "ops.orders")
 
             code, out, err = run(capsys, address, "topics", "info", "ops.orders")
             assert code == 0, err
