@@ -50,7 +50,11 @@ class Target:
         Use it as a context manager: an UNAVAILABLE error leaving the ``with`` block whose cause is
         a failed TLS handshake becomes :class:`CommandFailed` ("TLS handshake failed: <reason>").
         """
-        return _DiagnosingChannel(sync_channel(self.address, self.security), self)
+        try:
+            inner = sync_channel(self.address, self.security)
+        except ValueError as exc:  # an unreadable CA, certificate or key
+            raise CliError(str(exc)) from exc
+        return _DiagnosingChannel(inner, self)
 
 
 class _DiagnosingChannel(grpc.Channel):

@@ -231,3 +231,10 @@ def test_every_client_command_shows_its_tls_and_token_flags_in_help() -> None:
             ("--insecure", "RPCMESH_INSECURE"),
         ]:
             assert flag in text and env in text, (name, flag)
+
+
+def test_an_unreadable_ca_file_is_one_usage_line(tmp_path: Path) -> None:
+    result = _run("services", "--target", "127.0.0.1:1", "--tls-ca", str(tmp_path / "missing-ca.crt"))
+    lines = _own_lines(result.stderr)
+    assert result.returncode == 2 and len(lines) == 1, (result.returncode, result.stderr)
+    assert lines[0].startswith("rpcmesh services: ") and "cannot read" in lines[0], lines
