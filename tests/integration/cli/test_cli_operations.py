@@ -250,3 +250,29 @@ def test_json_keeps_zero_values(
     code, out, _ = run(capsys, address, "services", "--json")
     services = one_json(out)
     assert services["services"] == [] and services["next_page_token"] == "", services
+
+
+def test_json_payloads_are_embedded_only_when_they_are_json() -> None:
+    from rpcmesh.v1 import eventstore_pb2
+
+    from rpcmesh.cli.output import message_to_dict
+
+    response = bus_pb2.SubscribeResponse(
+        deliveries=[
+            bus_pb2.Delivery(
+                message=bus_pb2.BusMessage(payload=b'{"a": [1]}', content_type="application/json")
+            ),
+            bus_pb2.Delivery(
+                message=bus_pb2.BusMessage(
+                    payload=b'"x"', content_type="application/cloudevents+json; charset=utf-8"
+                )
+            ),
+            bus_pb2.Delivery(message=bus_pb2.BusMessage(payload=b"{oops", content_type="application/json")),
+            bus_pb2.Delivery(message=bus_pb2.BusMessage(payload=b"{}", content_type="text/plain")),
+        ]
+    )
+    payloads = [d["message"]["payload"] for d in message_to_dict(response)["deliveries"]]
+    assert payloads == [{"a": [1]}, "x", "e29vcHM=", "e30="]
+    event = message_to_dict(eventstore_pb2.RecordedEvent(content_type="application/json"))
+    # Zero values kept; an empty JSON payload stays as protobuf prints empty bytes.
+    assert event["stream_revision"] == "0" and event["data"] == "" and event["metadata"] == {}
