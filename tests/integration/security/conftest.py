@@ -55,7 +55,7 @@ class Pki:
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     folder = tmp_path_factory.mktemp("pki")
-    write_development_set(folder, clients=["order-service", "ops", "reader"])
+    write_development_set(folder, clients=["order-service", "ops", "reader", "rpcmesh-coordinator"])
     secret = b"0123456789abcdef0123456789abcdef-test"
     (folder / "token.secret").write_bytes(secret)
     (folder / "policy.yaml").write_text(POLICY)
@@ -79,6 +79,16 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         validity=datetime.timedelta(days=1),
     ).write(folder, "client-expired")
     return Pki(folder=folder, secret=secret)
+
+
+def coordinator_args(folder: Path) -> list[str]:
+    """`rpcmesh up` flags for the saga coordinator's client certificate (mTLS needs one)."""
+    return [
+        "--coordinator-cert",
+        str(folder / "client-rpcmesh-coordinator.crt"),
+        "--coordinator-key",
+        str(folder / "client-rpcmesh-coordinator.key"),
+    ]
 
 
 def _start(tmp: Path, pki: Pki, *extra: str) -> tuple[ManagedProcess, str]:
@@ -111,7 +121,9 @@ def tls_plane(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[st
 @pytest.fixture(scope="module")
 def mtls_plane(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[str]:
     """`rpcmesh up` requiring client certificates (mTLS), with the policy; yields its address."""
-    proc, address = _start(tmp_path_factory.mktemp("mtls-plane"), pki, "--tls-client-auth")
+    proc, address = _start(
+        tmp_path_factory.mktemp("mtls-plane"), pki, "--tls-client-auth", *coordinator_args(pki.folder)
+    )
     try:
         yield address
     finally:

@@ -24,6 +24,7 @@ from rpcmesh.security.client import ClientSecurity, aio_channel
 from rpcmesh.security.tls import ClientTlsConfig
 from rpcmesh.security.tokens import mint_token
 from tests.integration.saga.conftest import step
+from tests.integration.security.conftest import coordinator_args
 from tests.support.processes import start_control_plane
 
 POLICY = """\
@@ -64,10 +65,10 @@ class Plane:
 @pytest.fixture(scope="module", params=["mtls", "token"])
 def plane(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Plane]:
     folder = tmp_path_factory.mktemp("authz-pki")
-    write_development_set(folder, clients=["orders", "payments"])
+    write_development_set(folder, clients=["orders", "payments", "rpcmesh-coordinator"])
     (folder / "token.secret").write_bytes(SECRET)
     (folder / "policy.yaml").write_text(POLICY)
-    extra = ["--tls-client-auth"] if request.param == "mtls" else []
+    extra = ["--tls-client-auth", *coordinator_args(folder)] if request.param == "mtls" else []
     proc, address = start_control_plane(
         folder / "data",
         "--tls-cert",

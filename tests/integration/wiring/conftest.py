@@ -32,7 +32,7 @@ identities:
     services: [not-echo]
 """
 
-IDENTITIES = ("echo", "relay", "gateway", "client", "intruder", "ops")
+IDENTITIES = ("echo", "relay", "gateway", "client", "intruder", "ops", "rpcmesh-coordinator")
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from rpcmesh.client import Mesh, SyncMesh
 from rpcmesh.host import LeaseKeeper
 from rpcmesh.security.client import ClientSecurity, aio_channel
 from rpcmesh.security.tls import ClientTlsConfig
+from tests.integration.security.conftest import coordinator_args
 from tests.integration.wiring.conftest import Pki, Processes
 from tests.support.processes import ROOT, python_env, rpcmesh_command
 
@@ -33,7 +34,9 @@ TIMEOUT = 10.0
 def _plane_args(pki: Pki, *, mtls: bool) -> list[str]:
     args = ["--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key), "--tls-ca", str(pki.ca)]
     args += ["--policy", str(pki.policy)]
-    return [*args, "--tls-client-auth"] if mtls else [*args, "--token-secret-file", str(pki.secret_file)]
+    if mtls:
+        return [*args, "--tls-client-auth", *coordinator_args(pki.folder)]
+    return [*args, "--token-secret-file", str(pki.secret_file)]
 
 
 def _host_env(pki: Pki, identity: str, *, mtls: bool) -> dict[str, str]:
