@@ -100,6 +100,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="accept link-local instance addresses (169.254.0.0/16, fe80::/10); "
         "metadata addresses stay refused",
     )
+    up.add_argument(
+        "--bus-max-topics",
+        type=int,
+        default=int(os.environ.get("RPCMESH_BUS_MAX_TOPICS", "10000")),
+        help="most Bus topics; creating one more is RESOURCE_EXHAUSTED (env RPCMESH_BUS_MAX_TOPICS; "
+        "default 10000)",
+    )
+    up.add_argument(
+        "--bus-max-groups",
+        type=int,
+        default=int(os.environ.get("RPCMESH_BUS_MAX_GROUPS", "10000")),
+        help="most consumer groups over all topics (env RPCMESH_BUS_MAX_GROUPS; default 10000)",
+    )
     add_server_security_arguments(up, with_policy=True)
     coordinator = up.add_argument_group(
         "saga coordinator identity",
@@ -163,6 +176,8 @@ def run_up(args: argparse.Namespace) -> int:
             grace=args.grace,
             allow_addresses=tuple(args.allow_address or ()),
             allow_link_local_addresses=args.allow_link_local_addresses,
+            bus_max_topics=args.bus_max_topics,
+            bus_max_groups=args.bus_max_groups,
             security=server_security_settings(args, policy_file=args.policy),
             coordinator=coordinator,
         )
@@ -195,8 +210,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s [%(correlation_id)s]: %(message)s",
     )
-    name = args.command + (
-        f" {getattr(args, 'saga_command', '') or getattr(args, 'events_command', '')}".rstrip()
+    # "saga definitions show", "topics info": the command and its subcommands, outermost first.
+    name = " ".join(
+        [
+            args.command,
+            *(str(value) for key, value in vars(args).items() if key.endswith("_command") and value),
+        ]
     )
     try:
         code = int(args.func(args))

@@ -98,6 +98,12 @@ class ControlPlaneConfig:
     allow_link_local_addresses: bool = False
     """Accept link-local instance addresses (metadata addresses stay refused)."""
 
+    bus_max_topics: int = 10_000
+    """Most Bus topics (dead-letter topics not counted); one more is RESOURCE_EXHAUSTED."""
+
+    bus_max_groups: int = 10_000
+    """Most durable consumer groups over all topics; one more is RESOURCE_EXHAUSTED."""
+
     security: SecuritySettings = field(default_factory=SecuritySettings)
     """TLS/mTLS, token secret and issuer, policy file, development mode and limits.
 
@@ -120,6 +126,9 @@ class ControlPlaneConfig:
         if self.close_timeout <= 0:
             raise ValueError(f"close_timeout: must be > 0, got {self.close_timeout}")
         self.address_policy  # noqa: B018 - validates the allow-list (ValueError naming the entry)
+        for name in ("bus_max_topics", "bus_max_groups"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
 
     @property
     def address_policy(self) -> AddressPolicy:

@@ -51,6 +51,7 @@ SHUTTING_DOWN = "control plane is shutting down"
 def build_components(config: ControlPlaneConfig) -> list[Component]:
     """The components `rpcmesh up` serves for this configuration."""
     # Imported here: each component pulls in its storage drivers (psycopg, nats-py).
+    from rpcmesh.controlplane.bus.caps import BusCaps
     from rpcmesh.controlplane.bus.component import BusComponent
     from rpcmesh.controlplane.eventstore.component import EventStoreComponent
     from rpcmesh.controlplane.registry.component import RegistryComponent
@@ -60,7 +61,9 @@ def build_components(config: ControlPlaneConfig) -> list[Component]:
     eventstore = EventStoreComponent(config)
     return [
         RegistryComponent(config, RegistrySettings(address_policy=config.address_policy)),
-        BusComponent(config),
+        BusComponent(
+            config, caps=BusCaps(max_topics=config.bus_max_topics, max_groups=config.bus_max_groups)
+        ),
         eventstore,
         SagaCoordinatorComponent(config, eventstore=eventstore),
     ]

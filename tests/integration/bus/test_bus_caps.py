@@ -235,3 +235,25 @@ async def test_concurrent_flood_never_passes_the_caps(capped: CappedBus) -> None
             for result in results:
                 if isinstance(result, RawSubscriber):
                     await result.close()
+
+
+async def test_rpcmesh_up_flags_set_the_caps(tmp_path: Path) -> None:
+    from tests.support.processes import start_control_plane
+
+    proc, address = start_control_plane(tmp_path / "data", "--bus-max-topics", "2", "--bus-max-groups", "1")
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = bus_pb2_grpc.BusStub(channel)
+            for name in ("capped.a", "capped.b"):
+                await stub.CreateTopic(bus_pb2.CreateTopicRequest(name=name), timeout=10)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.CreateTopic(bus_pb2.CreateTopicRequest(name="capped.c"), timeout=10)
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "max_topics" in (caught.value.details() or "")
+            listed = await stub.ListTopics(bus_pb2.ListTopicsRequest(), timeout=10)
+            assert sorted(topic.name for topic in listed.topics if not topic.name.startswith("$")) == [
+                "capped.a",
+                "capped.b",
+            ]
+    finally:
+        proc.kill()
