@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from google.protobuf import json_format
@@ -25,6 +25,27 @@ from rpcmesh.security.tls import ClientTlsConfig, diagnose_handshake
 DEFAULT_TARGET = "127.0.0.1:50051"
 
 M = TypeVar("M", bound=Message)
+
+
+class _Page(Protocol):
+    @property
+    def next_page_token(self) -> str: ...
+
+
+P = TypeVar("P", bound=_Page)
+
+
+def pages(fetch: Callable[[str], P]) -> Iterator[P]:
+    """Every page of a paginated List call: ``fetch(page_token)`` gets one, starting from ``""``."""
+    token = ""
+    while True:
+        page = fetch(token)
+        yield page
+        token = page.next_page_token
+        if not token:
+            return
+
+
 Handler = Callable[[argparse.Namespace], int]
 
 

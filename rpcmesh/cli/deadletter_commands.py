@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Iterator
 from typing import Any
 
-from rpcmesh.cli.common import CliError, CommandFailed, add_target_arguments, target_of
+from rpcmesh.cli.common import CliError, CommandFailed, add_target_arguments, pages, target_of
 from rpcmesh.cli.output import is_json_content, print_json, print_table
 from rpcmesh.v1 import bus_pb2, bus_pb2_grpc
 
@@ -60,16 +60,13 @@ def _pages(
     stub: bus_pb2_grpc.BusStub, topic: str, group: str, timeout: float, page_size: int = 500
 ) -> Iterator[bus_pb2.DeadLetter]:
     """Every dead letter of topic/group, page by page."""
-    token = ""
-    while True:
-        page = stub.ListDeadLetters(
+    for page in pages(
+        lambda token: stub.ListDeadLetters(
             bus_pb2.ListDeadLettersRequest(topic=topic, group=group, page_size=page_size, page_token=token),
             timeout=timeout,
         )
+    ):
         yield from page.dead_letters
-        token = page.next_page_token
-        if not token:
-            return
 
 
 def run_list(args: argparse.Namespace) -> int:

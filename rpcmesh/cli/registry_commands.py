@@ -8,7 +8,7 @@ from typing import Any
 
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from rpcmesh.cli.common import add_target_arguments, target_of
+from rpcmesh.cli.common import add_target_arguments, pages, target_of
 from rpcmesh.cli.output import print_json, print_table
 from rpcmesh.v1 import registry_pb2, registry_pb2_grpc
 
@@ -98,22 +98,18 @@ def run_services(args: argparse.Namespace) -> int:
                 print_table(INSTANCE_HEADERS, [_instance_row(i) for i in response.instances])
             return 0
         merged = registry_pb2.ListServicesResponse()
-        summaries = merged.services
-        token = ""
-        while True:
-            page = stub.ListServices(
+        for page in pages(
+            lambda token: stub.ListServices(
                 registry_pb2.ListServicesRequest(page_size=500, page_token=token), timeout=target.timeout
             )
-            summaries.extend(page.services)
-            token = page.next_page_token
-            if not token:
-                break
+        ):
+            merged.services.extend(page.services)
     if args.json:
         print_json(merged)
     else:
         print_table(
             ["service", "instances", "passing"],
-            [[s.name, s.instance_count, s.passing_count] for s in summaries],
+            [[s.name, s.instance_count, s.passing_count] for s in merged.services],
         )
     return 0
 

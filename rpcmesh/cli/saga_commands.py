@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 from google.protobuf import duration_pb2, json_format
 
-from rpcmesh.cli.common import CliError, add_target_arguments, payload_bytes, target_of
+from rpcmesh.cli.common import CliError, add_target_arguments, pages, payload_bytes, target_of
 from rpcmesh.cli.output import print_json, print_table
 from rpcmesh.v1 import saga_pb2, saga_pb2_grpc
 
@@ -215,15 +215,12 @@ def run_definitions_list(args: argparse.Namespace) -> int:
     merged = saga_pb2.ListDefinitionsResponse()
     with target.channel() as channel:
         stub = saga_pb2_grpc.SagaCoordinatorStub(channel)
-        token = ""
-        while True:
-            page = stub.ListDefinitions(
+        for page in pages(
+            lambda token: stub.ListDefinitions(
                 saga_pb2.ListDefinitionsRequest(page_size=500, page_token=token), timeout=target.timeout
             )
+        ):
             merged.definitions.extend(page.definitions)
-            token = page.next_page_token
-            if not token:
-                break
     if args.json:
         print_json(merged)
     else:

@@ -8,7 +8,7 @@ from typing import Any
 
 from google.protobuf import duration_pb2
 
-from rpcmesh.cli.common import CliError, add_target_arguments, target_of
+from rpcmesh.cli.common import CliError, add_target_arguments, pages, target_of
 from rpcmesh.cli.output import print_json, print_table
 from rpcmesh.v1 import bus_pb2, bus_pb2_grpc
 
@@ -90,15 +90,12 @@ def run_list(args: argparse.Namespace) -> int:
     merged = bus_pb2.ListTopicsResponse()
     with target.channel() as channel:
         stub = bus_pb2_grpc.BusStub(channel)
-        token = ""
-        while True:
-            page = stub.ListTopics(
+        for page in pages(
+            lambda token: stub.ListTopics(
                 bus_pb2.ListTopicsRequest(page_size=500, page_token=token), timeout=target.timeout
             )
+        ):
             merged.topics.extend(page.topics)
-            token = page.next_page_token
-            if not token:
-                break
     if args.json:
         print_json(merged)
     else:

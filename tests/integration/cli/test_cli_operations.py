@@ -59,7 +59,7 @@ async def test_topic_and_dead_letter_commands(
     retention = one_json(out)["topic"]["retention"]  # type: ignore[index]
     assert retention["max_messages"] == "100" and retention["max_bytes"] == "0"  # zero values kept
     code, _, err = run(capsys, address, "topics", "create", "ops.orders", "--max-messages", "5")
-    assert code == 1 and err.startswith("rpcmesh topics: ALREADY_EXISTS"), err
+    assert code == 1 and err.startswith("rpcmesh topics create: ALREADY_EXISTS"), err
     code, _, err = run(capsys, address, "topics", "create", "ops.x", "--max-age", "soon")
     assert code == 2 and "--max-age" in err
 
