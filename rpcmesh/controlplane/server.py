@@ -142,7 +142,7 @@ def check_key_pair(security: ServerSecurity) -> None:
         ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(tls.cert_file, tls.key_file)
     except ssl.SSLError as exc:
         raise StartupError(
-            f"--tls-cert {tls.cert_file} and --tls-key {tls.key_file} do not match or are not PEM "
+            f"TLS certificate {tls.cert_file} and key {tls.key_file} do not match or are not PEM "
             f"({exc.reason or exc})"
         ) from exc
     except OSError as exc:
