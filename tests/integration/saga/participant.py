@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import sqlite3
 import time
 from pathlib import Path
@@ -34,7 +35,7 @@ from rpcmesh.saga import IdempotencyStore, idempotency_key, idempotent
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS calls (
     id INTEGER PRIMARY KEY, method TEXT, key TEXT, saga_id TEXT, step TEXT, at REAL, traceparent TEXT,
-    correlation_id TEXT
+    correlation_id TEXT, started_by TEXT
 );
 CREATE TABLE IF NOT EXISTS effects (
     saga_id TEXT, step TEXT, applied INTEGER, undone INTEGER, tombstone INTEGER, PRIMARY KEY (saga_id, step)
@@ -59,8 +60,8 @@ def create_schema(path: Path) -> None:
 
 def log_call(conn: sqlite3.Connection, method: str, meta: dict[str, str]) -> None:
     conn.execute(
-        "INSERT INTO calls (method, key, saga_id, step, at, traceparent, correlation_id) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO calls (method, key, saga_id, step, at, traceparent, correlation_id, started_by) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         (
             method,
             meta.get("x-idempotency-key", ""),
@@ -69,6 +70,7 @@ def log_call(conn: sqlite3.Connection, method: str, meta: dict[str, str]) -> Non
             time.time(),
             meta.get("traceparent", ""),
             meta.get("x-correlation-id", ""),
+            meta.get("x-rpcmesh-saga-started-by", ""),
         ),
     )
 
@@ -168,6 +170,9 @@ class Ledger:
 
 async def keep_registered(registry: str, service: str, address: str) -> None:
     """Register with a lease and heartbeat; register again whenever the Registry lost it."""
+    # With RPCMESH_TOKEN set (a control plane with tokens in --insecure development mode) it sends it.
+    token = os.environ.get("RPCMESH_TOKEN")
+    auth = (("authorization", f"Bearer {token}"),) if token else None
     async with grpc.aio.insecure_channel(registry) as channel:
         stub = registry_pb2_grpc.RegistryStub(channel)
         lease: registry_pb2.RegisterResponse | None = None
@@ -180,12 +185,14 @@ async def keep_registered(registry: str, service: str, address: str) -> None:
                             ttl=duration_pb2.Duration(seconds=60),
                         ),
                         timeout=2.0,
+                        metadata=auth,
                     )
                     print(f"registered {service} at {address}", flush=True)
                 else:
                     await stub.Heartbeat(
                         registry_pb2.HeartbeatRequest(lease_id=lease.lease_id, lease_token=lease.lease_token),
                         timeout=2.0,
+                        metadata=auth,
                     )
             except grpc.aio.AioRpcError as exc:
                 if exc.code() != grpc.StatusCode.UNAVAILABLE:
