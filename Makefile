@@ -27,7 +27,7 @@ lint: $(STAMP)
 
 # Everything: unit, integration, backend and fault tests.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 # Pure logic only: seconds.
 test-unit: $(STAMP)
