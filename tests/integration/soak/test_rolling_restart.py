@@ -1,8 +1,9 @@
 """The rolling-restart soak, compact: the example shop under traffic while its control plane restarts.
 
-Embedded: one `rpcmesh up` on SQLite, stopped 10 times at random moments, SIGTERM and
+Embedded: one `rpcmesh up` on SQLite, stopped 6 times at random moments, SIGTERM and
 kill -9 alternating. Scale-out: two nodes on PostgreSQL + NATS JetStream, stopped
-alternately 10 times. The invariants are listed in ``harness.py``; a failure prints the
+alternately 6 times. (6, not the long run's 10 or more, keeps `make test` inside its budget;
+RPCMESH_SOAK_RESTARTS raises it.) The invariants are listed in ``harness.py``; a failure prints the
 seed and the schedule, and ``RPCMESH_SOAK_SEED=<seed>`` replays that schedule.
 The longer version is ``scripts/soak.py``.
 """
@@ -20,7 +21,7 @@ from tests.support.backends import fresh_postgres_database, nats_url
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow, pytest.mark.timeout(300)]
 
-RESTARTS = 10
+RESTARTS = int(os.environ.get("RPCMESH_SOAK_RESTARTS", "6"))
 
 
 def soak_seed() -> int:
@@ -29,7 +30,7 @@ def soak_seed() -> int:
     return int(chosen) if chosen else random.SystemRandom().randrange(1, 2**31)
 
 
-async def test_embedded_control_plane_restarted_ten_times_under_traffic(tmp_path: Path) -> None:
+async def test_embedded_control_plane_restarted_under_traffic(tmp_path: Path) -> None:
     config = SoakConfig(mode="embedded", seed=soak_seed(), restarts=RESTARTS)
     result = await run_soak(config, tmp_path)
     print(result.summary())
