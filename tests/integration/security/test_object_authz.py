@@ -164,8 +164,10 @@ async def _open_group(channel: grpc.aio.Channel, group: str) -> grpc.StatusCode:
             topic="payments.charged", group=group, start=bus_pb2.StartPosition(earliest=True)
         )
     )
-    call = bus_pb2_grpc.BusStub(channel).Subscribe(iter([opened]), timeout=3.0)
+    # Written without a half-close, which could race the server's refusal (see tests.support.streams).
+    call = bus_pb2_grpc.BusStub(channel).Subscribe(timeout=3.0)
     try:
+        await call.write(opened)
         await call.read()
     except grpc.aio.AioRpcError as exc:
         return exc.code()
