@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1brpcmesh/v1/eventstore.proto\x12\nrpcmesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xbd\x01\n\tEventData\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x12\n\nevent_type\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x14\n\x0c\x63ontent_type\x18\x04 \x01(\t\x12\x35\n\x08metadata\x18\x05 \x03(\x0b\x32#.rpcmesh.v1.EventData.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb1\x02\n\rRecordedEvent\x12\x0e\n\x06stream\x18\x01 \x01(\t\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12\x12\n\nevent_type\x18\x03 \x01(\t\x12\x17\n\x0fstream_revision\x18\x04 \x01(\x03\x12\x10\n\x08position\x18\x05 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\x12\x14\n\x0c\x63ontent_type\x18\x07 \x01(\t\x12\x39\n\x08metadata\x18\x08 \x03(\x0b\x32\'.rpcmesh.v1.RecordedEvent.MetadataEntry\x12/\n\x0brecorded_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xac\x01\n\x15\x41ppendToStreamRequest\x12\x0e\n\x06stream\x18\x01 \x01(\t\x12\x33\n\x0e\x65xpected_state\x18\x02 \x01(\x0e\x32\x19.rpcmesh.v1.ExpectedStateH\x00\x12\x1b\n\x11\x65xpected_revision\x18\x03 \x01(\x03H\x00\x12%\n\x06\x65vents\x18\x04 \x03(\x0b\x32\x15.rpcmesh.v1.EventDataB\n\n\x08\x65xpected\"V\n\x16\x41ppendToStreamResponse\x12\x18\n\x10\x63urrent_revision\x18\x01 \x01(\x03\x12\x10\n\x08position\x18\x02 \x01(\x03\x12\x10\n\x08\x61ppended\x18\x03 \x01(\r\"@\n\x14WrongExpectedVersion\x12\x0e\n\x06stream\x18\x01 \x01(\t\x12\x18\n\x10\x63urrent_revision\x18\x02 \x01(\x03\"\x8f\x01\n\x11ReadStreamRequest\x12\x0e\n\x06stream\x18\x01 \x01(\t\x12\x15\n\rfrom_revision\x18\x02 \x01(\x03\x12,\n\tdirection\x18\x03 \x01(\x0e\x32\x19.rpcmesh.v1.ReadDirection\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"r\n\x12ReadStreamResponse\x12)\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x19.rpcmesh.v1.RecordedEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x18\n\x10\x63urrent_revision\x18\x03 \x01(\x03\"=\n\rReadAllFilter\x12\x13\n\x0b\x65vent_types\x18\x01 \x03(\t\x12\x17\n\x0fstream_prefixes\x18\x02 \x03(\t\"y\n\x0eReadAllRequest\x12\x15\n\rfrom_position\x18\x01 \x01(\x03\x12)\n\x06\x66ilter\x18\x02 \x01(\x0b\x32\x19.rpcmesh.v1.ReadAllFilter\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"l\n\x0fReadAllResponse\x12)\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x19.rpcmesh.v1.RecordedEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x15\n\rlast_position\x18\x03 \x01(\x03\"B\n\x18SubscribeToStreamRequest\x12\x0e\n\x06stream\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_revision\x18\x02 \x01(\x03\"Y\n\x19SubscribeToStreamResponse\x12)\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x19.rpcmesh.v1.RecordedEvent\x12\x11\n\tcaught_up\x18\x02 \x01(\x08\"Z\n\x15SubscribeToAllRequest\x12\x16\n\x0e\x61\x66ter_position\x18\x01 \x01(\x03\x12)\n\x06\x66ilter\x18\x02 \x01(\x0b\x32\x19.rpcmesh.v1.ReadAllFilter\"j\n\x16SubscribeToAllResponse\x12)\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x19.rpcmesh.v1.RecordedEvent\x12\x11\n\tcaught_up\x18\x02 \x01(\x08\x12\x12\n\ncheckpoint\x18\x03 \x01(\x03*\x87\x01\n\rExpectedState\x12\x1e\n\x1a\x45XPECTED_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x45XPECTED_STATE_ANY\x10\x01\x12\x1c\n\x18\x45XPECTED_STATE_NO_STREAM\x10\x02\x12 \n\x1c\x45XPECTED_STATE_STREAM_EXISTS\x10\x03*j\n\rReadDirection\x12\x1e\n\x1aREAD_DIRECTION_UNSPECIFIED\x10\x00\x12\x1b\n\x17READ_DIRECTION_FORWARDS\x10\x01\x12\x1c\n\x18READ_DIRECTION_BACKWARDS\x10\x02\x32\xb5\x03\n\nEventStore\x12W\n\x0e\x41ppendToStream\x12!.rpcmesh.v1.AppendToStreamRequest\x1a\".rpcmesh.v1.AppendToStreamResponse\x12K\n\nReadStream\x12\x1d.rpcmesh.v1.ReadStreamRequest\x1a\x1e.rpcmesh.v1.ReadStreamResponse\x12\x42\n\x07ReadAll\x12\x1a.rpcmesh.v1.ReadAllRequest\x1a\x1b.rpcmesh.v1.ReadAllResponse\x12\x62\n\x11SubscribeToStream\x12$.rpcmesh.v1.SubscribeToStreamRequest\x1a%.rpcmesh.v1.SubscribeToStreamResponse0\x01\x12Y\n\x0eSubscribeToAll\x12!.rpcmesh.v1.SubscribeToAllRequest\x1a\".rpcmesh.v1.SubscribeToAllResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1brpcmesh/v1/eventstore.proto\x12\nrpcmesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xbd\x01\n\tEventData\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x12\n\nevent_type\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x14\n\x0c\x63ontent_type\x18\x04 \x01(\t\x12\x35\n\x08metadata\x18\x05 \x03(\x0b\x32#.rpcmesh.v1.EventData.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb1\x02\n\rRecordedEvent\x12\x0e\n\x06stream\x18\x01 \x01(\t\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12\x12\n\nevent_type\x18\x03 \x01(\t\x12\x17\n\x0fstream_revision\x18\x04 \x01(\x03\x12\x10\n\x08position\x18\x05 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\x12\x14\n\x0c\x63ontent_type\x18\x07 \x01(\t\x12\x39\n\x08metadata\x18\x08 \x03(\x0b\x32\'.rpcmesh.v1.RecordedEvent.MetadataEntry\x12/\n\x0brecorded_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xac\x01\n\x15\x41ppendToStreamRequest\x12\x0e\n\x06stream\x18\x01 \x01(\t\x12\x33\n\x0e\x65xpected_state\x18\x02 \x01(\x0e\x32\x19.rpcmesh.v1.ExpectedStateH\x00\x12\x1b\n\x11\x65xpected_revision\x18\x03 \x01(\x03H\x00\x12%\n\x06\x65vents\x18\x04 \x03(\x0b\x32\x15.rpcmesh.v1.EventDataB\n\n\x08\x65xpected\"V\n\x16\x41ppendToStreamResponse\x12\x18\n\x10\x63urrent_revision\x18\x01 \x01(\x03\x12\x10\n\x08position\x18\x02 \x01(\x03\x12\x10\n\x08\x61ppended\x18\x03 \x01(\r\"Z\n\x14WrongExpectedVersion\x12\x0e\n\x06stream\x18\x01 \x01(\t\x12\x18\n\x10\x63urrent_revision\x18\x02 \x01(\x03\x12\x18\n\x10stored_event_ids\x18\x03 \x03(\t\"\x8f\x01\n\x11ReadStreamRequest\x12\x0e\n\x06stream\x18\x01 \x01(\t\x12\x15\n\rfrom_revision\x18\x02 \x01(\x03\x12,\n\tdirection\x18\x03 \x01(\x0e\x32\x19.rpcmesh.v1.ReadDirection\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"r\n\x12ReadStreamResponse\x12)\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x19.rpcmesh.v1.RecordedEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x18\n\x10\x63urrent_revision\x18\x03 \x01(\x03\"=\n\rReadAllFilter\x12\x13\n\x0b\x65vent_types\x18\x01 \x03(\t\x12\x17\n\x0fstream_prefixes\x18\x02 \x03(\t\"y\n\x0eReadAllRequest\x12\x15\n\rfrom_position\x18\x01 \x01(\x03\x12)\n\x06\x66ilter\x18\x02 \x01(\x0b\x32\x19.rpcmesh.v1.ReadAllFilter\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"l\n\x0fReadAllResponse\x12)\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x19.rpcmesh.v1.RecordedEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x15\n\rlast_position\x18\x03 \x01(\x03\"B\n\x18SubscribeToStreamRequest\x12\x0e\n\x06stream\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_revision\x18\x02 \x01(\x03\"Y\n\x19SubscribeToStreamResponse\x12)\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x19.rpcmesh.v1.RecordedEvent\x12\x11\n\tcaught_up\x18\x02 \x01(\x08\"Z\n\x15SubscribeToAllRequest\x12\x16\n\x0e\x61\x66ter_position\x18\x01 \x01(\x03\x12)\n\x06\x66ilter\x18\x02 \x01(\x0b\x32\x19.rpcmesh.v1.ReadAllFilter\"j\n\x16SubscribeToAllResponse\x12)\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x19.rpcmesh.v1.RecordedEvent\x12\x11\n\tcaught_up\x18\x02 \x01(\x08\x12\x12\n\ncheckpoint\x18\x03 \x01(\x03*\x87\x01\n\rExpectedState\x12\x1e\n\x1a\x45XPECTED_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x45XPECTED_STATE_ANY\x10\x01\x12\x1c\n\x18\x45XPECTED_STATE_NO_STREAM\x10\x02\x12 \n\x1c\x45XPECTED_STATE_STREAM_EXISTS\x10\x03*j\n\rReadDirection\x12\x1e\n\x1aREAD_DIRECTION_UNSPECIFIED\x10\x00\x12\x1b\n\x17READ_DIRECTION_FORWARDS\x10\x01\x12\x1c\n\x18READ_DIRECTION_BACKWARDS\x10\x02\x32\xb5\x03\n\nEventStore\x12W\n\x0e\x41ppendToStream\x12!.rpcmesh.v1.AppendToStreamRequest\x1a\".rpcmesh.v1.AppendToStreamResponse\x12K\n\nReadStream\x12\x1d.rpcmesh.v1.ReadStreamRequest\x1a\x1e.rpcmesh.v1.ReadStreamResponse\x12\x42\n\x07ReadAll\x12\x1a.rpcmesh.v1.ReadAllRequest\x1a\x1b.rpcmesh.v1.ReadAllResponse\x12\x62\n\x11SubscribeToStream\x12$.rpcmesh.v1.SubscribeToStreamRequest\x1a%.rpcmesh.v1.SubscribeToStreamResponse0\x01\x12Y\n\x0eSubscribeToAll\x12!.rpcmesh.v1.SubscribeToAllRequest\x1a\".rpcmesh.v1.SubscribeToAllResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,10 +36,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EVENTDATA_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_RECORDEDEVENT_METADATAENTRY']._loaded_options = None
   _globals['_RECORDEDEVENT_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_EXPECTEDSTATE']._serialized_start=1823
-  _globals['_EXPECTEDSTATE']._serialized_end=1958
-  _globals['_READDIRECTION']._serialized_start=1960
-  _globals['_READDIRECTION']._serialized_end=2066
+  _globals['_EXPECTEDSTATE']._serialized_start=1849
+  _globals['_EXPECTEDSTATE']._serialized_end=1984
+  _globals['_READDIRECTION']._serialized_start=1986
+  _globals['_READDIRECTION']._serialized_end=2092
   _globals['_EVENTDATA']._serialized_start=77
   _globals['_EVENTDATA']._serialized_end=266
   _globals['_EVENTDATA_METADATAENTRY']._serialized_start=219
@@ -53,25 +53,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_APPENDTOSTREAMRESPONSE']._serialized_start=751
   _globals['_APPENDTOSTREAMRESPONSE']._serialized_end=837
   _globals['_WRONGEXPECTEDVERSION']._serialized_start=839
-  _globals['_WRONGEXPECTEDVERSION']._serialized_end=903
-  _globals['_READSTREAMREQUEST']._serialized_start=906
-  _globals['_READSTREAMREQUEST']._serialized_end=1049
-  _globals['_READSTREAMRESPONSE']._serialized_start=1051
-  _globals['_READSTREAMRESPONSE']._serialized_end=1165
-  _globals['_READALLFILTER']._serialized_start=1167
-  _globals['_READALLFILTER']._serialized_end=1228
-  _globals['_READALLREQUEST']._serialized_start=1230
-  _globals['_READALLREQUEST']._serialized_end=1351
-  _globals['_READALLRESPONSE']._serialized_start=1353
-  _globals['_READALLRESPONSE']._serialized_end=1461
-  _globals['_SUBSCRIBETOSTREAMREQUEST']._serialized_start=1463
-  _globals['_SUBSCRIBETOSTREAMREQUEST']._serialized_end=1529
-  _globals['_SUBSCRIBETOSTREAMRESPONSE']._serialized_start=1531
-  _globals['_SUBSCRIBETOSTREAMRESPONSE']._serialized_end=1620
-  _globals['_SUBSCRIBETOALLREQUEST']._serialized_start=1622
-  _globals['_SUBSCRIBETOALLREQUEST']._serialized_end=1712
-  _globals['_SUBSCRIBETOALLRESPONSE']._serialized_start=1714
-  _globals['_SUBSCRIBETOALLRESPONSE']._serialized_end=1820
-  _globals['_EVENTSTORE']._serialized_start=2069
-  _globals['_EVENTSTORE']._serialized_end=2506
+  _globals['_WRONGEXPECTEDVERSION']._serialized_end=929
+  _globals['_READSTREAMREQUEST']._serialized_start=932
+  _globals['_READSTREAMREQUEST']._serialized_end=1075
+  _globals['_READSTREAMRESPONSE']._serialized_start=1077
+  _globals['_READSTREAMRESPONSE']._serialized_end=1191
+  _globals['_READALLFILTER']._serialized_start=1193
+  _globals['_READALLFILTER']._serialized_end=1254
+  _globals['_READALLREQUEST']._serialized_start=1256
+  _globals['_READALLREQUEST']._serialized_end=1377
+  _globals['_READALLRESPONSE']._serialized_start=1379
+  _globals['_READALLRESPONSE']._serialized_end=1487
+  _globals['_SUBSCRIBETOSTREAMREQUEST']._serialized_start=1489
+  _globals['_SUBSCRIBETOSTREAMREQUEST']._serialized_end=1555
+  _globals['_SUBSCRIBETOSTREAMRESPONSE']._serialized_start=1557
+  _globals['_SUBSCRIBETOSTREAMRESPONSE']._serialized_end=1646
+  _globals['_SUBSCRIBETOALLREQUEST']._serialized_start=1648
+  _globals['_SUBSCRIBETOALLREQUEST']._serialized_end=1738
+  _globals['_SUBSCRIBETOALLRESPONSE']._serialized_start=1740
+  _globals['_SUBSCRIBETOALLRESPONSE']._serialized_end=1846
+  _globals['_EVENTSTORE']._serialized_start=2095
+  _globals['_EVENTSTORE']._serialized_end=2532
 # @@protoc_insertion_point(module_scope)

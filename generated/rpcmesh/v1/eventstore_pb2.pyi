@@ -92,8 +92,8 @@ class EventData(_message.Message):
     CONTENT_TYPE_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
-    """Unique id; an id already stored in the stream is not stored again.
-    Server-assigned when empty.
+    """Unique id within the stream; a batch whose ids are all stored already is
+    a retry (see AppendToStream). Server-assigned when empty.
     """
     event_type: _builtins.str
     data: _builtins.bytes
@@ -226,11 +226,16 @@ class AppendToStreamResponse(_message.Message):
     POSITION_FIELD_NUMBER: _builtins.int
     APPENDED_FIELD_NUMBER: _builtins.int
     current_revision: _builtins.int
-    """Revision of the stream after the append (of the last event)."""
+    """Revision of the batch's last event: the stream's revision after the
+    append; for a retry, the revision originally given (see AppendToStream);
+    for an empty batch, the stream's current revision.
+    """
     position: _builtins.int
-    """Global position of the last appended event."""
+    """Global position of the batch's last event (a retry: as originally
+    stored; an empty batch: the newest position in the store).
+    """
     appended: _builtins.int
-    """Number of events stored; duplicates by event id are not stored again."""
+    """Number of events stored: 0 for a retry."""
     def __init__(
         self,
         *,
@@ -254,18 +259,26 @@ class WrongExpectedVersion(_message.Message):
 
     STREAM_FIELD_NUMBER: _builtins.int
     CURRENT_REVISION_FIELD_NUMBER: _builtins.int
+    STORED_EVENT_IDS_FIELD_NUMBER: _builtins.int
     stream: _builtins.str
     current_revision: _builtins.int
     """-1 when the stream does not exist."""
+    @_builtins.property
+    def stored_event_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Set when the batch was refused because these of its event ids are
+        stored already but the batch is not a retry of one earlier append.
+        """
+
     def __init__(
         self,
         *,
         stream: _builtins.str = ...,
         current_revision: _builtins.int = ...,
+        stored_event_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_revision", b"current_revision", "stream", b"stream"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_revision", b"current_revision", "stored_event_ids", b"stored_event_ids", "stream", b"stream"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -39,6 +39,29 @@ class EventStoreStub:
     """AppendToStream appends a batch atomically, if the stream is at the
     expected version. On mismatch: FAILED_PRECONDITION with a
     WrongExpectedVersion in the status details.
+
+    Idempotence (as EventStoreDB defines it), under every expected mode:
+    - A batch whose event ids are ALL stored in the stream already, in the
+      batch's order at consecutive revisions r..r+n-1, is a retry of that
+      earlier append. It succeeds again and stores nothing: appended = 0,
+      current_revision = r+n-1 and position = the global position of that
+      last event, i.e. the revision and position the ORIGINAL append
+      returned for its last event (not the stream's current ones, which may
+      belong to later appends). With an exact expected_revision e or
+      NO_STREAM (e = -1) it must also sit right after it (r = e+1), as in
+      EventStoreDB; with ANY and STREAM_EXISTS the ids alone locate it.
+      A batch repeating a consecutive part of the stored events (say the
+      first k of an earlier append) is a retry of that part: the revision
+      and position returned are those of its own last event.
+    - A batch of which only SOME ids are stored (or all, but not as one
+      earlier append in order, or not where an exact expected revision
+      puts it) is refused whole: FAILED_PRECONDITION with WrongExpectedVersion
+      naming the stored ids in stored_event_ids. EventStoreDB answers its
+      "corrupted idempotency" case with WrongExpectedVersion too: the batch
+      is well formed (not INVALID_ARGUMENT) but the stream's state rules it
+      out, and nothing of it is stored (silently storing the new part would
+      hide a client bug or a mixed-up retry).
+    - The same id twice in one batch is INVALID_ARGUMENT (events[i].event_id).
     """
     ReadStream: _grpc.UnaryUnaryMultiCallable[_eventstore_pb2.ReadStreamRequest, _eventstore_pb2.ReadStreamResponse]
     """ReadStream reads one stream forwards or backwards, paginated."""
@@ -60,6 +83,29 @@ class EventStoreAsyncStub(EventStoreStub):
     """AppendToStream appends a batch atomically, if the stream is at the
     expected version. On mismatch: FAILED_PRECONDITION with a
     WrongExpectedVersion in the status details.
+
+    Idempotence (as EventStoreDB defines it), under every expected mode:
+    - A batch whose event ids are ALL stored in the stream already, in the
+      batch's order at consecutive revisions r..r+n-1, is a retry of that
+      earlier append. It succeeds again and stores nothing: appended = 0,
+      current_revision = r+n-1 and position = the global position of that
+      last event, i.e. the revision and position the ORIGINAL append
+      returned for its last event (not the stream's current ones, which may
+      belong to later appends). With an exact expected_revision e or
+      NO_STREAM (e = -1) it must also sit right after it (r = e+1), as in
+      EventStoreDB; with ANY and STREAM_EXISTS the ids alone locate it.
+      A batch repeating a consecutive part of the stored events (say the
+      first k of an earlier append) is a retry of that part: the revision
+      and position returned are those of its own last event.
+    - A batch of which only SOME ids are stored (or all, but not as one
+      earlier append in order, or not where an exact expected revision
+      puts it) is refused whole: FAILED_PRECONDITION with WrongExpectedVersion
+      naming the stored ids in stored_event_ids. EventStoreDB answers its
+      "corrupted idempotency" case with WrongExpectedVersion too: the batch
+      is well formed (not INVALID_ARGUMENT) but the stream's state rules it
+      out, and nothing of it is stored (silently storing the new part would
+      hide a client bug or a mixed-up retry).
+    - The same id twice in one batch is INVALID_ARGUMENT (events[i].event_id).
     """
     ReadStream: _aio.UnaryUnaryMultiCallable[_eventstore_pb2.ReadStreamRequest, _eventstore_pb2.ReadStreamResponse]  # type: ignore[assignment]
     """ReadStream reads one stream forwards or backwards, paginated."""
@@ -84,6 +130,29 @@ class EventStoreServicer(metaclass=_abc_1.ABCMeta):
         """AppendToStream appends a batch atomically, if the stream is at the
         expected version. On mismatch: FAILED_PRECONDITION with a
         WrongExpectedVersion in the status details.
+
+        Idempotence (as EventStoreDB defines it), under every expected mode:
+        - A batch whose event ids are ALL stored in the stream already, in the
+          batch's order at consecutive revisions r..r+n-1, is a retry of that
+          earlier append. It succeeds again and stores nothing: appended = 0,
+          current_revision = r+n-1 and position = the global position of that
+          last event, i.e. the revision and position the ORIGINAL append
+          returned for its last event (not the stream's current ones, which may
+          belong to later appends). With an exact expected_revision e or
+          NO_STREAM (e = -1) it must also sit right after it (r = e+1), as in
+          EventStoreDB; with ANY and STREAM_EXISTS the ids alone locate it.
+          A batch repeating a consecutive part of the stored events (say the
+          first k of an earlier append) is a retry of that part: the revision
+          and position returned are those of its own last event.
+        - A batch of which only SOME ids are stored (or all, but not as one
+          earlier append in order, or not where an exact expected revision
+          puts it) is refused whole: FAILED_PRECONDITION with WrongExpectedVersion
+          naming the stored ids in stored_event_ids. EventStoreDB answers its
+          "corrupted idempotency" case with WrongExpectedVersion too: the batch
+          is well formed (not INVALID_ARGUMENT) but the stream's state rules it
+          out, and nothing of it is stored (silently storing the new part would
+          hide a client bug or a mixed-up retry).
+        - The same id twice in one batch is INVALID_ARGUMENT (events[i].event_id).
         """
 
     @_abc_1.abstractmethod

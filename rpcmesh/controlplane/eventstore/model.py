@@ -11,7 +11,7 @@ import base64
 import binascii
 import json
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -34,7 +34,7 @@ class NewEvent:
     """An event to append."""
 
     event_id: str
-    """Unique within the stream; an id already stored is not stored again."""
+    """Unique within the stream; a batch whose ids are all stored is a retry (see group.py)."""
     event_type: str
     """What happened, e.g. ``OrderPlaced``."""
     data: bytes = b""
@@ -73,11 +73,11 @@ class AppendResult:
     """What an append did."""
 
     current_revision: int
-    """Stream revision after the append (-1 if the stream is still empty)."""
+    """Revision of the batch's last event (a retry: as originally stored; empty batch: the stream's)."""
     position: int
-    """Global position of the last event stored by this append (or the log head when none was)."""
+    """Global position of the last event of the batch (a retry: as originally stored; empty: the head)."""
     appended: int
-    """Events stored; duplicates by event id are not counted."""
+    """Events stored; 0 when the append was a retry of one already stored."""
 
 
 class WrongExpectedVersion(Exception):
@@ -110,18 +110,6 @@ def expected_matches(expected: int, current_revision: int) -> bool:
     if expected < 0:
         raise ValueError(f"invalid expected version {expected}")
     return current_revision == expected
-
-
-def fresh_events(events: Sequence[NewEvent], stored_ids: set[str]) -> list[NewEvent]:
-    """The events of a batch to store: those whose id is neither stored nor earlier in the batch."""
-    seen = set(stored_ids)
-    kept: list[NewEvent] = []
-    for event in events:
-        if event.event_id in seen:
-            continue
-        seen.add(event.event_id)
-        kept.append(event)
-    return kept
 
 
 def prefix_upper_bound(prefix: str) -> str | None:

@@ -4,10 +4,19 @@ Appends serialise on one row lock (the log head), so global positions are
 handed out in commit order: a subscriber that has read up to position N can
 never later find a smaller position committed behind it. Per-stream expected
 versions are checked under the same lock.
+
+Group commit: each node queues its appends while a transaction is in flight
+and commits the queue as one transaction under one head lock (judged in memory
+by group.py: a failed expected-version check fails only its own append). The
+lock is taken once per transaction, not once per append, so concurrent
+appends from many requests, and the groups of several nodes in turn, share
+the lock and the commit's fsync. A transaction that fails as a whole is
+retried append by append, so one bad member fails alone.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Sequence
@@ -17,16 +26,15 @@ from psycopg import AsyncConnection
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
+from rpcmesh.controlplane.eventstore.group import PendingAppend, plan_group
 from rpcmesh.controlplane.eventstore.model import (
     AppendResult,
     NewEvent,
     StoredEvent,
-    WrongExpectedVersion,
-    expected_matches,
-    fresh_events,
     prefix_upper_bound,
 )
 from rpcmesh.controlplane.eventstore.storage import AppendSignal
+from rpcmesh.tasks import stop_tasks
 
 SCHEMA = """
 SELECT pg_advisory_xact_lock(7406221);
@@ -52,6 +60,8 @@ INSERT INTO es_head VALUES (1, 0) ON CONFLICT DO NOTHING;
 _COLUMNS = "stream, event_id, event_type, revision, position, data, content_type, metadata, recorded_at"
 # Other nodes append too; subscribers re-read at least this often.
 POLL_SECONDS = 0.5
+# Group commit cap: bounds the transaction size and the latency of the last append in it.
+_MAX_GROUP = 512
 
 
 def _row_to_event(row: Sequence[Any]) -> StoredEvent:
@@ -69,6 +79,14 @@ def _row_to_event(row: Sequence[Any]) -> StoredEvent:
     )
 
 
+class _Append:
+    __slots__ = ("future", "pending")
+
+    def __init__(self, pending: PendingAppend, future: asyncio.Future[AppendResult]) -> None:
+        self.pending = pending
+        self.future = future
+
+
 class PostgresEventStorage:
     """EventStorage in PostgreSQL tables ``es_events`` and ``es_head``."""
 
@@ -76,6 +94,12 @@ class PostgresEventStorage:
         self.url = url
         self._pool = AsyncConnectionPool(url, min_size=1, max_size=max_connections, open=False)
         self._signal = AppendSignal()
+        self._queue: list[_Append] = []
+        self._wake = asyncio.Event()
+        self._writer_task: asyncio.Task[None] | None = None
+        self._closed = False
+        self.transactions = 0
+        """Append transactions committed by this node (each is one group commit)."""
 
     async def open(self) -> None:
         """Open the pool and create the schema (serialised across nodes by an advisory lock)."""
@@ -85,66 +109,117 @@ class PostgresEventStorage:
                 if statement.strip():
                     await conn.execute(statement)
         self._signal.advance(await self.head())
+        self._writer_task = asyncio.create_task(self._write_loop(), name="eventstore-postgres-writer")
 
     async def close(self) -> None:
-        """Close the pool."""
+        """Stop the writer, fail queued appends, close the pool."""
+        self._closed = True
+        if self._writer_task is not None:
+            await stop_tasks([self._writer_task])
+        for item in self._queue:
+            if not item.future.done():
+                item.future.set_exception(RuntimeError("event store closed"))
+        self._queue.clear()
         await self._pool.close()
 
     async def append(self, stream: str, expected: int, events: Sequence[NewEvent]) -> AppendResult:
-        """Append in one transaction under the log-head row lock."""
+        """Queue the append for this node's next group commit and wait for its outcome."""
+        if self._closed:
+            raise RuntimeError("event store closed")
+        future: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Append(PendingAppend(stream, expected, events), future))
+        self._wake.set()
+        return await future
+
+    async def _write_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                group, self._queue = self._queue[:_MAX_GROUP], self._queue[_MAX_GROUP:]
+                try:
+                    outcomes, head = await self._commit_group([item.pending for item in group])
+                except Exception:  # the transaction failed: retry each append alone
+                    await self._commit_alone(group)
+                    continue
+                self._settle(group, outcomes, head)
+
+    async def _commit_alone(self, group: list[_Append]) -> None:
+        for item in group:
+            try:
+                outcomes, head = await self._commit_group([item.pending])
+            except Exception as exc:
+                if not item.future.done():
+                    item.future.set_exception(exc)
+                continue
+            self._settle([item], outcomes, head)
+
+    def _settle(self, group: list[_Append], outcomes: list[AppendResult | Exception], head: int) -> None:
+        self._signal.advance(head)
+        for item, outcome in zip(group, outcomes, strict=True):
+            if item.future.done():
+                continue
+            if isinstance(outcome, BaseException):
+                item.future.set_exception(outcome)
+            else:
+                item.future.set_result(outcome)
+
+    async def _commit_group(self, group: list[PendingAppend]) -> tuple[list[AppendResult | Exception], int]:
+        """One transaction under the head lock for the whole group."""
         async with self._pool.connection() as conn, conn.transaction():
-            result = await self._append(conn, stream, expected, events)
-        self._signal.advance(result.position)
-        return result
+            outcomes, head = await self._append_group(conn, group)
+        self.transactions += 1
+        return outcomes, head
 
     @staticmethod
-    async def _append(
-        conn: AsyncConnection[Any], stream: str, expected: int, events: Sequence[NewEvent]
-    ) -> AppendResult:
+    async def _append_group(
+        conn: AsyncConnection[Any], group: list[PendingAppend]
+    ) -> tuple[list[AppendResult | Exception], int]:
         cur = await conn.execute("SELECT position FROM es_head WHERE id = 1 FOR UPDATE")
         head_row = await cur.fetchone()
         assert head_row is not None
         head = int(head_row[0])
-        cur = await conn.execute("SELECT MAX(revision) FROM es_events WHERE stream = %s", (stream,))
-        row = await cur.fetchone()
-        current = -1 if row is None or row[0] is None else int(row[0])
-        stored: set[str] = set()
-        if events:
+        # READ COMMITTED: these statements run after the lock is granted, so they see
+        # every append committed by earlier holders of the lock.
+        streams = sorted({append.stream for append in group})
+        cur = await conn.execute(
+            "SELECT stream, MAX(revision) FROM es_events WHERE stream = ANY(%s) GROUP BY stream", (streams,)
+        )
+        currents = {row[0]: int(row[1]) for row in await cur.fetchall()}
+        key_streams = [append.stream for append in group for _ in append.events]
+        key_ids = [event.event_id for append in group for event in append.events]
+        stored: dict[tuple[str, str], tuple[int, int]] = {}
+        if key_ids:
             cur = await conn.execute(
-                "SELECT event_id FROM es_events WHERE stream = %s AND event_id = ANY(%s)",
-                (stream, [e.event_id for e in events]),
+                "SELECT e.stream, e.event_id, e.revision, e.position FROM es_events e "
+                "JOIN unnest(%s::text[], %s::text[]) AS k(stream, event_id) "
+                "ON e.stream = k.stream AND e.event_id = k.event_id",
+                (key_streams, key_ids),
             )
-            stored = {r[0] for r in await cur.fetchall()}
-        fresh = fresh_events(events, stored)
-        if events and not fresh:
-            return AppendResult(current_revision=current, position=head, appended=0)
-        if not expected_matches(expected, current):
-            raise WrongExpectedVersion(stream, expected, current)
-        if not fresh:
-            return AppendResult(current_revision=current, position=head, appended=0)
-        now = time.time()
-        rows = [
-            (
-                head + offset,
-                stream,
-                current + offset,
-                event.event_id,
-                event.event_type,
-                event.data,
-                event.content_type,
-                Jsonb(dict(event.metadata)),
-                now,
-            )
-            for offset, event in enumerate(fresh, start=1)
-        ]
-        async with conn.cursor() as cursor:
-            await cursor.executemany(
-                f"INSERT INTO es_events ({_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                [(r[1], r[3], r[4], r[2], r[0], r[5], r[6], r[7], r[8]) for r in rows],
-            )
-        new_head = head + len(fresh)
-        await conn.execute("UPDATE es_head SET position = %s WHERE id = 1", (new_head,))
-        return AppendResult(current_revision=current + len(fresh), position=new_head, appended=len(fresh))
+            stored = {(r[0], r[1]): (int(r[2]), int(r[3])) for r in await cur.fetchall()}
+        plan = plan_group(group, head, currents, stored)
+        if plan.rows:
+            now = time.time()
+            async with conn.cursor() as cursor:
+                await cursor.executemany(
+                    f"INSERT INTO es_events ({_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                    [
+                        (
+                            stream,
+                            event.event_id,
+                            event.event_type,
+                            revision,
+                            position,
+                            event.data,
+                            event.content_type,
+                            Jsonb(dict(event.metadata)),
+                            now,
+                        )
+                        for position, stream, revision, event in plan.rows
+                    ],
+                )
+            await conn.execute("UPDATE es_head SET position = %s WHERE id = 1", (plan.head,))
+        return plan.outcomes, plan.head
 
     async def read_stream(
         self, stream: str, from_revision: int, *, backwards: bool, limit: int

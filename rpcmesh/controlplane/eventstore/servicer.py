@@ -8,6 +8,7 @@ from typing import Any
 import grpc.aio
 from google.protobuf import timestamp_pb2
 
+from rpcmesh.controlplane.eventstore.group import DuplicateEvents, repeated_id
 from rpcmesh.controlplane.eventstore.model import (
     ANY,
     MAX_PAGE_SIZE,
@@ -68,7 +69,7 @@ def expected_from_request(request: pb.AppendToStreamRequest) -> int:
 
 
 def events_from_request(events: Sequence[pb.EventData]) -> list[NewEvent]:
-    """Validate and convert the events of an append; server-assigns empty ids."""
+    """Validate and convert the events of an append; server-assigns empty ids; ids must not repeat."""
     if len(events) > MAX_EVENTS_PER_APPEND:
         raise invalid_argument("events", f"at most {MAX_EVENTS_PER_APPEND} events per append")
     converted = []
@@ -88,6 +89,9 @@ def events_from_request(events: Sequence[pb.EventData]) -> list[NewEvent]:
                 metadata=dict(event.metadata),
             )
         )
+    twice = repeated_id(converted)
+    if twice is not None:
+        raise invalid_argument(f"events[{twice[1]}].event_id", f"repeats events[{twice[0]}].event_id")
     return converted
 
 
@@ -150,7 +154,13 @@ class EventStoreServicer(pb_grpc.EventStoreServicer):
         except WrongExpectedVersion as exc:
             raise FailedPreconditionError(
                 str(exc),
-                details=[pb.WrongExpectedVersion(stream=exc.stream, current_revision=exc.current_revision)],
+                details=[
+                    pb.WrongExpectedVersion(
+                        stream=exc.stream,
+                        current_revision=exc.current_revision,
+                        stored_event_ids=exc.stored_ids if isinstance(exc, DuplicateEvents) else [],
+                    )
+                ],
             ) from exc
         return pb.AppendToStreamResponse(
             current_revision=result.current_revision, position=result.position, appended=result.appended

@@ -1,9 +1,11 @@
 """EventStore on embedded SQLite (WAL, synchronous=FULL) with group commit.
 
 One writer thread owns the write connection. Appends queue up while a commit
-is in flight and are then committed together in one transaction, each inside
-its own savepoint, so one failed expected-version check leaves the others
-intact and one fsync serves many appends. Reads use a second connection on
+is in flight and are then committed together in one transaction: the group is judged in
+memory under the write lock (group.py), so one failed expected-version check
+fails only its own append, and one fsync serves many appends. Should the
+transaction itself fail, each append is retried alone so that a bad member
+fails by itself. Reads use a second connection on
 their own thread; WAL lets them run beside the writer.
 """
 
@@ -18,14 +20,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from rpcmesh.controlplane.eventstore.group import PendingAppend, plan_group
 from rpcmesh.controlplane.eventstore.model import (
     AppendResult,
     NewEvent,
     StoredEvent,
-    WrongExpectedVersion,
     compact_json,
-    expected_matches,
-    fresh_events,
     prefix_upper_bound,
 )
 from rpcmesh.controlplane.eventstore.storage import AppendSignal
@@ -112,6 +112,8 @@ class SqliteEventStorage:
         self._writer_task: asyncio.Task[None] | None = None
         self._signal = AppendSignal()
         self._closed = False
+        self.transactions = 0
+        """Write transactions committed (each is one group commit)."""
 
     async def _in(self, executor: ThreadPoolExecutor, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
@@ -164,87 +166,88 @@ class SqliteEventStorage:
                 group, self._queue = self._queue[:_MAX_GROUP], self._queue[_MAX_GROUP:]
                 try:
                     outcomes, head = await self._in(self._writer, self._commit_group, group)
-                except Exception as exc:  # the whole transaction failed: every append in it did
-                    for item in group:
-                        if not item.future.done():
-                            item.future.set_exception(exc)
-                    continue
-                self._signal.advance(head)
-                for item, outcome in zip(group, outcomes, strict=True):
-                    if item.future.done():
+                except Exception as exc:  # the transaction failed: retry each append alone
+                    if len(group) == 1:
+                        if not group[0].future.done():
+                            group[0].future.set_exception(exc)
                         continue
-                    if isinstance(outcome, BaseException):
-                        item.future.set_exception(outcome)
-                    else:
-                        item.future.set_result(outcome)
+                    await self._commit_alone(group)
+                    continue
+                self._settle(group, outcomes, head)
+
+    async def _commit_alone(self, group: list[_Append]) -> None:
+        for item in group:
+            try:
+                outcomes, head = await self._in(self._writer, self._commit_group, [item])
+            except Exception as exc:
+                if not item.future.done():
+                    item.future.set_exception(exc)
+                continue
+            self._settle([item], outcomes, head)
+
+    def _settle(self, group: list[_Append], outcomes: list[AppendResult | Exception], head: int) -> None:
+        self._signal.advance(head)
+        for item, outcome in zip(group, outcomes, strict=True):
+            if item.future.done():
+                continue
+            if isinstance(outcome, BaseException):
+                item.future.set_exception(outcome)
+            else:
+                item.future.set_result(outcome)
 
     def _commit_group(self, group: list[_Append]) -> tuple[list[AppendResult | Exception], int]:
         conn = self._write_conn
         assert conn is not None
-        outcomes: list[AppendResult | Exception] = []
         conn.execute("BEGIN IMMEDIATE")
         try:
             head = int(conn.execute("SELECT COALESCE(MAX(position), 0) FROM events").fetchone()[0])
-            now = time.time()
+            currents: dict[str, int] = {}
+            stored: dict[tuple[str, str], tuple[int, int]] = {}
+            for stream in {item.stream for item in group}:
+                row = conn.execute("SELECT MAX(revision) FROM events WHERE stream = ?", (stream,)).fetchone()
+                if row[0] is not None:
+                    currents[stream] = int(row[0])
             for item in group:
-                conn.execute("SAVEPOINT append")
-                try:
-                    result = self._append_one(conn, item, head, now)
-                except Exception as exc:
-                    conn.execute("ROLLBACK TO append")
-                    conn.execute("RELEASE append")
-                    outcomes.append(exc)
-                    continue
-                conn.execute("RELEASE append")
-                head = max(head, result.position)
-                outcomes.append(result)
+                ids = [event.event_id for event in item.events]
+                for start in range(0, len(ids), 500):
+                    chunk = ids[start : start + 500]
+                    marks = ",".join("?" * len(chunk))
+                    for event_id, revision, position in conn.execute(
+                        "SELECT event_id, revision, position FROM events "
+                        f"WHERE stream = ? AND event_id IN ({marks})",
+                        (item.stream, *chunk),
+                    ):
+                        stored[(item.stream, event_id)] = (int(revision), int(position))
+            plan = plan_group(
+                [PendingAppend(item.stream, item.expected, item.events) for item in group],
+                head,
+                currents,
+                stored,
+            )
+            now = time.time()
+            conn.executemany(
+                "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        position,
+                        stream,
+                        revision,
+                        event.event_id,
+                        event.event_type,
+                        event.data,
+                        event.content_type,
+                        compact_json(dict(event.metadata)) if event.metadata else "{}",
+                        now,
+                    )
+                    for position, stream, revision, event in plan.rows
+                ],
+            )
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        return outcomes, head
-
-    @staticmethod
-    def _append_one(conn: sqlite3.Connection, item: _Append, head: int, now: float) -> AppendResult:
-        row = conn.execute("SELECT MAX(revision) FROM events WHERE stream = ?", (item.stream,)).fetchone()
-        current = -1 if row[0] is None else int(row[0])
-        ids = [event.event_id for event in item.events]
-        stored: set[str] = set()
-        for start in range(0, len(ids), 500):
-            chunk = ids[start : start + 500]
-            marks = ",".join("?" * len(chunk))
-            stored.update(
-                r[0]
-                for r in conn.execute(
-                    f"SELECT event_id FROM events WHERE stream = ? AND event_id IN ({marks})",
-                    (item.stream, *chunk),
-                )
-            )
-        fresh = fresh_events(item.events, stored)
-        if item.events and not fresh:
-            # A retried append whose events are all stored already succeeds again.
-            return AppendResult(current_revision=current, position=head, appended=0)
-        if not expected_matches(item.expected, current):
-            raise WrongExpectedVersion(item.stream, item.expected, current)
-        rows = []
-        for offset, event in enumerate(fresh, start=1):
-            rows.append(
-                (
-                    head + offset,
-                    item.stream,
-                    current + offset,
-                    event.event_id,
-                    event.event_type,
-                    event.data,
-                    event.content_type,
-                    compact_json(dict(event.metadata)) if event.metadata else "{}",
-                    now,
-                )
-            )
-        conn.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
-        return AppendResult(
-            current_revision=current + len(fresh), position=head + len(fresh), appended=len(fresh)
-        )
+        self.transactions += 1
+        return plan.outcomes, plan.head
 
     async def read_stream(
         self, stream: str, from_revision: int, *, backwards: bool, limit: int

@@ -77,14 +77,67 @@ async def test_wrong_expected_version_carries_current_revision(eventstore: Stub)
 
 async def test_event_ids_are_not_stored_twice(eventstore: Stub) -> None:
     await append(eventstore, "d", [ev(event_id="e1"), ev(event_id="e2")])
-    again = await append(eventstore, "d", [ev(event_id="e1"), ev(event_id="e2")], revision=0)
-    assert again.appended == 0  # a retried append succeeds without storing again
-    mixed = await append(
-        eventstore, "d", [ev(event_id="e2"), ev(event_id="e3"), ev(event_id="e3")], revision=1
+    again = await append(
+        eventstore, "d", [ev(event_id="e1"), ev(event_id="e2")], state=pb.EXPECTED_STATE_NO_STREAM
     )
-    assert (mixed.appended, mixed.current_revision) == (1, 2)
+    assert again.appended == 0  # a retried append (any mode) succeeds without storing again
     other = await append(eventstore, "other", [ev(event_id="e1")])
     assert other.appended == 1  # dedup is per stream
+    error = await expect_error(append(eventstore, "d", [ev(event_id="e3"), ev(event_id="e3")]))
+    assert isinstance(error, InvalidArgumentError)
+    assert error.message.startswith("events[1].event_id:"), error.message
+
+
+async def test_a_retry_returns_the_original_revision_and_position(eventstore: Stub) -> None:
+    # issue 18 item 4: the retry of (rev 1, pos N) came back as the stream's current
+    # (rev 2, pos N+1), and N+1 was someone else's event.
+    first = await append(
+        eventstore, "r", [ev(event_id="a"), ev(event_id="b")], state=pb.EXPECTED_STATE_NO_STREAM
+    )
+    later = await append(eventstore, "r", [ev(event_id="c")], revision=1)
+    await append(eventstore, "elsewhere", [ev()])
+    for kwargs in (
+        {"state": pb.EXPECTED_STATE_NO_STREAM},
+        {"state": pb.EXPECTED_STATE_ANY},
+        {"state": pb.EXPECTED_STATE_STREAM_EXISTS},
+    ):
+        retry = await append(eventstore, "r", [ev(event_id="a"), ev(event_id="b")], **kwargs)  # type: ignore[arg-type]
+        assert (retry.current_revision, retry.position, retry.appended) == (
+            first.current_revision,
+            first.position,
+            0,
+        ), kwargs
+    retry = await append(eventstore, "r", [ev(event_id="c")], revision=1)
+    assert (retry.current_revision, retry.position, retry.appended) == (2, later.position, 0)
+    prefix = await append(eventstore, "r", [ev(event_id="a")], state=pb.EXPECTED_STATE_NO_STREAM)
+    assert (prefix.current_revision, prefix.position) == (0, first.position - 1)
+    # All stored, but not where the exact expected revision puts them: not a retry.
+    error = await expect_error(append(eventstore, "r", [ev(event_id="c")], revision=0))
+    assert isinstance(error, FailedPreconditionError)
+    error = await expect_error(append(eventstore, "r", [ev(event_id="b"), ev(event_id="a")]))
+    assert isinstance(error, FailedPreconditionError)  # stored, but in another order
+    read = await eventstore.ReadStream(pb.ReadStreamRequest(stream="r"))
+    assert [e.event_id for e in read.events] == ["a", "b", "c"]
+
+
+async def test_a_partly_duplicate_batch_is_refused_whole(eventstore: Stub) -> None:
+    await append(eventstore, "p", [ev(event_id="a"), ev(event_id="b")])
+    head = (await eventstore.ReadAll(pb.ReadAllRequest())).last_position
+    for kwargs in (
+        {"state": pb.EXPECTED_STATE_ANY},
+        {"state": pb.EXPECTED_STATE_STREAM_EXISTS},
+        {"revision": 1},
+    ):
+        error = await expect_error(
+            append(eventstore, "p", [ev(event_id="b"), ev(event_id="new")], **kwargs)  # type: ignore[arg-type]
+        )
+        assert isinstance(error, FailedPreconditionError), kwargs
+        detail = error.detail(pb.WrongExpectedVersion)
+        assert isinstance(detail, pb.WrongExpectedVersion)
+        assert (detail.stream, detail.current_revision, list(detail.stored_event_ids)) == ("p", 1, ["b"])
+    read = await eventstore.ReadStream(pb.ReadStreamRequest(stream="p"))
+    assert [e.event_id for e in read.events] == ["a", "b"]  # nothing of it was stored
+    assert (await eventstore.ReadAll(pb.ReadAllRequest())).last_position == head
 
 
 async def test_read_stream_paginates_both_ways(eventstore: Stub) -> None:

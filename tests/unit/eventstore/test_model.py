@@ -6,12 +6,10 @@ from rpcmesh.controlplane.eventstore.model import (
     ANY,
     NO_STREAM,
     STREAM_EXISTS,
-    NewEvent,
     clamp_page_size,
     decode_page_token,
     encode_page_token,
     expected_matches,
-    fresh_events,
     prefix_upper_bound,
 )
 
@@ -23,11 +21,6 @@ def test_expected_matches() -> None:
     assert expected_matches(3, 3) and not expected_matches(3, 2)
     with pytest.raises(ValueError):
         expected_matches(-7, 0)
-
-
-def test_fresh_events_drops_stored_and_repeated_ids() -> None:
-    events = [NewEvent(event_id=i, event_type="T") for i in ["a", "b", "b", "c"]]
-    assert [e.event_id for e in fresh_events(events, {"a"})] == ["b", "c"]
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,157 @@
+"""Group commit planning, shared by both backends: one transaction, many appends, each judged alone.
+
+A group is decided in memory under the store's write lock: the backend reads
+the current revision of every stream the group touches and every already
+stored event id of the group's events, then :func:`plan_group` judges the
+appends in arrival order. An append that fails its expected-version check (or
+the idempotence rule) fails alone; an append to a stream that an earlier
+member of the same group wrote sees that write (its revision and its ids).
+Global positions are handed out consecutively from the log head, so ``$all``
+stays gap-free.
+
+Idempotence follows EventStoreDB (see ``eventstore.proto``): a batch whose
+event ids are all stored, in order at consecutive revisions (and, under an
+exact expected revision or NO_STREAM, right after that revision) succeeds
+again with the *original* revision and position of its last event and
+``appended = 0``; a batch of which only some ids are stored, or all of them
+but elsewhere, is refused with :class:`DuplicateEvents`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from rpcmesh.controlplane.eventstore.model import (
+    ANY,
+    STREAM_EXISTS,
+    AppendResult,
+    NewEvent,
+    WrongExpectedVersion,
+    expected_matches,
+)
+
+
+class DuplicateEvents(WrongExpectedVersion):
+    """Some event ids of the batch are stored already, but the batch is not a retry of one append.
+
+    A WrongExpectedVersion (FAILED_PRECONDITION on the wire), as EventStoreDB answers
+    its "corrupted idempotency" case: nothing of the batch was stored.
+    """
+
+    def __init__(self, stream: str, expected: int, current_revision: int, stored_ids: Sequence[str]) -> None:
+        super().__init__(stream, expected, current_revision)
+        self.stored_ids = list(stored_ids)
+        self.args = (
+            f"stream {stream!r}: {len(self.stored_ids)} of the batch's event ids are stored already "
+            f"(first {self.stored_ids[0]!r}) but the batch is not a retry of one earlier append; "
+            "nothing was stored",
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class PendingAppend:
+    """One append of a group."""
+
+    stream: str
+    expected: int
+    events: Sequence[NewEvent]
+
+
+Row = tuple[int, str, int, NewEvent]
+"""An event to insert: (position, stream, revision, event)."""
+
+
+@dataclass(slots=True)
+class GroupPlan:
+    """What a group commit does: the rows to insert, the new head, one outcome per append."""
+
+    rows: list[Row] = field(default_factory=list)
+    head: int = 0
+    outcomes: list[AppendResult | Exception] = field(default_factory=list)
+
+
+def judge_duplicates(
+    append: PendingAppend, current: int, stored: Mapping[str, tuple[int, int]]
+) -> AppendResult | None:
+    """The idempotent outcome of an append whose ids are (partly) stored; None when none is.
+
+    ``stored`` maps the batch's already stored event ids to (revision, position).
+
+    Raises:
+        DuplicateEvents: only some ids are stored, or all but not as one earlier append.
+    """
+    ids = [event.event_id for event in append.events]
+    found = [event_id for event_id in ids if event_id in stored]
+    if not found:
+        return None
+    if len(found) == len(ids):
+        revisions = [stored[event_id][0] for event_id in ids]
+        first = revisions[0]
+        in_order = revisions == list(range(first, first + len(ids)))
+        where_expected = append.expected in (ANY, STREAM_EXISTS) or first == append.expected + 1
+        if in_order and where_expected:
+            last_revision, last_position = stored[ids[-1]]
+            return AppendResult(current_revision=last_revision, position=last_position, appended=0)
+    raise DuplicateEvents(append.stream, append.expected, current, found)
+
+
+def plan_group(
+    group: Sequence[PendingAppend],
+    head: int,
+    currents: Mapping[str, int],
+    stored: Mapping[tuple[str, str], tuple[int, int]],
+) -> GroupPlan:
+    """Judge a group's appends in order, from the state read under the write lock.
+
+    ``currents`` maps each touched stream to its revision (absent: -1); ``stored``
+    maps (stream, event id) of already stored ids of the group to (revision, position).
+    """
+    revision_of = dict(currents)
+    known = dict(stored)
+    plan = GroupPlan(head=head)
+    for append in group:
+        current = revision_of.get(append.stream, -1)
+        twice = repeated_id(append.events)
+        if twice is not None:
+            plan.outcomes.append(
+                ValueError(f"events[{twice[1]}].event_id repeats events[{twice[0]}].event_id")
+            )
+            continue
+        try:
+            keys = [(append.stream, event.event_id) for event in append.events]
+            mine = {key[1]: known[key] for key in keys if key in known}
+            repeat = judge_duplicates(append, current, mine)
+            if repeat is not None:
+                plan.outcomes.append(repeat)
+                continue
+            if not expected_matches(append.expected, current):
+                raise WrongExpectedVersion(append.stream, append.expected, current)
+        except WrongExpectedVersion as exc:
+            plan.outcomes.append(exc)
+            continue
+        if not append.events:
+            plan.outcomes.append(AppendResult(current_revision=current, position=plan.head, appended=0))
+            continue
+        for offset, event in enumerate(append.events, start=1):
+            position, revision = plan.head + offset, current + offset
+            plan.rows.append((position, append.stream, revision, event))
+            known[(append.stream, event.event_id)] = (revision, position)
+        plan.head += len(append.events)
+        revision_of[append.stream] = current + len(append.events)
+        plan.outcomes.append(
+            AppendResult(
+                current_revision=current + len(append.events), position=plan.head, appended=len(append.events)
+            )
+        )
+    return plan
+
+
+def repeated_id(events: Sequence[NewEvent]) -> tuple[int, int] | None:
+    """(earlier index, later index) of the first event id that appears twice in a batch, or None."""
+    first_at: dict[str, int] = {}
+    for index, event in enumerate(events):
+        if event.event_id in first_at:
+            return first_at[event.event_id], index
+        first_at[event.event_id] = index
+    return None
