@@ -28,10 +28,10 @@ from typing import Any, cast
 import grpc
 import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from rpcmesh.controlplane.component import Component, ControlPlaneContext, StartupError
 from rpcmesh.controlplane.config import ControlPlaneConfig
+from rpcmesh.controlplane.reflection import add_reflection
 from rpcmesh.errors import UnavailableError
 from rpcmesh.security.settings import ServerSecurity
 from rpcmesh.tasks import stop_tasks
@@ -390,10 +390,8 @@ class ControlPlane:
         for component in self.components:
             component.add_to_server(registrar)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, registrar)
-        # The aio servicer named explicitly: enable_server_reflection picks the sync one for a proxy.
-        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
-            reflection.aio.ReflectionServicer([*self.service_names, reflection.SERVICE_NAME]), registrar
-        )
+        # Reflection v1 and v1alpha, with the aio servicer (a proxy would get the sync one).
+        add_reflection(self.service_names, registrar)
         if self.config.port:
             # grpc binds with SO_REUSEPORT (a second server could share the port) and logs its
             # failures in several lines: check first, and say why in one.

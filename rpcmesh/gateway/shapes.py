@@ -3,8 +3,10 @@
 The gateway serves every method as a bidirectional stream, which is what all
 four shapes are on the wire. To forward with the right shape — so that unary
 calls get the client stack's full retry and hedging policies — it asks the
-backend, once per gRPC service, through server reflection. Backends without
-reflection are forwarded as bidirectional streams, which works for any shape.
+backend, once per gRPC service, through server reflection: ``grpc.reflection.v1``
+first, then ``grpc.reflection.v1alpha`` when v1 is UNIMPLEMENTED (older hosts;
+the two share their messages). Backends without reflection are forwarded as
+bidirectional streams, which works for any shape.
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ import grpc.aio
 from google.protobuf import descriptor_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
-REFLECTION_METHOD = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+REFLECTION_METHODS = (
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+)
 
 
 class Shape(enum.Enum):
@@ -73,8 +78,18 @@ class ShapeCache:
         return known.get(method_name, Shape.STREAM_STREAM)
 
     async def _ask(self, channel: grpc.aio.Channel, grpc_service: str) -> dict[str, Shape]:
+        for method in REFLECTION_METHODS:
+            try:
+                return await self._ask_with(channel, method, grpc_service)
+            except grpc.aio.AioRpcError as error:
+                if error.code() != grpc.StatusCode.UNIMPLEMENTED:
+                    return {}
+        return {}
+
+    async def _ask_with(self, channel: grpc.aio.Channel, method: str, grpc_service: str) -> dict[str, Shape]:
+        """Ask one reflection service; raises its AioRpcError (UNIMPLEMENTED: try the next)."""
         call = channel.stream_stream(
-            REFLECTION_METHOD,
+            method,
             request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
             response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
         )
@@ -82,13 +97,9 @@ class ShapeCache:
         async def requests() -> AsyncIterator[reflection_pb2.ServerReflectionRequest]:
             yield reflection_pb2.ServerReflectionRequest(file_containing_symbol=grpc_service)
 
-        try:
-            async for response in call(requests(), timeout=self._timeout):
-                if response.HasField("file_descriptor_response"):
-                    return shapes_from_files(
-                        list(response.file_descriptor_response.file_descriptor_proto), grpc_service
-                    )
-                return {}
-        except grpc.aio.AioRpcError:
+        async for response in call(requests(), timeout=self._timeout):
+            if response.HasField("file_descriptor_response"):
+                files = list(response.file_descriptor_response.file_descriptor_proto)
+                return shapes_from_files(files, grpc_service)
             return {}
         return {}

@@ -42,9 +42,9 @@ from typing import Any
 import grpc
 import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from rpcmesh.controlplane.component import StartupError
+from rpcmesh.controlplane.reflection import add_reflection
 from rpcmesh.controlplane.server import bind_problem, check_key_pair
 from rpcmesh.errors import StatusErrorInterceptor
 from rpcmesh.host.config import ServiceHostConfig
@@ -198,7 +198,7 @@ class ServiceHost:
                     recorder.names.append(name)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         self.service_names = [*recorder.names, _HEALTH_SERVICE]
-        reflection.enable_server_reflection([*self.service_names, reflection.SERVICE_NAME], server)
+        add_reflection(self.service_names, server)
         # Stopped by stop() from here on, even if binding fails.
         self._server = server
         where = f"{self.config.host}:{self.config.port}"

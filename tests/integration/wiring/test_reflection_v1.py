@@ -1,0 +1,108 @@
+"""Server reflection v1 (as grpcurl and grpc-node ask for it) on `rpcmesh up` and a service host.
+
+A raw gRPC client, built on nothing of rpcmesh, calls
+``grpc.reflection.v1.ServerReflection`` on both processes: it lists the services
+and resolves a service's file. v1alpha and the health check still answer. The
+gateway's shape learning falls back to v1alpha on a backend that serves only
+v1alpha (a stock grpcio-reflection server).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+import grpc.aio
+from google.protobuf import descriptor_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+
+from rpcmesh.gateway.shapes import Shape, ShapeCache
+from tests.support.processes import ManagedProcess, start_echo
+
+V1 = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"
+V1ALPHA = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+
+
+async def _reflect(
+    channel: grpc.aio.Channel, method: str, request: reflection_pb2.ServerReflectionRequest
+) -> reflection_pb2.ServerReflectionResponse:
+    # v1 and v1alpha share their messages field for field: v1alpha's classes read v1's bytes.
+    call = channel.stream_stream(
+        method,
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+    )
+
+    async def requests() -> AsyncIterator[reflection_pb2.ServerReflectionRequest]:
+        yield request
+
+    responses = [response async for response in call(requests(), timeout=10)]
+    assert len(responses) == 1
+    return responses[0]
+
+
+async def _services(channel: grpc.aio.Channel, method: str) -> set[str]:
+    response = await _reflect(channel, method, reflection_pb2.ServerReflectionRequest(list_services=""))
+    return {service.name for service in response.list_services_response.service}
+
+
+async def _file_services(channel: grpc.aio.Channel, symbol: str) -> set[str]:
+    """The services declared in the files v1 reflection returns for symbol."""
+    response = await _reflect(
+        channel, V1, reflection_pb2.ServerReflectionRequest(file_containing_symbol=symbol)
+    )
+    assert response.HasField("file_descriptor_response"), response
+    names = set()
+    for raw in response.file_descriptor_response.file_descriptor_proto:
+        proto = descriptor_pb2.FileDescriptorProto.FromString(raw)
+        names |= {f"{proto.package}.{service.name}" for service in proto.service}
+    return names
+
+
+async def test_v1_reflection_on_control_plane_and_service_host(
+    control_plane: tuple[ManagedProcess, str],
+) -> None:
+    _, registry = control_plane
+    echo = start_echo(registry, "echo-reflect")
+    try:
+        echo_address = echo.wait_for_address()
+        for address, served in ((registry, "rpcmesh.v1.Registry"), (echo_address, "echo.v1.Echo")):
+            async with grpc.aio.insecure_channel(address) as channel:
+                listed = await _services(channel, V1)
+                assert {
+                    served,
+                    "grpc.health.v1.Health",
+                    "grpc.reflection.v1.ServerReflection",
+                    "grpc.reflection.v1alpha.ServerReflection",
+                } <= listed, (address, listed)
+                assert await _services(channel, V1ALPHA) == listed
+                assert served in await _file_services(channel, served)
+                assert "grpc.reflection.v1.ServerReflection" in await _file_services(
+                    channel, "grpc.reflection.v1.ServerReflection"
+                )
+                health = await health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=""), timeout=10
+                )
+                assert health.status == health_pb2.HealthCheckResponse.SERVING
+                cache = ShapeCache()
+                if served == "echo.v1.Echo":
+                    assert await cache.shape(channel, served, "Expand") == Shape.UNARY_STREAM
+    finally:
+        echo.kill()
+
+
+async def test_shapes_fall_back_to_v1alpha() -> None:
+    # A backend with stock grpcio-reflection: v1 is UNIMPLEMENTED there.
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health_pb2_grpc.HealthServicer(), server)
+    names = ["grpc.health.v1.Health", reflection.SERVICE_NAME]
+    reflection.enable_server_reflection(names, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            shape = await ShapeCache().shape(channel, "grpc.health.v1.Health", "Watch")
+            assert shape == Shape.UNARY_STREAM
+    finally:
+        await server.stop(None)
