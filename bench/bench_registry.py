@@ -1,28 +1,44 @@
-"""Registry benchmark: 10,000 instances over 500 services on a real `rpcmesh up` process.
+"""Registry benchmark: 10,000 instances over 500 services on a real `rpcmesh up` process, and its etcd peer.
 
-Measures Resolve latency over gRPC (p50/p99), watch propagation latency
-(deregister -> DELETE seen by each of 5 watchers, p50/p99) and the control
-plane's RSS. The baseline is a grpc.health.v1 Check on the same server in the
-same run, so ratios say how much the Registry adds to a bare gRPC round trip.
-Prints one JSON line at the end.
+In one run, against ``rpcmesh up`` (embedded SQLite by default; ``--store
+postgresql`` puts it on a fresh database of the local PostgreSQL) and, with
+``--peer etcd``, a real ``etcd`` (see ``bench_etcd.py``) loaded with the same
+10,000 instances, each with its own lease:
 
-    .venv/bin/python bench/bench_registry.py [--instances 10000] [--services 500]
+- register: 10,000 registrations from 200 concurrent clients (registrations/s);
+- RSS of the server process once the 10,000 instances are registered;
+- keep-alive: every lease renewed once per round over 8 streams; the server's
+  CPU time (user + system, ``/proc``) per renewal;
+- resolve: sequential Resolves of a random service (etcd: a prefix Range),
+  p50/p99, with a ``grpc.health.v1`` Check baseline on rpcmesh's server;
+- watch under churn: 100 watchers of every service (in a separate process, so
+  that decoding their events does not delay the deregistrations) while one
+  burst of 1,000 deregistrations (etcd: lease revocations) is sent 100 at a
+  time; latency = a watcher sees the DELETE - its deregistration was sent.
+
+Rounds alternate between the systems (the order flips every round) after a
+warm-up of both, and the figures are medians over the rounds (the watch p99 is
+the median of each round's p99 over 100,000 watcher events). Prints one JSON line.
+
+    .venv/bin/python bench/bench_registry.py [--peer etcd] [--store postgresql] [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
-import os
+import multiprocessing
+import multiprocessing.connection
 import random
-import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any, Protocol
 
 import grpc
 import grpc.aio
@@ -31,6 +47,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rpcmesh.v1 import registry_pb2, registry_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_etcd import EtcdSide, etcd_binary, etcd_server  # noqa: E402
+from bench_saga import postgres_database  # noqa: E402
+from process_cpu import cpu_seconds  # noqa: E402
+
+from tests.support.processes import start_control_plane  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -46,150 +70,332 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-async def register_all(
-    stub: registry_pb2_grpc.RegistryStub, instances: int, services: int
-) -> list[tuple[str, str, str]]:
-    semaphore = asyncio.Semaphore(200)
-    ttl = duration_pb2.Duration(seconds=3600)
+class Side(Protocol):
+    name: str
+    pid: int
 
-    async def one(index: int) -> tuple[str, str, str]:
-        service = f"svc-{index % services:03d}"
-        request = registry_pb2.RegisterRequest(
-            instance=registry_pb2.Instance(
-                service=service,
-                address=f"10.{index // 65000}.{(index // 250) % 256}.{index % 250 + 1}:{1000 + index}",
-                zone=f"zone-{index % 3}",
-                version="1.0",
-                tags=["grpc", f"shard-{index % 8}"],
-                metadata={"team": "bench"},
-            ),
-            ttl=ttl,
+    async def register(self, index: int, service: str, ttl_s: int) -> tuple[str, Any]: ...
+    async def renew(self, leases: list[Any], streams: int = 8) -> None: ...
+    async def resolve(self, service: str) -> int: ...
+    async def deregister(self, key: str, lease: Any) -> None: ...
+    def watch_deletes(self, ready: asyncio.Event) -> AsyncIterator[list[str]]: ...
+    async def close(self) -> None: ...
+
+
+class RpcmeshSide:
+    """The rpcmesh Registry: Register with a TTL, KeepAlive streams, Resolve, Watch, Deregister."""
+
+    name = "rpcmesh"
+
+    def __init__(self, address: str, pid: int) -> None:
+        self.address = address
+        self.pid = pid
+        self.channel = grpc.aio.insecure_channel(address)
+        self.stub = registry_pb2_grpc.RegistryStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def register(self, index: int, service: str, ttl_s: int) -> tuple[str, tuple[str, str, str]]:
+        response = await self.stub.Register(
+            registry_pb2.RegisterRequest(
+                instance=registry_pb2.Instance(
+                    service=service,
+                    address=f"10.{index // 65000}.{(index // 250) % 256}.{index % 250 + 1}:{1000 + index}",
+                    zone=f"zone-{index % 3}",
+                    version="1.0",
+                    tags=["grpc", f"shard-{index % 8}"],
+                    metadata={"team": "bench"},
+                ),
+                ttl=duration_pb2.Duration(seconds=ttl_s),
+            )
         )
-        async with semaphore:
-            response = await stub.Register(request)
-        return service, response.instance_id, response.lease_token
+        return response.instance_id, (service, response.lease_id, response.lease_token)
 
-    return list(await asyncio.gather(*(one(i) for i in range(instances))))
+    async def renew(self, leases: list[tuple[str, str, str]], streams: int = 8) -> None:
+        async def one(part: list[tuple[str, str, str]]) -> None:
+            requests = [
+                registry_pb2.KeepAliveRequest(lease_id=lease, lease_token=token) for _, lease, token in part
+            ]
+            replies = 0
+            async for reply in self.stub.KeepAlive(iter(requests)):
+                if reply.code != 0:
+                    raise RuntimeError(f"lease {reply.lease_id} was not renewed: {reply.message}")
+                replies += 1
+                if replies == len(part):
+                    break
+
+        await asyncio.gather(*(one(leases[i::streams]) for i in range(streams)))
+
+    async def resolve(self, service: str) -> int:
+        return len((await self.stub.Resolve(registry_pb2.ResolveRequest(service=service))).instances)
+
+    async def check(self) -> None:
+        await self.health.Check(health_pb2.HealthCheckRequest())
+
+    async def deregister(self, key: str, lease: tuple[str, str, str]) -> None:
+        service, _, token = lease
+        await self.stub.Deregister(
+            registry_pb2.DeregisterRequest(service=service, instance_id=key, lease_token=token)
+        )
+
+    async def watch_deletes(self, ready: asyncio.Event) -> AsyncIterator[list[str]]:
+        revision = (await self.stub.ListServices(registry_pb2.ListServicesRequest(page_size=1))).revision
+        call = self.stub.Watch(registry_pb2.WatchRequest(after_revision=revision))
+        ready.set()  # no snapshot after a revision: the stream is open once the call is sent
+        try:
+            async for response in call:
+                deleted = [
+                    event.instance.instance_id
+                    for event in response.events
+                    if event.type == registry_pb2.WATCH_EVENT_TYPE_DELETE
+                ]
+                if deleted:
+                    yield deleted
+        finally:
+            call.cancel()
 
 
-async def timed(calls: int, call: object) -> list[float]:
+def make_side(kind: str, address: str, pid: int) -> Side:
+    return EtcdSide(address, pid) if kind == "etcd" else RpcmeshSide(address, pid)
+
+
+# --- the watchers' process -------------------------------------------------------------------
+
+
+def watcher_process(
+    kind: str, address: str, watchers: int, conn: multiprocessing.connection.Connection
+) -> None:
+    """Child process: ``watchers`` watch streams; per burst, the time each one saw each DELETE."""
+    asyncio.run(_watch(kind, address, watchers, conn))
+
+
+async def _watch(kind: str, address: str, watchers: int, conn: multiprocessing.connection.Connection) -> None:
+    side = make_side(kind, address, 0)
+    seen: list[list[tuple[str, float]]] = [[] for _ in range(watchers)]
+    readies = [asyncio.Event() for _ in range(watchers)]
+
+    expected = [0]
+    enough = asyncio.Event()
+
+    def check() -> None:
+        if expected[0] and all(len(s) >= expected[0] for s in seen):
+            enough.set()
+
+    async def follow(index: int) -> None:
+        async for keys in side.watch_deletes(readies[index]):
+            now = time.perf_counter()
+            seen[index].extend((key, now) for key in keys)
+            check()
+
+    tasks = [asyncio.create_task(follow(i)) for i in range(watchers)]
+    await asyncio.gather(*(ready.wait() for ready in readies))
+    await asyncio.sleep(0.5)
+    loop = asyncio.get_running_loop()
+    conn.send("ready")
+    while True:
+        command = await loop.run_in_executor(None, conn.recv)
+        if command is None:
+            break
+        expected[0] = command
+        check()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(enough.wait(), 120)
+        enough.clear()
+        expected[0] = 0
+        conn.send([pair for s in seen for pair in s])
+        for s in seen:
+            s.clear()
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await side.close()
+
+
+@contextlib.contextmanager
+def watcher_child(
+    kind: str, address: str, watchers: int
+) -> Iterator[tuple[multiprocessing.connection.Connection, int]]:
+    context = multiprocessing.get_context("spawn")
+    parent, child = context.Pipe()
+    proc = context.Process(target=watcher_process, args=(kind, address, watchers, child), daemon=True)
+    proc.start()
+    try:
+        if not parent.poll(60) or parent.recv() != "ready":
+            raise RuntimeError(f"{kind} watchers did not start")
+        assert proc.pid is not None
+        yield parent, proc.pid
+        parent.send(None)
+        proc.join(10)
+    finally:
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+
+
+# --- the rounds ---------------------------------------------------------------------------
+
+
+async def timed(calls: int, call: Any) -> list[float]:
     samples = []
     for _ in range(calls):
         start = time.perf_counter()
-        await call()  # type: ignore[operator]
+        await call()
         samples.append((time.perf_counter() - start) * 1000)
     return samples
 
 
-async def run(
-    address: str, pid: int, instances: int, services: int, calls: int, deletes: int
-) -> dict[str, float]:
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = registry_pb2_grpc.RegistryStub(channel)
-        health = health_pb2_grpc.HealthStub(channel)
-        started = time.perf_counter()
-        registered = await register_all(stub, instances, services)
-        register_s = time.perf_counter() - started
-        rng = random.Random(1)
+async def register_all(side: Side, instances: int, services: int) -> tuple[float, list[tuple[str, Any]]]:
+    semaphore = asyncio.Semaphore(200)
 
-        async def resolve() -> None:
-            await stub.Resolve(registry_pb2.ResolveRequest(service=f"svc-{rng.randrange(services):03d}"))
+    async def one(index: int) -> tuple[str, Any]:
+        async with semaphore:
+            return await side.register(index, f"svc-{index % services:03d}", 3600)
 
-        async def check() -> None:
-            await health.Check(health_pb2.HealthCheckRequest())
+    began = time.perf_counter()
+    registered = list(await asyncio.gather(*(one(i) for i in range(instances))))
+    return instances / (time.perf_counter() - began), registered
 
-        await timed(200, resolve)  # warm-up
-        await timed(200, check)
-        resolve_ms = await timed(calls, resolve)
-        baseline_ms = await timed(calls, check)
 
-        revision = (await stub.ListServices(registry_pb2.ListServicesRequest(page_size=1))).revision
-        watchers = [stub.Watch(registry_pb2.WatchRequest(after_revision=revision)) for _ in range(5)]
-        sent: dict[str, float] = {}
-        seen: list[float] = []
-        done = asyncio.Event()
-        remaining = [deletes * len(watchers)]
+async def burst(
+    side: Side, conn: multiprocessing.connection.Connection, victims: list[tuple[str, Any]], watchers: int
+) -> list[float]:
+    """Deregister ``victims`` 100 at a time; latencies (ms) of every watcher's DELETE."""
+    sent: dict[str, float] = {}
+    semaphore = asyncio.Semaphore(100)
 
-        async def follow(watch: grpc.aio.UnaryStreamCall) -> None:  # type: ignore[type-arg]
-            async for response in watch:
-                now = time.perf_counter()
-                for event in response.events:
-                    if (
-                        event.type == registry_pb2.WATCH_EVENT_TYPE_DELETE
-                        and event.instance.instance_id in sent
-                    ):
-                        seen.append((now - sent[event.instance.instance_id]) * 1000)
-                        remaining[0] -= 1
-                if remaining[0] <= 0:
-                    done.set()
-                    return
+    async def one(key: str, lease: Any) -> None:
+        async with semaphore:
+            sent[key] = time.perf_counter()
+            await side.deregister(key, lease)
 
-        followers = [asyncio.create_task(follow(watch)) for watch in watchers]
-        await asyncio.sleep(0.5)
-        for service, instance_id, token in rng.sample(registered, deletes):
-            sent[instance_id] = time.perf_counter()
-            await stub.Deregister(
-                registry_pb2.DeregisterRequest(service=service, instance_id=instance_id, lease_token=token)
+    await asyncio.gather(*(one(key, lease) for key, lease in victims))
+    loop = asyncio.get_running_loop()
+    conn.send(len(victims))
+    pairs: list[tuple[str, float]] = await loop.run_in_executor(None, conn.recv)
+    latencies = [(at - sent[key]) * 1000 for key, at in pairs if key in sent]
+    if len(latencies) < len(victims) * watchers:
+        raise RuntimeError(f"{side.name}: {len(latencies)} of {len(victims) * watchers} DELETE events seen")
+    return latencies
+
+
+async def run(args: argparse.Namespace, servers: dict[str, tuple[str, int]]) -> dict[str, Any]:
+    sides: dict[str, Side] = {kind: make_side(kind, address, pid) for kind, (address, pid) in servers.items()}
+    per: dict[str, dict[str, list[float]]] = {kind: {} for kind in sides}
+    registered: dict[str, list[tuple[str, Any]]] = {}
+    rng = random.Random(1)
+
+    def add(kind: str, key: str, value: float) -> None:
+        per[kind].setdefault(key, []).append(value)
+
+    try:
+        for kind, side in sides.items():
+            rate, registered[kind] = await register_all(side, args.instances, args.services)
+            add(kind, "register_per_s", rate)
+        await asyncio.sleep(1)
+        for kind, side in sides.items():
+            add(kind, "rss_mb", rss_mb(side.pid))
+        for side in sides.values():  # warm-up of both
+            await timed(200, lambda s=side: s.resolve(f"svc-{rng.randrange(args.services):03d}"))
+        mesh = sides["rpcmesh"]
+        assert isinstance(mesh, RpcmeshSide)
+        await timed(200, mesh.check)
+        victims = {kind: rng.sample(registered[kind], args.burst * args.rounds) for kind in sides}
+        with contextlib.ExitStack() as stack:
+            conns = {
+                kind: stack.enter_context(watcher_child(kind, servers[kind][0], args.watchers))
+                for kind in sides
+            }
+            for round_ in range(args.rounds):
+                order = list(sides) if round_ % 2 == 0 else list(reversed(sides))
+                for kind in order:
+                    side = sides[kind]
+                    samples = await timed(
+                        args.calls, lambda s=side: s.resolve(f"svc-{rng.randrange(args.services):03d}")
+                    )
+                    add(kind, "resolve_p50_ms", percentile(samples, 0.5))
+                    add(kind, "resolve_p99_ms", percentile(samples, 0.99))
+                    if kind == "rpcmesh":
+                        baseline = await timed(args.calls, mesh.check)
+                        add(kind, "baseline_health_p50_ms", percentile(baseline, 0.5))
+                        add(kind, "baseline_health_p99_ms", percentile(baseline, 0.99))
+                    leases = [lease for _, lease in registered[kind]]
+                    cpu = cpu_seconds(side.pid)
+                    began = time.perf_counter()
+                    await side.renew(leases)
+                    add(kind, "renew_per_s", len(leases) / (time.perf_counter() - began))
+                    add(kind, "renew_server_cpu_us", (cpu_seconds(side.pid) - cpu) * 1e6 / len(leases))
+                    batch = victims[kind][round_ * args.burst : (round_ + 1) * args.burst]
+                    conn, watcher_pid = conns[kind]
+                    cpu, watcher_cpu = cpu_seconds(side.pid), cpu_seconds(watcher_pid)
+                    latencies = await burst(side, conn, batch, args.watchers)
+                    add(kind, "burst_server_cpu_ms", (cpu_seconds(side.pid) - cpu) * 1000)
+                    add(kind, "burst_watchers_cpu_ms", (cpu_seconds(watcher_pid) - watcher_cpu) * 1000)
+                    gone = {key for key, _ in batch}
+                    registered[kind] = [pair for pair in registered[kind] if pair[0] not in gone]
+                    add(kind, "watch_p50_ms", percentile(latencies, 0.5))
+                    add(kind, "watch_p99_ms", percentile(latencies, 0.99))
+                    add(kind, "watch_max_ms", max(latencies))
+    finally:
+        for side in sides.values():
+            await side.close()
+    figures: dict[str, Any] = {
+        "instances": args.instances,
+        "services": args.services,
+        "watchers": args.watchers,
+        "burst": args.burst,
+        "rounds": args.rounds,
+        "store": args.store or "sqlite",
+    }
+    for key, values in per["rpcmesh"].items():
+        figures[key] = round(statistics.median(values), 3)
+    figures["resolve_vs_baseline_p50"] = round(
+        figures["resolve_p50_ms"] / figures["baseline_health_p50_ms"], 2
+    )
+    if "etcd" in per:
+        for key, values in per["etcd"].items():
+            figures[f"etcd_{key}"] = round(statistics.median(values), 3)
+        for key in ("resolve_p50_ms", "resolve_p99_ms", "watch_p99_ms", "rss_mb", "renew_server_cpu_us"):
+            figures[f"{key.removesuffix('_ms').removesuffix('_mb').removesuffix('_us')}_vs_etcd"] = round(
+                figures[key] / figures[f"etcd_{key}"], 2
             )
-        await asyncio.wait_for(done.wait(), 60)
-        for watch in watchers:
-            watch.cancel()
-        await asyncio.gather(*followers, return_exceptions=True)
-
-        resolve_p99 = percentile(resolve_ms, 0.99)
-        baseline_p99 = percentile(baseline_ms, 0.99)
-        return {
-            "instances": instances,
-            "services": services,
-            "register_per_s": round(instances / register_s, 1),
-            "resolve_p50_ms": round(percentile(resolve_ms, 0.5), 3),
-            "resolve_p99_ms": round(resolve_p99, 3),
-            "baseline_health_p50_ms": round(percentile(baseline_ms, 0.5), 3),
-            "baseline_health_p99_ms": round(baseline_p99, 3),
-            "resolve_vs_baseline_p50": round(
-                statistics.median(resolve_ms) / statistics.median(baseline_ms), 2
-            ),
-            "watch_p50_ms": round(percentile(seen, 0.5), 3),
-            "watch_p99_ms": round(percentile(seen, 0.99), 3),
-            "watch_vs_baseline_p50": round(statistics.median(seen) / statistics.median(baseline_ms), 2),
-            "rss_mb": round(rss_mb(pid), 1),
-        }
+        figures["register_vs_etcd"] = round(figures["register_per_s"] / figures["etcd_register_per_s"], 2)
+    return figures
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--instances", type=int, default=10_000)
     parser.add_argument("--services", type=int, default=500)
-    parser.add_argument("--calls", type=int, default=2_000)
-    parser.add_argument("--deletes", type=int, default=200)
+    parser.add_argument("--calls", type=int, default=1_000, help="Resolves per system per round")
+    parser.add_argument("--watchers", type=int, default=100)
+    parser.add_argument("--burst", type=int, default=1_000, help="deregistrations per burst")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--peer", choices=["none", "etcd"], default="none")
+    parser.add_argument("--store", choices=["postgresql"], help="rpcmesh's store (default: embedded SQLite)")
+    parser.add_argument("--bus", choices=["nats"], help="rpcmesh's Bus (default: embedded SQLite)")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as data:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "rpcmesh", "up", "--port", "0", "--data-dir", data],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            cwd=ROOT,
-            env=env,
-            start_new_session=True,
-        )
-        try:
-            assert proc.stdout is not None
-            address = ""
-            for line in proc.stdout:
-                match = re.search(r"listening on (\S+:\d+)", line)
-                if match:
-                    address = match.group(1)
-                    break
-            if not address:
-                raise SystemExit(f"rpcmesh up did not start (exit {proc.wait()})")
-            figures = asyncio.run(
-                run(address, proc.pid, args.instances, args.services, args.calls, args.deletes)
-            )
-        finally:
-            proc.kill()
-            proc.wait()
+    skipped = ""
+    if args.peer == "etcd" and etcd_binary() is None:
+        skipped = "etcd is not installed (apt-get install etcd-server); measured rpcmesh only"
+        args.peer = "none"
+    with contextlib.ExitStack() as stack:
+        data = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        extra: list[str] = []
+        if args.store:
+            extra += ["--store", stack.enter_context(postgres_database("bench_registry"))]
+        if args.bus:
+            extra += ["--bus", "nats://127.0.0.1:4222"]
+        plane, address = start_control_plane(data / "data", *extra)
+        stack.callback(plane.kill)
+        servers = {"rpcmesh": (address, plane.pid)}
+        if args.peer == "etcd":
+            etcd, etcd_address = stack.enter_context(etcd_server())
+            servers["etcd"] = (etcd_address, etcd.pid)
+        figures = asyncio.run(run(args, servers))
+    if skipped:
+        figures["skipped"] = skipped
     print(json.dumps(figures), flush=True)
 
 
