@@ -27,7 +27,9 @@ class Behaviour(_message.Message):
     delay_ms: _builtins.int
     """Sleep this long before answering."""
     fail_code: _builtins.int
-    """Answer with this google.rpc.Code (0: succeed)."""
+    """Answer with this google.rpc.Code (0: succeed), after the delay; the status
+    message is "asked to fail with <CODE NAME> by <instance id>" and carries no details.
+    """
     def __init__(
         self,
         *,

@@ -64,7 +64,12 @@ class EchoServicer:
     """
 
     def Echo(self, request, context):
-        """Echo returns the message.
+        """Echo returns the message. Trailers: every request metadata entry whose key
+        starts with `x-` comes back as a trailer named `echoed-` + that key, with
+        the same value (`x-tenant: t-1` -> trailer `echoed-x-tenant: t-1`; a
+        binary `x-trace-bin` -> `echoed-x-trace-bin`), so a proxy can be checked
+        for passing metadata on both ways. Only Echo does this, and only when it
+        succeeds (a `behaviour.fail_code` call ends before any trailer is set).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

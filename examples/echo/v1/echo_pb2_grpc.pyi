@@ -36,7 +36,13 @@ class EchoStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> EchoAsyncStub: ...
     Echo: _grpc.UnaryUnaryMultiCallable[_echo_pb2.EchoRequest, _echo_pb2.EchoResponse]
-    """Echo returns the message."""
+    """Echo returns the message. Trailers: every request metadata entry whose key
+    starts with `x-` comes back as a trailer named `echoed-` + that key, with
+    the same value (`x-tenant: t-1` -> trailer `echoed-x-tenant: t-1`; a
+    binary `x-trace-bin` -> `echoed-x-trace-bin`), so a proxy can be checked
+    for passing metadata on both ways. Only Echo does this, and only when it
+    succeeds (a `behaviour.fail_code` call ends before any trailer is set).
+    """
     Expand: _grpc.UnaryStreamMultiCallable[_echo_pb2.ExpandRequest, _echo_pb2.ExpandResponse]
     """Expand returns the message `repeat` times."""
     Collect: _grpc.StreamUnaryMultiCallable[_echo_pb2.CollectRequest, _echo_pb2.CollectResponse]
@@ -52,7 +58,13 @@ class EchoAsyncStub(EchoStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Echo: _aio.UnaryUnaryMultiCallable[_echo_pb2.EchoRequest, _echo_pb2.EchoResponse]  # type: ignore[assignment]
-    """Echo returns the message."""
+    """Echo returns the message. Trailers: every request metadata entry whose key
+    starts with `x-` comes back as a trailer named `echoed-` + that key, with
+    the same value (`x-tenant: t-1` -> trailer `echoed-x-tenant: t-1`; a
+    binary `x-trace-bin` -> `echoed-x-trace-bin`), so a proxy can be checked
+    for passing metadata on both ways. Only Echo does this, and only when it
+    succeeds (a `behaviour.fail_code` call ends before any trailer is set).
+    """
     Expand: _aio.UnaryStreamMultiCallable[_echo_pb2.ExpandRequest, _echo_pb2.ExpandResponse]  # type: ignore[assignment]
     """Expand returns the message `repeat` times."""
     Collect: _aio.StreamUnaryMultiCallable[_echo_pb2.CollectRequest, _echo_pb2.CollectResponse]  # type: ignore[assignment]
@@ -71,7 +83,13 @@ class EchoServicer(metaclass=_abc_1.ABCMeta):
         request: _echo_pb2.EchoRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_echo_pb2.EchoResponse, _abc.Awaitable[_echo_pb2.EchoResponse]]:
-        """Echo returns the message."""
+        """Echo returns the message. Trailers: every request metadata entry whose key
+        starts with `x-` comes back as a trailer named `echoed-` + that key, with
+        the same value (`x-tenant: t-1` -> trailer `echoed-x-tenant: t-1`; a
+        binary `x-trace-bin` -> `echoed-x-trace-bin`), so a proxy can be checked
+        for passing metadata on both ways. Only Echo does this, and only when it
+        succeeds (a `behaviour.fail_code` call ends before any trailer is set).
+        """
 
     @_abc_1.abstractmethod
     def Expand(
