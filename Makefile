@@ -36,8 +36,15 @@ test-unit: $(STAMP)
 demo: $(STAMP)
 	$(PY) examples/demo.py
 
+# Every bench against its peer (etcd, DBOS, NATS JetStream, ...): the table at the top of
+# docs/benchmarks.md and docs/benchmarks.png. The etcd comparison needs Debian's etcd-server:
+# installed with apt when missing and allowed (root or password-less sudo), else skipped with a reason.
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	@command -v etcd >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ]; then apt-get install -y -qq etcd-server >/dev/null; \
+		elif sudo -n true 2>/dev/null; then sudo -n apt-get install -y -qq etcd-server >/dev/null; fi; \
+		command -v etcd >/dev/null 2>&1 || echo "make bench: etcd-server is not installed; the Registry vs etcd rows are skipped"; }
 	$(PY) bench/run_all.py
 
 clean:
