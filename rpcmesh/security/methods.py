@@ -103,6 +103,8 @@ _TABLE: dict[str, Extractor] = {
     _SAGA + "GetSaga": lambda r: _one(Action.SAGA_BY_ID, r.saga_id),
     _SAGA + "WatchSaga": lambda r: _one(Action.SAGA_BY_ID, r.saga_id),
     _SAGA + "AbortSaga": lambda r: _one(Action.SAGA_BY_ID, r.saga_id),
+    _SAGA + "RetryCompensation": lambda r: _one(Action.SAGA_BY_ID, r.saga_id),
+    _SAGA + "ResolveSaga": lambda r: _one(Action.SAGA_BY_ID, r.saga_id),
     # EventStore
     _EVENTS + "AppendToStream": lambda r: _one(Action.APPEND_STREAM, r.stream),
     _EVENTS + "ReadStream": lambda r: _one(Action.READ_STREAM, r.stream),

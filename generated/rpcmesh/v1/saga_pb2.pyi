@@ -33,11 +33,15 @@ class _SagaStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SagaState.V
     SAGA_STATE_COMPENSATING: _SagaState.ValueType  # 3
     SAGA_STATE_COMPENSATED: _SagaState.ValueType  # 4
     SAGA_STATE_FAILED_COMPENSATION: _SagaState.ValueType  # 5
-    """A compensation failed for good: needs an operator."""
+    """A compensation failed for good: needs an operator, who either calls
+    RetryCompensation (after fixing the participant) or ResolveSaga.
+    """
     SAGA_STATE_ABORTING: _SagaState.ValueType  # 6
     """AbortSaga was called; compensation follows."""
     SAGA_STATE_ABORTED: _SagaState.ValueType  # 7
     """Aborted and compensated."""
+    SAGA_STATE_RESOLVED_MANUALLY: _SagaState.ValueType  # 8
+    """A FAILED_COMPENSATION saga an operator closed with ResolveSaga (terminal)."""
 
 class SagaState(_SagaState, metaclass=_SagaStateEnumTypeWrapper): ...
 
@@ -47,11 +51,15 @@ SAGA_STATE_COMPLETED: SagaState.ValueType  # 2
 SAGA_STATE_COMPENSATING: SagaState.ValueType  # 3
 SAGA_STATE_COMPENSATED: SagaState.ValueType  # 4
 SAGA_STATE_FAILED_COMPENSATION: SagaState.ValueType  # 5
-"""A compensation failed for good: needs an operator."""
+"""A compensation failed for good: needs an operator, who either calls
+RetryCompensation (after fixing the participant) or ResolveSaga.
+"""
 SAGA_STATE_ABORTING: SagaState.ValueType  # 6
 """AbortSaga was called; compensation follows."""
 SAGA_STATE_ABORTED: SagaState.ValueType  # 7
 """Aborted and compensated."""
+SAGA_STATE_RESOLVED_MANUALLY: SagaState.ValueType  # 8
+"""A FAILED_COMPENSATION saga an operator closed with ResolveSaga (terminal)."""
 Global___SagaState: _TypeAlias = SagaState  # noqa: Y015
 
 class _StepState:
@@ -280,6 +288,43 @@ Global___SagaDefinition: _TypeAlias = SagaDefinition  # noqa: Y015
 
 @_typing.final
 class StepExecution(_message.Message):
+    """The saga participant contract. A step or compensation is a unary gRPC call
+    to `method` (or `compensation_method`) of an instance of `service`, found
+    through the Registry. The request is the bytes the step's PayloadTemplate
+    builds; the response is kept as raw bytes (StepExecution.result). Every
+    call carries this metadata:
+      x-saga-id           the saga's id (Saga.saga_id).
+      x-saga-step         the step's name (SagaStep.name).
+      x-saga-phase        "execute" for the step, "compensate" for its
+                          compensation.
+      x-idempotency-key   "<saga_id>/<step name>/<phase>", e.g.
+                          "3f2a.../charge/execute". The same for every attempt
+                          of that step or compensation: retries under the
+                          RetryPolicy, re-invocations after a coordinator
+                          restart or failover, and the calls RetryCompensation
+                          causes. A participant makes its effect idempotent on
+                          it (rpcmesh.saga.idempotent does this in Python) and
+                          must not replay a stored failure for it. A
+                          compensation may arrive for a step whose call never
+                          took effect (an ambiguous failure: CANCELLED, UNKNOWN,
+                          DEADLINE_EXCEEDED): it must succeed with nothing to
+                          undo.
+      x-correlation-id    the saga's correlation id (Saga.correlation_id; the
+                          StartSaga caller's x-correlation-id, or one made for
+                          the saga).
+      traceparent         W3C trace context: the step's span when the
+                          coordinator traces, else the traceparent the saga was
+                          started with (Saga.trace_context), with `tracestate`
+                          and `baggage` when those were given. Absent when the
+                          saga was started without one and tracing is off.
+      x-rpcmesh-saga-started-by
+                          the authenticated identity that started the saga;
+                          absent when authentication is off. Trust it only on
+                          calls authenticated as the coordinator.
+    Failures are gRPC statuses: codes in the step's non_retryable_codes end the
+    step (or compensation) at once, the others are retried with backoff.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
@@ -295,6 +340,10 @@ class StepExecution(_message.Message):
     attempts: _builtins.int
     compensation_attempts: _builtins.int
     result: _builtins.bytes
+    """The participant's raw response bytes (the serialized response message,
+    exactly as received); empty until the step succeeded. Later steps'
+    FieldMappings read their fields from it by number.
+    """
     error: _builtins.str
     """Last error, "CODE: message"."""
     @_builtins.property
@@ -379,6 +428,7 @@ class Saga(_message.Message):
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     ENDED_AT_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    OPERATOR_ACTIONS_FIELD_NUMBER: _builtins.int
     saga_id: _builtins.str
     definition_name: _builtins.str
     definition_version: _builtins.int
@@ -402,6 +452,10 @@ class Saga(_message.Message):
     def ended_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def operator_actions(self) -> _containers.RepeatedCompositeFieldContainer[Global___OperatorAction]:
+        """RetryCompensation and ResolveSaga calls, oldest first."""
+
     def __init__(
         self,
         *,
@@ -419,14 +473,52 @@ class Saga(_message.Message):
         updated_at: _timestamp_pb2.Timestamp | None = ...,
         ended_at: _timestamp_pb2.Timestamp | None = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        operator_actions: _abc.Iterable[Global___OperatorAction] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ended_at", b"ended_at", "started_at", b"started_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["correlation_id", b"correlation_id", "definition_name", b"definition_name", "definition_version", b"definition_version", "ended_at", b"ended_at", "error", b"error", "idempotency_key", b"idempotency_key", "input", b"input", "labels", b"labels", "saga_id", b"saga_id", "started_at", b"started_at", "state", b"state", "steps", b"steps", "trace_context", b"trace_context", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["correlation_id", b"correlation_id", "definition_name", b"definition_name", "definition_version", b"definition_version", "ended_at", b"ended_at", "error", b"error", "idempotency_key", b"idempotency_key", "input", b"input", "labels", b"labels", "operator_actions", b"operator_actions", "saga_id", b"saga_id", "started_at", b"started_at", "state", b"state", "steps", b"steps", "trace_context", b"trace_context", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Saga: _TypeAlias = Saga  # noqa: Y015
+
+@_typing.final
+class OperatorAction(_message.Message):
+    """An operator's action on a saga, as recorded in its stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    IDENTITY_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    kind: _builtins.str
+    """"retry_compensation" or "resolve"."""
+    identity: _builtins.str
+    """The caller's authenticated identity ("" with authentication off)."""
+    reason: _builtins.str
+    step: _builtins.str
+    """RetryCompensation: the step whose compensation is retried."""
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        kind: _builtins.str = ...,
+        identity: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        step: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["identity", b"identity", "kind", b"kind", "reason", b"reason", "step", b"step", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OperatorAction: _TypeAlias = OperatorAction  # noqa: Y015
 
 @_typing.final
 class RegisterDefinitionRequest(_message.Message):
@@ -664,7 +756,7 @@ class GetSagaRequest(_message.Message):
     def wait(self) -> _duration_pb2.Duration:
         """Long poll for the saga's end. When set (> 0), the answer is held until
         the saga is in a terminal state (COMPLETED, COMPENSATED,
-        FAILED_COMPENSATION, ABORTED) or until this much time has passed (or
+        FAILED_COMPENSATION, ABORTED, RESOLVED_MANUALLY) or until this much time has passed (or
         the call's deadline is near), whichever comes first, and then gives the
         saga as it is then: a client that needs the outcome repeats the call
         while the state is not terminal. Unset or zero: answer at once. At most
@@ -884,3 +976,95 @@ class AbortSagaResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AbortSagaResponse: _TypeAlias = AbortSagaResponse  # noqa: Y015
+
+@_typing.final
+class RetryCompensationRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SAGA_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    saga_id: _builtins.str
+    reason: _builtins.str
+    """Why (recorded); optional."""
+    def __init__(
+        self,
+        *,
+        saga_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "saga_id", b"saga_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryCompensationRequest: _TypeAlias = RetryCompensationRequest  # noqa: Y015
+
+@_typing.final
+class RetryCompensationResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SAGA_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def saga(self) -> Global___Saga:
+        """The saga as recorded, COMPENSATING (or ABORTING)."""
+
+    def __init__(
+        self,
+        *,
+        saga: Global___Saga | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["saga", b"saga"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["saga", b"saga"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryCompensationResponse: _TypeAlias = RetryCompensationResponse  # noqa: Y015
+
+@_typing.final
+class ResolveSagaRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SAGA_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    saga_id: _builtins.str
+    reason: _builtins.str
+    """Why the saga may be closed, e.g. "refund issued by hand, ticket 123".
+    Required; at most 1024 characters.
+    """
+    def __init__(
+        self,
+        *,
+        saga_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "saga_id", b"saga_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResolveSagaRequest: _TypeAlias = ResolveSagaRequest  # noqa: Y015
+
+@_typing.final
+class ResolveSagaResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SAGA_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def saga(self) -> Global___Saga:
+        """The saga, RESOLVED_MANUALLY."""
+
+    def __init__(
+        self,
+        *,
+        saga: Global___Saga | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["saga", b"saga"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["saga", b"saga"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResolveSagaResponse: _TypeAlias = ResolveSagaResponse  # noqa: Y015

@@ -79,6 +79,16 @@ class SagaCoordinatorStub:
                 request_serializer=rpcmesh_dot_v1_dot_saga__pb2.AbortSagaRequest.SerializeToString,
                 response_deserializer=rpcmesh_dot_v1_dot_saga__pb2.AbortSagaResponse.FromString,
                 _registered_method=True)
+        self.RetryCompensation = channel.unary_unary(
+                '/rpcmesh.v1.SagaCoordinator/RetryCompensation',
+                request_serializer=rpcmesh_dot_v1_dot_saga__pb2.RetryCompensationRequest.SerializeToString,
+                response_deserializer=rpcmesh_dot_v1_dot_saga__pb2.RetryCompensationResponse.FromString,
+                _registered_method=True)
+        self.ResolveSaga = channel.unary_unary(
+                '/rpcmesh.v1.SagaCoordinator/ResolveSaga',
+                request_serializer=rpcmesh_dot_v1_dot_saga__pb2.ResolveSagaRequest.SerializeToString,
+                response_deserializer=rpcmesh_dot_v1_dot_saga__pb2.ResolveSagaResponse.FromString,
+                _registered_method=True)
 
 
 class SagaCoordinatorServicer:
@@ -146,6 +156,34 @@ class SagaCoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RetryCompensation(self, request, context):
+        """RetryCompensation takes a FAILED_COMPENSATION saga back to COMPENSATING
+        (ABORTING if it was aborted) from the step whose compensation failed,
+        with a fresh attempt budget for that compensation (its
+        compensation_retry). Once the participant is fixed, the saga then ends
+        COMPENSATED (or ABORTED). The compensation is called again with the same
+        x-idempotency-key. Recorded in the saga's stream (who, when, why) as an
+        OperatorAction; any node accepts it, the node driving the sagas acts on
+        it. Authorized like AbortSaga (the saga's definition name against the
+        caller's `sagas` patterns). FAILED_PRECONDITION in any other state.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResolveSaga(self, request, context):
+        """ResolveSaga ends a FAILED_COMPENSATION saga by hand: the operator undid
+        (or accepted) what the failed compensation left behind. The saga becomes
+        RESOLVED_MANUALLY, a terminal state; no participant is called. The reason
+        is required and recorded with the caller's identity. Authorized like
+        AbortSaga. FAILED_PRECONDITION in any other state. (A saga still running
+        forward never waits for an operator: a step that keeps failing leads to
+        compensation, and a RUNNING saga can be aborted with AbortSaga.)
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SagaCoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -188,6 +226,16 @@ def add_SagaCoordinatorServicer_to_server(servicer, server):
                     servicer.AbortSaga,
                     request_deserializer=rpcmesh_dot_v1_dot_saga__pb2.AbortSagaRequest.FromString,
                     response_serializer=rpcmesh_dot_v1_dot_saga__pb2.AbortSagaResponse.SerializeToString,
+            ),
+            'RetryCompensation': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetryCompensation,
+                    request_deserializer=rpcmesh_dot_v1_dot_saga__pb2.RetryCompensationRequest.FromString,
+                    response_serializer=rpcmesh_dot_v1_dot_saga__pb2.RetryCompensationResponse.SerializeToString,
+            ),
+            'ResolveSaga': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResolveSaga,
+                    request_deserializer=rpcmesh_dot_v1_dot_saga__pb2.ResolveSagaRequest.FromString,
+                    response_serializer=rpcmesh_dot_v1_dot_saga__pb2.ResolveSagaResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -411,6 +459,60 @@ class SagaCoordinator:
             '/rpcmesh.v1.SagaCoordinator/AbortSaga',
             rpcmesh_dot_v1_dot_saga__pb2.AbortSagaRequest.SerializeToString,
             rpcmesh_dot_v1_dot_saga__pb2.AbortSagaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetryCompensation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rpcmesh.v1.SagaCoordinator/RetryCompensation',
+            rpcmesh_dot_v1_dot_saga__pb2.RetryCompensationRequest.SerializeToString,
+            rpcmesh_dot_v1_dot_saga__pb2.RetryCompensationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResolveSaga(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rpcmesh.v1.SagaCoordinator/ResolveSaga',
+            rpcmesh_dot_v1_dot_saga__pb2.ResolveSagaRequest.SerializeToString,
+            rpcmesh_dot_v1_dot_saga__pb2.ResolveSagaResponse.FromString,
             options,
             channel_credentials,
             insecure,

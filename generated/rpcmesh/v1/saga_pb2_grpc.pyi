@@ -56,6 +56,26 @@ class SagaCoordinatorStub:
     """WatchSaga streams the saga's transitions until it ends."""
     AbortSaga: _grpc.UnaryUnaryMultiCallable[_saga_pb2.AbortSagaRequest, _saga_pb2.AbortSagaResponse]
     """AbortSaga stops a running saga and compensates its completed steps."""
+    RetryCompensation: _grpc.UnaryUnaryMultiCallable[_saga_pb2.RetryCompensationRequest, _saga_pb2.RetryCompensationResponse]
+    """RetryCompensation takes a FAILED_COMPENSATION saga back to COMPENSATING
+    (ABORTING if it was aborted) from the step whose compensation failed,
+    with a fresh attempt budget for that compensation (its
+    compensation_retry). Once the participant is fixed, the saga then ends
+    COMPENSATED (or ABORTED). The compensation is called again with the same
+    x-idempotency-key. Recorded in the saga's stream (who, when, why) as an
+    OperatorAction; any node accepts it, the node driving the sagas acts on
+    it. Authorized like AbortSaga (the saga's definition name against the
+    caller's `sagas` patterns). FAILED_PRECONDITION in any other state.
+    """
+    ResolveSaga: _grpc.UnaryUnaryMultiCallable[_saga_pb2.ResolveSagaRequest, _saga_pb2.ResolveSagaResponse]
+    """ResolveSaga ends a FAILED_COMPENSATION saga by hand: the operator undid
+    (or accepted) what the failed compensation left behind. The saga becomes
+    RESOLVED_MANUALLY, a terminal state; no participant is called. The reason
+    is required and recorded with the caller's identity. Authorized like
+    AbortSaga. FAILED_PRECONDITION in any other state. (A saga still running
+    forward never waits for an operator: a step that keeps failing leads to
+    compensation, and a RUNNING saga can be aborted with AbortSaga.)
+    """
 
 @_typing.type_check_only
 class SagaCoordinatorAsyncStub(SagaCoordinatorStub):
@@ -85,6 +105,26 @@ class SagaCoordinatorAsyncStub(SagaCoordinatorStub):
     """WatchSaga streams the saga's transitions until it ends."""
     AbortSaga: _aio.UnaryUnaryMultiCallable[_saga_pb2.AbortSagaRequest, _saga_pb2.AbortSagaResponse]  # type: ignore[assignment]
     """AbortSaga stops a running saga and compensates its completed steps."""
+    RetryCompensation: _aio.UnaryUnaryMultiCallable[_saga_pb2.RetryCompensationRequest, _saga_pb2.RetryCompensationResponse]  # type: ignore[assignment]
+    """RetryCompensation takes a FAILED_COMPENSATION saga back to COMPENSATING
+    (ABORTING if it was aborted) from the step whose compensation failed,
+    with a fresh attempt budget for that compensation (its
+    compensation_retry). Once the participant is fixed, the saga then ends
+    COMPENSATED (or ABORTED). The compensation is called again with the same
+    x-idempotency-key. Recorded in the saga's stream (who, when, why) as an
+    OperatorAction; any node accepts it, the node driving the sagas acts on
+    it. Authorized like AbortSaga (the saga's definition name against the
+    caller's `sagas` patterns). FAILED_PRECONDITION in any other state.
+    """
+    ResolveSaga: _aio.UnaryUnaryMultiCallable[_saga_pb2.ResolveSagaRequest, _saga_pb2.ResolveSagaResponse]  # type: ignore[assignment]
+    """ResolveSaga ends a FAILED_COMPENSATION saga by hand: the operator undid
+    (or accepted) what the failed compensation left behind. The saga becomes
+    RESOLVED_MANUALLY, a terminal state; no participant is called. The reason
+    is required and recorded with the caller's identity. Authorized like
+    AbortSaga. FAILED_PRECONDITION in any other state. (A saga still running
+    forward never waits for an operator: a step that keeps failing leads to
+    compensation, and a RUNNING saga can be aborted with AbortSaga.)
+    """
 
 class SagaCoordinatorServicer(metaclass=_abc_1.ABCMeta):
     """SagaCoordinator runs sagas: a sequence of steps, each a gRPC call to a
@@ -159,5 +199,37 @@ class SagaCoordinatorServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_saga_pb2.AbortSagaResponse, _abc.Awaitable[_saga_pb2.AbortSagaResponse]]:
         """AbortSaga stops a running saga and compensates its completed steps."""
+
+    @_abc_1.abstractmethod
+    def RetryCompensation(
+        self,
+        request: _saga_pb2.RetryCompensationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_saga_pb2.RetryCompensationResponse, _abc.Awaitable[_saga_pb2.RetryCompensationResponse]]:
+        """RetryCompensation takes a FAILED_COMPENSATION saga back to COMPENSATING
+        (ABORTING if it was aborted) from the step whose compensation failed,
+        with a fresh attempt budget for that compensation (its
+        compensation_retry). Once the participant is fixed, the saga then ends
+        COMPENSATED (or ABORTED). The compensation is called again with the same
+        x-idempotency-key. Recorded in the saga's stream (who, when, why) as an
+        OperatorAction; any node accepts it, the node driving the sagas acts on
+        it. Authorized like AbortSaga (the saga's definition name against the
+        caller's `sagas` patterns). FAILED_PRECONDITION in any other state.
+        """
+
+    @_abc_1.abstractmethod
+    def ResolveSaga(
+        self,
+        request: _saga_pb2.ResolveSagaRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_saga_pb2.ResolveSagaResponse, _abc.Awaitable[_saga_pb2.ResolveSagaResponse]]:
+        """ResolveSaga ends a FAILED_COMPENSATION saga by hand: the operator undid
+        (or accepted) what the failed compensation left behind. The saga becomes
+        RESOLVED_MANUALLY, a terminal state; no participant is called. The reason
+        is required and recorded with the caller's identity. Authorized like
+        AbortSaga. FAILED_PRECONDITION in any other state. (A saga still running
+        forward never waits for an operator: a step that keeps failing leads to
+        compensation, and a RUNNING saga can be aborted with AbortSaga.)
+        """
 
 def add_SagaCoordinatorServicer_to_server(servicer: SagaCoordinatorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

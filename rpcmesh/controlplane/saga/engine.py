@@ -678,6 +678,8 @@ class SagaEngine:
             if saga.view.finished:
                 saga.done.set()
                 self._remember_finished(saga_id)
+            else:
+                saga.done.clear()  # an operator's RetryCompensation took a finished saga back
         # A waiting runner decides again now (if its view is behind, its next write conflicts and reloads).
         saga.wake.set()
         if self.driving and self._without_runner(saga):
@@ -775,6 +777,11 @@ def view_to_proto(view: SagaView) -> pb.Saga:
         if step.ended_at:
             execution.ended_at.FromNanoseconds(int(step.ended_at * 1e9))
         saga.steps.append(execution)
+    for action in view.operator_actions:
+        recorded = saga.operator_actions.add(
+            kind=action.kind, identity=action.identity, reason=action.reason, step=action.step
+        )
+        recorded.time.FromNanoseconds(int(action.time * 1e9))
     return saga
 
 

@@ -43,6 +43,10 @@ SAGA_COMPLETED = "SagaCompleted"
 SAGA_COMPENSATED = "SagaCompensated"
 SAGA_ABORTED = "SagaAborted"
 SAGA_FAILED_COMPENSATION = "SagaFailedCompensation"
+# Operator actions on a FAILED_COMPENSATION saga (RetryCompensation, ResolveSaga).
+COMPENSATION_RETRY_REQUESTED = "CompensationRetryRequested"
+SAGA_RESOLVED = "SagaResolved"
+OPERATOR_EVENTS = frozenset({COMPENSATION_RETRY_REQUESTED, SAGA_RESOLVED})
 
 TERMINAL = frozenset(
     {
@@ -50,6 +54,7 @@ TERMINAL = frozenset(
         pb.SAGA_STATE_COMPENSATED,
         pb.SAGA_STATE_FAILED_COMPENSATION,
         pb.SAGA_STATE_ABORTED,
+        pb.SAGA_STATE_RESOLVED_MANUALLY,
     }
 )
 # A call that ended with one of these may have taken effect at the participant:
@@ -94,8 +99,21 @@ class StepView:
     compensation_in_flight: bool = False
     compensation_last_code: int = 0
     compensation_last_failure_at: float = 0.0
+    compensation_retry_due: bool = False
+    """An operator asked for RetryCompensation: the next compensation attempt is made at once."""
     started_at: float = 0.0
     ended_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class OperatorActionView:
+    """A recorded RetryCompensation or ResolveSaga: who, when, why."""
+
+    kind: str
+    identity: str
+    reason: str
+    time: float
+    step: str = ""
 
 
 @dataclass
@@ -117,6 +135,10 @@ class SagaView:
     updated_at: float = 0.0
     ended_at: float = 0.0
     steps: list[StepView] = field(default_factory=list)
+    cause: str = ""
+    """Why the saga compensates (step failure or abort reason): its error again after a retry."""
+    aborted: bool = False
+    operator_actions: list[OperatorActionView] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
@@ -237,14 +259,18 @@ def apply(view: SagaView, event: SagaEvent) -> None:
         step.ended_at = event.time
     elif kind == SAGA_COMPENSATING:
         view.state = pb.SAGA_STATE_COMPENSATING
-        view.error = data.get("reason", "")
+        view.error = view.cause = data.get("reason", "")
     elif kind == ABORT_REQUESTED:
         view.state = pb.SAGA_STATE_ABORTING
-        view.error = data.get("reason", "") or "aborted"
+        view.error = view.cause = data.get("reason", "") or "aborted"
+        view.aborted = True
+    elif kind in OPERATOR_EVENTS:
+        _apply_operator(view, event, step)
     elif kind == COMPENSATION_STARTED and step:
         step.state = pb.STEP_STATE_COMPENSATING
         step.compensation_attempts += 1
         step.compensation_in_flight = True
+        step.compensation_retry_due = False
     elif kind == COMPENSATION_SUCCEEDED and step:
         step.state = pb.STEP_STATE_COMPENSATED
         step.compensation_in_flight = False
@@ -267,6 +293,39 @@ def apply(view: SagaView, event: SagaEvent) -> None:
         view.ended_at = event.time
         if data.get("reason"):
             view.error = data["reason"]
+
+
+def _apply_operator(view: SagaView, event: SagaEvent, step: StepView | None) -> None:
+    """RetryCompensation: back to compensating, the failed step with a fresh budget. ResolveSaga: closed."""
+    data = event.data
+    action = "retry_compensation" if event.kind == COMPENSATION_RETRY_REQUESTED else "resolve"
+    view.operator_actions.append(
+        OperatorActionView(
+            action, data.get("by", ""), data.get("reason", ""), event.time, data.get("step", "")
+        )
+    )
+    if event.kind == SAGA_RESOLVED:
+        view.state = pb.SAGA_STATE_RESOLVED_MANUALLY
+        view.ended_at = event.time
+        return
+    view.state = pb.SAGA_STATE_ABORTING if view.aborted else pb.SAGA_STATE_COMPENSATING
+    view.error = view.cause
+    view.ended_at = 0.0
+    if step is not None:
+        step.state = pb.STEP_STATE_COMPENSATING
+        step.ended_at = 0.0
+        step.compensation_failures = 0
+        step.compensation_unsent_failures = 0
+        step.compensation_last_unsent = False
+        step.compensation_retry_due = True
+
+
+def failed_compensation_step(view: SagaView) -> str:
+    """The step whose compensation failed for good ("" when none did)."""
+    for step in view.steps:
+        if step.state == pb.STEP_STATE_COMPENSATION_FAILED:
+            return step.name
+    return ""
 
 
 _FINAL_STATES = {
@@ -355,7 +414,7 @@ def _decide_compensation(view: SagaView, now: float) -> Decision:
         step = view.steps[index]
         if step.state == pb.STEP_STATE_COMPENSATED or not needs_compensation(view, index):
             continue
-        if step.compensation_in_flight or step.compensation_attempts == 0:
+        if step.compensation_in_flight or step.compensation_attempts == 0 or step.compensation_retry_due:
             return Invoke(index, True, step.compensation_attempts + 1)
         policy = retry_settings(
             view.definition.steps[index].compensation_retry, DEFAULT_COMPENSATION_ATTEMPTS

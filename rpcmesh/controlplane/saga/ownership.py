@@ -12,11 +12,13 @@ leader does. Every node accepts every RPC:
 * Every node follows the EventStore's position-ordered global log (``saga-`` and
   ``sagadef-`` streams, read every ``poll_interval``). Followers mirror every
   transition, so their ListSagas, WatchSaga and GetSaga long polls stay current.
-  The leader reads only SagaStarted, AbortRequested and DefinitionRegistered
-  (the event-type index; it wrote everything else itself): it adopts and runs
-  sagas started elsewhere and takes an abort into the running saga at once. It
+  The leader reads only SagaStarted, AbortRequested, the operator actions
+  (CompensationRetryRequested, SagaResolved) and DefinitionRegistered (the
+  event-type index; it wrote everything else itself): it adopts and runs sagas
+  started elsewhere, takes an abort into the running saga at once and resumes a
+  saga an operator asked to compensate again. It
   also LISTENs on its lock connection for :data:`NUDGE_CHANNEL`, which a
-  follower NOTIFYs after StartSaga and AbortSaga, so a saga started through a
+  follower NOTIFYs after StartSaga, AbortSaga and the operator verbs, so a saga started through a
   follower begins without waiting for the poll. The other way round, the leader
   NOTIFYs :data:`CHANGED_CHANNEL` after it appends (at most once per
   ``announce_interval``, 20 ms), which followers LISTEN for on their contending
@@ -64,7 +66,12 @@ from rpcmesh.controlplane.saga.engine import (
     SAGA_STREAM_PREFIX,
     SagaEngine,
 )
-from rpcmesh.controlplane.saga.machine import ABORT_REQUESTED, SAGA_STARTED
+from rpcmesh.controlplane.saga.machine import (
+    ABORT_REQUESTED,
+    COMPENSATION_RETRY_REQUESTED,
+    SAGA_RESOLVED,
+    SAGA_STARTED,
+)
 from rpcmesh.tasks import stop_tasks
 
 logger = logging.getLogger(__name__)
@@ -76,7 +83,14 @@ NUDGE_CHANNEL = "rpcmesh_saga_nudge"
 CHANGED_CHANNEL = "rpcmesh_saga_changed"
 """NOTIFY channel: the leader recorded transitions (at most one per ``announce_interval``)."""
 _PAGE = 1000
-_LEADER_TYPES = (SAGA_STARTED, ABORT_REQUESTED, DEFINITION_REGISTERED)
+# Operator actions (RetryCompensation, ResolveSaga) recorded through any node are obeyed by the leader.
+_LEADER_TYPES = (
+    SAGA_STARTED,
+    ABORT_REQUESTED,
+    COMPENSATION_RETRY_REQUESTED,
+    SAGA_RESOLVED,
+    DEFINITION_REGISTERED,
+)
 
 
 class SagaOwnership:

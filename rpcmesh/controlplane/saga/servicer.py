@@ -16,6 +16,7 @@ from rpcmesh.controlplane.eventstore.model import (
 from rpcmesh.controlplane.saga.definition import validate_definition
 from rpcmesh.controlplane.saga.engine import SagaEngine, view_to_proto
 from rpcmesh.controlplane.saga.machine import SagaView, transition_kind
+from rpcmesh.controlplane.saga.operator import MAX_REASON, resolve_saga, retry_compensation
 from rpcmesh.controlplane.saga.tracing import start_context
 from rpcmesh.errors import invalid_argument
 from rpcmesh.security.guard import ANONYMOUS, authorize, current_identity, may
@@ -273,3 +274,37 @@ class SagaCoordinatorServicer(pb_grpc.SagaCoordinatorServicer):
         if self.nudge is not None:
             await self.nudge()
         return pb.AbortSagaResponse(saga=view_to_proto(view))
+
+    async def RetryCompensation(
+        self, request: pb.RetryCompensationRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.RetryCompensationResponse:
+        """Compensate a FAILED_COMPENSATION saga again from the failed step (fresh attempt budget)."""
+        if not request.saga_id:
+            raise invalid_argument("saga_id", "required")
+        if len(request.reason) > MAX_REASON:
+            raise invalid_argument("reason", f"at most {MAX_REASON} characters")
+        engine = self._engine()
+        _authorize_saga(await engine.fetch_saga(request.saga_id))
+        view = await retry_compensation(
+            engine, request.saga_id, reason=request.reason or "retried by request", by=_starter()
+        )
+        if self.nudge is not None:
+            await self.nudge()
+        return pb.RetryCompensationResponse(saga=view_to_proto(view))
+
+    async def ResolveSaga(
+        self, request: pb.ResolveSagaRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ResolveSagaResponse:
+        """Close a FAILED_COMPENSATION saga by hand (RESOLVED_MANUALLY), with the reason recorded."""
+        if not request.saga_id:
+            raise invalid_argument("saga_id", "required")
+        if not request.reason.strip():
+            raise invalid_argument("reason", "required: say why the saga may be closed")
+        if len(request.reason) > MAX_REASON:
+            raise invalid_argument("reason", f"at most {MAX_REASON} characters")
+        engine = self._engine()
+        _authorize_saga(await engine.fetch_saga(request.saga_id))
+        view = await resolve_saga(engine, request.saga_id, reason=request.reason, by=_starter())
+        if self.nudge is not None:
+            await self.nudge()
+        return pb.ResolveSagaResponse(saga=view_to_proto(view))
