@@ -18,7 +18,7 @@ of both: a throughput round (``--sagas`` workflows from 64 concurrent callers,
 each waiting for its result), then one-at-a-time latency samples interleaved
 saga / DBOS. Figures are medians over the rounds. Prints one JSON line.
 
-    .venv/bin/python bench/bench_dbos.py [--store postgresql] [--rounds 3] [--sagas 1000]
+    .venv/bin/python bench/bench_dbos.py [--store postgresql] [--rounds 3] [--sagas 600]
 """
 
 from __future__ import annotations
@@ -201,7 +201,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", choices=["postgresql"], help="both systems' store (default: SQLite)")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--sagas", type=int, default=1000, help="workflows per throughput round")
+    parser.add_argument("--sagas", type=int, default=600, help="workflows per throughput round")
     parser.add_argument("--latency-samples", type=int, default=60, help="per system per round")
     args = parser.parse_args()
     try:
