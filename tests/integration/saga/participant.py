@@ -6,7 +6,9 @@ Serves ``test.v1.Ledger`` methods over ``google.protobuf.StringValue``:
 step once (a compensation with nothing to revert records a tombstone, so a
 late ``Do`` cannot apply afterwards), ``Fail`` always answers
 FAILED_PRECONDITION and ``Flaky`` answers UNAVAILABLE on the first attempt of
-each key. Every invocation is logged in SQLite (``calls``), every effect in
+each key. ``UndoOnceFixed`` is ``Undo`` that answers FAILED_PRECONDITION while
+the file ``<db>.broken`` exists (a broken compensation an operator fixes, then
+retries). Every invocation is logged in SQLite (``calls``), every effect in
 ``effects``: the fault test checks its invariants there. Those tables live in
 the same file as the IdempotencyStore's responses and are written through its
 group commits (``store.run``, synchronous=FULL), as a real service would.
@@ -107,6 +109,7 @@ class Ledger:
         # group commits (store.run), next to the stored responses.
         self.store = IdempotencyStore(db)
         self.flaky_seen: set[str] = set()
+        self.broken = db.with_suffix(".broken")
 
     def handlers(self) -> grpc.GenericRpcHandler:
         store = self.store
@@ -128,8 +131,7 @@ class Ledger:
         async def do(request: wrappers_pb2.StringValue, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             return await effect(request, context, "Do")
 
-        @idempotent(store)
-        async def undo(request: wrappers_pb2.StringValue, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        async def revert(context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             meta = _meta(context)
 
             def run(conn: sqlite3.Connection) -> str:
@@ -137,6 +139,20 @@ class Ledger:
                 return undo_effect(conn, meta)
 
             return wrappers_pb2.StringValue(value=await store.run(run))
+
+        @idempotent(store)
+        async def undo(request: wrappers_pb2.StringValue, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            return await revert(context)
+
+        @idempotent(store)
+        async def undo_once_fixed(
+            request: wrappers_pb2.StringValue, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> Any:
+            meta = _meta(context)
+            if self.broken.exists():
+                await store.run(lambda conn: log_call(conn, "UndoBroken", meta))
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "compensation broken")
+            return await revert(context)
 
         async def fail(request: wrappers_pb2.StringValue, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             meta = _meta(context)
@@ -164,7 +180,13 @@ class Ledger:
 
         return grpc.method_handlers_generic_handler(
             "test.v1.Ledger",
-            {"Do": unary(do), "Undo": unary(undo), "Fail": unary(fail), "Flaky": unary(flaky)},
+            {
+                "Do": unary(do),
+                "Undo": unary(undo),
+                "UndoOnceFixed": unary(undo_once_fixed),
+                "Fail": unary(fail),
+                "Flaky": unary(flaky),
+            },
         )
 
 
