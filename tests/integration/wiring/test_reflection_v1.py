@@ -4,7 +4,8 @@ A raw gRPC client, built on nothing of rpcmesh, calls
 ``grpc.reflection.v1.ServerReflection`` on both processes: it lists the services
 and resolves a service's file. v1alpha and the health check still answer. The
 gateway's shape learning falls back to v1alpha on a backend that serves only
-v1alpha (a stock grpcio-reflection server).
+v1alpha (a stock grpcio-reflection server). With TLS and tokens, v1 is open to
+any listed identity and refused without credentials, as v1alpha is.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from rpcmesh.gateway.shapes import Shape, ShapeCache
+from rpcmesh.security.client import aio_channel
+from tests.integration.wiring.conftest import Pki, Processes
 from tests.support.processes import ManagedProcess, start_echo
 
 V1 = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"
@@ -106,3 +109,34 @@ async def test_shapes_fall_back_to_v1alpha() -> None:
             assert shape == Shape.UNARY_STREAM
     finally:
         await server.stop(None)
+
+
+async def test_v1_reflection_behind_tls_and_tokens(pki: Pki, processes: Processes) -> None:
+    plane_args = [
+        "--tls-cert",
+        str(pki.server_cert),
+        "--tls-key",
+        str(pki.server_key),
+        "--tls-ca",
+        str(pki.ca),
+    ]
+    registry = processes.control_plane(
+        *plane_args, "--policy", str(pki.policy), "--token-secret-file", str(pki.secret_file)
+    )
+    host_env = {
+        "RPCMESH_TLS_CERT": str(pki.server_cert),
+        "RPCMESH_TLS_KEY": str(pki.server_key),
+        "RPCMESH_TLS_CA": str(pki.ca),
+        "RPCMESH_TOKEN_SECRET_FILE": str(pki.secret_file),
+        "RPCMESH_TOKEN": pki.token("echo"),
+    }
+    _, host = processes.echo(registry, "echo-1", host_env)
+    for address, served in ((registry, "rpcmesh.v1.Registry"), (host, "echo.v1.Echo")):
+        async with aio_channel(address, pki.token_client("client")) as channel:
+            assert served in await _services(channel, V1)
+        async with aio_channel(address, pki.token_client(None)) as channel:
+            try:
+                await _services(channel, V1)
+                raise AssertionError(f"{address} answered reflection v1 without credentials")
+            except grpc.aio.AioRpcError as error:
+                assert error.code() == grpc.StatusCode.UNAUTHENTICATED
