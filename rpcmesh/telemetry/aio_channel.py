@@ -25,6 +25,7 @@ import grpc
 import grpc.aio
 from opentelemetry import context as otel_context
 
+from rpcmesh.telemetry import private_api
 from rpcmesh.telemetry._calls import CallRecord, begin_client_call, status_code_of
 from rpcmesh.telemetry.correlation import reset_correlation_id, set_correlation_id
 from rpcmesh.telemetry.setup import Telemetry, get_telemetry
@@ -111,9 +112,39 @@ class TracingChannel(grpc.aio.Channel):
         return getattr(self.inner, name)
 
 
+_AIO_CHANNEL_MODULE = "grpc.aio._channel"
+
+
+def _probe_plain_callables() -> bool:
+    """Whether grpc.aio's multicallables still live in ``grpc.aio._channel`` and keep ``_interceptors``."""
+    try:
+        import importlib
+
+        module = importlib.import_module(_AIO_CHANNEL_MODULE)
+        found = module.UnaryUnaryMultiCallable
+        codes = (getattr(klass.__dict__.get("__init__"), "__code__", None) for klass in found.__mro__)
+        names = {name for code in codes if code is not None for name in code.co_names}
+        ok = found.__module__ == _AIO_CHANNEL_MODULE and "_interceptors" in names
+    except Exception as error:  # any failure means: treat every callable as intercepted
+        return private_api.probe_failed("aio_plain_callable", error)
+    return private_api.register(
+        "aio_plain_callable", ok, "grpc.aio's UnaryUnaryMultiCallable no longer keeps _interceptors"
+    )
+
+
+_probe_plain_callables()
+
+
 def _plain_grpc_callable(inner: Any) -> bool:
-    """Whether ``inner`` is grpc.aio's own callable without interceptors: nothing in it reads our context."""
-    return type(inner).__module__ == "grpc.aio._channel" and not getattr(inner, "_interceptors", True)
+    """Whether ``inner`` is grpc.aio's own callable without interceptors: nothing in it reads our context.
+
+    False (the span is made current around the call) when the probe of grpc.aio's private layout failed.
+    """
+    return (
+        private_api.FAST["aio_plain_callable"]
+        and type(inner).__module__ == _AIO_CHANNEL_MODULE
+        and not getattr(inner, "_interceptors", True)
+    )
 
 
 class _Callable:

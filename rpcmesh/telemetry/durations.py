@@ -11,7 +11,8 @@ the SDK would have: same metric name, unit, description, attributes, explicit bu
 bounds, min/max, the reader's temporality (cumulative or delta).
 
 ``setup_telemetry`` uses this path only when the SDK would aggregate the same way (explicit
-buckets, exemplars off); otherwise the durations go through ``Histogram.record``.
+buckets, exemplars off) and the reader's private names it needs are there (probed at import,
+``private_api`` fast path ``duration_reader``); otherwise the durations go through ``Histogram.record``.
 """
 
 from __future__ import annotations
@@ -23,11 +24,11 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from opentelemetry.sdk.metrics._internal.instrument import _Histogram
 from opentelemetry.sdk.metrics.export import (
     AggregationTemporality,
     Histogram,
     HistogramDataPoint,
+    InMemoryMetricReader,
     Metric,
     MetricReader,
     MetricsData,
@@ -36,6 +37,37 @@ from opentelemetry.sdk.metrics.export import (
 )
 from opentelemetry.sdk.metrics.view import DefaultAggregation, ExplicitBucketHistogramAggregation
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+from rpcmesh.telemetry import private_api
+
+
+def _probe_reader_internals() -> Any:
+    """The SDK's private histogram class if a reader still exposes what ``attach_to_reader`` uses, else None.
+
+    Private names: ``sdk.metrics._internal.instrument._Histogram`` (the key of a reader's
+    per-instrument temporality and aggregation), ``MetricReader._instrument_class_temporality``,
+    ``_instrument_class_aggregation`` and ``_collect`` (replaced to add the histograms).
+    """
+    try:
+        from opentelemetry.sdk.metrics._internal.instrument import _Histogram as histogram_class
+
+        reader = InMemoryMetricReader()
+        temporality = reader._instrument_class_temporality[histogram_class]
+        aggregation = reader._instrument_class_aggregation[histogram_class]
+        ok = (
+            isinstance(temporality, AggregationTemporality)
+            and isinstance(aggregation, DefaultAggregation)
+            and "_collect" in vars(reader)
+        )
+    except Exception as error:  # any failure means: durations through Histogram.record
+        private_api.probe_failed("duration_reader", error)
+        return None
+    if not private_api.register("duration_reader", ok, "MetricReader's private temporality/collect changed"):
+        return None
+    return histogram_class
+
+
+_Histogram: Any = _probe_reader_internals()
 
 # One series' state: [count, sum, min, max, bucket counts...].
 _COUNT, _SUM, _MIN, _MAX, _BUCKETS = 0, 1, 2, 3, 4
@@ -190,6 +222,8 @@ class DurationHistograms:
 
 def reader_supports(reader: MetricReader) -> bool:
     """Whether ``reader`` aggregates histograms as ``DurationHistograms`` does (explicit buckets)."""
+    if not private_api.FAST["duration_reader"]:
+        return False  # the public path: Histogram.record
     aggregation = getattr(reader, "_instrument_class_aggregation", {}).get(_Histogram)
     return (
         isinstance(aggregation, DefaultAggregation | ExplicitBucketHistogramAggregation)

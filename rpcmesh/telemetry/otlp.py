@@ -13,7 +13,11 @@ to the same message ``encode_spans`` builds (a test pins that).
 
 ``CachingOtlpSpanExporter`` is ``OTLPSpanExporter`` (same arguments, retries, TLS, headers,
 compression) whose stub sends those bytes as they are, a large batch as several requests of at
-most ``MAX_REQUEST_BYTES``.
+most ``MAX_REQUEST_BYTES``. Both rely on private names of the SDK (its ``_internal`` encoders, the
+exporter's ``_initialize_channel_and_stub``/``_channel``/``_client``/``_export``/``_translate_data``),
+probed at import (``private_api`` fast path ``otlp_exporter``): when they are gone ``span_exporter``
+returns the stock ``OTLPSpanExporter``, and an exporter whose stub swap did not take effect
+exports the stock way.
 """
 
 from __future__ import annotations
@@ -24,24 +28,42 @@ from typing import Any
 
 import grpc
 from google.protobuf.message import Message
-from opentelemetry.exporter.otlp.proto.common._internal import (
-    _encode_attributes,
-    _encode_instrumentation_scope,
-    _encode_resource,
-)
-from opentelemetry.exporter.otlp.proto.common._internal.trace_encoder import (
-    _SPAN_KIND_MAP,
-    _encode_links,
-    _encode_trace_state,
-)
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 from opentelemetry.proto.trace.v1.trace_pb2 import SpanFlags, Status
 from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExportResult
 
+from rpcmesh.telemetry import private_api
 from rpcmesh.telemetry.correlation import CORRELATION_ATTRIBUTE
 from rpcmesh.telemetry.spans import CallSpan
+
+# Private names (``private_api`` fast path ``otlp_exporter``): the SDK's own OTLP encoders, for
+# what this module does not write by hand, and the exporter internals the bytes stub replaces.
+_EXPORTER_NAMES = ("_initialize_channel_and_stub", "_export", "_translate_data")
+_EXPORT_READS = ("_client", "Export", "_translate_data")  # what OTLPExporterMixin._export must go through
+try:
+    from opentelemetry.exporter.otlp.proto.common._internal import (
+        _encode_attributes,
+        _encode_instrumentation_scope,
+        _encode_resource,
+    )
+    from opentelemetry.exporter.otlp.proto.common._internal.trace_encoder import (
+        _SPAN_KIND_MAP,
+        _encode_links,
+        _encode_trace_state,
+    )
+
+    _missing = [name for name in _EXPORTER_NAMES if not callable(getattr(OTLPSpanExporter, name, None))]
+    _export_code = getattr(getattr(OTLPSpanExporter, "_export", None), "__code__", None)
+    _reads = set(_export_code.co_names) if _export_code is not None else set()
+    _missing += [name for name in _EXPORT_READS if name not in _reads]
+    private_api.register(
+        "otlp_exporter", not _missing, f"OTLPSpanExporter lacks or no longer uses {_missing}"
+    )
+except ImportError as _error:  # the SDK moved its encoders: the stock exporter, and no SpanEncoder
+    private_api.probe_failed("otlp_exporter", _error)
+    _SPAN_KIND_MAP = {}
 
 UNCACHED_ATTRIBUTES = frozenset({CORRELATION_ATTRIBUTE, "exception.stacktrace"})
 """Attributes whose values differ per call: never cached (the cache of others is bounded)."""
@@ -201,6 +223,10 @@ class SpanEncoder:
         # Keyed by id(); each entry keeps its object alive, so an id is never reused while cached.
         self._blocks: dict[int, tuple[Any, bytes]] = {}
         self._names: dict[tuple[str, Any], bytes] = {}
+        # Equal scopes held as different objects (rpcmesh's call spans and the SDK tracer's spans)
+        # share one ScopeSpans, as the SDK's encoder groups them: id -> (scope, first equal one seen).
+        self._scope_ids: dict[int, tuple[Any, Any]] = {}
+        self._scopes: dict[Any, Any] = {}
 
     def _pair(self, key: str, value: Any) -> bytes:
         if key in UNCACHED_ATTRIBUTES or not isinstance(value, str | int | float | bool):
@@ -392,6 +418,8 @@ class SpanEncoder:
     def _assemble(self, encoded: Sequence[_Encoded]) -> bytes:
         groups: dict[tuple[int, int], tuple[Any, Any, list[bytes]]] = {}
         for resource, scope, span_bytes in encoded:
+            if scope is not None:
+                scope = self._canonical_scope(scope)
             key = (id(resource), id(scope))
             group = groups.get(key)
             if group is None:
@@ -413,6 +441,17 @@ class SpanEncoder:
                 parts.append(_length_delimited(_RESOURCE_SPANS_SCHEMA, resource.schema_url.encode()))
             out.append(_length_delimited(_REQUEST_RESOURCE_SPANS, b"".join(parts)))
         return b"".join(out)
+
+    def _canonical_scope(self, scope: Any) -> Any:
+        cached = self._scope_ids.get(id(scope))
+        if cached is not None and cached[0] is scope:
+            return cached[1]
+        if len(self._scope_ids) >= _MAX_CACHED:
+            self._scope_ids.clear()
+            self._scopes.clear()
+        canonical = self._scopes.setdefault(scope, scope)
+        self._scope_ids[id(scope)] = (scope, canonical)
+        return canonical
 
     def _scope_block(self, scope: Any) -> bytes:
         return self._cached_block(scope, _SCOPE_SPANS_SCOPE, _encode_instrumentation_scope)
@@ -460,16 +499,32 @@ class CachingOtlpSpanExporter(OTLPSpanExporter):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._encoder = SpanEncoder()
+        self._swapped = False
         super().__init__(*args, **kwargs)
+        if not self._stub_swapped():
+            # The SDK did not call the hook or keeps its stub elsewhere: bytes would reach a stub that
+            # serializes messages and every export would fail. Export the stock way instead.
+            private_api.register("otlp_exporter", False, "the exporter's bytes stub did not take effect")
+            self.accepts_call_spans = False
+
+    def _stub_swapped(self) -> bool:
+        return self._swapped and isinstance(self.__dict__.get("_client"), _BytesTraceStub)
 
     def _initialize_channel_and_stub(self) -> None:
         # Called at construction and on reconnects: keep the SDK's channel, swap in the bytes stub.
         super()._initialize_channel_and_stub()  # type: ignore[no-untyped-call]
-        channel: grpc.Channel = self.__dict__["_channel"]
-        self.__dict__["_client"] = _BytesTraceStub(channel)
+        channel = self.__dict__.get("_channel")
+        if isinstance(channel, grpc.Channel):
+            self.__dict__["_client"] = _BytesTraceStub(channel)
+            self._swapped = True
+        else:
+            self._swapped = False
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         """Send ``spans`` in as few requests as ``max_request_bytes`` allows; FAILURE if any failed."""
+        if not self._stub_swapped():  # the stock stub: the stock encoder (CallSpans made readable)
+            readable = [span.to_readable() if isinstance(span, CallSpan) else span for span in spans]
+            return super().export(readable)
         result = SpanExportResult.SUCCESS
         for encoded in self._encoder.requests(spans, self.max_request_bytes):
             if self._export(encoded) is not SpanExportResult.SUCCESS:  # type: ignore[arg-type]
@@ -477,4 +532,13 @@ class CachingOtlpSpanExporter(OTLPSpanExporter):
         return result
 
     def _translate_data(self, data: Any) -> Any:
+        if not self._stub_swapped():
+            return super()._translate_data(data)
         return data.request if isinstance(data, EncodedSpans) else self._encoder.request(data)
+
+
+def span_exporter(**kwargs: Any) -> OTLPSpanExporter:
+    """The OTLP span exporter: ``CachingOtlpSpanExporter``, or the stock one when its fast path is off."""
+    if private_api.FAST["otlp_exporter"]:
+        return CachingOtlpSpanExporter(**kwargs)
+    return OTLPSpanExporter(**kwargs)

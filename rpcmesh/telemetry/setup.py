@@ -163,6 +163,7 @@ def setup_telemetry(
 
     # The SDK is imported only here: with telemetry off it is never loaded.
     from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
     resource = Resource.create({**dict(config.resource_attributes), "service.name": config.service_name})
     tracer = tracer_provider = meter = meter_provider = prometheus_server = call_tracer = durations = None
@@ -176,7 +177,8 @@ def setup_telemetry(
             sampler=config.sampler,
             ratio=config.sampler_ratio,
             resource=resource,
-            instrumentation_scope=getattr(tracer, "_instrumentation_scope", None),
+            # The scope the SDK's get_tracer(INSTRUMENTATION_NAME) gives its spans, built publicly.
+            instrumentation_scope=InstrumentationScope(INSTRUMENTATION_NAME, ""),
         )
     if metering:
         meter_provider, prometheus_server, readers = _meter_provider(config, resource, metric_readers)
@@ -208,6 +210,8 @@ def _duration_histograms(config: TelemetryConfig, resource: Any, meter: Any, rea
     Only when the SDK would produce the same data: exemplars off and explicit-bucket histograms
     in every reader (``durations`` module).
     """
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
     from rpcmesh.telemetry.durations import (
         DurationHistogram,
         DurationHistograms,
@@ -216,8 +220,8 @@ def _duration_histograms(config: TelemetryConfig, resource: Any, meter: Any, rea
     )
     from rpcmesh.telemetry.metrics import CLIENT_DURATION, DURATION_BUCKETS_S, SERVER_DURATION, rpc_attributes
 
-    scope = getattr(meter, "_instrumentation_scope", None)
-    if config.exemplar_filter != "always_off" or scope is None or not all(map(reader_supports, readers)):
+    scope = InstrumentationScope(INSTRUMENTATION_NAME)  # get_meter(INSTRUMENTATION_NAME)'s, built publicly
+    if config.exemplar_filter != "always_off" or not all(map(reader_supports, readers)):
         return None
     pair = tuple(
         DurationHistogram(name, unit, description, DURATION_BUCKETS_S, rpc_attributes)
@@ -273,9 +277,9 @@ def _tracer_provider(
     if config.traces_on:
         for name in dict.fromkeys(config.traces_exporters):
             if name == "otlp":
-                from rpcmesh.telemetry.otlp import CachingOtlpSpanExporter
+                from rpcmesh.telemetry.otlp import span_exporter
 
-                exporters.append(CachingOtlpSpanExporter(**_otlp_kwargs(config, config.otlp_traces_endpoint)))
+                exporters.append(span_exporter(**_otlp_kwargs(config, config.otlp_traces_endpoint)))
             elif name == "console":
                 exporters.append(ConsoleSpanExporter(out=sys.stderr))
     pipeline = SpanPipeline(
