@@ -43,6 +43,9 @@ class NewEvent:
     """Media type of data."""
     metadata: Mapping[str, str] = field(default_factory=dict)
     """Trace context, correlation id and the like."""
+    id_assigned: bool = False
+    """The id was just assigned by this server (a fresh UUID): it cannot be stored yet, so
+    the duplicate look-up skips it."""
 
     @staticmethod
     def new_id() -> str:

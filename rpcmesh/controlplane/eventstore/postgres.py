@@ -20,17 +20,19 @@ import asyncio
 import json
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
-from psycopg import AsyncConnection
-from psycopg.types.json import Jsonb
+import psycopg.errors
+from psycopg import AsyncConnection, AsyncCursor, AsyncPipeline
 from psycopg_pool import AsyncConnectionPool
 
-from rpcmesh.controlplane.eventstore.group import PendingAppend, plan_group
+from rpcmesh.controlplane.eventstore.group import PendingAppend, Row, plan_group
 from rpcmesh.controlplane.eventstore.model import (
     AppendResult,
     NewEvent,
     StoredEvent,
+    compact_json,
     prefix_upper_bound,
 )
 from rpcmesh.controlplane.eventstore.storage import AppendSignal
@@ -79,6 +81,36 @@ def _row_to_event(row: Sequence[Any]) -> StoredEvent:
     )
 
 
+# One statement for a whole group's rows (arrays in, one row per element out).
+_ROWS_FROM = (
+    "d, c, m::jsonb, %s FROM unnest("
+    "%s::text[], %s::text[], %s::text[], %s::bigint[], %s::bigint[], %s::bytea[], %s::text[], %s::text[]"
+    ") AS u(s, i, t, r, p, d, c, m)"
+)
+_INSERT_ROWS = f"INSERT INTO es_events ({_COLUMNS}) SELECT s, i, t, r, p, {_ROWS_FROM}"
+# The same, with the planned positions moved onto the head as bumped by this transaction:
+# position - (planned head + count) + current head.
+_INSERT_ROWS_SHIFTED = (
+    f"INSERT INTO es_events ({_COLUMNS}) SELECT s, i, t, r, "
+    f"p - %s + (SELECT position FROM es_head WHERE id = 1), {_ROWS_FROM}"
+)
+
+
+def _columns_of(rows: Sequence[Row]) -> tuple[Any, ...]:
+    """The parameters of _INSERT_ROWS: the time, then one array per column."""
+    return (
+        time.time(),
+        [row[1] for row in rows],
+        [row[3].event_id for row in rows],
+        [row[3].event_type for row in rows],
+        [row[2] for row in rows],
+        [row[0] for row in rows],
+        [row[3].data for row in rows],
+        [row[3].content_type for row in rows],
+        [compact_json(dict(row[3].metadata)) if row[3].metadata else "{}" for row in rows],
+    )
+
+
 class _Append:
     __slots__ = ("future", "pending")
 
@@ -100,6 +132,8 @@ class PostgresEventStorage:
         self._closed = False
         self.transactions = 0
         """Append transactions committed by this node (each is one group commit)."""
+        self.relocked = 0
+        """Groups judged again under the lock after a concurrent writer beat their optimistic commit."""
 
     async def open(self) -> None:
         """Open the pool and create the schema (serialised across nodes by an advisory lock)."""
@@ -165,59 +199,105 @@ class PostgresEventStorage:
                 item.future.set_result(outcome)
 
     async def _commit_group(self, group: list[PendingAppend]) -> tuple[list[AppendResult | Exception], int]:
-        """One transaction under the head lock for the whole group."""
-        async with self._pool.connection() as conn, conn.transaction():
-            outcomes, head = await self._append_group(conn, group)
+        """Commit a group: optimistically (the lock held only on the server), else under the lock.
+
+        Optimistic: read the touched streams and ids without a lock, judge the group,
+        then send, in one round trip, BEGIN, the head bump (which takes the lock),
+        the rows (positions computed in SQL from the bumped head) and COMMIT. If
+        another writer got to one of the streams or ids in between, a unique key
+        (stream, revision) or (stream, event_id) refuses the rows, the transaction
+        rolls back and the group is judged again with the lock held from the start.
+        """
+        async with self._pool.connection() as conn:
+            try:
+                outcomes, head = await self._append_optimistic(conn, group)
+            except psycopg.errors.UniqueViolation:
+                self.relocked += 1
+                async with conn.pipeline() as pipeline, conn.transaction():
+                    outcomes, head = await self._append_locked(conn, pipeline, group)
         self.transactions += 1
         return outcomes, head
 
     @staticmethod
-    async def _append_group(
+    async def _lookups(
         conn: AsyncConnection[Any], group: list[PendingAppend]
-    ) -> tuple[list[AppendResult | Exception], int]:
-        cur = await conn.execute("SELECT position FROM es_head WHERE id = 1 FOR UPDATE")
-        head_row = await cur.fetchone()
-        assert head_row is not None
-        head = int(head_row[0])
-        # READ COMMITTED: these statements run after the lock is granted, so they see
-        # every append committed by earlier holders of the lock.
+    ) -> tuple[AsyncCursor[Any], AsyncCursor[Any] | None]:
         streams = sorted({append.stream for append in group})
-        cur = await conn.execute(
+        currents_cur = await conn.execute(
             "SELECT stream, MAX(revision) FROM es_events WHERE stream = ANY(%s) GROUP BY stream", (streams,)
         )
-        currents = {row[0]: int(row[1]) for row in await cur.fetchall()}
-        key_streams = [append.stream for append in group for _ in append.events]
-        key_ids = [event.event_id for append in group for event in append.events]
+        keys = [(a.stream, e.event_id) for a in group for e in a.events if not e.id_assigned]
+        key_streams = [key[0] for key in keys]
+        key_ids = [key[1] for key in keys]
+        if not key_ids:
+            return currents_cur, None
+        stored_cur = await conn.execute(
+            "SELECT e.stream, e.event_id, e.revision, e.position FROM es_events e "
+            "JOIN unnest(%s::text[], %s::text[]) AS k(stream, event_id) "
+            "ON e.stream = k.stream AND e.event_id = k.event_id",
+            (key_streams, key_ids),
+        )
+        return currents_cur, stored_cur
+
+    @staticmethod
+    async def _read_lookups(
+        currents_cur: AsyncCursor[Any], stored_cur: AsyncCursor[Any] | None
+    ) -> tuple[dict[str, int], dict[tuple[str, str], tuple[int, int]]]:
+        currents = {row[0]: int(row[1]) for row in await currents_cur.fetchall()}
         stored: dict[tuple[str, str], tuple[int, int]] = {}
-        if key_ids:
-            cur = await conn.execute(
-                "SELECT e.stream, e.event_id, e.revision, e.position FROM es_events e "
-                "JOIN unnest(%s::text[], %s::text[]) AS k(stream, event_id) "
-                "ON e.stream = k.stream AND e.event_id = k.event_id",
-                (key_streams, key_ids),
+        if stored_cur is not None:
+            stored = {(r[0], r[1]): (int(r[2]), int(r[3])) for r in await stored_cur.fetchall()}
+        return currents, stored
+
+    async def _append_optimistic(
+        self, conn: AsyncConnection[Any], group: list[PendingAppend]
+    ) -> tuple[list[AppendResult | Exception], int]:
+        async with conn.pipeline() as pipeline:
+            currents_cur, stored_cur = await self._lookups(conn, group)
+            # Read last: every stored position seen above is at most this head.
+            head_cur = await conn.execute("SELECT position FROM es_head WHERE id = 1")
+            await pipeline.sync()
+            currents, stored = await self._read_lookups(currents_cur, stored_cur)
+            head_row = await head_cur.fetchone()
+        assert head_row is not None
+        seen_head = int(head_row[0])
+        plan = plan_group(group, seen_head, currents, stored)
+        if not plan.rows:
+            return plan.outcomes, seen_head
+        count = len(plan.rows)
+        async with conn.pipeline() as pipeline, conn.transaction():
+            bump = await conn.execute(
+                "UPDATE es_head SET position = position + %s WHERE id = 1 RETURNING position", (count,)
             )
-            stored = {(r[0], r[1]): (int(r[2]), int(r[3])) for r in await cur.fetchall()}
-        plan = plan_group(group, head, currents, stored)
+            # A new statement, so a new snapshot: it sees every earlier holder's rows.
+            await conn.execute(_INSERT_ROWS_SHIFTED, (count + seen_head, *_columns_of(plan.rows)))
+            await pipeline.sync()
+            bumped = await bump.fetchone()
+        assert bumped is not None
+        new_head = int(bumped[0])
+        shift = new_head - count - seen_head
+        outcomes: list[AppendResult | Exception] = [
+            replace(outcome, position=outcome.position + shift)
+            if isinstance(outcome, AppendResult) and outcome.position > seen_head
+            else outcome
+            for outcome in plan.outcomes
+        ]
+        return outcomes, new_head
+
+    async def _append_locked(
+        self, conn: AsyncConnection[Any], pipeline: AsyncPipeline, group: list[PendingAppend]
+    ) -> tuple[list[AppendResult | Exception], int]:
+        head_cur = await conn.execute("SELECT position FROM es_head WHERE id = 1 FOR UPDATE")
+        # READ COMMITTED: the statements after the lock start once it is granted, so
+        # they see every append committed by earlier holders of the lock.
+        currents_cur, stored_cur = await self._lookups(conn, group)
+        await pipeline.sync()
+        head_row = await head_cur.fetchone()
+        assert head_row is not None
+        currents, stored = await self._read_lookups(currents_cur, stored_cur)
+        plan = plan_group(group, int(head_row[0]), currents, stored)
         if plan.rows:
-            now = time.time()
-            async with conn.cursor() as cursor:
-                await cursor.executemany(
-                    f"INSERT INTO es_events ({_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                    [
-                        (
-                            stream,
-                            event.event_id,
-                            event.event_type,
-                            revision,
-                            position,
-                            event.data,
-                            event.content_type,
-                            Jsonb(dict(event.metadata)),
-                            now,
-                        )
-                        for position, stream, revision, event in plan.rows
-                    ],
-                )
+            await conn.execute(_INSERT_ROWS, _columns_of(plan.rows))
             await conn.execute("UPDATE es_head SET position = %s WHERE id = 1", (plan.head,))
         return plan.outcomes, plan.head
 

@@ -83,6 +83,7 @@ def events_from_request(events: Sequence[pb.EventData]) -> list[NewEvent]:
         converted.append(
             NewEvent(
                 event_id=event.event_id or NewEvent.new_id(),
+                id_assigned=not event.event_id,
                 event_type=event.event_type,
                 data=event.data,
                 content_type=event.content_type,

@@ -208,7 +208,7 @@ class SqliteEventStorage:
                 if row[0] is not None:
                     currents[stream] = int(row[0])
             for item in group:
-                ids = [event.event_id for event in item.events]
+                ids = [event.event_id for event in item.events if not event.id_assigned]
                 for start in range(0, len(ids), 500):
                     chunk = ids[start : start + 500]
                     marks = ",".join("?" * len(chunk))
