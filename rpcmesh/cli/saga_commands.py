@@ -1,4 +1,4 @@
-"""`rpcmesh saga …`: start, inspect, list, abort and watch sagas from the command line."""
+"""`rpcmesh saga …`: start, inspect, list, abort and watch sagas; retry or resolve a stuck compensation."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ TERMINAL_STATES = {
     saga_pb2.SAGA_STATE_COMPENSATED,
     saga_pb2.SAGA_STATE_FAILED_COMPENSATION,
     saga_pb2.SAGA_STATE_ABORTED,
+    saga_pb2.SAGA_STATE_RESOLVED_MANUALLY,
 }
 
 
@@ -112,6 +113,39 @@ def register(commands: Any) -> None:
     add_target_arguments(abort)
     abort.set_defaults(func=run_abort)
 
+    retry = sub.add_parser(
+        "retry-compensation",
+        help="compensate a FAILED_COMPENSATION saga again",
+        description="Take a FAILED_COMPENSATION saga back to COMPENSATING from the step whose compensation "
+        "failed, with a fresh attempt budget (after the participant was fixed). Recorded with your "
+        "identity and the reason.",
+    )
+    retry.add_argument("saga_id")
+    retry.add_argument("--reason", default="", help="why (recorded with the saga)")
+    retry.add_argument("--json", action="store_true", help="print the RetryCompensationResponse as JSON")
+    retry.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="then wait at most this long for the saga to end; the exit status is then 0 only if it "
+        "ended COMPENSATED (or ABORTED)",
+    )
+    add_target_arguments(retry)
+    retry.set_defaults(func=run_retry_compensation)
+
+    resolve = sub.add_parser(
+        "resolve",
+        help="close a FAILED_COMPENSATION saga by hand",
+        description="Mark a FAILED_COMPENSATION saga RESOLVED_MANUALLY (terminal; no participant is "
+        "called). Recorded with your identity and the reason.",
+    )
+    resolve.add_argument("saga_id")
+    resolve.add_argument("--reason", required=True, help="why the saga may be closed (required)")
+    resolve.add_argument("--json", action="store_true", help="print the ResolveSagaResponse as JSON")
+    add_target_arguments(resolve)
+    resolve.set_defaults(func=run_resolve)
+
     watch = sub.add_parser(
         "watch", help="follow a saga", description="Print each transition until the saga ends."
     )
@@ -192,6 +226,10 @@ def _print_saga(saga: saga_pb2.Saga) -> None:
             for s in saga.steps
         ],
     )
+    for action in saga.operator_actions:
+        step = f" step {action.step}" if action.step else ""
+        who = action.identity or "(unauthenticated)"
+        print(f"{action.time.ToJsonString()}  {action.kind}{step} by {who}: {action.reason or '-'}")
 
 
 def run_define(args: argparse.Namespace) -> int:
@@ -361,6 +399,46 @@ def run_abort(args: argparse.Namespace) -> int:
     with target.channel() as channel:
         response = saga_pb2_grpc.SagaCoordinatorStub(channel).AbortSaga(
             saga_pb2.AbortSagaRequest(saga_id=args.saga_id, reason=args.reason), timeout=target.timeout
+        )
+    if args.json:
+        print_json(response)
+    else:
+        print(f"{response.saga.saga_id}\t{state_name(response.saga.state)}")
+    return 0
+
+
+def run_retry_compensation(args: argparse.Namespace) -> int:
+    """Run `rpcmesh saga retry-compensation ID`; with --wait, exit 0 only once it is COMPENSATED/ABORTED."""
+    target = target_of(args)
+    wait = _wait_of(args)
+    with target.channel() as channel:
+        stub = saga_pb2_grpc.SagaCoordinatorStub(channel)
+        response = stub.RetryCompensation(
+            saga_pb2.RetryCompensationRequest(saga_id=args.saga_id, reason=args.reason),
+            timeout=target.timeout,
+        )
+        saga = response.saga
+        if wait is not None:
+            saga = stub.GetSaga(
+                saga_pb2.GetSagaRequest(saga_id=args.saga_id, wait=wait), timeout=target.timeout + args.wait
+            ).saga
+    if args.json:
+        print_json(response if wait is None else saga_pb2.GetSagaResponse(saga=saga))
+    else:
+        print(f"{saga.saga_id}\t{state_name(saga.state)}")
+    if wait is None:
+        return 0
+    return 0 if saga.state in (saga_pb2.SAGA_STATE_COMPENSATED, saga_pb2.SAGA_STATE_ABORTED) else 1
+
+
+def run_resolve(args: argparse.Namespace) -> int:
+    """Run `rpcmesh saga resolve ID --reason TEXT`."""
+    if not args.reason.strip():
+        raise CliError("--reason: required: say why the saga may be closed")
+    target = target_of(args)
+    with target.channel() as channel:
+        response = saga_pb2_grpc.SagaCoordinatorStub(channel).ResolveSaga(
+            saga_pb2.ResolveSagaRequest(saga_id=args.saga_id, reason=args.reason), timeout=target.timeout
         )
     if args.json:
         print_json(response)

@@ -13,8 +13,10 @@ right after RetryCompensation was acknowledged: the saga still ends COMPENSATED.
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import sqlite3
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -36,7 +38,7 @@ from rpcmesh.security.tokens import mint_token
 from tests.integration.saga.conftest import PARTICIPANT, step
 from tests.integration.saga.test_saga_coordinator import payload
 from tests.support import backends
-from tests.support.processes import ManagedProcess, python_env, start_control_plane
+from tests.support.processes import ManagedProcess, python_env, rpcmesh_command, start_control_plane
 
 SECRET = b"saga-operator-secret-0123456789abcdef"
 POLICY = """\
@@ -332,6 +334,36 @@ async def test_a_saga_in_another_state_is_refused(plane: Plane) -> None:
             await expect(grpc.StatusCode.FAILED_PRECONDITION, verb, "SAGA_STATE_COMPLETED")
         after = (await stub.GetSaga(pb.GetSagaRequest(saga_id=saga.saga_id), timeout=TIMEOUT)).saga
     assert after == saga
+
+
+async def test_cli_retry_compensation_and_resolve(plane: Plane) -> None:
+    if plane.mode != "sqlite":
+        pytest.skip("the CLI is the same against either store; run once")
+    retry_id = await failed_saga(plane, "fix-cli-retry")
+    resolve_id = await failed_saga(plane, "fix-cli-resolve")
+    plane.fix_participant()
+    env = python_env({"RPCMESH_TOKEN": _token("ops"), "RPCMESH_INSECURE": "1"})
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        command = rpcmesh_command("saga", *args, "--target", plane.follower)
+        return subprocess.run(command, capture_output=True, text=True, env=env, timeout=60, check=False)
+
+    retried = cli("retry-compensation", retry_id, "--reason", "ledger fixed", "--wait", "30")
+    assert retried.returncode == 0, retried.stderr
+    assert retried.stdout.split("\t")[1].strip() == "COMPENSATED"
+    again = cli("retry-compensation", retry_id)
+    assert again.returncode == 1 and again.stderr.startswith(
+        "rpcmesh saga retry-compensation: FAILED_PRECONDITION"
+    )
+    assert cli("resolve", resolve_id).returncode == 2  # --reason is required
+    assert cli("resolve", resolve_id, "--reason", " ").returncode != 0
+    resolved = cli("resolve", resolve_id, "--reason", "refunded by hand")
+    assert resolved.returncode == 0, resolved.stderr
+    assert resolved.stdout.split("\t")[1].strip() == "RESOLVED_MANUALLY"
+    status = cli("status", resolve_id)
+    assert "resolve by ops: refunded by hand" in status.stdout, status.stdout
+    listed = cli("list", "--state", "RESOLVED_MANUALLY", "--definition", "fix-cli-resolve", "--json")
+    assert [s["saga_id"] for s in json.loads(listed.stdout)["sagas"]] == [resolve_id]
 
 
 async def test_driving_node_killed_after_retry_was_acknowledged_still_compensates(plane: Plane) -> None:
