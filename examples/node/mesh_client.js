@@ -1,7 +1,10 @@
 // A Node.js member of an rpcmesh mesh, using nothing but @grpc/grpc-js and the
 // .proto contracts: it serves Echo and registers it with the Registry, keeps
 // its lease alive, publishes and consumes on the Bus, runs a saga whose step
-// calls this very Node service, and calls a Python service through the gateway.
+// calls this very Node service, drives a saga whose compensation fails to
+// FAILED_COMPENSATION and gets it out with the operator verb RetryCompensation
+// once the (Node) participant is fixed, and calls a Python service through the
+// gateway.
 //
 //   node mesh_client.js --target 127.0.0.1:50051 [--gateway 127.0.0.1:PORT]
 'use strict';
@@ -47,11 +50,29 @@ function log(message) {
   process.stdout.write(`node: ${message}\n`);
 }
 
+// A saga participant method without a .proto: the coordinator sends and keeps raw bytes, so a
+// handler may take and give Buffers. Its compensation fails until `ledger.broken` is cleared.
+const raw = (b) => b;
+const LEDGER_SERVICE = {
+  Undo: { path: '/node.demo.Ledger/Undo', requestStream: false, responseStream: false,
+    requestSerialize: raw, requestDeserialize: raw, responseSerialize: raw, responseDeserialize: raw },
+};
+const ledger = { broken: true, calls: [] };
+
 async function serveEcho(instanceId) {
   const server = new grpc.Server();
   server.addService(echo.Echo.service, {
     Echo: (callObj, callback) =>
       callback(null, { message: `node says: ${callObj.request.message}`, instance_id: instanceId, served: 1 }),
+  });
+  server.addService(LEDGER_SERVICE, {
+    Undo: (callObj, callback) => {
+      // The participant contract (saga.proto): x-saga-id, x-saga-step, x-saga-phase, x-idempotency-key, ...
+      const meta = (key) => callObj.metadata.get(key)[0];
+      ledger.calls.push({ phase: meta('x-saga-phase'), key: meta('x-idempotency-key') });
+      if (ledger.broken) callback({ code: grpc.status.FAILED_PRECONDITION, details: 'ledger offline' });
+      else callback(null, Buffer.alloc(0));
+    },
   });
   const port = await new Promise((resolve, reject) =>
     server.bindAsync('127.0.0.1:0', grpc.ServerCredentials.createInsecure(), (err, p) =>
@@ -125,6 +146,63 @@ async function runSaga(sagaClient) {
   return final;
 }
 
+const TERMINAL = ['SAGA_STATE_COMPLETED', 'SAGA_STATE_COMPENSATED', 'SAGA_STATE_FAILED_COMPENSATION',
+  'SAGA_STATE_ABORTED', 'SAGA_STATE_RESOLVED_MANUALLY'];
+
+async function waitEnded(sagaClient, sagaId) {
+  for (;;) {
+    const { saga: current } = await call(sagaClient, 'GetSaga', { saga_id: sagaId, wait: { seconds: 5 } });
+    if (TERMINAL.includes(current.state)) return current;
+  }
+}
+
+async function expectError(promise, code) {
+  try {
+    await promise;
+  } catch (err) {
+    if (err.code === code) return err;
+    throw err;
+  }
+  throw new Error(`expected status ${code}`);
+}
+
+async function repairSaga(sagaClient, completedSagaId) {
+  // A completed saga has nothing to retry: the precise status, nothing changes.
+  const refused = await expectError(
+    call(sagaClient, 'RetryCompensation', { saga_id: completedSagaId }), grpc.status.FAILED_PRECONDITION);
+  log(`retry-compensation of a completed saga: FAILED_PRECONDITION ${refused.details}`);
+  // Step "echo" succeeds, step "fail" calls a method nobody serves (UNIMPLEMENTED: not retried),
+  // so "echo" is compensated by /node.demo.Ledger/Undo, which fails while the ledger is broken.
+  const input = Buffer.from(EchoRequest.encode(EchoRequest.create({ message: 'to undo' })).finish());
+  const started = await call(sagaClient, 'StartSaga', {
+    definition: {
+      name: 'node-repair',
+      steps: [
+        { name: 'echo', service: 'echo-node', method: '/echo.v1.Echo/Echo',
+          compensation_method: '/node.demo.Ledger/Undo', request: { base_from: 'input' } },
+        { name: 'fail', service: 'echo-node', method: '/node.demo.Ledger/Missing', no_compensation: true,
+          request: { base_from: 'input' } },
+      ],
+    },
+    input,
+    idempotency_key: `node-repair-${process.pid}`,
+  });
+  const stuck = await waitEnded(sagaClient, started.saga.saga_id);
+  log(`saga ${stuck.saga_id} ended ${stuck.state}: ${stuck.error}`);
+  if (stuck.state !== 'SAGA_STATE_FAILED_COMPENSATION') throw new Error(`unexpected ${stuck.state}`);
+  const noReason = await expectError(
+    call(sagaClient, 'ResolveSaga', { saga_id: stuck.saga_id, reason: '' }), grpc.status.INVALID_ARGUMENT);
+  log(`resolve without a reason: INVALID_ARGUMENT ${noReason.details}`);
+  ledger.broken = false; // the participant is fixed
+  const retried = await call(sagaClient, 'RetryCompensation', { saga_id: stuck.saga_id, reason: 'ledger back' });
+  log(`retry-compensation accepted: ${retried.saga.state}`);
+  const repaired = await waitEnded(sagaClient, stuck.saga_id);
+  const keys = [...new Set(ledger.calls.map((c) => c.key))];
+  log(`saga ${repaired.saga_id} ended ${repaired.state} after ${ledger.calls.length} compensation calls `
+    + `with x-idempotency-key ${keys.join(', ')}`);
+  return repaired;
+}
+
 async function main() {
   const target = arg('target', '127.0.0.1:50051');
   const gateway = arg('gateway', '');
@@ -144,7 +222,9 @@ async function main() {
   log(`resolved echo-node: ${resolved.instances.map((i) => i.address).join(', ')}`);
 
   await busRoundTrip(new bus.Bus(target, credentials));
-  const finished = await runSaga(new saga.SagaCoordinator(target, credentials));
+  const sagaClient = new saga.SagaCoordinator(target, credentials);
+  const finished = await runSaga(sagaClient);
+  const repaired = await repairSaga(sagaClient, finished.saga_id);
 
   if (gateway) {
     const viaGateway = new echo.Echo(gateway, credentials);
@@ -158,8 +238,9 @@ async function main() {
   log('deregistered');
   server.forceShutdown();
   registry.close();
-  log(finished.state === 'SAGA_STATE_COMPLETED' ? 'done' : `saga did not complete: ${finished.state}`);
-  process.exit(finished.state === 'SAGA_STATE_COMPLETED' ? 0 : 1);
+  const ok = finished.state === 'SAGA_STATE_COMPLETED' && repaired.state === 'SAGA_STATE_COMPENSATED';
+  log(ok ? 'done' : `sagas did not end as expected: ${finished.state}, ${repaired.state}`);
+  process.exit(ok ? 0 : 1);
 }
 
 main().catch((err) => {
