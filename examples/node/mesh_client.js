@@ -117,6 +117,9 @@ async function busRoundTrip(busClient) {
   subscription.cancel();
 }
 
+const TERMINAL = ['SAGA_STATE_COMPLETED', 'SAGA_STATE_COMPENSATED', 'SAGA_STATE_FAILED_COMPENSATION',
+  'SAGA_STATE_ABORTED', 'SAGA_STATE_RESOLVED_MANUALLY'];
+
 async function runSaga(sagaClient) {
   // The step's request is the saga input: an encoded echo.v1.EchoRequest.
   const encoded = Buffer.from(EchoRequest.encode(EchoRequest.create({ message: 'saga from node' })).finish());
@@ -134,8 +137,7 @@ async function runSaga(sagaClient) {
     const watch = sagaClient.WatchSaga({ saga_id: started.saga.saga_id });
     watch.on('data', (response) => {
       log(`saga transition ${response.transition.kind} -> ${response.saga.state}`);
-      if (['SAGA_STATE_COMPLETED', 'SAGA_STATE_COMPENSATED', 'SAGA_STATE_FAILED_COMPENSATION', 'SAGA_STATE_ABORTED']
-        .includes(response.saga.state)) {
+      if (TERMINAL.includes(response.saga.state)) {
         resolve(response.saga);
         watch.cancel();
       }
@@ -145,9 +147,6 @@ async function runSaga(sagaClient) {
   log(`saga ${final.saga_id} ended ${final.state}`);
   return final;
 }
-
-const TERMINAL = ['SAGA_STATE_COMPLETED', 'SAGA_STATE_COMPENSATED', 'SAGA_STATE_FAILED_COMPENSATION',
-  'SAGA_STATE_ABORTED', 'SAGA_STATE_RESOLVED_MANUALLY'];
 
 async function waitEnded(sagaClient, sagaId) {
   for (;;) {
