@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -64,6 +64,8 @@ _COLUMNS = "stream, event_id, event_type, revision, position, data, content_type
 POLL_SECONDS = 0.5
 # Group commit cap: bounds the transaction size and the latency of the last append in it.
 _MAX_GROUP = 512
+# Streams whose revision a node remembers (for appends judged without a look-up).
+_REVISION_CACHE = 10_000
 
 
 def _row_to_event(row: Sequence[Any]) -> StoredEvent:
@@ -132,6 +134,8 @@ class PostgresEventStorage:
         self._closed = False
         self.transactions = 0
         """Append transactions committed by this node (each is one group commit)."""
+        self._revisions: dict[str, int] = {}
+        """Stream revisions this node last wrote or read, oldest first (see _from_cache)."""
         self.relocked = 0
         """Groups judged again under the lock after a concurrent writer beat their optimistic commit."""
 
@@ -213,8 +217,11 @@ class PostgresEventStorage:
                 outcomes, head = await self._append_optimistic(conn, group)
             except psycopg.errors.UniqueViolation:
                 self.relocked += 1
+                for append in group:
+                    self._revisions.pop(append.stream, None)
                 async with conn.pipeline() as pipeline, conn.transaction():
-                    outcomes, head = await self._append_locked(conn, pipeline, group)
+                    outcomes, head, rows = await self._append_locked(conn, pipeline, group)
+                self._remember_rows(rows)  # committed: only facts are remembered
         self.transactions += 1
         return outcomes, head
 
@@ -249,21 +256,52 @@ class PostgresEventStorage:
             stored = {(r[0], r[1]): (int(r[2]), int(r[3])) for r in await stored_cur.fetchall()}
         return currents, stored
 
+    def _from_cache(self, group: list[PendingAppend]) -> dict[str, int] | None:
+        """The group's stream revisions as this node last wrote or read them, if it can be judged so.
+
+        Only for groups of non-empty appends with server-assigned ids (nothing to look up
+        for idempotence) on streams this node knows. A revision can only have grown since:
+        a success judged from it is checked by the (stream, revision) key; a failure is
+        not trusted (the caller then looks the streams up).
+        """
+        currents: dict[str, int] = {}
+        for append in group:
+            revision = self._revisions.get(append.stream)
+            if revision is None or not append.events or not all(e.id_assigned for e in append.events):
+                return None
+            currents[append.stream] = revision
+        return currents
+
+    def _remember(self, revisions: Mapping[str, int]) -> None:
+        for stream, revision in revisions.items():
+            known = self._revisions.pop(stream, -1)
+            self._revisions[stream] = max(known, revision)
+        while len(self._revisions) > _REVISION_CACHE:
+            del self._revisions[next(iter(self._revisions))]
+
+    def _remember_rows(self, rows: Sequence[Row]) -> None:
+        self._remember({stream: revision for _, stream, revision, _ in rows})
+
     async def _append_optimistic(
         self, conn: AsyncConnection[Any], group: list[PendingAppend]
     ) -> tuple[list[AppendResult | Exception], int]:
-        async with conn.pipeline() as pipeline:
-            currents_cur, stored_cur = await self._lookups(conn, group)
-            # Read last: every stored position seen above is at most this head.
-            head_cur = await conn.execute("SELECT position FROM es_head WHERE id = 1")
-            await pipeline.sync()
-            currents, stored = await self._read_lookups(currents_cur, stored_cur)
-            head_row = await head_cur.fetchone()
-        assert head_row is not None
-        seen_head = int(head_row[0])
-        plan = plan_group(group, seen_head, currents, stored)
-        if not plan.rows:
-            return plan.outcomes, seen_head
+        cached = self._from_cache(group)
+        plan = None if cached is None else plan_group(group, 0, cached, {})
+        seen_head = 0
+        if plan is None or any(isinstance(outcome, Exception) for outcome in plan.outcomes):
+            async with conn.pipeline() as pipeline:
+                currents_cur, stored_cur = await self._lookups(conn, group)
+                # Read last: every stored position seen above is at most this head.
+                head_cur = await conn.execute("SELECT position FROM es_head WHERE id = 1")
+                await pipeline.sync()
+                currents, stored = await self._read_lookups(currents_cur, stored_cur)
+                head_row = await head_cur.fetchone()
+            assert head_row is not None
+            seen_head = int(head_row[0])
+            self._remember(currents)
+            plan = plan_group(group, seen_head, currents, stored)
+            if not plan.rows:
+                return plan.outcomes, seen_head
         count = len(plan.rows)
         async with conn.pipeline() as pipeline, conn.transaction():
             bump = await conn.execute(
@@ -275,6 +313,7 @@ class PostgresEventStorage:
             bumped = await bump.fetchone()
         assert bumped is not None
         new_head = int(bumped[0])
+        self._remember_rows(plan.rows)
         shift = new_head - count - seen_head
         outcomes: list[AppendResult | Exception] = [
             replace(outcome, position=outcome.position + shift)
@@ -286,7 +325,7 @@ class PostgresEventStorage:
 
     async def _append_locked(
         self, conn: AsyncConnection[Any], pipeline: AsyncPipeline, group: list[PendingAppend]
-    ) -> tuple[list[AppendResult | Exception], int]:
+    ) -> tuple[list[AppendResult | Exception], int, list[Row]]:
         head_cur = await conn.execute("SELECT position FROM es_head WHERE id = 1 FOR UPDATE")
         # READ COMMITTED: the statements after the lock start once it is granted, so
         # they see every append committed by earlier holders of the lock.
@@ -299,7 +338,7 @@ class PostgresEventStorage:
         if plan.rows:
             await conn.execute(_INSERT_ROWS, _columns_of(plan.rows))
             await conn.execute("UPDATE es_head SET position = %s WHERE id = 1", (plan.head,))
-        return plan.outcomes, plan.head
+        return plan.outcomes, plan.head, plan.rows
 
     async def read_stream(
         self, stream: str, from_revision: int, *, backwards: bool, limit: int

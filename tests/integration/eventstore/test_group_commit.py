@@ -151,3 +151,40 @@ async def test_writers_racing_on_the_same_streams_through_two_nodes(nodes: list[
     for stream in ("hot-0", "hot-1"):
         mine = [e for e in page.events if e.stream == stream]
         assert [e.stream_revision for e in mine] == list(range(len(mine)))
+
+
+async def test_a_node_behind_on_a_stream_is_corrected_not_fooled(nodes: list[Node]) -> None:
+    # A node judges appends with server-assigned ids from the revisions it remembers;
+    # the other node moving the stream on must neither be overwritten nor gapped.
+    if len(nodes) < 2:
+        pytest.skip("needs two nodes on one store")
+    a, b = nodes[0].stub, nodes[1].stub
+
+    async def add(stub: Stub, **expected: int) -> pb.AppendToStreamResponse:
+        request = pb.AppendToStreamRequest(stream="shared", events=[pb.EventData(event_type="T")], **expected)
+        return await stub.AppendToStream(request)
+
+    assert (await add(a, expected_state=pb.EXPECTED_STATE_NO_STREAM)).current_revision == 0
+    assert (await add(a, expected_revision=0)).current_revision == 1  # a remembers 1
+    assert (await add(b, expected_revision=1)).current_revision == 2
+    assert (await add(b, expected_revision=2)).current_revision == 3
+    assert (await add(a, expected_revision=3)).current_revision == 4  # a's memory said 1
+    assert (await add(b, expected_state=pb.EXPECTED_STATE_ANY)).current_revision == 5
+    assert (await add(a, expected_state=pb.EXPECTED_STATE_ANY)).current_revision == 6  # memory 4: refused key
+    await add(b, expected_state=pb.EXPECTED_STATE_ANY)
+    error = await expect_failed(add(a, expected_revision=6))  # memory 6, truth 7
+    detail = error.detail(pb.WrongExpectedVersion)
+    assert isinstance(detail, pb.WrongExpectedVersion) and detail.current_revision == 7
+    read = await a.ReadStream(pb.ReadStreamRequest(stream="shared"))
+    assert [e.stream_revision for e in read.events] == list(range(8))
+    assert [e.position for e in read.events] == list(range(1, 9))
+
+
+async def expect_failed(call: object) -> FailedPreconditionError:
+    try:
+        await call  # type: ignore[misc]
+    except grpc.aio.AioRpcError as exc:
+        error = from_rpc_error(exc)
+        assert isinstance(error, FailedPreconditionError)
+        return error
+    raise AssertionError("expected FAILED_PRECONDITION")
