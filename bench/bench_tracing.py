@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_tracing.py [--seconds 1] [--rounds 10] [--inflight 32]
         [--sampler-ratio 1.0] [--exporter otlp|discard] [--with-interceptors] [--floor]
-        [--variant nometrics|nospans]
+        [--variant nometrics|nospans] [--official] [--sampled] [--fast-paths]
 
 Modes, each with its own server (all servers in one child process, the client in this one; the
 client alternates between modes, round after round, and takes medians):
@@ -16,6 +16,16 @@ client alternates between modes, round after round, and takes medians):
   the duration histograms / without spans, on both sides, measured in the same rounds as ``on``:
   a same-process A/B of one piece of the telemetry (an A/A run of ``on`` against itself differs by
   up to ~9 µs of CPU per call on these machines).
+- ``official`` (``--official``): the official ``opentelemetry-instrumentation-grpc`` instead of
+  rpcmesh: its aio client interceptors and aio server interceptor, each process with a stock SDK
+  ``TracerProvider`` (parent-based always-on), ``BatchSpanProcessor`` and ``OTLPSpanExporter`` to
+  the same receiver (``--exporter discard``: a discarding exporter). It records no metrics.
+- ``sampled`` (``--sampled``): ``on`` with parent-based 1 % sampling, metrics on (the goal: ≥ 0.90).
+- ``fallback-<path>`` and ``fallback-all`` (``--fast-paths``): ``on`` with one (or every)
+  private-name fast path of ``rpcmesh.telemetry.private_api`` turned off on both sides, so each
+  path's gain is measured in the same rounds (``fast_path_gain_<path>``: on ÷ fallback-<path>).
+  The server child switches its flags when the client starts a mode's window (one mode runs at a
+  time); the exporter and the duration histograms are chosen when each mode's telemetry is built.
 - ``propagation`` (``--floor``): no telemetry at all, only what any implementation of issue 7
   must do on the wire: the client sends the three propagation headers (a fresh ``traceparent``
   and correlation id per call, as ``baggage`` and ``x-correlation-id``), the server reads them
@@ -34,6 +44,11 @@ rounds of each round's ratio), the p50 ratio (1 in flight), the per-call microse
 tracing work measured in-process, and the raw figures; with ``--floor`` also
 ``propagation_floor_ratio`` (propagation ÷ off) and its CPU ratio; per ``--variant``,
 ``on-<variant>_throughput_ratio`` (÷ off).
+
+With ``--official``: ``official_throughput_ratio`` (÷ off), ``rpcmesh_vs_official`` (on ÷ official,
+per round; goal ≥ 1.6) and their CPU counterparts; with ``--sampled``:
+``sampled_1pct_throughput_ratio``; with ``--fast-paths``: ``fast_path_gain_<path>`` and
+``fallback-<path>_throughput_ratio``.
 
 Every mode serves ``BenchEchoServicer``: the example servicer minus its echo of the caller's
 ``x-*`` metadata as trailers (a test aid for proxies), which would make traced calls, and only
@@ -76,6 +91,7 @@ from rpcmesh.telemetry import (  # noqa: E402
     TelemetryConfig,
     aio_client_interceptors,
     new_correlation_id,
+    private_api,
     setup_telemetry,
     trace_aio_channel,
     trace_aio_server,
@@ -166,6 +182,51 @@ def _variant(mode: str) -> dict[str, bool]:
     return VARIANTS[mode.removeprefix("on-")] if mode.startswith("on-") else {}
 
 
+FAST_PATHS = ("otlp_exporter", "duration_reader", "span_context_tuple", "context_keys", "aio_plain_callable")
+SAMPLED_RATIO = 0.01
+
+
+def _fallbacks(mode: str) -> tuple[str, ...]:
+    """The private-name fast paths ``mode`` turns off (``fallback-<path>``, ``fallback-all``)."""
+    if not mode.startswith("fallback-"):
+        return ()
+    name = mode.removeprefix("fallback-")
+    return FAST_PATHS if name == "all" else (name,)
+
+
+def _set_fast_paths(off: Sequence[str]) -> None:
+    """Turn the fast paths in ``off`` off and every other one back on (those whose probe succeeded)."""
+    for name in FAST_PATHS:
+        private_api.force_fallback(name, fast=name not in off)
+
+
+class _Official:
+    """The official instrumentation's tracing in one process: stock SDK provider, batch processor."""
+
+    def __init__(self, service_name: str, endpoint: str | None) -> None:
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider, sampling
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+        class Discard(SpanExporter):
+            def export(self, spans: Sequence[Any]) -> SpanExportResult:
+                return SpanExportResult.SUCCESS
+
+        self.provider = TracerProvider(
+            resource=Resource.create({"service.name": service_name}),
+            sampler=sampling.ParentBased(sampling.ALWAYS_ON),
+        )
+        exporter = OTLPSpanExporter(endpoint=endpoint, insecure=True) if endpoint else Discard()
+        self.provider.add_span_processor(BatchSpanProcessor(exporter))
+
+    def force_flush(self) -> bool:
+        return bool(self.provider.force_flush())
+
+    def shutdown(self) -> None:
+        self.provider.shutdown()
+
+
 # --decompose: server variants, all registered through trace_aio_server, in one process.
 DECOMPOSE = {
     "off": "no telemetry",
@@ -218,12 +279,25 @@ async def serve(modes: list[str], ratio: float, endpoint: str | None) -> None:
     differ by tens of microseconds per call from placement alone).
     """
     servers: list[grpc.aio.Server] = []
-    telemetries: list[Telemetry] = []
+    telemetries: list[Any] = []
     addresses: list[str] = []
     for mode in modes:
         interceptors: list[grpc.aio.ServerInterceptor] = []
         telemetry = None
-        if mode in ("metrics", "spans", "full"):
+        _set_fast_paths(_fallbacks(mode))  # the exporter and histograms are chosen now
+        if mode == "official":
+            from opentelemetry.instrumentation.grpc import aio_server_interceptor
+
+            official = _Official("bench-server-official", endpoint)
+            telemetries.append(official)
+            interceptors = [aio_server_interceptor(tracer_provider=official.provider)]
+        elif mode == "sampled":
+            telemetry = _telemetry(f"bench-server-{mode}", SAMPLED_RATIO, endpoint)
+            telemetries.append(telemetry)
+        elif mode.startswith("fallback-"):
+            telemetry = _telemetry(f"bench-server-{mode}", ratio, endpoint)
+            telemetries.append(telemetry)
+        elif mode in ("metrics", "spans", "full"):
             telemetry = _telemetry(
                 f"bench-{mode}", ratio, None, spans=mode != "metrics", metrics=mode != "spans"
             )
@@ -237,7 +311,7 @@ async def serve(modes: list[str], ratio: float, endpoint: str | None) -> None:
             interceptors = [AioServerTracingInterceptor(telemetry)]
         server = grpc.aio.server(interceptors=interceptors)
         # "on": the servicer is registered through trace_aio_server (no interceptor machinery).
-        plain = mode in ("off", "interceptors", "propagation")
+        plain = mode in ("off", "interceptors", "propagation", "official")
         target = server if plain else trace_aio_server(server, telemetry)
         servicer = PropagationOnlyEchoServicer(mode) if mode == "propagation" else BenchEchoServicer(mode)
         echo_pb2_grpc.add_EchoServicer_to_server(servicer, target)
@@ -245,10 +319,21 @@ async def serve(modes: list[str], ratio: float, endpoint: str | None) -> None:
         await server.start()
         servers.append(server)
         addresses.append(f"{mode}=127.0.0.1:{port}")
+    _set_fast_paths(())
     print(f"listening on {','.join(addresses)}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
+
+    def switch() -> None:  # the client's start of a mode's window: "mode <name>" on stdin
+        line = sys.stdin.readline()
+        if not line:
+            loop.remove_reader(sys.stdin.fileno())
+            return
+        _set_fast_paths(_fallbacks(line.split()[-1]))
+        print("switched", flush=True)
+
+    loop.add_reader(sys.stdin.fileno(), switch)
 
     def flush() -> None:  # the client's end-of-window request: export what is queued, then say so
         for telemetry in telemetries:
@@ -313,10 +398,25 @@ async def run_tracing_bench(
     batches as large as a window's spans, most of it would otherwise land in the next one).
     """
     telemetry = _telemetry("bench-client", ratio, endpoint)
-    telemetries = [telemetry]
+    telemetries: list[Any] = [telemetry]
     channels: dict[str, Any] = {}
     for mode, address in addresses.items():
-        if mode == "on" or mode.startswith("on-"):
+        _set_fast_paths(_fallbacks(mode))  # the exporter, histograms and callables are chosen now
+        if mode == "official":
+            from opentelemetry.instrumentation.grpc import aio_client_interceptors as official_interceptors
+
+            official = _Official("bench-client-official", endpoint)
+            telemetries.append(official)
+            channels[mode] = grpc.aio.insecure_channel(
+                address, interceptors=official_interceptors(tracer_provider=official.provider)
+            )
+        elif mode == "sampled" or mode.startswith("fallback-"):
+            handle = _telemetry(
+                f"bench-client-{mode}", SAMPLED_RATIO if mode == "sampled" else ratio, endpoint
+            )
+            telemetries.append(handle)
+            channels[mode] = trace_aio_channel(grpc.aio.insecure_channel(address), handle, target=address)
+        elif mode == "on" or mode.startswith("on-"):
             handle = telemetry
             if mode != "on":
                 handle = _telemetry(f"bench-client-{mode}", ratio, endpoint, **_variant(mode))
@@ -334,16 +434,20 @@ async def run_tracing_bench(
     cpu: dict[str, list[float]] = {mode: [0.0, 0.0, 0.0] for mode in channels}
     pids = pids or {}
     try:
-        stubs: dict[str, Any] = {
-            mode: PropagationOnlyStub(channel) if mode == "propagation" else echo_pb2_grpc.EchoStub(channel)
-            for mode, channel in channels.items()
-        }
-        for stub in stubs.values():  # warm up connections and code paths
+        stubs: dict[str, Any] = {}
+        for mode, channel in channels.items():
+            _set_fast_paths(_fallbacks(mode))  # a stub's callables note whether they are plain grpc.aio
+            stubs[mode] = (
+                PropagationOnlyStub(channel) if mode == "propagation" else echo_pb2_grpc.EchoStub(channel)
+            )
+        for mode, stub in stubs.items():  # warm up connections and code paths
+            _switch(mode, server)
             await _throughput(stub, 0.5, inflight)
         for index in range(rounds):
             # Alternate the order too, so neither mode always runs right after the other.
             order = list(stubs.items()) if index % 2 == 0 else list(reversed(stubs.items()))
             for mode, stub in order:
+                _switch(mode, server)
                 client_cpu, server_cpu = cpu_seconds(None), cpu_seconds(pids.get(mode))
                 started = time.perf_counter()
                 calls, _ = await _calls_in(stub, seconds, inflight)
@@ -355,6 +459,7 @@ async def run_tracing_bench(
                 rates[mode].append(calls / elapsed)
                 p50s[mode].append(await _p50_ms(stub, 100))
     finally:
+        _set_fast_paths(())
         for channel in channels.values():
             await channel.close()
         for handle in telemetries:
@@ -365,8 +470,11 @@ async def run_tracing_bench(
     # load drift of a shared machine better than the ratio of the medians (both are reported).
     paired = [on / off for on, off in zip(rates["on"], rates["off"], strict=True)]
 
+    def against(mode: str, base: str) -> float:
+        return round(statistics.median(m / o for m, o in zip(rates[mode], rates[base], strict=True)), 3)
+
     def against_off(mode: str) -> float:
-        return round(statistics.median(m / o for m, o in zip(rates[mode], rates["off"], strict=True)), 3)
+        return against(mode, "off")
 
     figures: dict[str, Any] = {
         "tracing_throughput_ratio": round(statistics.median(paired), 3),
@@ -376,8 +484,15 @@ async def run_tracing_bench(
         "exporter": "otlp" if endpoint else "discard",
     }
     for mode in rate:
-        if mode == "interceptors" or mode.startswith("on-"):
+        if mode == "interceptors" or mode.startswith(("on-", "fallback-")):
             figures[f"{mode}_throughput_ratio"] = against_off(mode)
+        if mode.startswith("fallback-"):  # what the fast path(s) buy: on ÷ fallback, per round
+            figures[f"fast_path_gain_{mode.removeprefix('fallback-')}"] = against("on", mode)
+    if "official" in rate:
+        figures["official_throughput_ratio"] = against_off("official")
+        figures["rpcmesh_vs_official"] = against("on", "official")
+    if "sampled" in rate:
+        figures["sampled_1pct_throughput_ratio"] = against_off("sampled")
     if "propagation" in rate:
         figures["propagation_floor_ratio"] = against_off("propagation")
     for mode in rate:
@@ -392,6 +507,18 @@ async def run_tracing_bench(
             figures[f"{mode}_client_cpu_us_per_call"] = round(client_us, 1)
             figures[f"{mode}_server_cpu_us_per_call"] = round(server_us, 1)
         figures["cpu_throughput_ratio"] = round(max(per_call["off"]) / max(per_call["on"]), 3)
+        for mode, key in (
+            ("official", "official_cpu_throughput_ratio"),
+            ("sampled", "sampled_1pct_cpu_ratio"),
+        ):
+            if mode in per_call:
+                figures[key] = round(max(per_call["off"]) / max(per_call[mode]), 3)
+        if "official" in per_call:
+            figures["rpcmesh_vs_official_cpu"] = round(max(per_call["official"]) / max(per_call["on"]), 3)
+        for mode in per_call:
+            if mode.startswith("fallback-"):
+                name = mode.removeprefix("fallback-")
+                figures[f"fast_path_cpu_gain_{name}"] = round(max(per_call[mode]) / max(per_call["on"]), 3)
         if "propagation" in per_call:
             figures["propagation_floor_cpu_ratio"] = round(
                 max(per_call["off"]) / max(per_call["propagation"]), 3
@@ -400,7 +527,18 @@ async def run_tracing_bench(
     return figures
 
 
-def _flush(telemetries: Sequence[Telemetry], server: subprocess.Popen[str] | None) -> None:
+def _switch(mode: str, server: subprocess.Popen[str] | None) -> None:
+    """Set this process's and the server child's private-name fast paths for ``mode``'s window."""
+    _set_fast_paths(_fallbacks(mode))
+    if server is not None and server.stdin is not None and server.stdout is not None:
+        server.stdin.write(f"mode {mode}\n")
+        server.stdin.flush()
+        line = server.stdout.readline()
+        if line.strip() != "switched":
+            raise RuntimeError(f"bench server did not switch: {line!r}")
+
+
+def _flush(telemetries: Sequence[Any], server: subprocess.Popen[str] | None) -> None:
     """Export every span both sides hold; returns once the server acknowledged."""
     for telemetry in telemetries:
         telemetry.force_flush()
@@ -531,6 +669,15 @@ def main() -> None:
         help="also measure 'on' without the duration histograms (nometrics) or without spans (nospans)",
     )
     parser.add_argument(
+        "--official", action="store_true", help="also measure opentelemetry-instrumentation-grpc (official)"
+    )
+    parser.add_argument(
+        "--sampled", action="store_true", help="also measure rpcmesh at parent-based 1 %% sampling"
+    )
+    parser.add_argument(
+        "--fast-paths", action="store_true", help="also measure each private-name fast path turned off"
+    )
+    parser.add_argument(
         "--decompose", action="store_true", help="server CPU per call of: " + "; ".join(DECOMPOSE.values())
     )
     args = parser.parse_args()
@@ -566,6 +713,8 @@ def main() -> None:
     modes = ["off", "on"] + (["interceptors"] if args.with_interceptors else [])
     modes += ["propagation"] if args.floor else []
     modes += [f"on-{variant}" for variant in args.variant or ()]
+    modes += (["official"] if args.official else []) + (["sampled"] if args.sampled else [])
+    modes += [f"fallback-{name}" for name in (*FAST_PATHS, "all")] if args.fast_paths else []
     child_args = ["--sampler-ratio", str(args.sampler_ratio)] + (["--endpoint", endpoint] if endpoint else [])
     server, listening = _start(["--serve", ",".join(modes), *child_args])
     addresses = dict(item.split("=", 1) for item in listening.split(","))

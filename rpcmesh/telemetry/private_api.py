@@ -39,12 +39,16 @@ FAST: dict[str, bool] = {}
 REASONS: dict[str, str] = {}
 """Per fast path that is off: why."""
 
+PROBED: dict[str, bool] = {}
+"""Per fast path: what its probe found (``force_fallback`` never turns on a path whose probe failed)."""
+
 
 def register(name: str, ok: bool, reason: str = "") -> bool:
     """Record the probe result of fast path ``name``; warn once when it is off. Returns ``ok``."""
     if name in FAST and not FAST[name]:
         return False  # already off (forced, or failed before): keep it off, warn no more
     FAST[name] = ok
+    PROBED.setdefault(name, ok)
     if not ok:
         REASONS[name] = reason
         _logger.warning(
@@ -61,10 +65,11 @@ def probe_failed(name: str, error: BaseException) -> bool:
 
 
 def force_fallback(name: str, fast: bool = False) -> None:
-    """Turn fast path ``name`` off (or back on with ``fast=True``, tests and benchmarks only)."""
+    """Turn fast path ``name`` off, or back on (``fast=True``) if its probe succeeded (tests, benches)."""
+    fast = fast and PROBED.get(name, False)
     FAST[name] = fast
     if not fast:
-        REASONS[name] = "forced"
+        REASONS.setdefault(name, "forced")
     else:
         REASONS.pop(name, None)
 
