@@ -92,9 +92,14 @@ _ROWS_FROM = (
 _INSERT_ROWS = f"INSERT INTO es_events ({_COLUMNS}) SELECT s, i, t, r, p, {_ROWS_FROM}"
 # The same, with the planned positions moved onto the head as bumped by this transaction:
 # position - (planned head + count) + current head.
-_INSERT_ROWS_SHIFTED = (
-    f"INSERT INTO es_events ({_COLUMNS}) SELECT s, i, t, r, "
-    f"p - %s + (SELECT position FROM es_head WHERE id = 1), {_ROWS_FROM}"
+# One statement, committed on its own: the head bump takes the lock (and, waiting, re-reads
+# the newest head), the rows take positions from it; the unique keys check the rows against
+# everything committed, whatever the statement's snapshot.
+_BUMP_AND_INSERT = (
+    "WITH bump AS (UPDATE es_head SET position = position + %s WHERE id = 1 RETURNING position), "
+    f"rows AS (INSERT INTO es_events ({_COLUMNS}) SELECT s, i, t, r, p - %s + bump.position, "
+    f"{_ROWS_FROM} CROSS JOIN bump) "
+    "SELECT position FROM bump"
 )
 
 
@@ -134,6 +139,8 @@ class PostgresEventStorage:
         self._closed = False
         self.transactions = 0
         """Append transactions committed by this node (each is one group commit)."""
+        self._write_conn: AsyncConnection[Any] | None = None
+        """The writer's own connection (autocommit), outside the pool."""
         self._revisions: dict[str, int] = {}
         """Stream revisions this node last wrote or read, oldest first (see _from_cache)."""
         self.relocked = 0
@@ -158,6 +165,8 @@ class PostgresEventStorage:
             if not item.future.done():
                 item.future.set_exception(RuntimeError("event store closed"))
         self._queue.clear()
+        if self._write_conn is not None:
+            await self._write_conn.close()
         await self._pool.close()
 
     async def append(self, stream: str, expected: int, events: Sequence[NewEvent]) -> AppendResult:
@@ -212,16 +221,22 @@ class PostgresEventStorage:
         (stream, revision) or (stream, event_id) refuses the rows, the transaction
         rolls back and the group is judged again with the lock held from the start.
         """
-        async with self._pool.connection() as conn:
-            try:
-                outcomes, head = await self._append_optimistic(conn, group)
-            except psycopg.errors.UniqueViolation:
-                self.relocked += 1
-                for append in group:
-                    self._revisions.pop(append.stream, None)
-                async with conn.pipeline() as pipeline, conn.transaction():
-                    outcomes, head, rows = await self._append_locked(conn, pipeline, group)
-                self._remember_rows(rows)  # committed: only facts are remembered
+        conn = self._write_conn
+        if conn is None or conn.closed:
+            conn = self._write_conn = await AsyncConnection.connect(self.url, autocommit=True)
+        try:
+            outcomes, head = await self._append_optimistic(conn, group)
+        except psycopg.errors.UniqueViolation:
+            self.relocked += 1
+            for append in group:
+                self._revisions.pop(append.stream, None)
+            async with conn.pipeline() as pipeline, conn.transaction():
+                outcomes, head, rows = await self._append_locked(conn, pipeline, group)
+            self._remember_rows(rows)  # committed: only facts are remembered
+        except BaseException:
+            if conn.broken:
+                await conn.close()
+            raise
         self.transactions += 1
         return outcomes, head
 
@@ -303,14 +318,8 @@ class PostgresEventStorage:
             if not plan.rows:
                 return plan.outcomes, seen_head
         count = len(plan.rows)
-        async with conn.pipeline() as pipeline, conn.transaction():
-            bump = await conn.execute(
-                "UPDATE es_head SET position = position + %s WHERE id = 1 RETURNING position", (count,)
-            )
-            # A new statement, so a new snapshot: it sees every earlier holder's rows.
-            await conn.execute(_INSERT_ROWS_SHIFTED, (count + seen_head, *_columns_of(plan.rows)))
-            await pipeline.sync()
-            bumped = await bump.fetchone()
+        cur = await conn.execute(_BUMP_AND_INSERT, (count, count + seen_head, *_columns_of(plan.rows)))
+        bumped = await cur.fetchone()
         assert bumped is not None
         new_head = int(bumped[0])
         self._remember_rows(plan.rows)
