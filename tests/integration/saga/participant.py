@@ -8,10 +8,11 @@ late ``Do`` cannot apply afterwards), ``Fail`` always answers
 FAILED_PRECONDITION and ``Flaky`` answers UNAVAILABLE on the first attempt of
 each key. ``UndoOnceFixed`` is ``Undo`` that answers FAILED_PRECONDITION while
 the file ``<db>.broken`` exists (a broken compensation an operator fixes, then
-retries). Every invocation is logged in SQLite (``calls``), every effect in
-``effects``: the fault test checks its invariants there. Those tables live in
-the same file as the IdempotencyStore's responses and are written through its
-group commits (``store.run``, synchronous=FULL), as a real service would.
+retries) and takes a second while ``<db>.slow`` exists. Every invocation is
+logged in SQLite (``calls``), every effect in ``effects``: the fault test
+checks its invariants there. Those tables live in the same file as the
+IdempotencyStore's responses and are written through its group commits
+(``store.run``, synchronous=FULL), as a real service would.
 
 Run: python participant.py --registry HOST:PORT --service NAME --db PATH
 """
@@ -110,6 +111,7 @@ class Ledger:
         self.store = IdempotencyStore(db)
         self.flaky_seen: set[str] = set()
         self.broken = db.with_suffix(".broken")
+        self.slow = db.with_suffix(".slow")
 
     def handlers(self) -> grpc.GenericRpcHandler:
         store = self.store
@@ -152,6 +154,8 @@ class Ledger:
             if self.broken.exists():
                 await store.run(lambda conn: log_call(conn, "UndoBroken", meta))
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "compensation broken")
+            if self.slow.exists():
+                await asyncio.sleep(1.0)
             return await revert(context)
 
         async def fail(request: wrappers_pb2.StringValue, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
