@@ -321,8 +321,12 @@ class StepExecution(_message.Message):
                           the authenticated identity that started the saga;
                           absent when authentication is off. Trust it only on
                           calls authenticated as the coordinator.
-    Failures are gRPC statuses: codes in the step's non_retryable_codes end the
-    step (or compensation) at once, the others are retried with backoff.
+    A participant answers with a gRPC status: OK with the response message, or
+    an error. Codes in the RetryPolicy's non_retryable_codes (or its default
+    list) end the step or compensation at once; the others are retried with
+    backoff up to max_attempts. A step that fails for good starts the
+    compensation of the steps before it; a compensation that fails for good
+    leaves the saga FAILED_COMPENSATION (see RetryCompensation, ResolveSaga).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
