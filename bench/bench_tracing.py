@@ -24,8 +24,8 @@ client alternates between modes, round after round, and takes medians):
 - ``fallback-<path>`` and ``fallback-all`` (``--fast-paths``): ``on`` with one (or every)
   private-name fast path of ``rpcmesh.telemetry.private_api`` turned off on both sides, so each
   path's gain is measured in the same rounds (``fast_path_gain_<path>``: on ÷ fallback-<path>).
-  The server child switches its flags when the client starts a mode's window (one mode runs at a
-  time); the exporter and the duration histograms are chosen when each mode's telemetry is built.
+  The exporter and the duration histograms are chosen when each mode's telemetry is built (the
+  server child also switches its flags when the client starts a mode's window: one mode at a time).
 - ``propagation`` (``--floor``): no telemetry at all, only what any implementation of issue 7
   must do on the wire: the client sends the three propagation headers (a fresh ``traceparent``
   and correlation id per call, as ``baggage`` and ``x-correlation-id``), the server reads them
@@ -182,7 +182,7 @@ def _variant(mode: str) -> dict[str, bool]:
     return VARIANTS[mode.removeprefix("on-")] if mode.startswith("on-") else {}
 
 
-FAST_PATHS = ("otlp_exporter", "duration_reader", "span_context_tuple", "context_keys", "aio_plain_callable")
+FAST_PATHS = ("otlp_exporter", "duration_reader")
 SAMPLED_RATIO = 0.01
 
 

@@ -25,7 +25,6 @@ import grpc
 import grpc.aio
 from opentelemetry import context as otel_context
 
-from rpcmesh.telemetry import private_api
 from rpcmesh.telemetry._calls import CallRecord, begin_client_call, status_code_of
 from rpcmesh.telemetry.correlation import reset_correlation_id, set_correlation_id
 from rpcmesh.telemetry.setup import Telemetry, get_telemetry
@@ -112,51 +111,13 @@ class TracingChannel(grpc.aio.Channel):
         return getattr(self.inner, name)
 
 
-_AIO_CHANNEL_MODULE = "grpc.aio._channel"
-
-
-def _probe_plain_callables() -> bool:
-    """Whether grpc.aio's multicallables still live in ``grpc.aio._channel`` and keep ``_interceptors``."""
-    try:
-        import importlib
-
-        module = importlib.import_module(_AIO_CHANNEL_MODULE)
-        found = module.UnaryUnaryMultiCallable
-        codes = (getattr(klass.__dict__.get("__init__"), "__code__", None) for klass in found.__mro__)
-        names = {name for code in codes if code is not None for name in code.co_names}
-        ok = found.__module__ == _AIO_CHANNEL_MODULE and "_interceptors" in names
-    except Exception as error:  # any failure means: treat every callable as intercepted
-        return private_api.probe_failed("aio_plain_callable", error)
-    return private_api.register(
-        "aio_plain_callable", ok, "grpc.aio's UnaryUnaryMultiCallable no longer keeps _interceptors"
-    )
-
-
-_probe_plain_callables()
-
-
-def _plain_grpc_callable(inner: Any) -> bool:
-    """Whether ``inner`` is grpc.aio's own callable without interceptors: nothing in it reads our context.
-
-    False (the span is made current around the call) when the probe of grpc.aio's private layout failed.
-    """
-    return (
-        private_api.FAST["aio_plain_callable"]
-        and type(inner).__module__ == _AIO_CHANNEL_MODULE
-        and not getattr(inner, "_interceptors", True)
-    )
-
-
 class _Callable:
-    __slots__ = ("_channel", "_inner", "_method", "_plain")
+    __slots__ = ("_channel", "_inner", "_method")
 
     def __init__(self, channel: TracingChannel, method: str, inner: Any) -> None:
         self._channel = channel
         self._method = method
         self._inner = inner
-        # A plain grpc.aio callable reads neither the OpenTelemetry context nor the correlation
-        # id while it sets the call up: no need to make the call's span current around it.
-        self._plain = _plain_grpc_callable(inner)
 
     def _start(self, request: Any, kwargs: dict[str, Any]) -> tuple[CallRecord | None, Any]:
         channel = self._channel
@@ -165,12 +126,9 @@ class _Callable:
             return None, self._inner(request, **kwargs)
         record, outgoing = begin_client_call(telemetry, self._method, kwargs.get("metadata"), channel._target)
         kwargs["metadata"] = tuple(outgoing)
-        if self._plain:
-            try:
-                return record, self._inner(request, **kwargs)
-            except BaseException as exc:
-                record.finish_with_error(exc)
-                raise
+        # The call's span is current while the inner callable sets the call up (its interceptors may
+        # read it). Skipping this for grpc.aio's own callables (told apart through grpc.aio._channel's
+        # private names) saved under 1 µs of ~600 µs per call: removed (issue 19 §4).
         token = otel_context.attach(record.context) if record.context is not None else None
         correlation_token = set_correlation_id(record.correlation)
         try:

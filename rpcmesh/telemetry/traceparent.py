@@ -16,7 +16,6 @@ from urllib.parse import quote, unquote
 
 from opentelemetry.trace import SpanContext, TraceFlags, TraceState
 
-from rpcmesh.telemetry import private_api
 from rpcmesh.telemetry.correlation import CORRELATION_BAGGAGE_KEY
 
 _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
@@ -27,40 +26,14 @@ EMPTY_TRACE_STATE = TraceState()
 """The shared empty ``TraceState`` (immutable)."""
 
 
-def _tuple_span_context(
-    trace_id: int, span_id: int, remote: bool, flags: int, state: TraceState
-) -> SpanContext:
-    return tuple.__new__(SpanContext, (trace_id, span_id, remote, _FLAGS[flags], state, True))
-
-
-def _probe_tuple_layout() -> bool:
-    """Whether ``SpanContext`` is still the tuple (trace id, span id, remote, flags, state, valid)."""
-    try:
-        state = TraceState([("k", "v")])
-        fast = _tuple_span_context(0x1234, 0x56, True, 1, state)
-        public = SpanContext(0x1234, 0x56, is_remote=True, trace_flags=_FLAGS[1], trace_state=state)
-        same = fast == public and all(
-            getattr(fast, name) == getattr(public, name)
-            for name in ("trace_id", "span_id", "is_remote", "trace_flags", "trace_state", "is_valid")
-        )
-    except Exception as error:  # any failure means: do not use the layout
-        return private_api.probe_failed("span_context_tuple", error)
-    return private_api.register("span_context_tuple", same, "SpanContext's tuple layout changed")
-
-
-_probe_tuple_layout()
-
-
 def trusted_span_context(
     trace_id: int, span_id: int, flags: int, state: TraceState = EMPTY_TRACE_STATE, *, remote: bool = False
 ) -> SpanContext:
-    """A ``SpanContext`` for ids already known valid (non-zero, in range), without the SDK's checks.
+    """A ``SpanContext`` for ids already known valid (non-zero, in range).
 
-    Relies on ``SpanContext`` being the tuple (trace id, span id, remote, flags, state, valid),
-    probed at import against the API's own constructor (``private_api``); otherwise the constructor.
+    Through the public constructor: building the tuple behind ``SpanContext``'s back (its private
+    layout) saved about 2 µs per server call of ~600 µs, and was removed (issue 19 §4).
     """
-    if private_api.FAST["span_context_tuple"]:
-        return tuple.__new__(SpanContext, (trace_id, span_id, remote, _FLAGS[flags], state, True))
     return SpanContext(trace_id, span_id, is_remote=remote, trace_flags=_FLAGS[flags], trace_state=state)
 
 
