@@ -6,7 +6,8 @@ postgresql`` puts it on a fresh database of the local PostgreSQL) and, with
 10,000 instances, each with its own lease:
 
 - register: 10,000 registrations from 200 concurrent clients (registrations/s);
-- RSS of the server process once the 10,000 instances are registered;
+- RSS of the server process once the 10,000 instances are registered (and
+  before, empty: ``rss_idle_mb``);
 - keep-alive: every lease renewed once per round over 8 streams; the server's
   CPU time (user + system, ``/proc``) per renewal;
 - resolve: sequential Resolves of a random service (etcd: a prefix Range),
@@ -291,11 +292,15 @@ async def run(args: argparse.Namespace, servers: dict[str, tuple[str, int]]) -> 
 
     try:
         for kind, side in sides.items():
+            add(kind, "rss_idle_mb", rss_mb(side.pid))  # the empty server: what 10k instances add is the rest
+            cpu = cpu_seconds(side.pid)
             rate, registered[kind] = await register_all(side, args.instances, args.services)
             add(kind, "register_per_s", rate)
+            add(kind, "register_server_cpu_us", (cpu_seconds(side.pid) - cpu) * 1e6 / args.instances)
         await asyncio.sleep(1)
         for kind, side in sides.items():
             add(kind, "rss_mb", rss_mb(side.pid))
+            add(kind, "rss_added_mb", per[kind]["rss_mb"][0] - per[kind]["rss_idle_mb"][0])
         for side in sides.values():  # warm-up of both
             await timed(200, lambda s=side: s.resolve(f"svc-{rng.randrange(args.services):03d}"))
         mesh = sides["rpcmesh"]

@@ -93,6 +93,7 @@ _REGISTRY_FIGURES = (
         limit=50.0,
     ),
     F("server RSS at 10k instances", "rss_mb", False, "MB", peer_key="etcd_rss_mb", limit=200.0),
+    F("RSS the 10k instances add", "rss_added_mb", False, "MB", peer_key="etcd_rss_added_mb"),
 )
 _DBOS_FIGURES = (
     F("3-step sagas/s, 64 concurrent", "sagas_per_s", True, "/s", peer_key="dbos_workflows_per_s"),
@@ -406,7 +407,7 @@ def table(results: dict[str, dict[str, Any]]) -> str:
                 rows.append(f"| {name} | {figure.label} | (not in the JSON line) | | | | | |")
                 continue
             ratio = f"{row['ratio']:.2f}" if row["ratio"] is not None else ""
-            status = "met" if row["met"] else "**not met**" if row["goal"] else ""
+            status = "" if not row["goal"] else "met" if row["met"] else "**not met**"
             rows.append(
                 f"| {name} | {figure.label} | {_fmt(row['value'], figure.unit)} | "
                 f"{bench.peer if figure.peer_key else ''} | {_fmt(row['peer'], figure.unit)} | {ratio} | "
@@ -417,15 +418,19 @@ def table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
-def write_page(results: dict[str, dict[str, Any]], command: str) -> None:
+def write_page(results: dict[str, dict[str, Any]]) -> None:
     """Replace the table between the markers at the top of docs/benchmarks.md."""
     page = PAGE.read_text()
     if START not in page or END not in page:
         raise SystemExit(f"{PAGE} has no {START} ... {END} markers")
     seconds = sum(int(r.get("seconds", 0)) for r in results.values())
+    dates = sorted(str(r["date"]) for r in results.values() if "date" in r)
+    when = dates[0] if len(set(dates)) == 1 else f"{dates[0]} to {dates[-1]}" if dates else "unknown"
     block = (
-        f"{START}\nCommand: `{command}`. Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
-        f"the benches took {seconds // 60} min {seconds % 60} s.\n\n{table(results)}\n{END}"
+        f"{START}\nCommand: `make bench` (its last step, `.venv/bin/python bench/run_all.py`, runs each "
+        f"bench once; `--only ID` reruns one and keeps the other rows). Runs: {when}, {seconds // 60} min "
+        f"{seconds % 60} s of benches in all. Per-bench JSON: [`bench-results.json`](bench-results.json).\n\n"
+        f"{table(results)}\n{END}"
     )
     head, rest = page.split(START, 1)
     PAGE.write_text(head + block + rest.split(END, 1)[1])
@@ -478,11 +483,12 @@ def main() -> None:
             print(
                 f"running {bench.id}: {bench.script} {' '.join(bench.args)} ...", file=sys.stderr, flush=True
             )
-            results[bench.id] = run_bench(bench)
+            results[bench.id] = run_bench(bench) | {
+                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+            }
             RESULTS.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     if not args.no_page:
-        only = "".join(f" --only {name}" for name in args.only or ())
-        write_page(results, "make bench" if not only else f".venv/bin/python bench/run_all.py{only}")
+        write_page(results)
     plot(results, PLOT)
     print(json.dumps(results, sort_keys=True))
 
