@@ -15,7 +15,9 @@ postgresql`` puts it on a fresh database of the local PostgreSQL) and, with
 - watch under churn: 100 watchers of every service (in a separate process, so
   that decoding their events does not delay the deregistrations) while one
   burst of 1,000 deregistrations (etcd: lease revocations) is sent 100 at a
-  time; latency = a watcher sees the DELETE - its deregistration was sent.
+  time; latency = a watcher sees the DELETE - its deregistration was sent
+  (``watch_p99_ms``), or - its deregistration was acknowledged
+  (``watch_after_ack_p99_ms``: propagation of a committed change).
 
 Rounds alternate between the systems (the order flips every round) after a
 warm-up of both, and the figures are medians over the rounds (the watch p99 is
@@ -261,24 +263,32 @@ async def register_all(side: Side, instances: int, services: int) -> tuple[float
 
 async def burst(
     side: Side, conn: multiprocessing.connection.Connection, victims: list[tuple[str, Any]], watchers: int
-) -> list[float]:
-    """Deregister ``victims`` 100 at a time; latencies (ms) of every watcher's DELETE."""
+) -> tuple[list[float], list[float]]:
+    """Deregister ``victims`` 100 at a time; latencies (ms) of every watcher's DELETE.
+
+    Two clocks: from the deregistration's send (includes its own wait behind the
+    burst's other writes) and from its acknowledgement (propagation proper: the
+    change is committed; 0 when a watcher saw it before the writer's answer came).
+    """
     sent: dict[str, float] = {}
+    acked: dict[str, float] = {}
     semaphore = asyncio.Semaphore(100)
 
     async def one(key: str, lease: Any) -> None:
         async with semaphore:
             sent[key] = time.perf_counter()
             await side.deregister(key, lease)
+            acked[key] = time.perf_counter()
 
     await asyncio.gather(*(one(key, lease) for key, lease in victims))
     loop = asyncio.get_running_loop()
     conn.send(len(victims))
     pairs: list[tuple[str, float]] = await loop.run_in_executor(None, conn.recv)
-    latencies = [(at - sent[key]) * 1000 for key, at in pairs if key in sent]
-    if len(latencies) < len(victims) * watchers:
-        raise RuntimeError(f"{side.name}: {len(latencies)} of {len(victims) * watchers} DELETE events seen")
-    return latencies
+    from_send = [(at - sent[key]) * 1000 for key, at in pairs if key in sent]
+    from_ack = [max(0.0, at - acked[key]) * 1000 for key, at in pairs if key in acked]
+    if len(from_send) < len(victims) * watchers:
+        raise RuntimeError(f"{side.name}: {len(from_send)} of {len(victims) * watchers} DELETE events seen")
+    return from_send, from_ack
 
 
 async def run(args: argparse.Namespace, servers: dict[str, tuple[str, int]]) -> dict[str, Any]:
@@ -334,7 +344,7 @@ async def run(args: argparse.Namespace, servers: dict[str, tuple[str, int]]) -> 
                     batch = victims[kind][round_ * args.burst : (round_ + 1) * args.burst]
                     conn, watcher_pid = conns[kind]
                     cpu, watcher_cpu = cpu_seconds(side.pid), cpu_seconds(watcher_pid)
-                    latencies = await burst(side, conn, batch, args.watchers)
+                    latencies, after_ack = await burst(side, conn, batch, args.watchers)
                     add(kind, "burst_server_cpu_ms", (cpu_seconds(side.pid) - cpu) * 1000)
                     add(kind, "burst_watchers_cpu_ms", (cpu_seconds(watcher_pid) - watcher_cpu) * 1000)
                     gone = {key for key, _ in batch}
@@ -342,6 +352,8 @@ async def run(args: argparse.Namespace, servers: dict[str, tuple[str, int]]) -> 
                     add(kind, "watch_p50_ms", percentile(latencies, 0.5))
                     add(kind, "watch_p99_ms", percentile(latencies, 0.99))
                     add(kind, "watch_max_ms", max(latencies))
+                    add(kind, "watch_after_ack_p50_ms", percentile(after_ack, 0.5))
+                    add(kind, "watch_after_ack_p99_ms", percentile(after_ack, 0.99))
     finally:
         for side in sides.values():
             await side.close()
@@ -361,10 +373,17 @@ async def run(args: argparse.Namespace, servers: dict[str, tuple[str, int]]) -> 
     if "etcd" in per:
         for key, values in per["etcd"].items():
             figures[f"etcd_{key}"] = round(statistics.median(values), 3)
-        for key in ("resolve_p50_ms", "resolve_p99_ms", "watch_p99_ms", "rss_mb", "renew_server_cpu_us"):
-            figures[f"{key.removesuffix('_ms').removesuffix('_mb').removesuffix('_us')}_vs_etcd"] = round(
-                figures[key] / figures[f"etcd_{key}"], 2
-            )
+        for key in (
+            "resolve_p50_ms",
+            "resolve_p99_ms",
+            "watch_p99_ms",
+            "watch_after_ack_p99_ms",
+            "rss_mb",
+            "renew_server_cpu_us",
+        ):
+            peer = figures[f"etcd_{key}"]
+            name = key.removesuffix("_ms").removesuffix("_mb").removesuffix("_us")
+            figures[f"{name}_vs_etcd"] = round(figures[key] / peer, 2) if peer else None
         figures["register_vs_etcd"] = round(figures["register_per_s"] / figures["etcd_register_per_s"], 2)
     return figures
 

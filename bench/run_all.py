@@ -76,6 +76,13 @@ def F(label: str, key: str, higher: bool, unit: str = "", **kw: Any) -> Figure:
 _REGISTRY_FIGURES = (
     F("registrations/s (lease + instance)", "register_per_s", True, "/s", peer_key="etcd_register_per_s"),
     F(
+        "server CPU per registration",
+        "register_server_cpu_us",
+        False,
+        "µs",
+        peer_key="etcd_register_server_cpu_us",
+    ),
+    F(
         "server CPU per lease renewal",
         "renew_server_cpu_us",
         False,
@@ -85,11 +92,19 @@ _REGISTRY_FIGURES = (
     F("Resolve p50 (etcd: prefix Range)", "resolve_p50_ms", False, "ms", peer_key="etcd_resolve_p50_ms"),
     F("Resolve p99", "resolve_p99_ms", False, "ms", peer_key="etcd_resolve_p99_ms", limit=5.0),
     F(
-        "watch p99, 100 watchers, bursts of 1,000 deregistrations",
+        "watch p99 from the deregistration's send, 100 watchers, bursts of 1,000",
         "watch_p99_ms",
         False,
         "ms",
         peer_key="etcd_watch_p99_ms",
+        limit=50.0,
+    ),
+    F(
+        "watch p99 from the deregistration's acknowledgement (same bursts)",
+        "watch_after_ack_p99_ms",
+        False,
+        "ms",
+        peer_key="etcd_watch_after_ack_p99_ms",
         limit=50.0,
     ),
     F("server RSS at 10k instances", "rss_mb", False, "MB", peer_key="etcd_rss_mb", limit=200.0),
