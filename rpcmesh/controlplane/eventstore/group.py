@@ -147,6 +147,22 @@ def plan_group(
     return plan
 
 
+MAX_GROUP_APPENDS = 512
+"""Group commit cap: bounds the transaction size and the latency of the last append in it."""
+MAX_GROUP_EVENTS = 20_000
+"""The same cap in events (a group always takes at least one append)."""
+
+
+def group_size(sizes: Sequence[int]) -> int:
+    """How many queued appends (of ``sizes`` events each, in order) the next group takes."""
+    taken, events = 0, 0
+    for size in sizes[:MAX_GROUP_APPENDS]:
+        if taken and events + size > MAX_GROUP_EVENTS:
+            break
+        taken, events = taken + 1, events + size
+    return taken
+
+
 def repeated_id(events: Sequence[NewEvent]) -> tuple[int, int] | None:
     """(earlier index, later index) of the first event id that appears twice in a batch, or None."""
     first_at: dict[str, int] = {}

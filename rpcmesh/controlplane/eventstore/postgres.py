@@ -27,7 +27,7 @@ import psycopg.errors
 from psycopg import AsyncConnection, AsyncCursor, AsyncPipeline
 from psycopg_pool import AsyncConnectionPool
 
-from rpcmesh.controlplane.eventstore.group import PendingAppend, Row, plan_group
+from rpcmesh.controlplane.eventstore.group import PendingAppend, Row, group_size, plan_group
 from rpcmesh.controlplane.eventstore.model import (
     AppendResult,
     NewEvent,
@@ -62,8 +62,6 @@ INSERT INTO es_head VALUES (1, 0) ON CONFLICT DO NOTHING;
 _COLUMNS = "stream, event_id, event_type, revision, position, data, content_type, metadata, recorded_at"
 # Other nodes append too; subscribers re-read at least this often.
 POLL_SECONDS = 0.5
-# Group commit cap: bounds the transaction size and the latency of the last append in it.
-_MAX_GROUP = 512
 # Streams whose revision a node remembers (for appends judged without a look-up).
 _REVISION_CACHE = 10_000
 
@@ -183,10 +181,16 @@ class PostgresEventStorage:
             await self._wake.wait()
             self._wake.clear()
             while self._queue:
-                group, self._queue = self._queue[:_MAX_GROUP], self._queue[_MAX_GROUP:]
+                take = group_size([len(item.pending.events) for item in self._queue])
+                group, self._queue = self._queue[:take], self._queue[take:]
                 try:
                     outcomes, head = await self._commit_group([item.pending for item in group])
-                except Exception:  # the transaction failed: retry each append alone
+                except psycopg.OperationalError as exc:  # outcome unknown (connection): no replay
+                    for item in group:
+                        if not item.future.done():
+                            item.future.set_exception(exc)
+                    continue
+                except Exception:  # the transaction failed and rolled back: retry each append alone
                     await self._commit_alone(group)
                     continue
                 self._settle(group, outcomes, head)

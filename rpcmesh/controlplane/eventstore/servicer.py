@@ -80,6 +80,15 @@ def events_from_request(events: Sequence[pb.EventData]) -> list[NewEvent]:
             raise invalid_argument(f"events[{index}].event_type", f"at most {MAX_EVENT_TYPE} characters")
         if len(event.event_id) > MAX_EVENT_ID:
             raise invalid_argument(f"events[{index}].event_id", f"at most {MAX_EVENT_ID} characters")
+        texts = {
+            "event_type": event.event_type,
+            "event_id": event.event_id,
+            "content_type": event.content_type,
+        }
+        texts.update({f"metadata[{key!r}]": f"{key}{value}" for key, value in event.metadata.items()})
+        for name, text in texts.items():
+            if "\x00" in text:  # PostgreSQL text cannot hold it; both backends refuse it alike
+                raise invalid_argument(f"events[{index}].{name}", "must not contain NUL characters")
         converted.append(
             NewEvent(
                 event_id=event.event_id or NewEvent.new_id(),

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from rpcmesh.controlplane.eventstore.group import PendingAppend, plan_group
+from rpcmesh.controlplane.eventstore.group import PendingAppend, group_size, plan_group
 from rpcmesh.controlplane.eventstore.model import (
     AppendResult,
     NewEvent,
@@ -52,8 +52,6 @@ CREATE INDEX IF NOT EXISTS events_by_stream_position ON events (stream, position
 """
 
 _COLUMNS = "stream, event_id, event_type, revision, position, data, content_type, metadata, recorded_at"
-# Group commit cap: bounds the transaction size and the latency of the last append in it.
-_MAX_GROUP = 512
 
 
 def _row_to_event(row: tuple[Any, ...]) -> StoredEvent:
@@ -163,7 +161,8 @@ class SqliteEventStorage:
             await self._wake.wait()
             self._wake.clear()
             while self._queue:
-                group, self._queue = self._queue[:_MAX_GROUP], self._queue[_MAX_GROUP:]
+                take = group_size([len(item.events) for item in self._queue])
+                group, self._queue = self._queue[:take], self._queue[take:]
                 try:
                     outcomes, head = await self._in(self._writer, self._commit_group, group)
                 except Exception as exc:  # the transaction failed: retry each append alone

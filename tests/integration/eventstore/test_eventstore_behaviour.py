@@ -220,6 +220,14 @@ async def test_bad_input_names_the_field(eventstore: Stub) -> None:
             ),
             "events[0].event_type",
         ),
+        (
+            pb.AppendToStreamRequest(
+                stream="s",
+                expected_state=pb.EXPECTED_STATE_ANY,
+                events=[pb.EventData(event_type="T", metadata={"k": "v\x00"})],
+            ),
+            "events[0].metadata['k']",
+        ),
     ]
     for request, field in cases:
         error = await expect_error(eventstore.AppendToStream(request))

@@ -72,3 +72,12 @@ def test_what_is_not_a_retry() -> None:
 def test_a_repeated_id_within_a_batch_fails_that_append() -> None:
     plan = plan_group([PendingAppend("s", ANY, events("a", "a"))], head=0, currents={}, stored={})
     assert isinstance(plan.outcomes[0], ValueError) and not plan.rows
+
+
+def test_group_size_caps_appends_and_events_but_takes_one() -> None:
+    from rpcmesh.controlplane.eventstore.group import MAX_GROUP_APPENDS, MAX_GROUP_EVENTS, group_size
+
+    assert group_size([]) == 0
+    assert group_size([1] * (MAX_GROUP_APPENDS + 5)) == MAX_GROUP_APPENDS
+    assert group_size([MAX_GROUP_EVENTS * 2, 1]) == 1
+    assert group_size([MAX_GROUP_EVENTS // 2, MAX_GROUP_EVENTS // 2, 1]) == 2
