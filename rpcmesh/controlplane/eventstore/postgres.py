@@ -3,15 +3,18 @@
 Appends serialise on one row lock (the log head), so global positions are
 handed out in commit order: a subscriber that has read up to position N can
 never later find a smaller position committed behind it. Per-stream expected
-versions are checked under the same lock.
+versions stay exact through the (stream, revision) key: rows judged on a
+stale revision cannot be stored.
 
-Group commit: each node queues its appends while a transaction is in flight
-and commits the queue as one transaction under one head lock (judged in memory
-by group.py: a failed expected-version check fails only its own append). The
-lock is taken once per transaction, not once per append, so concurrent
-appends from many requests, and the groups of several nodes in turn, share
-the lock and the commit's fsync. A transaction that fails as a whole is
-retried append by append, so one bad member fails alone.
+Group commit: each node queues its appends while a commit is in flight and
+commits the queue together (judged in memory by group.py: a failed
+expected-version check fails only its own append). The judging happens before
+the lock: one statement then bumps the head and inserts the rows, so the lock
+is held for that statement and its commit only, never across a round trip to
+Python; the unique keys catch a group judged on stale revisions, which is then
+judged again under the lock. A transaction that fails as a whole (rolled back)
+is retried append by append, so one bad member fails alone; a lost connection
+fails its group (the outcome is unknown, so nothing is replayed).
 """
 
 from __future__ import annotations
@@ -218,12 +221,12 @@ class PostgresEventStorage:
     async def _commit_group(self, group: list[PendingAppend]) -> tuple[list[AppendResult | Exception], int]:
         """Commit a group: optimistically (the lock held only on the server), else under the lock.
 
-        Optimistic: read the touched streams and ids without a lock, judge the group,
-        then send, in one round trip, BEGIN, the head bump (which takes the lock),
-        the rows (positions computed in SQL from the bumped head) and COMMIT. If
-        another writer got to one of the streams or ids in between, a unique key
-        (stream, revision) or (stream, event_id) refuses the rows, the transaction
-        rolls back and the group is judged again with the lock held from the start.
+        Optimistic: judge the group from the stream revisions this node remembers (appends
+        of server-assigned ids) or from a lock-free look-up, then one autocommit statement
+        bumps the head (taking the lock) and inserts the rows at positions computed from it.
+        If another writer got to one of the streams or ids in between, a unique key
+        (stream, revision) or (stream, event_id) refuses the rows, nothing is stored and the
+        group is judged again in a transaction that takes the lock first.
         """
         conn = self._write_conn
         if conn is None or conn.closed:
