@@ -12,6 +12,9 @@ Like for like: every system gets the same freedoms and the same durability, in o
 * one message per request (``*_single_publish_per_s``): what most services do. The Bus: unary
   ``Publish`` of one message, ``--concurrency`` (64) calls in flight; JetStream: ``js.publish``
   (awaits its PubAck), RabbitMQ: a confirmed publish, both with 64 in flight.
+  ``bus_publisher_per_s``: the same 64 one-message publishes through rpcmesh's client library
+  (``Publisher``, default config: concurrent publishes share a ``PublishStream`` batch), what a
+  service using rpcmesh does; ``publisher_ratio`` compares it with the peer's one-per-request row.
 * deliver + ack (``*_deliver_per_s``): a durable consumer reads the published messages from the
   start, ``window`` unacknowledged at most, acks batched every ``batch`` messages: the Bus acks
   each delivered batch (``max_batch=batch``) on the stream, JetStream a push consumer with
@@ -210,6 +213,24 @@ class BusPeer:
         assert acked == batches * batch, acked
         return elapsed
 
+    async def publish_library(self, topic: str, count: int, concurrency: int) -> float:
+        """``concurrency`` tasks each awaiting ``Publisher.publish`` of one message (default config)."""
+        publisher = Publisher(self.channel, PublisherConfig())
+        remaining = count
+
+        async def worker() -> None:
+            nonlocal remaining
+            while remaining > 0:
+                remaining -= 1
+                await publisher.publish(topic, PAYLOAD)
+
+        started = time.perf_counter()
+        try:
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+            return time.perf_counter() - started
+        finally:
+            await publisher.close()
+
     async def _publish_unary(self, topic: str, count: int, concurrency: int) -> float:
         remaining = count
 
@@ -395,6 +416,8 @@ async def one_round(
             ("deliver", f"{topic}.batched", count, args.window, args.batch),
             ("single_publish", f"{topic}.single", single, args.concurrency, 1),
         )
+        if isinstance(peer, BusPeer):
+            phases += (("publisher", f"{topic}.publisher", single, args.concurrency, 0),)
         for phase, name, n, window, batch in phases:
             if phase != "deliver":
                 await peer.prepare(name)
@@ -402,13 +425,17 @@ async def one_round(
             client, server = cpu_seconds(None), cpu_seconds(pid) if pid else 0.0
             if phase == "deliver":
                 elapsed = await peer.deliver(name, n, window, batch)
+            elif phase == "publisher":
+                assert isinstance(peer, BusPeer)
+                elapsed = await peer.publish_library(name, n, window)
             else:
                 elapsed = await peer.publish(name, n, window, batch)
             used = [cpu_seconds(None) - client, (cpu_seconds(pid) - server) if pid else 0.0, float(n)]
             rates[f"{peer.label}_{phase}"] = n / elapsed
             cpu[f"{peer.label}_{phase}"] = used
-        for name in (f"{topic}.batched", f"{topic}.single"):
-            await peer.drop(name)
+        for phase, name, *_ in phases:
+            if phase != "deliver":
+                await peer.drop(name)
     return rates, cpu
 
 
@@ -466,6 +493,9 @@ async def measure(args: argparse.Namespace, bus_address: str, bus_pid: int) -> d
         for phase in ("publish", "deliver", "single_publish"):
             paired = [r[f"bus_{phase}"] / r[f"{peer.label}_{phase}"] for r in per_round]
             figures[f"{prefix}{phase}_ratio"] = round(statistics.median(paired), 2)
+        # The Bus's client library (Publisher: concurrent publishes share a batch) vs one per request.
+        paired = [r["bus_publisher"] / r[f"{peer.label}_single_publish"] for r in per_round]
+        figures[f"{prefix}publisher_ratio"] = round(statistics.median(paired), 2)
         figures[f"{peer.label}_durability"] = peer.durability
     figures["bus_durability"] = peers[0].durability
     figures["cpu_us_per_msg"] = {
