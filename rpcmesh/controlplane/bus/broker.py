@@ -78,6 +78,12 @@ DEAD_LETTER_CONTENT_TYPE = "application/x-protobuf; messageType=rpcmesh.v1.DeadL
 LAG_INTERVAL = 1.0
 """Seconds between consumer-lag gauge updates."""
 
+BURY_RETRY_FIRST = 0.05
+"""Seconds before the first retry of a failed dead-letter write (doubles per retry)."""
+
+BURY_RETRY_MAX = 2.0
+"""Longest wait between dead-letter write retries."""
+
 
 class Delivered(Protocol):
     """What a runtime hands to a subscription: a message and its attempt."""
@@ -306,10 +312,30 @@ class GroupRuntime:
         task.add_done_callback(self.broker._background.discard)
 
     async def _bury(self, dead: list[Dead]) -> None:
+        """Store the dead letters, retrying; only then may the ack floor pass them.
+
+        When the broker stops or the group is retired first, the messages stay below
+        the persisted floor and are delivered again later (their dead letters' ids
+        make a repeated write a duplicate): nothing is lost.
+        """
+        delay = BURY_RETRY_FIRST
         try:
-            await self.broker.dead_letter(self.topic, self.name, dead)
-        except Exception:
-            logger.exception("dead-lettering on %s/%s failed", self.topic, self.name)
+            while True:
+                try:
+                    await self.broker.dead_letter(self.topic, self.name, dead)
+                except Exception:
+                    logger.exception("dead-lettering on %s/%s failed; retrying", self.topic, self.name)
+                else:
+                    self.state.buried(int(item.message.sequence) for item in dead)
+                    self.dirty = True
+                    self.wake.set()
+                    return
+                retired = self.broker._groups.get((self.topic, self.name)) is not self
+                if retired or self.broker.stopped.is_set():
+                    return
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.broker.stopped.wait(), delay)
+                delay = min(delay * 2, BURY_RETRY_MAX)
         finally:
             self.burying -= 1
 
@@ -392,6 +418,8 @@ class Broker:
         self._requests: dict[str, asyncio.Future[bus_pb2.BusMessage]] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self.stopped = asyncio.Event()
+        """Set by :meth:`stop`: background retries give up."""
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -423,6 +451,7 @@ class Broker:
 
     async def stop(self) -> None:
         """End subscriptions, persist progress and close the store."""
+        self.stopped.set()
         for subscription in list(self._subscriptions):
             await subscription.close()
         # Housekeeping and dispatchers call the store (NATS requests can swallow one cancel).
@@ -724,7 +753,8 @@ class Broker:
         for runtime in list(self._groups.values()):
             if not isinstance(runtime, GroupRuntime):
                 continue
-            if runtime.durable and runtime.dirty and runtime.burying == 0:
+            # A dead message holds the floor until its dead letter is stored (GroupState.buried).
+            if runtime.durable and runtime.dirty:
                 runtime.dirty = False
                 try:
                     await self.store.save_group(runtime.record())

@@ -14,8 +14,10 @@ Rules:
 * A delivery not acknowledged by its deadline, or nakked, waits for
   :func:`redelivery_delay` (or the nak's delay) and is offered again; after
   ``max_deliveries`` attempts (or on term) it is handed back as dead.
-* Acknowledged and dead messages count as done; the ack floor is the sequence
-  below which everything is done.
+* Acknowledged messages count as done; a dead message counts as done only once
+  its dead letter is stored (:meth:`GroupState.buried`): until then it holds the
+  ack floor below it, so a failed or lost dead-letter write never loses it. The
+  ack floor is the sequence below which everything is done.
 """
 
 from __future__ import annotations
@@ -101,6 +103,8 @@ class GroupState:
         self._key_owner: dict[str, int] = {}
         self._blocked: dict[str, list[Entry]] = {}
         self._known: dict[int, Entry] = {}
+        self._burying: dict[int, int] = {}
+        """Dead sequences whose dead letter is not stored yet, and their attempts."""
 
     # -- feeding -----------------------------------------------------------------
 
@@ -244,7 +248,20 @@ class GroupState:
             if seq > self.ack_floor and seq not in self._done
         }
         kept.update((seq, entry.attempts) for seq, entry in self._known.items() if entry.attempts > 0)
+        kept.update(self._burying)
         return kept
+
+    @property
+    def burying(self) -> int:
+        """Dead messages whose dead letter is not stored yet (they hold the ack floor)."""
+        return len(self._burying)
+
+    def buried(self, sequences: Iterable[int]) -> None:
+        """The dead letters of these dead sequences are stored: they count as done."""
+        for seq in sequences:
+            if self._burying.pop(seq, None) is not None:
+                self._done.add(seq)
+        self._advance_floor()
 
     @property
     def acked_above_floor(self) -> set[int]:
@@ -274,14 +291,16 @@ class GroupState:
 
     def _kill(self, entry: Entry, reason: str) -> Dead:
         attempts = entry.attempts
-        self._finish(entry)
+        self._burying[entry.sequence] = attempts
+        self._finish(entry, done=False)
         return Dead(message=entry.message, attempts=attempts, reason=reason)
 
-    def _finish(self, entry: Entry) -> None:
+    def _finish(self, entry: Entry, *, done: bool = True) -> None:
         seq = entry.sequence
         self._leave_flight(entry)
         self._known.pop(seq, None)
-        self._done.add(seq)
+        if done:
+            self._done.add(seq)
         key = entry.message.key
         if key and self._key_owner.get(key) == seq:
             del self._key_owner[key]

@@ -11,6 +11,7 @@ import grpc.aio
 
 from rpcmesh.controlplane.bus import topics
 from rpcmesh.controlplane.bus.broker import Broker, Subscription
+from rpcmesh.controlplane.bus.call_context import call_trace_headers, stamp
 from rpcmesh.controlplane.bus.store import AppendResult, TopicStats
 from rpcmesh.controlplane.bus.validation import (
     BusLimits,
@@ -126,6 +127,7 @@ class BusServicer(bus_pb2_grpc.BusServicer):
     async def Publish(self, request: bus_pb2.PublishRequest, context: Context) -> bus_pb2.PublishResponse:
         """Store a batch durably; one result per message."""
         problems = check_batch(request.topic, request.messages, self.limits, partial=request.partial)
+        stamp(request.messages, call_trace_headers(context.invocation_metadata()))
         results = await self._publish(request.topic, request.messages, problems)
         return bus_pb2.PublishResponse(results=results)
 
@@ -157,6 +159,7 @@ class BusServicer(bus_pb2_grpc.BusServicer):
         in the order they arrived.
         """
         queue: asyncio.Queue[asyncio.Task[bus_pb2.PublishStreamResponse] | None] = asyncio.Queue(maxsize=64)
+        call_headers = call_trace_headers(context.invocation_metadata())
 
         async def store(
             batch: bus_pb2.PublishStreamRequest, problems: dict[int, StatusError]
@@ -168,6 +171,7 @@ class BusServicer(bus_pb2_grpc.BusServicer):
             try:
                 async for batch in request_iterator:
                     problems = check_batch(batch.topic, batch.messages, self.limits, partial=batch.partial)
+                    stamp(batch.messages, call_headers)
                     await queue.put(asyncio.ensure_future(store(batch, problems)))
             finally:
                 await queue.put(None)
@@ -205,6 +209,7 @@ class BusServicer(bus_pb2_grpc.BusServicer):
             id=request.id, headers=headers, payload=request.data, content_type=request.content_type
         )
         check_message("event", message, self.limits)
+        stamp([message], call_trace_headers(context.invocation_metadata()))
         results = await self.broker.publish(topics.event_topic(request.event_type), [message])
         return bus_pb2.PublishEventResponse(result=_result(results[0]))
 
@@ -283,6 +288,7 @@ class BusServicer(bus_pb2_grpc.BusServicer):
         """Publish with reply routing and return the first reply."""
         check_topic("topic", request.topic)
         check_message("message", request.message, self.limits)
+        stamp([request.message], call_trace_headers(context.invocation_metadata()))
         timeout_ns = request.timeout.ToNanoseconds()
         if timeout_ns < 0:
             raise invalid_argument("timeout", "must not be negative")

@@ -48,6 +48,10 @@ def test_deadline_redelivers_with_backoff_then_dead_letters() -> None:
     assert state.take("m", 1, 23.0, POLICY)[0].attempts == 3  # backoff 2 s
     dead = state.expire(33.0)
     assert [(d.message.sequence, d.attempts, d.reason) for d in dead] == [(1, 3, "max_deliveries")]
+    # A dead message holds the floor until its dead letter is stored.
+    assert state.ack_floor == 0
+    assert state.attempts_to_keep() == {1: 3}
+    state.buried([1])
     assert state.ack_floor == 1
 
 
@@ -62,6 +66,8 @@ def test_nak_with_delay_and_term() -> None:
     assert dead is not None and dead.reason == "bad payload" and dead.attempts == 1
     assert state.ack_floor == 0
     state.ack(1)
+    assert state.ack_floor == 1
+    state.buried([2])
     assert state.ack_floor == 2
 
 
