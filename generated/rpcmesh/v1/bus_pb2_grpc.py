@@ -29,6 +29,32 @@ class BusStub:
     """Bus stores messages in topics and delivers them to subscribers. A publish
     is acknowledged only once it is durable. Within a consumer group each
     message goes to one member; every group receives every message.
+
+    Topic names (enforced on every call that takes one; INVALID_ARGUMENT naming
+    the field otherwise):
+    - one to 255 characters of dot-separated tokens, e.g. "orders.eu.created";
+    - a token is one or more ASCII letters, digits, '_' or '-' (no empty token:
+    no leading, trailing or double dot);
+    - the wildcards '*' (exactly one token) and '>' (one or more trailing tokens,
+    last token only) are allowed in SubscriptionOptions.topic only, never in a
+    topic that is published to or created;
+    - a first token starting with '$' is reserved for the Bus: dead letters of
+    group G on topic T live in "$dlq.T.G" (GetTopic and DeleteTopic accept
+    such names); a pattern matches a reserved topic only when its first token
+    names it literally ("$dlq.>" does, "*.>" and ">" do not);
+    - events from PublishEvent go to "events.<event_type>".
+    Group names are 1 to 128 ASCII letters, digits, '_' or '-' (no dots).
+
+    Request/reply: a responder is an ordinary subscriber of the request topic,
+    usually in a consumer group (DELIVERY_MODE_GROUP, so one member answers each
+    request; the Python Responder uses group "responders", max_deliveries 1 so a
+    failed handler is not retried after the requester gave up, and the default
+    start position new_only: requests are only published while someone is
+    subscribed, so nothing earlier is waiting). Each request message carries
+    reply_to and correlation_id; the responder calls Reply with both, then acks
+    the delivery. A reply that arrives after the request finished is dropped
+    (ReplyResponse.delivered false). Every group on the topic receives a copy
+    of each request, and a broadcast subscriber counts as a responder too.
     """
 
     def __init__(self, channel):
@@ -103,6 +129,32 @@ class BusServicer:
     """Bus stores messages in topics and delivers them to subscribers. A publish
     is acknowledged only once it is durable. Within a consumer group each
     message goes to one member; every group receives every message.
+
+    Topic names (enforced on every call that takes one; INVALID_ARGUMENT naming
+    the field otherwise):
+    - one to 255 characters of dot-separated tokens, e.g. "orders.eu.created";
+    - a token is one or more ASCII letters, digits, '_' or '-' (no empty token:
+    no leading, trailing or double dot);
+    - the wildcards '*' (exactly one token) and '>' (one or more trailing tokens,
+    last token only) are allowed in SubscriptionOptions.topic only, never in a
+    topic that is published to or created;
+    - a first token starting with '$' is reserved for the Bus: dead letters of
+    group G on topic T live in "$dlq.T.G" (GetTopic and DeleteTopic accept
+    such names); a pattern matches a reserved topic only when its first token
+    names it literally ("$dlq.>" does, "*.>" and ">" do not);
+    - events from PublishEvent go to "events.<event_type>".
+    Group names are 1 to 128 ASCII letters, digits, '_' or '-' (no dots).
+
+    Request/reply: a responder is an ordinary subscriber of the request topic,
+    usually in a consumer group (DELIVERY_MODE_GROUP, so one member answers each
+    request; the Python Responder uses group "responders", max_deliveries 1 so a
+    failed handler is not retried after the requester gave up, and the default
+    start position new_only: requests are only published while someone is
+    subscribed, so nothing earlier is waiting). Each request message carries
+    reply_to and correlation_id; the responder calls Reply with both, then acks
+    the delivery. A reply that arrives after the request finished is dropped
+    (ReplyResponse.delivered false). Every group on the topic receives a copy
+    of each request, and a broadcast subscriber counts as a responder too.
     """
 
     def CreateTopic(self, request, context):
@@ -136,6 +188,10 @@ class BusServicer:
 
     def Publish(self, request, context):
         """Publish stores a batch of messages, with one result per message.
+        Trace context: a message without a "traceparent" header gets the call
+        metadata's traceparent, tracestate and baggage; one without
+        "x-correlation-id" gets the call's (the same holds for PublishStream and
+        PublishEvent).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -160,7 +216,11 @@ class BusServicer:
     def Request(self, request, context):
         """Request publishes a message with reply routing and returns the first reply.
         DEADLINE_EXCEEDED on time-out; UNAVAILABLE "no responders" at once when
-        no subscriber is attached to the topic.
+        no subscriber is attached to the topic (on any Bus node sharing the
+        backend). The server sets the message's reply_to and correlation_id; see
+        "Request/reply" above for how responders attach. Like the publish calls,
+        it copies traceparent/tracestate/baggage and x-correlation-id from the
+        call metadata into a message that lacks them.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -270,6 +330,32 @@ class Bus:
     """Bus stores messages in topics and delivers them to subscribers. A publish
     is acknowledged only once it is durable. Within a consumer group each
     message goes to one member; every group receives every message.
+
+    Topic names (enforced on every call that takes one; INVALID_ARGUMENT naming
+    the field otherwise):
+    - one to 255 characters of dot-separated tokens, e.g. "orders.eu.created";
+    - a token is one or more ASCII letters, digits, '_' or '-' (no empty token:
+    no leading, trailing or double dot);
+    - the wildcards '*' (exactly one token) and '>' (one or more trailing tokens,
+    last token only) are allowed in SubscriptionOptions.topic only, never in a
+    topic that is published to or created;
+    - a first token starting with '$' is reserved for the Bus: dead letters of
+    group G on topic T live in "$dlq.T.G" (GetTopic and DeleteTopic accept
+    such names); a pattern matches a reserved topic only when its first token
+    names it literally ("$dlq.>" does, "*.>" and ">" do not);
+    - events from PublishEvent go to "events.<event_type>".
+    Group names are 1 to 128 ASCII letters, digits, '_' or '-' (no dots).
+
+    Request/reply: a responder is an ordinary subscriber of the request topic,
+    usually in a consumer group (DELIVERY_MODE_GROUP, so one member answers each
+    request; the Python Responder uses group "responders", max_deliveries 1 so a
+    failed handler is not retried after the requester gave up, and the default
+    start position new_only: requests are only published while someone is
+    subscribed, so nothing earlier is waiting). Each request message carries
+    reply_to and correlation_id; the responder calls Reply with both, then acks
+    the delivery. A reply that arrives after the request finished is dropped
+    (ReplyResponse.delivered false). Every group on the topic receives a copy
+    of each request, and a broadcast subscriber counts as a responder too.
     """
 
     @staticmethod

@@ -30,6 +30,32 @@ class BusStub:
     """Bus stores messages in topics and delivers them to subscribers. A publish
     is acknowledged only once it is durable. Within a consumer group each
     message goes to one member; every group receives every message.
+
+    Topic names (enforced on every call that takes one; INVALID_ARGUMENT naming
+    the field otherwise):
+    - one to 255 characters of dot-separated tokens, e.g. "orders.eu.created";
+    - a token is one or more ASCII letters, digits, '_' or '-' (no empty token:
+      no leading, trailing or double dot);
+    - the wildcards '*' (exactly one token) and '>' (one or more trailing tokens,
+      last token only) are allowed in SubscriptionOptions.topic only, never in a
+      topic that is published to or created;
+    - a first token starting with '$' is reserved for the Bus: dead letters of
+      group G on topic T live in "$dlq.T.G" (GetTopic and DeleteTopic accept
+      such names); a pattern matches a reserved topic only when its first token
+      names it literally ("$dlq.>" does, "*.>" and ">" do not);
+    - events from PublishEvent go to "events.<event_type>".
+    Group names are 1 to 128 ASCII letters, digits, '_' or '-' (no dots).
+
+    Request/reply: a responder is an ordinary subscriber of the request topic,
+    usually in a consumer group (DELIVERY_MODE_GROUP, so one member answers each
+    request; the Python Responder uses group "responders", max_deliveries 1 so a
+    failed handler is not retried after the requester gave up, and the default
+    start position new_only: requests are only published while someone is
+    subscribed, so nothing earlier is waiting). Each request message carries
+    reply_to and correlation_id; the responder calls Reply with both, then acks
+    the delivery. A reply that arrives after the request finished is dropped
+    (ReplyResponse.delivered false). Every group on the topic receives a copy
+    of each request, and a broadcast subscriber counts as a responder too.
     """
 
     @_typing.overload
@@ -47,7 +73,12 @@ class BusStub:
     DeleteTopic: _grpc.UnaryUnaryMultiCallable[_bus_pb2.DeleteTopicRequest, _bus_pb2.DeleteTopicResponse]
     """DeleteTopic deletes a topic and its messages."""
     Publish: _grpc.UnaryUnaryMultiCallable[_bus_pb2.PublishRequest, _bus_pb2.PublishResponse]
-    """Publish stores a batch of messages, with one result per message."""
+    """Publish stores a batch of messages, with one result per message.
+    Trace context: a message without a "traceparent" header gets the call
+    metadata's traceparent, tracestate and baggage; one without
+    "x-correlation-id" gets the call's (the same holds for PublishStream and
+    PublishEvent).
+    """
     PublishStream: _grpc.StreamStreamMultiCallable[_bus_pb2.PublishStreamRequest, _bus_pb2.PublishStreamResponse]
     """PublishStream publishes at high rates: the client streams batches and the
     server answers each batch, in order, once it is durable.
@@ -59,7 +90,11 @@ class BusStub:
     Request: _grpc.UnaryUnaryMultiCallable[_bus_pb2.RequestRequest, _bus_pb2.RequestResponse]
     """Request publishes a message with reply routing and returns the first reply.
     DEADLINE_EXCEEDED on time-out; UNAVAILABLE "no responders" at once when
-    no subscriber is attached to the topic.
+    no subscriber is attached to the topic (on any Bus node sharing the
+    backend). The server sets the message's reply_to and correlation_id; see
+    "Request/reply" above for how responders attach. Like the publish calls,
+    it copies traceparent/tracestate/baggage and x-correlation-id from the
+    call metadata into a message that lacks them.
     """
     Reply: _grpc.UnaryUnaryMultiCallable[_bus_pb2.ReplyRequest, _bus_pb2.ReplyResponse]
     """Reply answers a message that carried reply_to. A reply to a request that
@@ -77,6 +112,32 @@ class BusAsyncStub(BusStub):
     """Bus stores messages in topics and delivers them to subscribers. A publish
     is acknowledged only once it is durable. Within a consumer group each
     message goes to one member; every group receives every message.
+
+    Topic names (enforced on every call that takes one; INVALID_ARGUMENT naming
+    the field otherwise):
+    - one to 255 characters of dot-separated tokens, e.g. "orders.eu.created";
+    - a token is one or more ASCII letters, digits, '_' or '-' (no empty token:
+      no leading, trailing or double dot);
+    - the wildcards '*' (exactly one token) and '>' (one or more trailing tokens,
+      last token only) are allowed in SubscriptionOptions.topic only, never in a
+      topic that is published to or created;
+    - a first token starting with '$' is reserved for the Bus: dead letters of
+      group G on topic T live in "$dlq.T.G" (GetTopic and DeleteTopic accept
+      such names); a pattern matches a reserved topic only when its first token
+      names it literally ("$dlq.>" does, "*.>" and ">" do not);
+    - events from PublishEvent go to "events.<event_type>".
+    Group names are 1 to 128 ASCII letters, digits, '_' or '-' (no dots).
+
+    Request/reply: a responder is an ordinary subscriber of the request topic,
+    usually in a consumer group (DELIVERY_MODE_GROUP, so one member answers each
+    request; the Python Responder uses group "responders", max_deliveries 1 so a
+    failed handler is not retried after the requester gave up, and the default
+    start position new_only: requests are only published while someone is
+    subscribed, so nothing earlier is waiting). Each request message carries
+    reply_to and correlation_id; the responder calls Reply with both, then acks
+    the delivery. A reply that arrives after the request finished is dropped
+    (ReplyResponse.delivered false). Every group on the topic receives a copy
+    of each request, and a broadcast subscriber counts as a responder too.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -91,7 +152,12 @@ class BusAsyncStub(BusStub):
     DeleteTopic: _aio.UnaryUnaryMultiCallable[_bus_pb2.DeleteTopicRequest, _bus_pb2.DeleteTopicResponse]  # type: ignore[assignment]
     """DeleteTopic deletes a topic and its messages."""
     Publish: _aio.UnaryUnaryMultiCallable[_bus_pb2.PublishRequest, _bus_pb2.PublishResponse]  # type: ignore[assignment]
-    """Publish stores a batch of messages, with one result per message."""
+    """Publish stores a batch of messages, with one result per message.
+    Trace context: a message without a "traceparent" header gets the call
+    metadata's traceparent, tracestate and baggage; one without
+    "x-correlation-id" gets the call's (the same holds for PublishStream and
+    PublishEvent).
+    """
     PublishStream: _aio.StreamStreamMultiCallable[_bus_pb2.PublishStreamRequest, _bus_pb2.PublishStreamResponse]  # type: ignore[assignment]
     """PublishStream publishes at high rates: the client streams batches and the
     server answers each batch, in order, once it is durable.
@@ -103,7 +169,11 @@ class BusAsyncStub(BusStub):
     Request: _aio.UnaryUnaryMultiCallable[_bus_pb2.RequestRequest, _bus_pb2.RequestResponse]  # type: ignore[assignment]
     """Request publishes a message with reply routing and returns the first reply.
     DEADLINE_EXCEEDED on time-out; UNAVAILABLE "no responders" at once when
-    no subscriber is attached to the topic.
+    no subscriber is attached to the topic (on any Bus node sharing the
+    backend). The server sets the message's reply_to and correlation_id; see
+    "Request/reply" above for how responders attach. Like the publish calls,
+    it copies traceparent/tracestate/baggage and x-correlation-id from the
+    call metadata into a message that lacks them.
     """
     Reply: _aio.UnaryUnaryMultiCallable[_bus_pb2.ReplyRequest, _bus_pb2.ReplyResponse]  # type: ignore[assignment]
     """Reply answers a message that carried reply_to. A reply to a request that
@@ -120,6 +190,32 @@ class BusServicer(metaclass=_abc_1.ABCMeta):
     """Bus stores messages in topics and delivers them to subscribers. A publish
     is acknowledged only once it is durable. Within a consumer group each
     message goes to one member; every group receives every message.
+
+    Topic names (enforced on every call that takes one; INVALID_ARGUMENT naming
+    the field otherwise):
+    - one to 255 characters of dot-separated tokens, e.g. "orders.eu.created";
+    - a token is one or more ASCII letters, digits, '_' or '-' (no empty token:
+      no leading, trailing or double dot);
+    - the wildcards '*' (exactly one token) and '>' (one or more trailing tokens,
+      last token only) are allowed in SubscriptionOptions.topic only, never in a
+      topic that is published to or created;
+    - a first token starting with '$' is reserved for the Bus: dead letters of
+      group G on topic T live in "$dlq.T.G" (GetTopic and DeleteTopic accept
+      such names); a pattern matches a reserved topic only when its first token
+      names it literally ("$dlq.>" does, "*.>" and ">" do not);
+    - events from PublishEvent go to "events.<event_type>".
+    Group names are 1 to 128 ASCII letters, digits, '_' or '-' (no dots).
+
+    Request/reply: a responder is an ordinary subscriber of the request topic,
+    usually in a consumer group (DELIVERY_MODE_GROUP, so one member answers each
+    request; the Python Responder uses group "responders", max_deliveries 1 so a
+    failed handler is not retried after the requester gave up, and the default
+    start position new_only: requests are only published while someone is
+    subscribed, so nothing earlier is waiting). Each request message carries
+    reply_to and correlation_id; the responder calls Reply with both, then acks
+    the delivery. A reply that arrives after the request finished is dropped
+    (ReplyResponse.delivered false). Every group on the topic receives a copy
+    of each request, and a broadcast subscriber counts as a responder too.
     """
 
     @_abc_1.abstractmethod
@@ -162,7 +258,12 @@ class BusServicer(metaclass=_abc_1.ABCMeta):
         request: _bus_pb2.PublishRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_bus_pb2.PublishResponse, _abc.Awaitable[_bus_pb2.PublishResponse]]:
-        """Publish stores a batch of messages, with one result per message."""
+        """Publish stores a batch of messages, with one result per message.
+        Trace context: a message without a "traceparent" header gets the call
+        metadata's traceparent, tracestate and baggage; one without
+        "x-correlation-id" gets the call's (the same holds for PublishStream and
+        PublishEvent).
+        """
 
     @_abc_1.abstractmethod
     def PublishStream(
@@ -192,7 +293,11 @@ class BusServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_bus_pb2.RequestResponse, _abc.Awaitable[_bus_pb2.RequestResponse]]:
         """Request publishes a message with reply routing and returns the first reply.
         DEADLINE_EXCEEDED on time-out; UNAVAILABLE "no responders" at once when
-        no subscriber is attached to the topic.
+        no subscriber is attached to the topic (on any Bus node sharing the
+        backend). The server sets the message's reply_to and correlation_id; see
+        "Request/reply" above for how responders attach. Like the publish calls,
+        it copies traceparent/tracestate/baggage and x-correlation-id from the
+        call metadata into a message that lacks them.
         """
 
     @_abc_1.abstractmethod
