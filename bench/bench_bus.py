@@ -413,13 +413,13 @@ async def one_round(
     single = max(args.concurrency, count // 4)
     for peer in peers:
         topic = f"{args.prefix}.{tag}.{peer.label}"
-        phases = (
+        phases: list[tuple[str, str, int, int, int]] = [
             ("publish", f"{topic}.batched", count, args.window, args.batch),
             ("deliver", f"{topic}.batched", count, args.window, args.batch),
             ("single_publish", f"{topic}.single", single, args.concurrency, 1),
-        )
+        ]
         if isinstance(peer, BusPeer):
-            phases += (("publisher", f"{topic}.publisher", single, args.concurrency, 0),)
+            phases.append(("publisher", f"{topic}.publisher", single, args.concurrency, 0))
         for phase, name, n, window, batch in phases:
             if phase != "deliver":
                 await peer.prepare(name)
