@@ -24,8 +24,9 @@ batches, same writers; (3) reading one 500-event stream, 16 concurrent readers; 
 all in order from the start, 1000 per page, up to ``--read-all`` events.
 
 The machine is shared and loaded: one warm-up round (not counted), then ``--rounds`` rounds
-in which every system runs every workload, the order of the systems rotating from round to
-round, so all see the same load. Figures are medians over rounds; ratios are medians of the
+in which every system runs every workload, workload by workload, the order of the systems
+rotating from round to round (single appends in ``--slices`` short turns per round), so all
+see the same load. Figures are medians over rounds; ratios are medians of the
 per-round ratios. Ends with one JSON line.
 """
 
@@ -269,20 +270,29 @@ async def run(args: argparse.Namespace, systems: list[Any]) -> dict[str, Any]:
     figures: dict[str, dict[str, list[float]]] = {s.name: {w: [] for w in WORKLOADS} for s in systems}
     for round_number in range(args.rounds + 1):  # round 0 warms up
         order = systems[round_number % len(systems) :] + systems[: round_number % len(systems)]
+        rates: dict[str, dict[str, float]] = {system.name: {} for system in systems}
+        # Single appends: short slices, the systems taking turns, so load bursts hit all alike.
+        spent = dict.fromkeys(rates, 0.0)
+        per_slice = max(1, args.singles // args.slices)
+        for number in range(args.slices):
+            for system in order:
+                rate = await system.single(f"r{round_number}x{number}", per_slice)
+                spent[system.name] += WRITERS * per_slice / rate
+        for name in rates:
+            rates[name]["single"] = WRITERS * per_slice * args.slices / spent[name]
         for system in order:
-            tag = f"r{round_number}"
-            rates = {
-                "single": await system.single(tag, args.singles),
-                "batch": await system.batch(tag, args.batches, 100),
-                "read_stream": await system.read_stream(args.reads),
-                "read_all": await system.read_all(args.read_all),
-            }
+            rates[system.name]["batch"] = await system.batch(f"r{round_number}", args.batches, 100)
+        for system in order:
+            rates[system.name]["read_stream"] = await system.read_stream(args.reads)
+        for system in order:
+            rates[system.name]["read_all"] = await system.read_all(args.read_all)
+        for name, by_workload in rates.items():
             if round_number:
-                for workload, rate in rates.items():
-                    figures[system.name][workload].append(rate)
+                for workload, rate in by_workload.items():
+                    figures[name][workload].append(rate)
             print(
-                f"round {round_number} {system.name}: "
-                + ", ".join(f"{k} {v:,.0f}/s" for k, v in rates.items()),
+                f"round {round_number} {name}: "
+                + ", ".join(f"{k} {v:,.0f}/s" for k, v in by_workload.items()),
                 file=sys.stderr,
             )
     result: dict[str, Any] = {}
@@ -313,7 +323,8 @@ async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--store", choices=("both", "sqlite", "postgresql"), default="both")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--singles", type=int, default=50, help="single-event appends per writer per round")
+    parser.add_argument("--singles", type=int, default=60, help="single-event appends per writer per round")
+    parser.add_argument("--slices", type=int, default=5, help="turns the single appends of a round take")
     parser.add_argument("--batches", type=int, default=3, help="100-event batches per writer per round")
     parser.add_argument("--reads", type=int, default=10, help="reads of the 500-event stream per reader")
     parser.add_argument("--read-all", type=int, default=20_000, help="events read in order per round")
