@@ -1,4 +1,4 @@
-"""`rpcmesh dead-letters list|show|replay`: a consumer group's dead letters."""
+"""`rpcmesh dead-letters list|show|replay|purge`: a consumer group's dead letters."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ def register(commands: Any) -> None:
     """Add `rpcmesh dead-letters` and its subcommands to the CLI."""
     dead = commands.add_parser(
         "dead-letters",
-        help="list, show and replay dead letters",
+        help="list, show, replay and purge dead letters",
         description="Messages a consumer group gave up on (too many deliveries, or terminated).",
     )
     sub = dead.add_subparsers(dest="dead_letters_command", required=True, metavar="SUBCOMMAND")
@@ -45,15 +45,55 @@ def register(commands: Any) -> None:
     replay = sub.add_parser(
         "replay",
         help="republish dead letters",
-        description="Republish dead letters to their original topic: the given sequences, or --all.",
+        description="Republish dead letters to their original topic: the given sequences, a range "
+        "(--from/--to), or --all.",
     )
     replay.add_argument("topic")
     replay.add_argument("group")
     replay.add_argument("sequences", nargs="*", type=int, help="dead_letter_sequence values to replay")
-    replay.add_argument("--all", action="store_true", help="replay every dead letter of the group")
+    _add_selection(replay, "replay")
     replay.add_argument("--json", action="store_true", help="print the ReplayDeadLettersResponse as JSON")
     add_target_arguments(replay)
     replay.set_defaults(func=run_replay)
+
+    purge = sub.add_parser(
+        "purge",
+        help="delete dead letters for good",
+        description="Delete dead letters of TOPIC and GROUP for good: the given sequences, a range "
+        "(--from/--to), or --all. --reason is required; the Bus logs it with what was deleted.",
+    )
+    purge.add_argument("topic")
+    purge.add_argument("group")
+    purge.add_argument("sequences", nargs="*", type=int, help="dead_letter_sequence values to purge")
+    _add_selection(purge, "purge")
+    purge.add_argument("--reason", required=True, help="why the dead letters are deleted (logged)")
+    purge.add_argument("--json", action="store_true", help="print the PurgeDeadLettersResponse as JSON")
+    add_target_arguments(purge)
+    purge.set_defaults(func=run_purge)
+
+
+def _add_selection(parser: argparse.ArgumentParser, verb: str) -> None:
+    parser.add_argument("--all", action="store_true", help=f"{verb} every dead letter of the group")
+    parser.add_argument(
+        "--from", dest="first", type=int, default=0, help=f"{verb} dead letters from this sequence on"
+    )
+    parser.add_argument(
+        "--to", dest="last", type=int, default=0, help="... through this sequence (default: the newest)"
+    )
+
+
+def _selection(args: argparse.Namespace) -> bus_pb2.DeadLetterRange | None:
+    """The range the flags give, or None; exactly one of sequences, a range and --all is required."""
+    has_range = bool(args.first or args.last)
+    if sum((bool(args.sequences), has_range, bool(args.all))) != 1:
+        raise CliError("give dead-letter sequences, --from/--to or --all (one of them)")
+    if not has_range:
+        return None
+    if args.first < 1:
+        raise CliError("--from: 1 or more")
+    if args.last and args.last < args.first:
+        raise CliError("--to: at least --from")
+    return bus_pb2.DeadLetterRange(first=args.first, last=args.last)
 
 
 def _pages(
@@ -135,18 +175,41 @@ def run_show(args: argparse.Namespace) -> int:
 
 def run_replay(args: argparse.Namespace) -> int:
     """Run `rpcmesh dead-letters replay TOPIC GROUP (SEQUENCE... | --all)`."""
-    if bool(args.sequences) == bool(args.all):
-        raise CliError("give dead-letter sequences or --all (one of them)")
+    selection = _selection(args)
+    request = bus_pb2.ReplayDeadLettersRequest(
+        topic=args.topic, group=args.group, dead_letter_sequences=args.sequences
+    )
+    if selection is not None:
+        request.range.CopyFrom(selection)
     target = target_of(args)
     with target.channel() as channel:
-        response = bus_pb2_grpc.BusStub(channel).ReplayDeadLetters(
-            bus_pb2.ReplayDeadLettersRequest(
-                topic=args.topic, group=args.group, dead_letter_sequences=args.sequences
-            ),
-            timeout=target.timeout,
-        )
+        response = bus_pb2_grpc.BusStub(channel).ReplayDeadLetters(request, timeout=target.timeout)
     if args.json:
         print_json(response)
     else:
         print(f"{args.topic}\t{args.group}\treplayed {response.replayed}")
+    return 0
+
+
+def run_purge(args: argparse.Namespace) -> int:
+    """Run `rpcmesh dead-letters purge TOPIC GROUP (SEQUENCE... | --from N [--to M] | --all) --reason R`."""
+    selection = _selection(args)
+    if not args.reason.strip():
+        raise CliError("--reason: must not be empty")
+    request = bus_pb2.PurgeDeadLettersRequest(
+        topic=args.topic,
+        group=args.group,
+        dead_letter_sequences=args.sequences,
+        all=args.all,
+        reason=args.reason,
+    )
+    if selection is not None:
+        request.range.CopyFrom(selection)
+    target = target_of(args)
+    with target.channel() as channel:
+        response = bus_pb2_grpc.BusStub(channel).PurgeDeadLetters(request, timeout=target.timeout)
+    if args.json:
+        print_json(response)
+    else:
+        print(f"{args.topic}\t{args.group}\tpurged {response.purged}")
     return 0

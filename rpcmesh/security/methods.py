@@ -91,6 +91,7 @@ _TABLE: dict[str, Extractor] = {
     _BUS + "PublishEvent": lambda r: _one(Action.PUBLISH, f"events.{r.event_type}"),
     _BUS + "ListDeadLetters": lambda r: [Access(Action.SUBSCRIBE, r.topic), Access(Action.GROUP, r.group)],
     _BUS + "ReplayDeadLetters": lambda r: [Access(Action.SUBSCRIBE, r.topic), Access(Action.GROUP, r.group)],
+    _BUS + "PurgeDeadLetters": lambda r: [Access(Action.SUBSCRIBE, r.topic), Access(Action.GROUP, r.group)],
     # SagaCoordinator
     _SAGA + "RegisterDefinition": lambda r: _one(Action.SAGA, r.definition.name),
     _SAGA + "GetDefinition": lambda r: _one(Action.SAGA, r.name),

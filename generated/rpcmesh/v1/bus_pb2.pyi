@@ -1082,11 +1082,16 @@ class ReplayDeadLettersRequest(_message.Message):
     TOPIC_FIELD_NUMBER: _builtins.int
     GROUP_FIELD_NUMBER: _builtins.int
     DEAD_LETTER_SEQUENCES_FIELD_NUMBER: _builtins.int
+    RANGE_FIELD_NUMBER: _builtins.int
     topic: _builtins.str
     group: _builtins.str
     @_builtins.property
     def dead_letter_sequences(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """Replay only these dead-letter sequences; empty replays all."""
+        """Replay only these dead-letter sequences; empty (and no range) replays all."""
+
+    @_builtins.property
+    def range(self) -> Global___DeadLetterRange:
+        """Replay the dead letters in this range instead (not with dead_letter_sequences)."""
 
     def __init__(
         self,
@@ -1094,14 +1099,102 @@ class ReplayDeadLettersRequest(_message.Message):
         topic: _builtins.str = ...,
         group: _builtins.str = ...,
         dead_letter_sequences: _abc.Iterable[_builtins.int] | None = ...,
+        range: Global___DeadLetterRange | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["range", b"range"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dead_letter_sequences", b"dead_letter_sequences", "group", b"group", "topic", b"topic"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dead_letter_sequences", b"dead_letter_sequences", "group", b"group", "range", b"range", "topic", b"topic"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReplayDeadLettersRequest: _TypeAlias = ReplayDeadLettersRequest  # noqa: Y015
+
+@_typing.final
+class DeadLetterRange(_message.Message):
+    """DeadLetterRange selects dead letters by dead-letter sequence, both ends
+    inclusive. first is at least 1; last 0 means through the newest; otherwise
+    last >= first. Sequences in the range that are not dead letters (replayed
+    or purged already) are skipped.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FIRST_FIELD_NUMBER: _builtins.int
+    LAST_FIELD_NUMBER: _builtins.int
+    first: _builtins.int
+    last: _builtins.int
+    def __init__(
+        self,
+        *,
+        first: _builtins.int = ...,
+        last: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["first", b"first", "last", b"last"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeadLetterRange: _TypeAlias = DeadLetterRange  # noqa: Y015
+
+@_typing.final
+class PurgeDeadLettersRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOPIC_FIELD_NUMBER: _builtins.int
+    GROUP_FIELD_NUMBER: _builtins.int
+    DEAD_LETTER_SEQUENCES_FIELD_NUMBER: _builtins.int
+    RANGE_FIELD_NUMBER: _builtins.int
+    ALL_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    topic: _builtins.str
+    group: _builtins.str
+    all: _builtins.bool
+    reason: _builtins.str
+    """Why (required, at most 1024 characters): logged with the purged letters."""
+    @_builtins.property
+    def dead_letter_sequences(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Exactly one of dead_letter_sequences, range and all selects what goes."""
+
+    @_builtins.property
+    def range(self) -> Global___DeadLetterRange: ...
+    def __init__(
+        self,
+        *,
+        topic: _builtins.str = ...,
+        group: _builtins.str = ...,
+        dead_letter_sequences: _abc.Iterable[_builtins.int] | None = ...,
+        range: Global___DeadLetterRange | None = ...,
+        all: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["range", b"range"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all", b"all", "dead_letter_sequences", b"dead_letter_sequences", "group", b"group", "range", b"range", "reason", b"reason", "topic", b"topic"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PurgeDeadLettersRequest: _TypeAlias = PurgeDeadLettersRequest  # noqa: Y015
+
+@_typing.final
+class PurgeDeadLettersResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PURGED_FIELD_NUMBER: _builtins.int
+    purged: _builtins.int
+    """Dead letters deleted."""
+    def __init__(
+        self,
+        *,
+        purged: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["purged", b"purged"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PurgeDeadLettersResponse: _TypeAlias = PurgeDeadLettersResponse  # noqa: Y015
 
 @_typing.final
 class ReplayDeadLettersResponse(_message.Message):

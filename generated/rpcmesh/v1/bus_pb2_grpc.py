@@ -123,6 +123,11 @@ class BusStub:
                 request_serializer=rpcmesh_dot_v1_dot_bus__pb2.ReplayDeadLettersRequest.SerializeToString,
                 response_deserializer=rpcmesh_dot_v1_dot_bus__pb2.ReplayDeadLettersResponse.FromString,
                 _registered_method=True)
+        self.PurgeDeadLetters = channel.unary_unary(
+                '/rpcmesh.v1.Bus/PurgeDeadLetters',
+                request_serializer=rpcmesh_dot_v1_dot_bus__pb2.PurgeDeadLettersRequest.SerializeToString,
+                response_deserializer=rpcmesh_dot_v1_dot_bus__pb2.PurgeDeadLettersResponse.FromString,
+                _registered_method=True)
 
 
 class BusServicer:
@@ -255,6 +260,17 @@ class BusServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PurgeDeadLetters(self, request, context):
+        """PurgeDeadLetters deletes dead letters of a topic and group for good: the
+        given sequences, a range, or all; a reason is required and logged by the
+        Bus with what was deleted. Authorized like ListDeadLetters (subscribe on
+        the topic and the group). NOT_FOUND when a listed sequence is not (or no
+        longer) a dead letter; nothing is deleted then.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BusServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -317,6 +333,11 @@ def add_BusServicer_to_server(servicer, server):
                     servicer.ReplayDeadLetters,
                     request_deserializer=rpcmesh_dot_v1_dot_bus__pb2.ReplayDeadLettersRequest.FromString,
                     response_serializer=rpcmesh_dot_v1_dot_bus__pb2.ReplayDeadLettersResponse.SerializeToString,
+            ),
+            'PurgeDeadLetters': grpc.unary_unary_rpc_method_handler(
+                    servicer.PurgeDeadLetters,
+                    request_deserializer=rpcmesh_dot_v1_dot_bus__pb2.PurgeDeadLettersRequest.FromString,
+                    response_serializer=rpcmesh_dot_v1_dot_bus__pb2.PurgeDeadLettersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -672,6 +693,33 @@ class Bus:
             '/rpcmesh.v1.Bus/ReplayDeadLetters',
             rpcmesh_dot_v1_dot_bus__pb2.ReplayDeadLettersRequest.SerializeToString,
             rpcmesh_dot_v1_dot_bus__pb2.ReplayDeadLettersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PurgeDeadLetters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rpcmesh.v1.Bus/PurgeDeadLetters',
+            rpcmesh_dot_v1_dot_bus__pb2.PurgeDeadLettersRequest.SerializeToString,
+            rpcmesh_dot_v1_dot_bus__pb2.PurgeDeadLettersResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -106,6 +106,13 @@ class BusStub:
     """ListDeadLetters lists the dead letters of a topic and group."""
     ReplayDeadLetters: _grpc.UnaryUnaryMultiCallable[_bus_pb2.ReplayDeadLettersRequest, _bus_pb2.ReplayDeadLettersResponse]
     """ReplayDeadLetters republishes dead letters to their original topic."""
+    PurgeDeadLetters: _grpc.UnaryUnaryMultiCallable[_bus_pb2.PurgeDeadLettersRequest, _bus_pb2.PurgeDeadLettersResponse]
+    """PurgeDeadLetters deletes dead letters of a topic and group for good: the
+    given sequences, a range, or all; a reason is required and logged by the
+    Bus with what was deleted. Authorized like ListDeadLetters (subscribe on
+    the topic and the group). NOT_FOUND when a listed sequence is not (or no
+    longer) a dead letter; nothing is deleted then.
+    """
 
 @_typing.type_check_only
 class BusAsyncStub(BusStub):
@@ -185,6 +192,13 @@ class BusAsyncStub(BusStub):
     """ListDeadLetters lists the dead letters of a topic and group."""
     ReplayDeadLetters: _aio.UnaryUnaryMultiCallable[_bus_pb2.ReplayDeadLettersRequest, _bus_pb2.ReplayDeadLettersResponse]  # type: ignore[assignment]
     """ReplayDeadLetters republishes dead letters to their original topic."""
+    PurgeDeadLetters: _aio.UnaryUnaryMultiCallable[_bus_pb2.PurgeDeadLettersRequest, _bus_pb2.PurgeDeadLettersResponse]  # type: ignore[assignment]
+    """PurgeDeadLetters deletes dead letters of a topic and group for good: the
+    given sequences, a range, or all; a reason is required and logged by the
+    Bus with what was deleted. Authorized like ListDeadLetters (subscribe on
+    the topic and the group). NOT_FOUND when a listed sequence is not (or no
+    longer) a dead letter; nothing is deleted then.
+    """
 
 class BusServicer(metaclass=_abc_1.ABCMeta):
     """Bus stores messages in topics and delivers them to subscribers. A publish
@@ -333,5 +347,18 @@ class BusServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_bus_pb2.ReplayDeadLettersResponse, _abc.Awaitable[_bus_pb2.ReplayDeadLettersResponse]]:
         """ReplayDeadLetters republishes dead letters to their original topic."""
+
+    @_abc_1.abstractmethod
+    def PurgeDeadLetters(
+        self,
+        request: _bus_pb2.PurgeDeadLettersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_bus_pb2.PurgeDeadLettersResponse, _abc.Awaitable[_bus_pb2.PurgeDeadLettersResponse]]:
+        """PurgeDeadLetters deletes dead letters of a topic and group for good: the
+        given sequences, a range, or all; a reason is required and logged by the
+        Bus with what was deleted. Authorized like ListDeadLetters (subscribe on
+        the topic and the group). NOT_FOUND when a listed sequence is not (or no
+        longer) a dead letter; nothing is deleted then.
+        """
 
 def add_BusServicer_to_server(servicer: BusServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

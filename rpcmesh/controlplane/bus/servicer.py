@@ -12,6 +12,7 @@ import grpc.aio
 from rpcmesh.controlplane.bus import topics
 from rpcmesh.controlplane.bus.broker import Broker, Subscription
 from rpcmesh.controlplane.bus.call_context import call_trace_headers, stamp
+from rpcmesh.controlplane.bus.dead_letters import check_selection, choose, purge
 from rpcmesh.controlplane.bus.store import AppendResult, TopicStats
 from rpcmesh.controlplane.bus.validation import (
     BusLimits,
@@ -349,27 +350,12 @@ class BusServicer(bus_pb2_grpc.BusServicer):
     ) -> bus_pb2.ReplayDeadLettersResponse:
         """Republish dead letters to their topic and remove them from the dead-letter topic."""
         dead_topic = await self._dead_letter_topic(request.topic, request.group)
-        wanted = set(request.dead_letter_sequences)
+        has_range = request.HasField("range")
         last = self.broker.store.last_sequence(dead_topic)
-        for index, seq in enumerate(request.dead_letter_sequences):
-            if seq < 1 or seq > last:
-                raise invalid_argument(
-                    f"dead_letter_sequences[{index}]", f"{seq} is not a dead-letter sequence"
-                )
-        chosen: list[bus_pb2.BusMessage] = []
-        start = 1
-        while True:
-            messages, through = await self.broker.store.read(dead_topic, start, 1000)
-            chosen.extend(m for m in messages if not wanted or m.sequence in wanted)
-            if through >= last or not messages:
-                break
-            start = through + 1
-        if wanted:
-            missing = wanted - {m.sequence for m in chosen}
-            if missing:
-                raise NotFoundError(
-                    f"dead_letter_sequences: {sorted(missing)} are not (or no longer) dead letters"
-                )
+        check_selection(request.dead_letter_sequences, has_range, request.range, last)
+        chosen = await choose(
+            self.broker.store, dead_topic, request.dead_letter_sequences, request.range if has_range else None
+        )
         originals = []
         for message in chosen:
             original = bus_pb2.DeadLetter.FromString(message.payload).message
@@ -381,3 +367,11 @@ class BusServicer(bus_pb2_grpc.BusServicer):
             await self.broker.publish(request.topic, originals, dedup=False)
             await self.broker.store.delete_messages(dead_topic, [m.sequence for m in chosen])
         return bus_pb2.ReplayDeadLettersResponse(replayed=len(originals))
+
+    async def PurgeDeadLetters(
+        self, request: bus_pb2.PurgeDeadLettersRequest, context: Context
+    ) -> bus_pb2.PurgeDeadLettersResponse:
+        """Delete dead letters for good, with a reason."""
+        dead_topic = await self._dead_letter_topic(request.topic, request.group)
+        purged = await purge(self.broker.store, request.topic, request.group, dead_topic, request)
+        return bus_pb2.PurgeDeadLettersResponse(purged=purged)

@@ -1,0 +1,105 @@
+"""Operator paths on dead letters, on both backends: purge with a reason, and a range.
+
+Four messages are terminated into group ``g``'s dead letters; purge and replay
+then select them by sequences, a range or all. Bad selections answer
+INVALID_ARGUMENT naming the field (or NOT_FOUND) and delete nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import grpc.aio
+import pytest
+from rpcmesh.v1 import bus_pb2
+
+from tests.integration.bus.conftest import BusHandle
+from tests.integration.bus.streams import RawSubscriber, options
+
+
+async def dead_letters(bus: BusHandle, topic: str) -> list[int]:
+    listed = await bus.stub.ListDeadLetters(bus_pb2.ListDeadLettersRequest(topic=topic, group="g"))
+    return [d.dead_letter_sequence for d in listed.dead_letters]
+
+
+async def four_dead(bus: BusHandle, topic: str) -> RawSubscriber:
+    messages = [bus_pb2.BusMessage(payload=f"m{i}".encode()) for i in range(4)]
+    await bus.stub.Publish(bus_pb2.PublishRequest(topic=topic, messages=messages))
+    sub = RawSubscriber(bus.stub, options(topic))
+    await sub.opened()
+    sub.term(await sub.receive(4), "bad payload")
+    for _ in range(200):
+        if len(await dead_letters(bus, topic)) == 4:
+            return sub
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"dead letters: {await dead_letters(bus, topic)}")
+
+
+async def refused(call: object) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call  # type: ignore[misc]
+    return caught.value
+
+
+async def test_purge_and_replay_by_range_with_precise_errors(bus: BusHandle) -> None:
+    topic = bus.topic("ops")
+    sub = await four_dead(bus, topic)
+    try:
+        seqs = await dead_letters(bus, topic)
+        first = seqs[0]
+
+        def purge(**kwargs: object) -> bus_pb2.PurgeDeadLettersRequest:
+            return bus_pb2.PurgeDeadLettersRequest(topic=topic, group="g", **kwargs)  # type: ignore[arg-type]
+
+        bad = [
+            (purge(all=True), "reason"),
+            (purge(all=True, reason="  "), "reason"),
+            (purge(reason="why"), "all"),
+            (purge(all=True, dead_letter_sequences=[first], reason="why"), "all"),
+            (purge(range=bus_pb2.DeadLetterRange(first=0), reason="why"), "range.first"),
+            (purge(range=bus_pb2.DeadLetterRange(first=3, last=2), reason="why"), "range.last"),
+            (purge(dead_letter_sequences=[999], reason="why"), "dead_letter_sequences[0]"),
+        ]
+        for request, field in bad:
+            error = await refused(bus.stub.PurgeDeadLetters(request))
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (request, error.details())
+            assert field in (error.details() or ""), (field, error.details())
+        group_error = await refused(
+            bus.stub.PurgeDeadLetters(
+                bus_pb2.PurgeDeadLettersRequest(topic=topic, group="nope", all=True, reason="x")
+            )
+        )
+        assert group_error.code() == grpc.StatusCode.NOT_FOUND
+        assert await dead_letters(bus, topic) == seqs  # nothing deleted
+
+        # The middle two by range.
+        done = await bus.stub.PurgeDeadLetters(
+            purge(range=bus_pb2.DeadLetterRange(first=seqs[1], last=seqs[2]), reason="known bad batch")
+        )
+        assert done.purged == 2
+        assert await dead_letters(bus, topic) == [seqs[0], seqs[3]]
+        # A purged sequence named again: NOT_FOUND, nothing deleted.
+        gone = await refused(
+            bus.stub.PurgeDeadLetters(purge(dead_letter_sequences=[seqs[0], seqs[1]], reason="x"))
+        )
+        assert gone.code() == grpc.StatusCode.NOT_FOUND
+        assert await dead_letters(bus, topic) == [seqs[0], seqs[3]]
+
+        # Replay an open-ended range: only the last one comes back.
+        replayed = await bus.stub.ReplayDeadLetters(
+            bus_pb2.ReplayDeadLettersRequest(
+                topic=topic, group="g", range=bus_pb2.DeadLetterRange(first=seqs[3])
+            )
+        )
+        assert replayed.replayed == 1
+        (again,) = await sub.receive(1)
+        assert again.message.payload == b"m3"
+        sub.ack([again])
+        assert await dead_letters(bus, topic) == [seqs[0]]
+
+        done = await bus.stub.PurgeDeadLetters(purge(all=True, reason="drained"))
+        assert done.purged == 1
+        assert await dead_letters(bus, topic) == []
+    finally:
+        await sub.close()
