@@ -1,4 +1,4 @@
-"""Operator paths on dead letters, on both backends: purge with a reason, and a range.
+"""Operator paths on dead letters, on both backends: purge with a reason, and a range (also by CLI).
 
 Four messages are terminated into group ``g``'s dead letters; purge and replay
 then select them by sequences, a range or all. Bad selections answer
@@ -8,12 +8,16 @@ INVALID_ARGUMENT naming the field (or NOT_FOUND) and delete nothing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
+import json
 
 import grpc
 import grpc.aio
 import pytest
 from rpcmesh.v1 import bus_pb2
 
+from rpcmesh.cli.main import main
 from tests.integration.bus.conftest import BusHandle
 from tests.integration.bus.streams import RawSubscriber, options
 
@@ -100,6 +104,60 @@ async def test_purge_and_replay_by_range_with_precise_errors(bus: BusHandle) -> 
 
         done = await bus.stub.PurgeDeadLetters(purge(all=True, reason="drained"))
         assert done.purged == 1
+        assert await dead_letters(bus, topic) == []
+    finally:
+        await sub.close()
+
+
+def cli(address: str, *args: str) -> tuple[int, str, str]:
+    """Run one rpcmesh command (in a worker thread: the Bus runs on this loop)."""
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main([*args, "--target", address, "--timeout", "20"])
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+    return code, out.getvalue(), err.getvalue()
+
+
+async def test_cli_purge_with_reason_and_replay_a_range(sqlite_bus: BusHandle) -> None:
+    bus = sqlite_bus
+    topic = bus.topic("cli")
+    sub = await four_dead(bus, topic)
+    try:
+        s = [str(seq) for seq in await dead_letters(bus, topic)]
+        code, _, err = await asyncio.to_thread(cli, bus.address, "dead-letters", "purge", topic, "g", "--all")
+        assert code == 2 and "--reason" in err, err
+        code, _, err = await asyncio.to_thread(
+            cli, bus.address, "dead-letters", "purge", topic, "g", s[0], "--all", "--reason", "x"
+        )
+        assert code == 2 and "one of them" in err, err
+        code, out, err = await asyncio.to_thread(
+            cli,
+            bus.address,
+            "dead-letters",
+            "purge",
+            topic,
+            "g",
+            "--from",
+            s[0],
+            "--to",
+            s[1],
+            "--reason",
+            "bad batch",
+        )
+        assert (code, out) == (0, f"{topic}\tg\tpurged 2\n"), err
+        code, out, err = await asyncio.to_thread(
+            cli, bus.address, "dead-letters", "replay", topic, "g", "--from", s[3]
+        )
+        assert (code, out) == (0, f"{topic}\tg\treplayed 1\n"), err
+        (again,) = await sub.receive(1)
+        assert again.message.payload == b"m3"
+        code, out, err = await asyncio.to_thread(
+            cli, bus.address, "dead-letters", "purge", topic, "g", "--all", "--reason", "drained", "--json"
+        )
+        assert code == 0 and json.loads(out) == {"purged": 1}, err
         assert await dead_letters(bus, topic) == []
     finally:
         await sub.close()
