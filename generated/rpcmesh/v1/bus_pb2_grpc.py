@@ -254,7 +254,16 @@ class BusServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ReplayDeadLetters(self, request, context):
-        """ReplayDeadLetters republishes dead letters to their original topic.
+        """ReplayDeadLetters delivers dead letters again to their group only: each
+        original message is republished to its topic (new sequence, attempt 1)
+        with the header "rpcmesh-replay-group: <group>", which every other group
+        and broadcast subscriber skips, and with the id
+        "replay:<group>:<dead_letter_sequence>:<hash>" (the original id travels in
+        "rpcmesh-replay-of"); then the dead letters are deleted. A retried or
+        concurrent replay of the same dead letter, also after a crash between the
+        two steps, is a duplicate within the topic's deduplication window (120 s
+        by default) and is delivered once. NOT_FOUND when a listed sequence is not
+        (or no longer) a dead letter.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

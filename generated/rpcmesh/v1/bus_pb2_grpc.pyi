@@ -105,7 +105,17 @@ class BusStub:
     ListDeadLetters: _grpc.UnaryUnaryMultiCallable[_bus_pb2.ListDeadLettersRequest, _bus_pb2.ListDeadLettersResponse]
     """ListDeadLetters lists the dead letters of a topic and group."""
     ReplayDeadLetters: _grpc.UnaryUnaryMultiCallable[_bus_pb2.ReplayDeadLettersRequest, _bus_pb2.ReplayDeadLettersResponse]
-    """ReplayDeadLetters republishes dead letters to their original topic."""
+    """ReplayDeadLetters delivers dead letters again to their group only: each
+    original message is republished to its topic (new sequence, attempt 1)
+    with the header "rpcmesh-replay-group: <group>", which every other group
+    and broadcast subscriber skips, and with the id
+    "replay:<group>:<dead_letter_sequence>:<hash>" (the original id travels in
+    "rpcmesh-replay-of"); then the dead letters are deleted. A retried or
+    concurrent replay of the same dead letter, also after a crash between the
+    two steps, is a duplicate within the topic's deduplication window (120 s
+    by default) and is delivered once. NOT_FOUND when a listed sequence is not
+    (or no longer) a dead letter.
+    """
     PurgeDeadLetters: _grpc.UnaryUnaryMultiCallable[_bus_pb2.PurgeDeadLettersRequest, _bus_pb2.PurgeDeadLettersResponse]
     """PurgeDeadLetters deletes dead letters of a topic and group for good: the
     given sequences, a range, or all; a reason is required and logged by the
@@ -191,7 +201,17 @@ class BusAsyncStub(BusStub):
     ListDeadLetters: _aio.UnaryUnaryMultiCallable[_bus_pb2.ListDeadLettersRequest, _bus_pb2.ListDeadLettersResponse]  # type: ignore[assignment]
     """ListDeadLetters lists the dead letters of a topic and group."""
     ReplayDeadLetters: _aio.UnaryUnaryMultiCallable[_bus_pb2.ReplayDeadLettersRequest, _bus_pb2.ReplayDeadLettersResponse]  # type: ignore[assignment]
-    """ReplayDeadLetters republishes dead letters to their original topic."""
+    """ReplayDeadLetters delivers dead letters again to their group only: each
+    original message is republished to its topic (new sequence, attempt 1)
+    with the header "rpcmesh-replay-group: <group>", which every other group
+    and broadcast subscriber skips, and with the id
+    "replay:<group>:<dead_letter_sequence>:<hash>" (the original id travels in
+    "rpcmesh-replay-of"); then the dead letters are deleted. A retried or
+    concurrent replay of the same dead letter, also after a crash between the
+    two steps, is a duplicate within the topic's deduplication window (120 s
+    by default) and is delivered once. NOT_FOUND when a listed sequence is not
+    (or no longer) a dead letter.
+    """
     PurgeDeadLetters: _aio.UnaryUnaryMultiCallable[_bus_pb2.PurgeDeadLettersRequest, _bus_pb2.PurgeDeadLettersResponse]  # type: ignore[assignment]
     """PurgeDeadLetters deletes dead letters of a topic and group for good: the
     given sequences, a range, or all; a reason is required and logged by the
@@ -346,7 +366,17 @@ class BusServicer(metaclass=_abc_1.ABCMeta):
         request: _bus_pb2.ReplayDeadLettersRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_bus_pb2.ReplayDeadLettersResponse, _abc.Awaitable[_bus_pb2.ReplayDeadLettersResponse]]:
-        """ReplayDeadLetters republishes dead letters to their original topic."""
+        """ReplayDeadLetters delivers dead letters again to their group only: each
+        original message is republished to its topic (new sequence, attempt 1)
+        with the header "rpcmesh-replay-group: <group>", which every other group
+        and broadcast subscriber skips, and with the id
+        "replay:<group>:<dead_letter_sequence>:<hash>" (the original id travels in
+        "rpcmesh-replay-of"); then the dead letters are deleted. A retried or
+        concurrent replay of the same dead letter, also after a crash between the
+        two steps, is a duplicate within the topic's deduplication window (120 s
+        by default) and is delivered once. NOT_FOUND when a listed sequence is not
+        (or no longer) a dead letter.
+        """
 
     @_abc_1.abstractmethod
     def PurgeDeadLetters(

@@ -663,7 +663,7 @@ class Broker:
                 topic=topic,
                 name=f"_broadcast-{subscription.id}",
                 durable=False,
-                state=GroupState(ack_floor=floor),
+                state=GroupState(ack_floor=floor, group=f"_broadcast-{subscription.id}"),
             )
             self._groups[(topic, ephemeral.name)] = ephemeral
             ephemeral.attach(subscription)
@@ -686,6 +686,7 @@ class Broker:
                     ack_floor=record.ack_floor,
                     acked_above_floor=record.acked_above_floor,
                     attempts=record.attempts,
+                    group=settings.group,
                 )
                 first = await self._first_sequence(topic)
                 state.skip_to(first)

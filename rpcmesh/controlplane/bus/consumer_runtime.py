@@ -22,6 +22,7 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from rpcmesh.controlplane.bus import topics
 from rpcmesh.controlplane.bus.consumer_ledger import ConsumerLedger, Fetched
 from rpcmesh.controlplane.bus.consumer_policy import over_delivered
 from rpcmesh.controlplane.bus.group_state import Dead, DeliveryPolicy
@@ -196,6 +197,10 @@ class ConsumerGroupRuntime:
                         del self._late[next(iter(self._late))]
                 for entry in self.consumer.arrivals():
                     self._late.pop(entry.sequence, None)
+                    if topics.skipped_by(entry.message.headers, self.name):
+                        # A dead letter replayed into another group: done here, never delivered.
+                        self._actions.append(("ack", entry.handle, None))
+                        continue
                     if over_delivered(entry.attempts, policy.max_deliveries):
                         dead = Dead(
                             message=entry.message, attempts=policy.max_deliveries, reason="max_deliveries"

@@ -1,4 +1,13 @@
-"""Operator paths on dead letters: choosing them (sequences, a range, all) and purging them.
+"""Operator paths on dead letters: choosing them (sequences, a range, all), replaying and purging them.
+
+Replay republishes the original message to its topic marked with
+:data:`~rpcmesh.controlplane.bus.topics.REPLAY_GROUP_HEADER`: only the replayed
+group receives it (as attempt 1); every other group counts it as done at once.
+Its id is derived from the dead letter (``replay:<group>:<dead-letter
+sequence>:<hash of the dead-letter topic>``), so a retried or concurrent replay,
+or one retried after a crash between the republish and the dead letter's
+delete, is a duplicate within the deduplication window and delivered once. The
+original id travels in the ``rpcmesh-replay-of`` header.
 
 A group's dead letters live in the topic ``$dlq.<topic>.<group>``; a dead
 letter is named by its sequence there (``dead_letter_sequence``). Purge deletes
@@ -7,10 +16,12 @@ them for good and logs the operator's reason with what went.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
 
 from rpcmesh.controlplane.bus.store import BusStore
+from rpcmesh.controlplane.bus.topics import REPLAY_GROUP_HEADER
 from rpcmesh.errors import NotFoundError, invalid_argument
 from rpcmesh.v1 import bus_pb2
 
@@ -20,6 +31,28 @@ MAX_REASON_LENGTH = 1024
 """Longest purge reason, in characters."""
 
 READ_PAGE = 1000
+
+REPLAY_OF_HEADER = "rpcmesh-replay-of"
+"""Header of a replayed message: the id it was published with."""
+
+
+def replay_copies(
+    chosen: Sequence[bus_pb2.BusMessage], group: str, dead_topic: str
+) -> list[bus_pb2.BusMessage]:
+    """The messages to republish for these stored dead letters, addressed to ``group`` only."""
+    topic_hash = hashlib.sha256(dead_topic.encode()).hexdigest()[:16]
+    copies = []
+    for stored in chosen:
+        original = bus_pb2.DeadLetter.FromString(stored.payload).message
+        original.ClearField("sequence")
+        original.ClearField("publish_time")
+        original.ClearField("topic")
+        original.headers[REPLAY_GROUP_HEADER] = group
+        if original.id:
+            original.headers[REPLAY_OF_HEADER] = original.id
+        original.id = f"replay:{group}:{stored.sequence}:{topic_hash}"
+        copies.append(original)
+    return copies
 
 
 def check_selection(

@@ -14,6 +14,8 @@ Rules:
 * A delivery not acknowledged by its deadline, or nakked, waits for
   :func:`redelivery_delay` (or the nak's delay) and is offered again; after
   ``max_deliveries`` attempts (or on term) it is handed back as dead.
+* A dead letter replayed into another group (see
+  :data:`~rpcmesh.controlplane.bus.topics.REPLAY_GROUP_HEADER`) is done at once.
 * Acknowledged messages count as done; a dead message counts as done only once
   its dead letter is stored (:meth:`GroupState.buried`): until then it holds the
   ack floor below it, so a failed or lost dead-letter write never loses it. The
@@ -28,6 +30,7 @@ from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 
 from rpcmesh.controlplane.bus.redelivery import exhausted, redelivery_delay
+from rpcmesh.controlplane.bus.topics import skipped_by
 from rpcmesh.v1 import bus_pb2
 
 
@@ -89,7 +92,10 @@ class GroupState:
         ack_floor: int,
         acked_above_floor: Iterable[int] = (),
         attempts: dict[int, int] | None = None,
+        group: str = "",
     ) -> None:
+        self.group = group
+        """The group's name: dead letters replayed into another group are skipped (done at once)."""
         self.ack_floor = ack_floor
         self.next_sequence = ack_floor + 1
         """Next sequence to read from the log."""
@@ -124,6 +130,9 @@ class GroupState:
             seq = int(message.sequence)
             present.add(seq)
             if seq < self.next_sequence or seq in self._done or seq in self._known:
+                continue
+            if skipped_by(message.headers, self.group):
+                self._done.add(seq)
                 continue
             entry = Entry(message=message, attempts=self._attempts.pop(seq, 0))
             self._known[seq] = entry

@@ -53,6 +53,9 @@ logger = logging.getLogger(__name__)
 STREAM_PREFIX = "RMB"
 SUBJECT_PREFIX = "rpcmesh.bus."
 DEFAULT_DEDUP_WINDOW = 120.0
+
+NO_MESSAGE_FOUND = 10057
+"""JetStream's err_code for deleting a message that is not (or no longer) stored."""
 REFRESH_INTERVAL = 0.25
 MAX_READERS_PER_TOPIC = 8
 
@@ -406,9 +409,16 @@ class NatsBusStore:
             raise NotFoundError(f"topic {topic!r} does not exist")
         removed = 0
         for seq in sequences:
-            with contextlib.suppress(nats.js.errors.NotFoundError):
+            try:
                 if await self._js.delete_msg(cache.stream, seq):
                     removed += 1
+            except nats.js.errors.NotFoundError:
+                pass
+            except nats.js.errors.APIError as exc:
+                # A message already deleted (a concurrent replay or purge) answers 500
+                # "no message found" (err_code 10057), not 404.
+                if exc.err_code != NO_MESSAGE_FOUND:
+                    raise
         return removed
 
     async def enforce_retention(self, now_ns: int) -> None:

@@ -12,7 +12,7 @@ import grpc.aio
 from rpcmesh.controlplane.bus import topics
 from rpcmesh.controlplane.bus.broker import Broker, Subscription
 from rpcmesh.controlplane.bus.call_context import call_trace_headers, stamp
-from rpcmesh.controlplane.bus.dead_letters import check_selection, choose, purge
+from rpcmesh.controlplane.bus.dead_letters import check_selection, choose, purge, replay_copies
 from rpcmesh.controlplane.bus.store import AppendResult, TopicStats
 from rpcmesh.controlplane.bus.validation import (
     BusLimits,
@@ -348,7 +348,7 @@ class BusServicer(bus_pb2_grpc.BusServicer):
     async def ReplayDeadLetters(
         self, request: bus_pb2.ReplayDeadLettersRequest, context: Context
     ) -> bus_pb2.ReplayDeadLettersResponse:
-        """Republish dead letters to their topic and remove them from the dead-letter topic."""
+        """Replay dead letters into their group only, then remove them from the dead-letter topic."""
         dead_topic = await self._dead_letter_topic(request.topic, request.group)
         has_range = request.HasField("range")
         last = self.broker.store.last_sequence(dead_topic)
@@ -356,17 +356,13 @@ class BusServicer(bus_pb2_grpc.BusServicer):
         chosen = await choose(
             self.broker.store, dead_topic, request.dead_letter_sequences, request.range if has_range else None
         )
-        originals = []
-        for message in chosen:
-            original = bus_pb2.DeadLetter.FromString(message.payload).message
-            original.ClearField("sequence")
-            original.ClearField("publish_time")
-            original.ClearField("topic")
-            originals.append(original)
-        if originals:
-            await self.broker.publish(request.topic, originals, dedup=False)
+        copies = replay_copies(chosen, request.group, dead_topic)
+        if copies:
+            # Deterministic ids: a retried or concurrent replay of the same dead letter is a
+            # duplicate within the deduplication window, so it is delivered once.
+            await self.broker.publish(request.topic, copies)
             await self.broker.store.delete_messages(dead_topic, [m.sequence for m in chosen])
-        return bus_pb2.ReplayDeadLettersResponse(replayed=len(originals))
+        return bus_pb2.ReplayDeadLettersResponse(replayed=len(copies))
 
     async def PurgeDeadLetters(
         self, request: bus_pb2.PurgeDeadLettersRequest, context: Context

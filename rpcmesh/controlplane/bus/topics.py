@@ -10,12 +10,17 @@ when its first token names them literally.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 
 MAX_TOPIC_LENGTH = 255
 """Longest topic name or pattern, in characters."""
 
 DEAD_LETTER_PREFIX = "$dlq"
 """First token of every dead-letter topic: ``$dlq.<topic>.<group>``."""
+
+REPLAY_GROUP_HEADER = "rpcmesh-replay-group"
+"""Header of a replayed dead letter: only this consumer group receives it; every other
+group (and every broadcast subscriber) counts it as done without delivering it."""
 
 EVENTS_PREFIX = "events"
 """First token of the topics PublishEvent writes: ``events.<event_type>``."""
@@ -112,3 +117,9 @@ def dead_letter_topic(topic: str, group: str) -> str:
 def event_topic(event_type: str) -> str:
     """The topic PublishEvent writes an event of ``event_type`` to."""
     return f"{EVENTS_PREFIX}.{event_type}"
+
+
+def skipped_by(headers: Mapping[str, str], group: str) -> bool:
+    """True when a message is a dead letter replayed into another group than ``group``."""
+    target = headers.get(REPLAY_GROUP_HEADER, "")
+    return bool(target) and target != group

@@ -161,3 +161,45 @@ async def test_cli_purge_with_reason_and_replay_a_range(sqlite_bus: BusHandle) -
         assert await dead_letters(bus, topic) == []
     finally:
         await sub.close()
+
+
+async def test_replay_reaches_only_the_replayed_group_and_is_idempotent(bus: BusHandle) -> None:
+    topic = bus.topic("two")
+    await bus.stub.Publish(
+        bus_pb2.PublishRequest(topic=topic, messages=[bus_pb2.BusMessage(id="poison", payload=b"p")])
+    )
+    acker = RawSubscriber(bus.stub, options(topic, "acker"))
+    lazy = RawSubscriber(bus.stub, options(topic, "lazy"))
+    try:
+        await acker.opened()
+        await lazy.opened()
+        acker.ack(await acker.receive(1))
+        lazy.term(await lazy.receive(1), "later")
+        letters: list[bus_pb2.DeadLetter] = []
+        for _ in range(200):
+            listed = await bus.stub.ListDeadLetters(bus_pb2.ListDeadLettersRequest(topic=topic, group="lazy"))
+            letters = list(listed.dead_letters)
+            if letters:
+                break
+            await asyncio.sleep(0.05)
+        (letter,) = letters
+        replay = bus_pb2.ReplayDeadLettersRequest(
+            topic=topic, group="lazy", dead_letter_sequences=[letter.dead_letter_sequence]
+        )
+        # Two concurrent replays of the same dead letter (one may find it gone already).
+        outcomes = await asyncio.gather(
+            bus.stub.ReplayDeadLetters(replay), bus.stub.ReplayDeadLetters(replay), return_exceptions=True
+        )
+        for outcome in outcomes:
+            if isinstance(outcome, grpc.aio.AioRpcError):
+                assert outcome.code() == grpc.StatusCode.NOT_FOUND, outcome.details()
+        assert any(isinstance(outcome, bus_pb2.ReplayDeadLettersResponse) for outcome in outcomes)
+        (again,) = await lazy.receive(1)
+        assert again.message.payload == b"p" and again.attempt == 1
+        assert again.message.headers["rpcmesh-replay-of"] == "poison"
+        lazy.ack([again])
+        assert await lazy.nothing(0.7) == []  # delivered once
+        assert await acker.nothing(0.3) == []  # the other group never sees it
+    finally:
+        await acker.close()
+        await lazy.close()

@@ -134,3 +134,12 @@ def test_attempt_counts_are_stored_as_runs() -> None:
     assert decode_attempts(runs) == attempts
     assert decode_attempts({"3": 2}) == {3: 2}
     assert decode_attempts([]) == {}
+
+
+def test_a_dead_letter_replayed_into_another_group_is_done_at_once() -> None:
+    state = GroupState(ack_floor=0, group="acker")
+    replayed = bus_pb2.BusMessage(sequence=1, headers={"rpcmesh-replay-group": "lazy"})
+    mine = bus_pb2.BusMessage(sequence=2, headers={"rpcmesh-replay-group": "acker"})
+    state.add_read([replayed, mine], 2)
+    assert seqs(state.take("m", 5, 0.0, POLICY)) == [2]
+    assert state.ack_floor == 1
