@@ -25,9 +25,11 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy rpcmesh
 	$(BUF) lint
 
-# Everything: unit, integration, backend and fault tests.
+# Everything: unit, integration, backend and fault tests, on TEST_WORKERS processes. A file's tests stay
+# on one worker (--dist loadfile): tests that share a fixture, a NATS subject or a restarted port run in order.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=25
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25
 
 # Pure logic only: seconds.
 test-unit: $(STAMP)

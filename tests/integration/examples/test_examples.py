@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -13,20 +16,39 @@ from tests.support.processes import ROOT, ManagedProcess, python_env, start_echo
 NODE_DIR = ROOT / "examples" / "node"
 
 
-def leftover_processes(marker: str) -> list[str]:
-    found = subprocess.run(["pgrep", "-af", marker], capture_output=True, text=True, check=False).stdout
-    return [line for line in found.splitlines() if "pgrep" not in line]
+RUN_MARKER = "RPCMESH_TEST_RUN"
+
+
+def leftover_processes(run: str) -> list[str]:
+    """Processes still alive that inherited ``RPCMESH_TEST_RUN=run`` (this run's, whoever reparented them).
+
+    Scoped by environment rather than by command line: the other pytest-xdist worker, or another checkout,
+    may run the same programs at the same time.
+    """
+    needle = f"{RUN_MARKER}={run}".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if needle in (proc / "environ").read_bytes().split(b"\0"):
+                command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                found.append(f"{proc.name} {command}")
+        except OSError:  # gone, or not ours to read
+            continue
+    return found
 
 
 @pytest.mark.slow
 def test_make_demo_tells_the_whole_story_and_leaves_nothing_behind() -> None:
+    run = uuid.uuid4().hex
     result = subprocess.run(
         ["make", "-s", "demo"],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=240,
-        env=python_env(),
+        env={**python_env(), RUN_MARKER: run},
         check=False,
     )
     out = result.stdout
@@ -41,9 +63,7 @@ def test_make_demo_tells_the_whole_story_and_leaves_nothing_behind() -> None:
         assert span in tree
     assert "not every service's spans arrived" not in tree
     assert "demo finished" in out
-    assert leftover_processes("rpcmesh-demo-") == []
-    # Only this checkout's processes: another checkout's tests may run the shop at the same time.
-    assert leftover_processes(str(ROOT / "examples" / "shop" / "run_service.py")) == []
+    assert leftover_processes(run) == []
 
 
 @pytest.fixture
