@@ -1,6 +1,6 @@
 """A consumer group served from a backend-kept consumer (JetStream) on this Bus node.
 
-The counterpart of :class:`~rpcmesh.controlplane.bus.broker.GroupRuntime` for a
+The counterpart of :class:`~rpcmesh.controlplane.bus.group_runtime.GroupRuntime` for a
 :class:`~rpcmesh.controlplane.bus.store.NativeGroupStore`: the backend decides
 deliveries and redeliveries and counts attempts; this runtime pulls as much as
 its members have room for, hands messages out (keeping per-key order among its
@@ -32,7 +32,8 @@ from rpcmesh.tasks import stop_tasks
 from rpcmesh.v1 import bus_pb2
 
 if TYPE_CHECKING:
-    from rpcmesh.controlplane.bus.broker import Broker, Subscription
+    from rpcmesh.controlplane.bus.broker import Broker
+    from rpcmesh.controlplane.bus.group_runtime import Subscription
 
 logger = logging.getLogger(__name__)
 

@@ -10,9 +10,10 @@ from collections.abc import AsyncIterator, Sequence
 import grpc.aio
 
 from rpcmesh.controlplane.bus import topics
-from rpcmesh.controlplane.bus.broker import Broker, Subscription
+from rpcmesh.controlplane.bus.broker import Broker
 from rpcmesh.controlplane.bus.call_context import call_trace_headers, stamp
 from rpcmesh.controlplane.bus.dead_letters import check_selection, choose, purge, replay_copies
+from rpcmesh.controlplane.bus.group_runtime import Subscription
 from rpcmesh.controlplane.bus.store import AppendResult, TopicStats
 from rpcmesh.controlplane.bus.validation import (
     BusLimits,

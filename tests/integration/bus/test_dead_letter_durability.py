@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 from rpcmesh.v1 import bus_pb2
 
-from rpcmesh.controlplane.bus.broker import Broker, Subscription
+from rpcmesh.controlplane.bus.broker import Broker
+from rpcmesh.controlplane.bus.group_runtime import Subscription
 from rpcmesh.controlplane.bus.sqlite_store import SqliteBusStore
 from rpcmesh.controlplane.bus.store import AppendResult
 from rpcmesh.controlplane.bus.topics import DEAD_LETTER_PREFIX, dead_letter_topic
