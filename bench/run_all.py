@@ -41,7 +41,8 @@ class Figure:
     """One figure of a bench's JSON line and what it is held to.
 
     ``key`` is rpcmesh's figure, ``peer_key`` the peer's figure in the same line
-    (``None`` when the bench has no peer for it), ``ratio_key`` the bench's own
+    (``None`` when the bench has no peer for it; ``peer`` names it when it is not
+    the bench's own peer), ``ratio_key`` the bench's own
     paired ratio when it prints one (else ``key / peer_key``). ``higher``: a
     rate (ahead of the peer means ratio ≥ 1.0) rather than a latency or size
     (ratio ≤ 1.0). ``limit``: an absolute goal on ``key`` besides the ratio.
@@ -56,6 +57,7 @@ class Figure:
     ratio_key: str | None = None
     ratio_goal: float = 1.0
     limit: float | None = None
+    peer: str | None = None  # the peer's name when it is not the bench's
 
 
 @dataclass(frozen=True)
@@ -196,6 +198,7 @@ BENCHES: tuple[Bench, ...] = (
                 peer_key="mesh_off_calls_per_s",
                 ratio_key="mesh_tracing_throughput_ratio",
                 ratio_goal=0.90,
+                peer="telemetry off",
             ),
         ),
         title="Mesh channel vs raw grpc.aio",
@@ -423,10 +426,10 @@ def table(results: dict[str, dict[str, Any]]) -> str:
                 continue
             ratio = f"{row['ratio']:.2f}" if row["ratio"] is not None else ""
             status = "" if not row["goal"] else "met" if row["met"] else "**not met**"
+            peer = (figure.peer or bench.peer) if figure.peer_key else ""
             rows.append(
-                f"| {name} | {figure.label} | {_fmt(row['value'], figure.unit)} | "
-                f"{bench.peer if figure.peer_key else ''} | {_fmt(row['peer'], figure.unit)} | {ratio} | "
-                f"{row['goal']} | {status} |"
+                f"| {name} | {figure.label} | {_fmt(row['value'], figure.unit)} | {peer} | "
+                f"{_fmt(row['peer'], figure.unit)} | {ratio} | {row['goal']} | {status} |"
             )
         if "skipped" in figures:
             rows.append(f"| {name} | | | | | | | {figures['skipped']} |")
@@ -466,7 +469,7 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
             row = evaluate(figure, figures)
             if row is None or not row["score"]:
                 continue
-            against = f"vs {bench.peer}" if figure.peer_key else "vs goal"
+            against = f"vs {figure.peer or bench.peer}" if figure.peer_key else "vs goal"
             labels.append(f"{bench.title or bench.id}: {figure.label} ({against})")
             scores.append(row["score"])
     if not labels:
