@@ -29,6 +29,7 @@ from shop.place_order import place_order_definition, place_order_input  # noqa: 
 from shop.v1 import shop_pb2, shop_pb2_grpc  # noqa: E402
 
 from rpcmesh.client import Mesh, MeshPolicy, MethodPolicy, ServicePolicy  # noqa: E402
+from rpcmesh.saga import SETTLED_STATES  # noqa: E402
 from rpcmesh.telemetry import TelemetryConfig, get_telemetry, inject_metadata, setup_telemetry  # noqa: E402
 from rpcmesh.testing import (  # noqa: E402
     CollectedSpan,
@@ -39,12 +40,7 @@ from rpcmesh.testing import (  # noqa: E402
     running_collector,
 )
 
-TERMINAL = {
-    saga_pb2.SAGA_STATE_COMPLETED,
-    saga_pb2.SAGA_STATE_COMPENSATED,
-    saga_pb2.SAGA_STATE_FAILED_COMPENSATION,
-    saga_pb2.SAGA_STATE_ABORTED,
-}
+TERMINAL = SETTLED_STATES
 
 
 def say(text: str = "") -> None:

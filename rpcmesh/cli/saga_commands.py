@@ -11,18 +11,13 @@ from google.protobuf import duration_pb2, json_format
 
 from rpcmesh.cli.common import CliError, add_target_arguments, pages, payload_bytes, target_of
 from rpcmesh.cli.output import print_json, print_table
+from rpcmesh.saga.states import SETTLED_STATES
 from rpcmesh.v1 import saga_pb2, saga_pb2_grpc
 
 # The coordinator's longest wait (GetSagaRequest.wait / StartSagaRequest.wait).
 MAX_WAIT_SECONDS = 3600.0
 
-TERMINAL_STATES = {
-    saga_pb2.SAGA_STATE_COMPLETED,
-    saga_pb2.SAGA_STATE_COMPENSATED,
-    saga_pb2.SAGA_STATE_FAILED_COMPENSATION,
-    saga_pb2.SAGA_STATE_ABORTED,
-    saga_pb2.SAGA_STATE_RESOLVED_MANUALLY,
-}
+TERMINAL_STATES = SETTLED_STATES
 
 
 def state_name(state: int) -> str:

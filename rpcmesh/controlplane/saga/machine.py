@@ -25,6 +25,7 @@ from rpcmesh.controlplane.saga.definition import (
     retry_settings,
 )
 from rpcmesh.controlplane.saga.wire import build_payload
+from rpcmesh.saga.states import SETTLED_STATES
 from rpcmesh.v1 import saga_pb2 as pb
 
 # Event types recorded in a saga's stream.
@@ -48,15 +49,7 @@ COMPENSATION_RETRY_REQUESTED = "CompensationRetryRequested"
 SAGA_RESOLVED = "SagaResolved"
 OPERATOR_EVENTS = frozenset({COMPENSATION_RETRY_REQUESTED, SAGA_RESOLVED})
 
-TERMINAL = frozenset(
-    {
-        pb.SAGA_STATE_COMPLETED,
-        pb.SAGA_STATE_COMPENSATED,
-        pb.SAGA_STATE_FAILED_COMPENSATION,
-        pb.SAGA_STATE_ABORTED,
-        pb.SAGA_STATE_RESOLVED_MANUALLY,
-    }
-)
+TERMINAL = SETTLED_STATES
 # A call that ended with one of these may have taken effect at the participant:
 # its step is compensated like a completed one (compensations must tolerate
 # "nothing to undo").

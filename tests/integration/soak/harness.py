@@ -36,15 +36,11 @@ from rpcmesh.v1 import registry_pb2, registry_pb2_grpc, saga_pb2
 from shop.servicers import INITIAL_STOCK
 from shop.v1 import shop_pb2, shop_pb2_grpc
 
+from rpcmesh.saga import SETTLED_STATES
 from tests.integration.soak.cluster import SHOP_INSTANCES, Node, Restart, Shop, plan_restarts
 from tests.integration.soak.traffic import Traffic
 
-TERMINAL = {
-    saga_pb2.SAGA_STATE_COMPLETED,
-    saga_pb2.SAGA_STATE_COMPENSATED,
-    saga_pb2.SAGA_STATE_FAILED_COMPENSATION,
-    saga_pb2.SAGA_STATE_ABORTED,
-}
+TERMINAL = SETTLED_STATES
 COMPENSATED_STEPS = ("create-order", "reserve-stock", "charge-payment")
 """The place-order steps that have a compensation."""
 CHECK_PATIENCE_S = 60.0
