@@ -200,6 +200,7 @@ class GroupRuntime:
     burying: int = 0
     task: asyncio.Task[None] | None = None
     _turn: int = 0
+    _buries: set[asyncio.Task[None]] = field(default_factory=set)
 
     def attach(self, member: Subscription) -> None:
         """Add a member and make sure the dispatcher runs."""
@@ -250,6 +251,10 @@ class GroupRuntime:
         """Stop the dispatcher and persist progress (the last member left or the broker stops)."""
         if self.task is not None and self.task is not asyncio.current_task():
             self.task.cancel()
+        if self._buries:
+            # A dead letter stored now lets the saved floor pass its message (else it is
+            # delivered again later); retired, each write is tried once more at most.
+            await asyncio.gather(*self._buries, return_exceptions=True)
         if self.durable:
             try:
                 await self.broker.store.save_group(self.record())
@@ -271,6 +276,8 @@ class GroupRuntime:
         task = asyncio.create_task(self._bury(dead))
         self.broker._background.add(task)
         task.add_done_callback(self.broker._background.discard)
+        self._buries.add(task)
+        task.add_done_callback(self._buries.discard)
 
     async def _bury(self, dead: list[Dead]) -> None:
         """Store the dead letters, retrying; only then may the ack floor pass them.
