@@ -13,10 +13,13 @@ in a real ``rpcmesh up``) serve both systems:
   in reverse). Its system database is a SQLite file, or with ``--store
   postgresql`` a fresh database of the same local PostgreSQL server.
 
-Rounds alternate between the two (the order flips every round) after a warm-up
-of both: a throughput round (``--sagas`` workflows from 64 concurrent callers,
-each waiting for its result), then one-at-a-time latency samples interleaved
-saga / DBOS. Figures are medians over the rounds. Prints one JSON line.
+Rounds alternate between the two (the order flips every round); each system's
+block is a warm-up, a throughput phase (``--sagas`` workflows from 64
+concurrent callers, each waiting for its result), then one-at-a-time latency
+samples. DBOS is launched for its own blocks only and destroyed after them, so
+its executor and background threads do not share this process with rpcmesh's
+client while rpcmesh is measured (a DBOS application is a process of its own).
+Figures are medians over the rounds. Prints one JSON line.
 
     .venv/bin/python bench/bench_dbos.py [--store postgresql] [--rounds 3] [--sagas 600]
 """
@@ -32,6 +35,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -130,14 +134,25 @@ async def bench(args: argparse.Namespace, address: str, plane_pid: int, system_d
         "log_level": "WARNING",
         "enable_otlp": False,
     }
-    DBOS(config=config)
-    DBOS.launch()
-    logging.getLogger("dbos").setLevel(logging.WARNING)
     body = wrappers_pb2.StringValue(value="order").SerializeToString()
     per: dict[str, list[float]] = {}
 
     def add(key: str, value: float) -> None:
         per.setdefault(key, []).append(value)
+
+    @contextlib.contextmanager
+    def running(name: str) -> Iterator[None]:
+        """DBOS runs (its executor, its background threads) only during its own blocks."""
+        if name != "dbos":
+            yield
+            return
+        DBOS(config=config)
+        DBOS.launch()
+        logging.getLogger("dbos").setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            DBOS.destroy()
 
     try:
         async with grpc.aio.insecure_channel(address) as channel:
@@ -153,26 +168,26 @@ async def bench(args: argparse.Namespace, address: str, plane_pid: int, system_d
                     raise RuntimeError("DBOS workflow did not complete")
 
             systems = {"rpcmesh": saga, "dbos": dbos}
-            for run_one in systems.values():  # warm-up of both
-                for _ in range(20):
-                    await run_one()
             for round_ in range(args.rounds):
-                order = list(systems) if round_ % 2 == 0 else list(reversed(systems))
-                for name in order:
-                    cpu = {"client": cpu_seconds(), "plane": cpu_seconds(plane_pid)}
-                    add(f"{name}_per_s", await throughput(systems[name], args.sagas))
-                    add(f"{name}_client_cpu_ms", (cpu_seconds() - cpu["client"]) * 1000 / args.sagas)
-                    add(f"{name}_plane_cpu_ms", (cpu_seconds(plane_pid) - cpu["plane"]) * 1000 / args.sagas)
-                samples: dict[str, list[float]] = {name: [] for name in systems}
-                for _ in range(args.latency_samples):
-                    for name in order:
-                        began = time.perf_counter()
-                        await systems[name]()
-                        samples[name].append((time.perf_counter() - began) * 1000)
-                for name in systems:
-                    add(f"{name}_p50_ms", statistics.median(samples[name]))
+                for name in list(systems) if round_ % 2 == 0 else list(reversed(systems)):
+                    run_one = systems[name]
+                    with running(name):
+                        for _ in range(20):  # warm-up, every block
+                            await run_one()
+                        cpu = {"client": cpu_seconds(), "plane": cpu_seconds(plane_pid)}
+                        add(f"{name}_per_s", await throughput(run_one, args.sagas))
+                        add(f"{name}_client_cpu_ms", (cpu_seconds() - cpu["client"]) * 1000 / args.sagas)
+                        add(
+                            f"{name}_plane_cpu_ms",
+                            (cpu_seconds(plane_pid) - cpu["plane"]) * 1000 / args.sagas,
+                        )
+                        samples = []
+                        for _ in range(args.latency_samples):
+                            began = time.perf_counter()
+                            await run_one()
+                            samples.append((time.perf_counter() - began) * 1000)
+                        add(f"{name}_p50_ms", statistics.median(samples))
     finally:
-        DBOS.destroy()
         for channel in channels:
             await channel.close()
     figures: dict[str, Any] = {
