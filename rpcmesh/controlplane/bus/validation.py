@@ -118,6 +118,10 @@ def check_message(field: str, message: bus_pb2.BusMessage, limits: BusLimits) ->
     for name in message.headers:
         if not name:
             raise invalid_argument(f"{field}.headers", "header names must not be empty")
+        if name == topics.REPLAY_GROUP_HEADER:
+            # Set by the Bus on a replayed dead letter: a publisher could otherwise hide a message
+            # from every group but one.
+            raise invalid_argument(f"{field}.headers[{name}]", "is set by the Bus on replays only")
     for attribute in ("id", "key", "correlation_id"):
         if len(getattr(message, attribute)) > limits.max_id_length:
             raise invalid_argument(

@@ -203,3 +203,17 @@ async def test_replay_reaches_only_the_replayed_group_and_is_idempotent(bus: Bus
     finally:
         await acker.close()
         await lazy.close()
+
+
+async def test_a_publisher_cannot_address_one_group_with_the_replay_header(bus: BusHandle) -> None:
+    """A published message may not carry the replay header, the Bus's own mark on replays.
+
+    It would hide the message from every other group; Publish refuses it and stores nothing.
+    """
+    topic = bus.topic("marked")
+    marked = bus_pb2.BusMessage(payload=b"x", headers={"rpcmesh-replay-group": "g"})
+    error = await refused(bus.stub.Publish(bus_pb2.PublishRequest(topic=topic, messages=[marked])))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "messages[0].headers[rpcmesh-replay-group]" in (error.details() or "")
+    topics = await bus.stub.ListTopics(bus_pb2.ListTopicsRequest(page_size=1000))
+    assert topic not in {t.name for t in topics.topics}
