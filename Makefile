@@ -29,7 +29,7 @@ lint: $(STAMP)
 # on one worker (--dist loadfile): tests that share a fixture, a NATS subject or a restarted port run in order.
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25 -rs
 
 # Pure logic only: seconds.
 test-unit: $(STAMP)

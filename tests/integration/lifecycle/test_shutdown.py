@@ -43,7 +43,7 @@ PROMPT = 6.0
 """Seconds a shutdown may take: streams end at once, so it never needs the grace period."""
 
 SEED = 20261204
-TRIALS = 1
+TRIALS = 2
 
 Traffic = Callable[[grpc.aio.Channel, list[asyncio.Task[Any]]], Awaitable[None]]
 

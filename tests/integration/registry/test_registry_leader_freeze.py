@@ -27,7 +27,7 @@ from tests.support.processes import ManagedProcess, start_control_plane
 pytestmark = [pytest.mark.fault, pytest.mark.slow, pytest.mark.backend]
 
 TTL = 2.0
-TRIALS = 2
+TRIALS = 3
 SEED = 20261204
 
 

@@ -43,7 +43,7 @@ DEFINITION = {
         }
     ],
 }
-SEEDS = (11,)
+SEEDS = (11, 12)
 
 
 def _cli(certs: Path, address: str, *args: str) -> subprocess.CompletedProcess[str]:
