@@ -635,6 +635,11 @@ class Nak(_message.Message):
 
     REFS_FIELD_NUMBER: _builtins.int
     DELAY_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    error: _builtins.str
+    """Why this delivery failed (free text, at most 1024 bytes): the last one is
+    kept with the message and shown on its dead letter (DeadLetter.last_error).
+    """
     @_builtins.property
     def refs(self) -> _containers.RepeatedCompositeFieldContainer[Global___MessageRef]: ...
     @_builtins.property
@@ -646,10 +651,11 @@ class Nak(_message.Message):
         *,
         refs: _abc.Iterable[Global___MessageRef] | None = ...,
         delay: _duration_pb2.Duration | None = ...,
+        error: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["delay", b"delay"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delay", b"delay", "refs", b"refs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delay", b"delay", "error", b"error", "refs", b"refs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -996,12 +1002,17 @@ class DeadLetter(_message.Message):
     ATTEMPTS_FIELD_NUMBER: _builtins.int
     DEAD_AT_FIELD_NUMBER: _builtins.int
     DEAD_LETTER_SEQUENCE_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
     group: _builtins.str
     reason: _builtins.str
     """"max_deliveries" or the reason given with Term."""
     attempts: _builtins.int
     dead_letter_sequence: _builtins.int
     """Sequence in the dead-letter topic."""
+    last_error: _builtins.str
+    """The error of the last failed delivery: the last Nak's error, or "ack
+    deadline passed" when the last delivery timed out, or empty.
+    """
     @_builtins.property
     def message(self) -> Global___BusMessage: ...
     @_builtins.property
@@ -1015,10 +1026,11 @@ class DeadLetter(_message.Message):
         attempts: _builtins.int = ...,
         dead_at: _timestamp_pb2.Timestamp | None = ...,
         dead_letter_sequence: _builtins.int = ...,
+        last_error: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["dead_at", b"dead_at", "message", b"message"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "dead_at", b"dead_at", "dead_letter_sequence", b"dead_letter_sequence", "group", b"group", "message", b"message", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "dead_at", b"dead_at", "dead_letter_sequence", b"dead_letter_sequence", "group", b"group", "last_error", b"last_error", "message", b"message", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
