@@ -19,8 +19,10 @@ but elsewhere, is refused with :class:`DuplicateEvents`.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from rpcmesh.controlplane.eventstore.model import (
     ANY,
@@ -171,3 +173,33 @@ def repeated_id(events: Sequence[NewEvent]) -> tuple[int, int] | None:
             return first_at[event.event_id], index
         first_at[event.event_id] = index
     return None
+
+
+class Waiting(Protocol):
+    """A queued append as the writer sees it: the caller waits on ``future``."""
+
+    @property
+    def future(self) -> asyncio.Future[AppendResult]: ...  # noqa: D102
+
+
+def settle(group: Sequence[Waiting], outcomes: Sequence[AppendResult | Exception]) -> None:
+    """Hand each waiting caller its append's outcome (a caller that gave up is skipped)."""
+    for item, outcome in zip(group, outcomes, strict=True):
+        if item.future.done():
+            continue
+        if isinstance(outcome, BaseException):
+            item.future.set_exception(outcome)
+        else:
+            item.future.set_result(outcome)
+
+
+def fail(group: Sequence[Waiting], error: BaseException) -> None:
+    """Fail every caller of ``group`` still waiting: the writer cannot finish it.
+
+    A cancellation (the store closing) is reported as ``event store closed``.
+    """
+    if not isinstance(error, Exception):
+        error = RuntimeError("event store closed")
+    for item in group:
+        if not item.future.done():
+            item.future.set_exception(error)

@@ -30,7 +30,7 @@ import psycopg.errors
 from psycopg import AsyncConnection, AsyncCursor, AsyncPipeline
 from psycopg_pool import AsyncConnectionPool
 
-from rpcmesh.controlplane.eventstore.group import PendingAppend, Row, group_size, plan_group
+from rpcmesh.controlplane.eventstore.group import PendingAppend, Row, fail, group_size, plan_group, settle
 from rpcmesh.controlplane.eventstore.model import (
     AppendResult,
     NewEvent,
@@ -39,7 +39,7 @@ from rpcmesh.controlplane.eventstore.model import (
     prefix_upper_bound,
 )
 from rpcmesh.controlplane.eventstore.storage import AppendSignal
-from rpcmesh.tasks import stop_tasks
+from rpcmesh.tasks import start_supervised, stop_tasks
 
 SCHEMA = """
 SELECT pg_advisory_xact_lock(7406221);
@@ -155,7 +155,7 @@ class PostgresEventStorage:
                 if statement.strip():
                     await conn.execute(statement)
         self._signal.advance(await self.head())
-        self._writer_task = asyncio.create_task(self._write_loop(), name="eventstore-postgres-writer")
+        self._writer_task = start_supervised(self._write_loop, name="eventstore-postgres-writer")
 
     async def close(self) -> None:
         """Stop the writer, fail queued appends, close the pool."""
@@ -180,6 +180,9 @@ class PostgresEventStorage:
         return await future
 
     async def _write_loop(self) -> None:
+        # Supervised: a restarted run picks up what an earlier one left queued.
+        if self._queue:
+            self._wake.set()
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -187,16 +190,21 @@ class PostgresEventStorage:
                 take = group_size([len(item.pending.events) for item in self._queue])
                 group, self._queue = self._queue[:take], self._queue[take:]
                 try:
-                    outcomes, head = await self._commit_group([item.pending for item in group])
-                except psycopg.OperationalError as exc:  # outcome unknown (connection): no replay
-                    for item in group:
-                        if not item.future.done():
-                            item.future.set_exception(exc)
-                    continue
-                except Exception:  # the transaction failed and rolled back: retry each append alone
-                    await self._commit_alone(group)
-                    continue
-                self._settle(group, outcomes, head)
+                    await self._commit_taken(group)
+                except BaseException as exc:  # a bug, or the store closing: nobody is left waiting
+                    fail(group, exc)
+                    raise
+
+    async def _commit_taken(self, group: list[_Append]) -> None:
+        try:
+            outcomes, head = await self._commit_group([item.pending for item in group])
+        except psycopg.OperationalError as exc:  # outcome unknown (connection): no replay
+            fail(group, exc)
+            return
+        except Exception:  # the transaction failed and rolled back: retry each append alone
+            await self._commit_alone(group)
+            return
+        self._settle(group, outcomes, head)
 
     async def _commit_alone(self, group: list[_Append]) -> None:
         for item in group:
@@ -210,13 +218,7 @@ class PostgresEventStorage:
 
     def _settle(self, group: list[_Append], outcomes: list[AppendResult | Exception], head: int) -> None:
         self._signal.advance(head)
-        for item, outcome in zip(group, outcomes, strict=True):
-            if item.future.done():
-                continue
-            if isinstance(outcome, BaseException):
-                item.future.set_exception(outcome)
-            else:
-                item.future.set_result(outcome)
+        settle(group, outcomes)
 
     async def _commit_group(self, group: list[PendingAppend]) -> tuple[list[AppendResult | Exception], int]:
         """Commit a group: optimistically (the lock held only on the server), else under the lock.

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from rpcmesh.controlplane.eventstore.group import PendingAppend, group_size, plan_group
+from rpcmesh.controlplane.eventstore.group import PendingAppend, fail, group_size, plan_group, settle
 from rpcmesh.controlplane.eventstore.model import (
     AppendResult,
     NewEvent,
@@ -29,7 +29,7 @@ from rpcmesh.controlplane.eventstore.model import (
     prefix_upper_bound,
 )
 from rpcmesh.controlplane.eventstore.storage import AppendSignal
-from rpcmesh.tasks import stop_tasks
+from rpcmesh.tasks import start_supervised, stop_tasks
 
 _T = TypeVar("_T")
 
@@ -129,7 +129,7 @@ class SqliteEventStorage:
         head = await self._in(self._writer, setup)
         self._read_conn = await self._in(self._reader, _connect, self.path)
         self._signal.advance(head)
-        self._writer_task = asyncio.create_task(self._write_loop(), name="eventstore-sqlite-writer")
+        self._writer_task = start_supervised(self._write_loop, name="eventstore-sqlite-writer")
 
     async def close(self) -> None:
         """Stop the writer, fail queued appends, close both connections."""
@@ -157,6 +157,9 @@ class SqliteEventStorage:
         return await future
 
     async def _write_loop(self) -> None:
+        # Supervised: a restarted run picks up what an earlier one left queued.
+        if self._queue:
+            self._wake.set()
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -164,15 +167,22 @@ class SqliteEventStorage:
                 take = group_size([len(item.events) for item in self._queue])
                 group, self._queue = self._queue[:take], self._queue[take:]
                 try:
-                    outcomes, head = await self._in(self._writer, self._commit_group, group)
-                except Exception as exc:  # the transaction failed: retry each append alone
-                    if len(group) == 1:
-                        if not group[0].future.done():
-                            group[0].future.set_exception(exc)
-                        continue
-                    await self._commit_alone(group)
-                    continue
-                self._settle(group, outcomes, head)
+                    await self._commit_taken(group)
+                except BaseException as exc:  # a bug, or the store closing: nobody is left waiting
+                    fail(group, exc)
+                    raise
+
+    async def _commit_taken(self, group: list[_Append]) -> None:
+        try:
+            outcomes, head = await self._in(self._writer, self._commit_group, group)
+        except Exception as exc:  # the transaction failed: retry each append alone
+            if len(group) == 1:
+                if not group[0].future.done():
+                    group[0].future.set_exception(exc)
+                return
+            await self._commit_alone(group)
+            return
+        self._settle(group, outcomes, head)
 
     async def _commit_alone(self, group: list[_Append]) -> None:
         for item in group:
@@ -186,13 +196,7 @@ class SqliteEventStorage:
 
     def _settle(self, group: list[_Append], outcomes: list[AppendResult | Exception], head: int) -> None:
         self._signal.advance(head)
-        for item, outcome in zip(group, outcomes, strict=True):
-            if item.future.done():
-                continue
-            if isinstance(outcome, BaseException):
-                item.future.set_exception(outcome)
-            else:
-                item.future.set_result(outcome)
+        settle(group, outcomes)
 
     def _commit_group(self, group: list[_Append]) -> tuple[list[AppendResult | Exception], int]:
         conn = self._write_conn
