@@ -267,7 +267,11 @@ class Broker:
         letters = []
         for item in dead:
             letter = bus_pb2.DeadLetter(
-                message=item.message, group=group, reason=item.reason, attempts=item.attempts
+                message=item.message,
+                group=group,
+                reason=item.reason,
+                attempts=item.attempts,
+                last_error=item.last_error,
             )
             letter.dead_at.FromNanoseconds(now_ns)
             headers = {
@@ -276,6 +280,8 @@ class Broker:
                 "rpcmesh-dead-reason": item.reason,
                 "rpcmesh-dead-attempts": str(item.attempts),
             }
+            if item.last_error:
+                headers["rpcmesh-dead-last-error"] = item.last_error
             # The trace and correlation id of the message travel on with its dead letter.
             for key in ("traceparent", "tracestate", "baggage", "x-correlation-id"):
                 if key in item.message.headers:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from rpcmesh.controlplane.bus import topics
 from rpcmesh.controlplane.bus.consumer_ledger import ConsumerLedger, Fetched
 from rpcmesh.controlplane.bus.consumer_policy import over_delivered
-from rpcmesh.controlplane.bus.group_state import Dead, DeliveryPolicy
+from rpcmesh.controlplane.bus.group_state import DEADLINE_PASSED, Dead, DeliveryPolicy
 from rpcmesh.controlplane.bus.redelivery import exhausted, redelivery_delay
 from rpcmesh.controlplane.bus.store import GroupConsumer
 from rpcmesh.tasks import stop_tasks
@@ -63,6 +63,8 @@ class ConsumerGroupRuntime:
         self._leftover: list[Any] = []
         self._late: dict[int, Any] = {}
         """Handles of deliveries past their deadline: JetStream still takes an ack until it redelivers."""
+        self._errors: dict[int, str] = {}
+        """Last error of messages whose last delivery from this node failed (oldest dropped past MAX_LATE)."""
         self._turn = 0
         self._closed = False
 
@@ -111,25 +113,38 @@ class ConsumerGroupRuntime:
 
     # -- outcomes --------------------------------------------------------------------
 
+    def _failed(self, seq: int, error: str) -> None:
+        self._errors.pop(seq, None)
+        self._errors[seq] = error
+        if len(self._errors) > MAX_LATE:
+            del self._errors[next(iter(self._errors))]
+
     def ack(self, seq: int) -> None:
         """Acknowledge in the backend (unknown ones are ignored)."""
+        self._errors.pop(seq, None)
         entry = self.ledger.finish(seq)
         handle = entry.handle if entry is not None else self._late.pop(seq, None)
         if handle is not None:
             self._actions.append(("ack", handle, None))
             self.wake.set()
 
-    def nak(self, seq: int, delay: float | None) -> None:
-        """Redeliver after ``delay`` (None: the backoff), or dead-letter when deliveries are used up."""
+    def nak(self, seq: int, delay: float | None, error: str = "") -> None:
+        """Redeliver after ``delay`` (None: the backoff), or dead-letter when deliveries are used up.
+
+        ``error`` (why the delivery failed) is kept as the message's last error.
+        """
         entry = self.ledger.in_flight.get(seq)
         if entry is None:
             return
         if exhausted(entry.attempts, self.policy.max_deliveries):
             self.ledger.finish(seq)
-            self.bury(
-                [(entry, Dead(message=entry.message, attempts=entry.attempts, reason="max_deliveries"))]
+            self._errors.pop(seq, None)
+            dead = Dead(
+                message=entry.message, attempts=entry.attempts, reason="max_deliveries", last_error=error
             )
+            self.bury([(entry, dead)])
             return
+        self._failed(seq, error)
         if delay is None:
             delay = redelivery_delay(entry.attempts, self.policy.redelivery_backoff)
         self.ledger.release(seq, self.broker.clock(), self._hold_for(entry.attempts, delay))
@@ -142,9 +157,13 @@ class ConsumerGroupRuntime:
         if entry is None:
             return
         self.ledger.finish(seq)
-        self.bury(
-            [(entry, Dead(message=entry.message, attempts=entry.attempts, reason=reason or "terminated"))]
+        dead = Dead(
+            message=entry.message,
+            attempts=entry.attempts,
+            reason=reason or "terminated",
+            last_error=self._errors.pop(seq, ""),
         )
+        self.bury([(entry, dead)])
 
     def bury(self, items: Sequence[tuple[Fetched, Dead]]) -> None:
         """Publish dead letters, then terminate the messages in the backend."""
@@ -193,6 +212,7 @@ class ConsumerGroupRuntime:
                 policy = self.policy
                 now = self.broker.clock()
                 for late in ledger.expire(now, self._hold_for(1)):
+                    self._failed(late.sequence, DEADLINE_PASSED)
                     self._late[late.sequence] = late.handle
                     if len(self._late) > MAX_LATE:
                         del self._late[next(iter(self._late))]
@@ -203,8 +223,13 @@ class ConsumerGroupRuntime:
                         self._actions.append(("ack", entry.handle, None))
                         continue
                     if over_delivered(entry.attempts, policy.max_deliveries):
+                        # Its last delivery was not acknowledged in time (JetStream redelivered it).
+                        self._errors.pop(entry.sequence, None)
                         dead = Dead(
-                            message=entry.message, attempts=policy.max_deliveries, reason="max_deliveries"
+                            message=entry.message,
+                            attempts=policy.max_deliveries,
+                            reason="max_deliveries",
+                            last_error=DEADLINE_PASSED,
                         )
                         self.bury([(entry, dead)])
                         continue

@@ -84,7 +84,7 @@ class GroupRunner(Protocol):
     def ack(self, seq: int) -> None:  # noqa: D102
         ...
 
-    def nak(self, seq: int, delay: float | None) -> None:  # noqa: D102
+    def nak(self, seq: int, delay: float | None, error: str = "") -> None:  # noqa: D102
         ...
 
     def term(self, seq: int, reason: str) -> None:  # noqa: D102
@@ -149,10 +149,10 @@ class Subscription:
         for index, ref in enumerate(refs):
             self._runtime(f"ack.refs[{index}]", ref).ack(ref.sequence)
 
-    def nak(self, refs: Sequence[bus_pb2.MessageRef], delay: float | None) -> None:
-        """Return deliveries for redelivery after ``delay`` (None: the backoff)."""
+    def nak(self, refs: Sequence[bus_pb2.MessageRef], delay: float | None, error: str = "") -> None:
+        """Return deliveries for redelivery after ``delay`` (None: the backoff); ``error`` says why."""
         for index, ref in enumerate(refs):
-            self._runtime(f"nak.refs[{index}]", ref).nak(ref.sequence, delay)
+            self._runtime(f"nak.refs[{index}]", ref).nak(ref.sequence, delay, error)
 
     def term(self, refs: Sequence[bus_pb2.MessageRef], reason: str) -> None:
         """Dead-letter deliveries at once."""
@@ -232,9 +232,9 @@ class GroupRuntime:
             self.dirty = True
             self.wake.set()
 
-    def nak(self, seq: int, delay: float | None) -> None:
-        """Redeliver after ``delay`` (None: the backoff)."""
-        dead = self.state.nak(seq, self.broker.clock(), delay)
+    def nak(self, seq: int, delay: float | None, error: str = "") -> None:
+        """Redeliver after ``delay`` (None: the backoff); ``error`` is kept as the last error."""
+        dead = self.state.nak(seq, self.broker.clock(), delay, error)
         if dead is not None:
             self.bury([dead])
         self.dirty = True

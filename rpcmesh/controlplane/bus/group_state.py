@@ -33,6 +33,9 @@ from rpcmesh.controlplane.bus.redelivery import exhausted, redelivery_delay
 from rpcmesh.controlplane.bus.topics import skipped_by
 from rpcmesh.v1 import bus_pb2
 
+DEADLINE_PASSED = "ack deadline passed"
+"""The last error of a delivery that was not acknowledged in time."""
+
 
 @dataclass(frozen=True, kw_only=True)
 class DeliveryPolicy:
@@ -67,6 +70,8 @@ class Entry:
     """Who holds it while in flight."""
     deadline: float = 0.0
     policy: DeliveryPolicy = field(default_factory=DeliveryPolicy)
+    last_error: str = ""
+    """Why the last delivery failed (the nak's error, or :data:`DEADLINE_PASSED`); kept in memory only."""
 
     @property
     def sequence(self) -> int:
@@ -81,6 +86,8 @@ class Dead:
     message: bus_pb2.BusMessage
     attempts: int
     reason: str
+    last_error: str = ""
+    """The error of the last failed delivery (empty when none is known)."""
 
 
 class GroupState:
@@ -199,14 +206,16 @@ class GroupState:
         self._finish(entry)
         return True
 
-    def nak(self, seq: int, now: float, delay: float | None = None) -> Dead | None:
+    def nak(self, seq: int, now: float, delay: float | None = None, error: str = "") -> Dead | None:
         """Return an in-flight message for redelivery after ``delay`` (None = backoff).
 
+        ``error`` (why the delivery failed) is kept as the message's last error.
         Returns the message as dead when it has used up its deliveries.
         """
         entry = self.in_flight.get(seq)
         if entry is None:
             return None
+        entry.last_error = error
         if exhausted(entry.attempts, entry.policy.max_deliveries):
             return self._kill(entry, "max_deliveries")
         self._wait(entry, now, delay)
@@ -223,6 +232,7 @@ class GroupState:
         """Reschedule deliveries past their deadline; returns those that used up their attempts."""
         dead: list[Dead] = []
         for entry in [e for e in self.in_flight.values() if e.deadline <= now]:
+            entry.last_error = DEADLINE_PASSED
             if exhausted(entry.attempts, entry.policy.max_deliveries):
                 dead.append(self._kill(entry, "max_deliveries"))
             else:
@@ -234,6 +244,7 @@ class GroupState:
         dead: list[Dead] = []
         for entry in [e for e in self.in_flight.values() if e.member == member]:
             self._leave_flight(entry)
+            entry.last_error = ""
             if exhausted(entry.attempts, entry.policy.max_deliveries):
                 dead.append(self._kill(entry, "max_deliveries"))
             else:
@@ -302,7 +313,7 @@ class GroupState:
         attempts = entry.attempts
         self._burying[entry.sequence] = attempts
         self._finish(entry, done=False)
-        return Dead(message=entry.message, attempts=attempts, reason=reason)
+        return Dead(message=entry.message, attempts=attempts, reason=reason, last_error=entry.last_error)
 
     def _finish(self, entry: Entry, *, done: bool = True) -> None:
         seq = entry.sequence

@@ -264,7 +264,12 @@ class BusServicer(bus_pb2_grpc.BusServicer):
                     delay_ns = request.nak.delay.ToNanoseconds()
                     if delay_ns < 0:
                         raise invalid_argument("nak.delay", "must not be negative")
-                    subscription.nak(request.nak.refs, delay_ns / 1e9 if delay_ns else None)
+                    error = request.nak.error
+                    if len(error.encode()) > self.limits.max_error_bytes:
+                        raise invalid_argument(
+                            "nak.error", f"must be at most {self.limits.max_error_bytes} bytes (UTF-8)"
+                        )
+                    subscription.nak(request.nak.refs, delay_ns / 1e9 if delay_ns else None, error)
                 elif action == "term":
                     check_refs("term", request.term.refs)
                     subscription.term(request.term.refs, request.term.reason)

@@ -40,8 +40,18 @@ class BusLimits:
     max_in_flight: int = 100_000
     """Largest max_in_flight a subscription may ask for."""
 
+    max_error_bytes: int = 1024
+    """Longest error (UTF-8 bytes) a nak may give (kept as its message's last error)."""
+
     def __post_init__(self) -> None:
-        for name in ("max_payload_bytes", "max_header_bytes", "max_headers", "max_batch", "max_id_length"):
+        for name in (
+            "max_payload_bytes",
+            "max_header_bytes",
+            "max_headers",
+            "max_batch",
+            "max_id_length",
+            "max_error_bytes",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be > 0")
 
