@@ -140,6 +140,41 @@ _BUS_FIGURES = (
         peer_key="jetstream_deliver_per_s",
         ratio_key="deliver_ratio",
     ),
+    F(
+        "single-message publishes/s",
+        "bus_single_publish_per_s",
+        True,
+        "/s",
+        peer_key="jetstream_single_publish_per_s",
+        ratio_key="single_publish_ratio",
+    ),
+    F(
+        "publish msgs/s",
+        "bus_publish_per_s",
+        True,
+        "/s",
+        peer_key="rabbitmq_publish_per_s",
+        ratio_key="rabbitmq_publish_ratio",
+        peer="RabbitMQ",
+    ),
+    F(
+        "deliver + ack msgs/s",
+        "bus_deliver_per_s",
+        True,
+        "/s",
+        peer_key="rabbitmq_deliver_per_s",
+        ratio_key="rabbitmq_deliver_ratio",
+        peer="RabbitMQ",
+    ),
+    F(
+        "single-message publishes/s",
+        "bus_single_publish_per_s",
+        True,
+        "/s",
+        peer_key="rabbitmq_single_publish_per_s",
+        ratio_key="rabbitmq_single_publish_ratio",
+        peer="RabbitMQ",
+    ),
     F("publish → delivery p99 at 1k msgs/s", "p99_ms_at_1k", False, "ms", limit=20.0),
 )
 
@@ -239,9 +274,7 @@ BENCHES: tuple[Bench, ...] = (
         ("etcd", "postgresql"),
         "Registry (PostgreSQL) vs etcd",
     ),
-    Bench(
-        "bus", "bench_bus.py", (), "NATS JetStream", _BUS_FIGURES, ("nats",), "Bus (SQLite) vs NATS JetStream"
-    ),
+    Bench("bus", "bench_bus.py", (), "NATS JetStream", _BUS_FIGURES, ("nats",), "Bus (SQLite)"),
     Bench(
         "saga",
         "bench_saga.py",
