@@ -2,8 +2,9 @@
 
 The handler gets a :class:`Received` (the message and its attempt). Returning
 acks the message; raising :class:`Terminate` dead-letters it at once; any other
-exception naks it (the Bus redelivers after its backoff, then dead-letters
-after ``max_deliveries``). Acks are gathered and sent in batches. When the
+exception naks it with ``"<ExceptionType>: <message>"`` as the nak's error
+(the Bus redelivers after its backoff, then dead-letters after
+``max_deliveries``; the dead letter shows the last error). Acks are gathered and sent in batches. When the
 stream breaks (Bus restart, network) the subscriber reopens it with backoff;
 deliveries that were in flight come back, so handlers must be idempotent
 (at-least-once). Once the subscription has been opened, the subscriber never
@@ -51,6 +52,15 @@ logger = logging.getLogger(__name__)
 M = TypeVar("M", bound=Message)
 
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
+
+MAX_ERROR_BYTES = 1024
+"""Longest nak error the Bus takes (UTF-8 bytes; BusLimits.max_error_bytes)."""
+
+
+def nak_error(exc: BaseException) -> str:
+    """The nak error for a handler's exception: ``"<type>: <message>"``, cut to :data:`MAX_ERROR_BYTES`."""
+    text = f"{type(exc).__name__}: {exc}"
+    return text.encode()[:MAX_ERROR_BYTES].decode(errors="ignore")
 
 
 class Terminate(RpcMeshError):
@@ -299,9 +309,10 @@ class Subscriber:
                 )
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception as exc:
                 logger.exception("handler failed on %s#%d", ref.topic, ref.sequence)
-                requests.put_nowait(bus_pb2.SubscribeRequest(nak=bus_pb2.Nak(refs=[ref])))
+                nak = bus_pb2.Nak(refs=[ref], error=nak_error(exc))
+                requests.put_nowait(bus_pb2.SubscribeRequest(nak=nak))
             else:
                 acks.append(ref)
                 ack_ready.set()
