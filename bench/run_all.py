@@ -503,16 +503,20 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
             if row is None or not row["score"]:
                 continue
             against = f"vs {figure.peer or bench.peer}" if figure.peer_key else "vs goal"
-            labels.append(f"{bench.title or bench.id}: {figure.label} ({against})")
+            label = figure.label if len(figure.label) <= 48 else figure.label[:47] + "…"
+            labels.append(f"{bench.title or bench.id}: {label} ({against})")
             scores.append(row["score"])
     if not labels:
         return
-    fig, ax = plt.subplots(figsize=(11, 0.38 * len(labels) + 1.6))
+    fig, ax = plt.subplots(figsize=(13, 0.3 * len(labels) + 1.6))
     ax.barh(labels, scores, color=["tab:green" if s >= 1 else "tab:red" for s in scores])
     ax.axvline(1.0, color="black", linewidth=1)
     ax.set_xscale("log")
-    ax.set_xlabel("rpcmesh relative to its peer's figure (or its goal), log scale; right of the line: ahead")
-    ax.set_title(f"rpcmesh vs its peers, {time.strftime('%Y-%m-%d', time.gmtime())} (loaded 2-core machine)")
+    ax.set_xlabel("rpcmesh ÷ peer (or ÷ goal), oriented so that right of 1 = ahead; log scale", fontsize=9)
+    ax.set_title(
+        f"rpcmesh vs its peers, {time.strftime('%Y-%m-%d', time.gmtime())} (loaded 2-core machine)",
+        fontsize=10,
+    )
     ax.tick_params(axis="y", labelsize=8)
     ax.invert_yaxis()
     fig.tight_layout()
