@@ -10,6 +10,9 @@ from rpcmesh.cli.common import CliError, CommandFailed, add_target_arguments, pa
 from rpcmesh.cli.output import is_json_content, print_json, print_table
 from rpcmesh.v1 import bus_pb2, bus_pb2_grpc
 
+LAST_ERROR_WIDTH = 60
+"""Characters of a dead letter's last error shown in the list table."""
+
 
 def register(commands: Any) -> None:
     """Add `rpcmesh dead-letters` and its subcommands to the CLI."""
@@ -125,19 +128,26 @@ def run_list(args: argparse.Namespace) -> int:
         print_json(merged)
     else:
         print_table(
-            ["sequence", "message", "attempts", "reason", "dead_at"],
+            ["sequence", "message", "attempts", "reason", "last_error", "dead_at"],
             [
                 [
                     d.dead_letter_sequence,
                     f"{d.message.topic}#{d.message.sequence}",
                     d.attempts,
                     d.reason,
+                    _one_line(d.last_error) or "-",
                     d.dead_at.ToJsonString(),
                 ]
                 for d in merged.dead_letters
             ],
         )
     return 0
+
+
+def _one_line(text: str, width: int = LAST_ERROR_WIDTH) -> str:
+    """``text`` on one line, cut to ``width`` characters (``show`` prints it whole)."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 3] + "..."
 
 
 def run_show(args: argparse.Namespace) -> int:
@@ -161,6 +171,7 @@ def run_show(args: argparse.Namespace) -> int:
     message = found.message
     print(f"dead letter {found.dead_letter_sequence}  group {found.group}  attempts {found.attempts}")
     print(f"reason: {found.reason}")
+    print(f"last error: {found.last_error or '-'}")
     print(f"dead at: {found.dead_at.ToJsonString()}")
     print(f"message: {message.topic}#{message.sequence}  id {message.id}  key {message.key or '-'}")
     print(f"published: {message.publish_time.ToJsonString()}  content type {message.content_type or '-'}")
