@@ -235,13 +235,22 @@ BENCHES: tuple[Bench, ...] = (
                 ratio_goal=0.90,
                 peer="telemetry off",
             ),
+            F(
+                "client CPU per call",
+                "mesh_client_cpu_us_per_call",
+                False,
+                "µs",
+                peer_key="raw_client_cpu_us_per_call",
+                ratio_key="client_cpu_ratio",
+                ratio_goal=1.10,
+            ),
         ),
         title="Mesh channel vs raw grpc.aio",
     ),
     Bench(
         "tracing",
         "bench_tracing.py",
-        ("--floor",),
+        ("--floor", "--official", "--sampled"),
         "telemetry off",
         (
             F(
@@ -252,6 +261,21 @@ BENCHES: tuple[Bench, ...] = (
                 peer_key="off_calls_per_s",
                 ratio_key="tracing_throughput_ratio",
                 ratio_goal=0.90,
+            ),
+            F(
+                "tracing ratio ÷ the official instrumentation's ratio (full sampling)",
+                "tracing_throughput_ratio",
+                True,
+                peer_key="official_throughput_ratio",
+                ratio_key="rpcmesh_vs_official",
+                ratio_goal=1.6,
+                peer="opentelemetry-instrumentation-grpc",
+            ),
+            F(
+                "calls/s ratio, parent-based 1 % sampling + metrics ÷ off",
+                "sampled_1pct_throughput_ratio",
+                True,
+                limit=0.90,
             ),
         ),
         title="Tracing overhead",
@@ -275,6 +299,15 @@ BENCHES: tuple[Bench, ...] = (
         "Registry (PostgreSQL) vs etcd",
     ),
     Bench("bus", "bench_bus.py", (), "NATS JetStream", _BUS_FIGURES, ("nats",), "Bus (SQLite)"),
+    Bench(
+        "bus_nats",
+        "bench_bus.py",
+        ("--backend", "nats"),
+        "NATS JetStream",
+        _BUS_FIGURES,
+        ("nats",),
+        "Bus (--bus nats) vs raw nats-py",
+    ),
     Bench(
         "saga",
         "bench_saga.py",
@@ -333,7 +366,20 @@ BENCHES: tuple[Bench, ...] = (
         "bench_eventstore.py",
         (),
         "eventsourcing",
-        _eventstore_figures("sqlite") + _eventstore_figures("postgresql"),
+        _eventstore_figures("sqlite")
+        + _eventstore_figures("postgresql")
+        + (
+            F(
+                "PostgreSQL ÷ SQLite single-event appends/s (same run)",
+                "rpcmesh_postgresql_single_appends_per_s",
+                True,
+                "/s",
+                peer_key="rpcmesh_sqlite_single_appends_per_s",
+                ratio_key="postgresql_vs_sqlite_single_ratio",
+                ratio_goal=0.8,
+                peer="rpcmesh on SQLite",
+            ),
+        ),
         ("postgresql",),
         "EventStore vs eventsourcing",
     ),
