@@ -69,8 +69,8 @@ class RawSubscriber:
     def ack(self, deliveries: list[bus_pb2.Delivery]) -> None:
         self._requests.put_nowait(bus_pb2.SubscribeRequest(ack=bus_pb2.Ack(refs=self.refs(deliveries))))
 
-    def nak(self, deliveries: list[bus_pb2.Delivery], delay_ms: int = 0) -> None:
-        nak = bus_pb2.Nak(refs=self.refs(deliveries))
+    def nak(self, deliveries: list[bus_pb2.Delivery], delay_ms: int = 0, error: str = "") -> None:
+        nak = bus_pb2.Nak(refs=self.refs(deliveries), error=error)
         if delay_ms:
             nak.delay.FromMilliseconds(delay_ms)
         self._requests.put_nowait(bus_pb2.SubscribeRequest(nak=nak))
