@@ -143,3 +143,26 @@ def test_a_dead_letter_replayed_into_another_group_is_done_at_once() -> None:
     state.add_read([replayed, mine], 2)
     assert seqs(state.take("m", 5, 0.0, POLICY)) == [2]
     assert state.ack_floor == 1
+
+
+def test_last_error_is_the_last_naks_or_the_deadline() -> None:
+    state = GroupState(ack_floor=0)
+    state.add_read(msgs(1, 2, 3), 3)
+    state.take("m", 3, 0.0, POLICY)
+    assert state.nak(1, 0.0, 0.0, "e1") is None
+    assert state.nak(2, 0.0, 0.0, "b1") is None
+    state.take("m", 2, 0.0, POLICY)
+    assert state.nak(1, 0.0, 0.0, "e2") is None
+    term = state.term(2, "bad payload")
+    assert term is not None and (term.reason, term.last_error) == ("bad payload", "b1")
+    (entry,) = state.take("m", 1, 0.0, POLICY)
+    assert entry.sequence == 1 and entry.attempts == 3
+    dead = state.nak(1, 0.0, 0.0, "e3")
+    assert dead is not None and (dead.reason, dead.attempts, dead.last_error) == ("max_deliveries", 3, "e3")
+    # Message 3 was taken at 0.0 and never answered: its deadline (10 s) passes on every attempt.
+    assert state.expire(10.0) == []
+    assert seqs(state.take("m", 1, 20.0, POLICY)) == [3]
+    assert state.expire(30.0) == []
+    assert seqs(state.take("m", 1, 40.0, POLICY)) == [3]
+    (late,) = state.expire(50.0)
+    assert (late.reason, late.attempts, late.last_error) == ("max_deliveries", 3, "ack deadline passed")
