@@ -2,9 +2,9 @@
 
 Embedded: one `rpcmesh up` on SQLite, stopped 10 times at random moments, SIGTERM and
 kill -9 alternating. Scale-out: two nodes on PostgreSQL + NATS JetStream, stopped
-alternately 10 times (RPCMESH_SOAK_RESTARTS changes the number). The invariants are listed in ``harness.py``; a failure prints the
-seed and the schedule, and ``RPCMESH_SOAK_SEED=<seed>`` replays that schedule.
-The longer version is ``scripts/soak.py``.
+alternately 10 times (RPCMESH_SOAK_RESTARTS changes the number). The invariants are listed
+in ``harness.py``; a failure prints the seed and the schedule, and ``RPCMESH_SOAK_SEED=<seed>``
+replays that schedule. The longer version is ``scripts/soak.py``.
 """
 
 from __future__ import annotations
