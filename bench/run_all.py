@@ -445,6 +445,8 @@ def evaluate(figure: Figure, figures: dict[str, Any]) -> dict[str, Any] | None:
     if value is None:
         return None
     peer = _number(figures.get(figure.peer_key)) if figure.peer_key else None
+    if figure.peer_key and peer is None and figure.limit is None:
+        return None  # this run did not measure the peer (e.g. RabbitMQ in the --bus nats mode)
     ratio = _number(figures.get(figure.ratio_key)) if figure.ratio_key else None
     if ratio is None and peer:
         ratio = value / peer
