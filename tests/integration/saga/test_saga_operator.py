@@ -336,9 +336,8 @@ async def test_a_saga_in_another_state_is_refused(plane: Plane) -> None:
     assert after == saga
 
 
+@pytest.mark.parametrize("plane", ["sqlite"], indirect=True)  # the CLI is the same against either store
 async def test_cli_retry_compensation_and_resolve(plane: Plane) -> None:
-    if plane.mode != "sqlite":
-        pytest.skip("the CLI is the same against either store; run once")
     retry_id = await failed_saga(plane, "fix-cli-retry")
     resolve_id = await failed_saga(plane, "fix-cli-resolve")
     plane.fix_participant()
