@@ -53,6 +53,9 @@ M = TypeVar("M", bound=Message)
 
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
 
+HEALTHY_STREAM_S = 1.0
+"""A stream open at least this long worked: the reconnect delay after it starts again from the first."""
+
 MAX_ERROR_BYTES = 1024
 """Longest nak error the Bus takes (UTF-8 bytes; BusLimits.max_error_bytes)."""
 
@@ -178,6 +181,7 @@ class Subscriber:
         self.handler = handler
         self._task: asyncio.Task[None] | None = None
         self._opened = asyncio.Event()
+        self._opened_at: float | None = None
         self._ever_opened = False
         self.error: StatusError | None = None
         """The last error that ended a stream."""
@@ -229,22 +233,32 @@ class Subscriber:
         A stream that ends or fails in any other way than a status (e.g. an
         ``asyncio.InvalidStateError`` from a call that already finished) counts as broken.
         """
+        loop = asyncio.get_running_loop()
         delay = self.config.reconnect_backoff
         while True:
+            self._opened_at = None
+            why = "ended"
             try:
                 await self._run_once()
-                delay = self.config.reconnect_backoff
             except grpc.aio.AioRpcError as exc:
                 self.error = from_rpc_error(exc)
                 if exc.code() not in RETRYABLE:
                     raise self.error from exc
-                logger.info(
-                    "bus subscription to %s broke (%s); reopening", self.config.topic, exc.code().name
-                )
+                why = exc.code().name
             except (asyncio.InvalidStateError, grpc.RpcError) as exc:
-                logger.info("bus subscription to %s broke (%r); reopening", self.config.topic, exc)
+                why = repr(exc)
             finally:
                 self._opened.clear()
+            opened_for = loop.time() - self._opened_at if self._opened_at is not None else 0.0
+            if opened_for >= HEALTHY_STREAM_S:
+                delay = self.config.reconnect_backoff  # it worked: a new outage starts a new backoff
+            logger.info(
+                "bus subscription to %s broke (%s) after %.1fs open; reopening in %.2fs",
+                self.config.topic,
+                why,
+                opened_for,
+                delay,
+            )
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
 
@@ -325,6 +339,7 @@ class Subscriber:
             async for response in call:
                 if response.opened:
                     self._ever_opened = True
+                    self._opened_at = asyncio.get_running_loop().time()
                     self._opened.set()
                 for delivery in response.deliveries:
                     await slots.acquire()
