@@ -57,6 +57,7 @@ from rpcmesh.errors import (
 )
 from rpcmesh.tasks import stop_tasks
 from rpcmesh.telemetry import get_telemetry
+from rpcmesh.telemetry.propagation import PROPAGATED_KEYS
 from rpcmesh.v1 import bus_pb2
 
 logger = logging.getLogger(__name__)
@@ -283,7 +284,7 @@ class Broker:
             if item.last_error:
                 headers["rpcmesh-dead-last-error"] = item.last_error
             # The trace and correlation id of the message travel on with its dead letter.
-            for key in ("traceparent", "tracestate", "baggage", "x-correlation-id"):
+            for key in PROPAGATED_KEYS:
                 if key in item.message.headers:
                     headers[key] = item.message.headers[key]
             letters.append(

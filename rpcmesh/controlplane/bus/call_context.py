@@ -16,21 +16,20 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from rpcmesh.telemetry.correlation import CORRELATION_METADATA_KEY as CORRELATION_KEY
+from rpcmesh.telemetry.propagation import PROPAGATED_KEYS
 from rpcmesh.v1 import bus_pb2
 
-TRACE_KEYS = ("traceparent", "tracestate", "baggage")
+TRACE_KEYS = PROPAGATED_KEYS - {CORRELATION_KEY}
 """W3C trace context and baggage: copied as one set."""
-
-CORRELATION_KEY = "x-correlation-id"
 
 
 def call_trace_headers(metadata: Iterable[Any] | None) -> dict[str, str]:
     """The trace and correlation keys of a call's metadata (text values only)."""
-    wanted = (*TRACE_KEYS, CORRELATION_KEY)
     found: dict[str, str] = {}
     for item in metadata or ():
         key, value = item[0], item[1]
-        if key in wanted and isinstance(value, str) and value and key not in found:
+        if key in PROPAGATED_KEYS and isinstance(value, str) and value and key not in found:
             found[key] = value
     return found
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from rpcmesh.controlplane.eventstore.model import (
     ANY,
@@ -175,14 +174,17 @@ def repeated_id(events: Sequence[NewEvent]) -> tuple[int, int] | None:
     return None
 
 
-class Waiting(Protocol):
-    """A queued append as the writer sees it: the caller waits on ``future``."""
+class QueuedAppend:
+    """An append waiting in a node's queue for its group commit: the caller waits on ``future``."""
 
-    @property
-    def future(self) -> asyncio.Future[AppendResult]: ...  # noqa: D102
+    __slots__ = ("future", "pending")
+
+    def __init__(self, pending: PendingAppend, future: asyncio.Future[AppendResult]) -> None:
+        self.pending = pending
+        self.future = future
 
 
-def settle(group: Sequence[Waiting], outcomes: Sequence[AppendResult | Exception]) -> None:
+def settle(group: Sequence[QueuedAppend], outcomes: Sequence[AppendResult | Exception]) -> None:
     """Hand each waiting caller its append's outcome (a caller that gave up is skipped)."""
     for item, outcome in zip(group, outcomes, strict=True):
         if item.future.done():
@@ -193,7 +195,7 @@ def settle(group: Sequence[Waiting], outcomes: Sequence[AppendResult | Exception
             item.future.set_result(outcome)
 
 
-def fail(group: Sequence[Waiting], error: BaseException) -> None:
+def fail(group: Sequence[QueuedAppend], error: BaseException) -> None:
     """Fail every caller of ``group`` still waiting: the writer cannot finish it.
 
     A cancellation (the store closing) is reported as ``event store closed``.

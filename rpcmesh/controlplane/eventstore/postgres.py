@@ -30,7 +30,15 @@ import psycopg.errors
 from psycopg import AsyncConnection, AsyncCursor, AsyncPipeline
 from psycopg_pool import AsyncConnectionPool
 
-from rpcmesh.controlplane.eventstore.group import PendingAppend, Row, fail, group_size, plan_group, settle
+from rpcmesh.controlplane.eventstore.group import (
+    PendingAppend,
+    QueuedAppend,
+    Row,
+    fail,
+    group_size,
+    plan_group,
+    settle,
+)
 from rpcmesh.controlplane.eventstore.model import (
     AppendResult,
     NewEvent,
@@ -119,14 +127,6 @@ def _columns_of(rows: Sequence[Row]) -> tuple[Any, ...]:
     )
 
 
-class _Append:
-    __slots__ = ("future", "pending")
-
-    def __init__(self, pending: PendingAppend, future: asyncio.Future[AppendResult]) -> None:
-        self.pending = pending
-        self.future = future
-
-
 class PostgresEventStorage:
     """EventStorage in PostgreSQL tables ``es_events`` and ``es_head``."""
 
@@ -134,7 +134,7 @@ class PostgresEventStorage:
         self.url = url
         self._pool = AsyncConnectionPool(url, min_size=1, max_size=max_connections, open=False)
         self._signal = AppendSignal()
-        self._queue: list[_Append] = []
+        self._queue: list[QueuedAppend] = []
         self._wake = asyncio.Event()
         self._writer_task: asyncio.Task[None] | None = None
         self._closed = False
@@ -175,7 +175,7 @@ class PostgresEventStorage:
         if self._closed:
             raise RuntimeError("event store closed")
         future: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Append(PendingAppend(stream, expected, events), future))
+        self._queue.append(QueuedAppend(PendingAppend(stream, expected, events), future))
         self._wake.set()
         return await future
 
@@ -195,7 +195,7 @@ class PostgresEventStorage:
                     fail(group, exc)
                     raise
 
-    async def _commit_taken(self, group: list[_Append]) -> None:
+    async def _commit_taken(self, group: list[QueuedAppend]) -> None:
         try:
             outcomes, head = await self._commit_group([item.pending for item in group])
         except psycopg.OperationalError as exc:  # outcome unknown (connection): no replay
@@ -206,7 +206,7 @@ class PostgresEventStorage:
             return
         self._settle(group, outcomes, head)
 
-    async def _commit_alone(self, group: list[_Append]) -> None:
+    async def _commit_alone(self, group: list[QueuedAppend]) -> None:
         for item in group:
             try:
                 outcomes, head = await self._commit_group([item.pending])
@@ -216,7 +216,7 @@ class PostgresEventStorage:
                 continue
             self._settle([item], outcomes, head)
 
-    def _settle(self, group: list[_Append], outcomes: list[AppendResult | Exception], head: int) -> None:
+    def _settle(self, group: list[QueuedAppend], outcomes: list[AppendResult | Exception], head: int) -> None:
         self._signal.advance(head)
         settle(group, outcomes)
 

@@ -20,7 +20,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from rpcmesh.controlplane.eventstore.group import PendingAppend, fail, group_size, plan_group, settle
+from rpcmesh.controlplane.eventstore.group import (
+    PendingAppend,
+    QueuedAppend,
+    fail,
+    group_size,
+    plan_group,
+    settle,
+)
 from rpcmesh.controlplane.eventstore.model import (
     AppendResult,
     NewEvent,
@@ -86,16 +93,6 @@ def _connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
-class _Append:
-    __slots__ = ("events", "expected", "future", "stream")
-
-    def __init__(self, stream: str, expected: int, events: Sequence[NewEvent], future: asyncio.Future[Any]):
-        self.stream = stream
-        self.expected = expected
-        self.events = events
-        self.future = future
-
-
 class SqliteEventStorage:
     """EventStorage in one SQLite file."""
 
@@ -105,7 +102,7 @@ class SqliteEventStorage:
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eventstore-read")
         self._write_conn: sqlite3.Connection | None = None
         self._read_conn: sqlite3.Connection | None = None
-        self._queue: list[_Append] = []
+        self._queue: list[QueuedAppend] = []
         self._wake = asyncio.Event()
         self._writer_task: asyncio.Task[None] | None = None
         self._signal = AppendSignal()
@@ -152,7 +149,7 @@ class SqliteEventStorage:
         if self._closed:
             raise RuntimeError("event store closed")
         future: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Append(stream, expected, events, future))
+        self._queue.append(QueuedAppend(PendingAppend(stream, expected, events), future))
         self._wake.set()
         return await future
 
@@ -164,7 +161,7 @@ class SqliteEventStorage:
             await self._wake.wait()
             self._wake.clear()
             while self._queue:
-                take = group_size([len(item.events) for item in self._queue])
+                take = group_size([len(item.pending.events) for item in self._queue])
                 group, self._queue = self._queue[:take], self._queue[take:]
                 try:
                     await self._commit_taken(group)
@@ -172,33 +169,33 @@ class SqliteEventStorage:
                     fail(group, exc)
                     raise
 
-    async def _commit_taken(self, group: list[_Append]) -> None:
+    async def _commit_taken(self, group: list[QueuedAppend]) -> None:
         try:
-            outcomes, head = await self._in(self._writer, self._commit_group, group)
+            pending = [item.pending for item in group]
+            outcomes, head = await self._in(self._writer, self._commit_group, pending)
         except Exception as exc:  # the transaction failed: retry each append alone
             if len(group) == 1:
-                if not group[0].future.done():
-                    group[0].future.set_exception(exc)
+                fail(group, exc)
                 return
             await self._commit_alone(group)
             return
         self._settle(group, outcomes, head)
 
-    async def _commit_alone(self, group: list[_Append]) -> None:
+    async def _commit_alone(self, group: list[QueuedAppend]) -> None:
         for item in group:
             try:
-                outcomes, head = await self._in(self._writer, self._commit_group, [item])
+                outcomes, head = await self._in(self._writer, self._commit_group, [item.pending])
             except Exception as exc:
                 if not item.future.done():
                     item.future.set_exception(exc)
                 continue
             self._settle([item], outcomes, head)
 
-    def _settle(self, group: list[_Append], outcomes: list[AppendResult | Exception], head: int) -> None:
+    def _settle(self, group: list[QueuedAppend], outcomes: list[AppendResult | Exception], head: int) -> None:
         self._signal.advance(head)
         settle(group, outcomes)
 
-    def _commit_group(self, group: list[_Append]) -> tuple[list[AppendResult | Exception], int]:
+    def _commit_group(self, group: list[PendingAppend]) -> tuple[list[AppendResult | Exception], int]:
         conn = self._write_conn
         assert conn is not None
         conn.execute("BEGIN IMMEDIATE")
@@ -221,12 +218,7 @@ class SqliteEventStorage:
                         (item.stream, *chunk),
                     ):
                         stored[(item.stream, event_id)] = (int(revision), int(position))
-            plan = plan_group(
-                [PendingAppend(item.stream, item.expected, item.events) for item in group],
-                head,
-                currents,
-                stored,
-            )
+            plan = plan_group(group, head, currents, stored)
             now = time.time()
             conn.executemany(
                 "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
