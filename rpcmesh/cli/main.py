@@ -79,7 +79,17 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--store", default=os.environ.get("RPCMESH_STORE"), help="postgresql://... (env RPCMESH_STORE)"
     )
-    up.add_argument("--bus", default=os.environ.get("RPCMESH_BUS"), help="nats://... (env RPCMESH_BUS)")
+    up.add_argument(
+        "--bus",
+        default=os.environ.get("RPCMESH_BUS"),
+        help="nats://... (several servers of one cluster: comma-separated; env RPCMESH_BUS)",
+    )
+    up.add_argument(
+        "--bus-replicas",
+        type=int,
+        default=int(os.environ.get("RPCMESH_BUS_REPLICAS", "1")),
+        help="replicas of each JetStream stream the Bus creates (env RPCMESH_BUS_REPLICAS; default 1)",
+    )
     up.add_argument(
         "--grace",
         type=float,
@@ -173,6 +183,7 @@ def run_up(args: argparse.Namespace) -> int:
             data_dir=args.data_dir,
             store=args.store,
             bus=args.bus,
+            bus_replicas=args.bus_replicas,
             grace=args.grace,
             allow_addresses=tuple(args.allow_address or ()),
             allow_link_local_addresses=args.allow_link_local_addresses,

@@ -79,7 +79,11 @@ class ControlPlaneConfig:
     """``postgresql://…`` to keep Registry, EventStore and sagas in PostgreSQL; None for SQLite."""
 
     bus: str | None = None
-    """``nats://…`` to run the Bus on NATS JetStream; None for the embedded SQLite log."""
+    """``nats://…`` to run the Bus on NATS JetStream; None for the embedded SQLite log. Several servers
+    of one cluster: comma-separated URLs (``nats://a:4222,nats://b:4222``)."""
+
+    bus_replicas: int = 1
+    """Replicas of each JetStream stream the Bus creates (3 on a 3-server cluster survives one server)."""
 
     grace: float = 5.0
     """Seconds in-flight calls get to finish on shutdown (open streams are ended at once).
@@ -126,6 +130,8 @@ class ControlPlaneConfig:
         if self.close_timeout <= 0:
             raise ValueError(f"close_timeout: must be > 0, got {self.close_timeout}")
         self.address_policy  # noqa: B018 - validates the allow-list (ValueError naming the entry)
+        if not 1 <= self.bus_replicas <= 5:
+            raise ValueError(f"bus_replicas: must be 1-5, got {self.bus_replicas}")
         for name in ("bus_max_topics", "bus_max_groups"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
@@ -154,6 +160,7 @@ class ControlPlaneConfig:
             data_dir=Path(env.get("RPCMESH_DATA_DIR", ".rpcmesh")),
             store=env.get("RPCMESH_STORE") or None,
             bus=env.get("RPCMESH_BUS") or None,
+            bus_replicas=int(env.get("RPCMESH_BUS_REPLICAS", "1")),
             grace=float(env.get("RPCMESH_GRACE", "5")),
             security=SecuritySettings.from_env(env),
             coordinator=CoordinatorIdentity.from_env(env),

@@ -26,7 +26,7 @@ def make_store(config: ControlPlaneConfig) -> BusStore:
     if config.bus is not None:
         from rpcmesh.controlplane.bus.nats_store import NatsBusStore
 
-        return NatsBusStore(config.bus)
+        return NatsBusStore(config.bus, replicas=config.bus_replicas)
     from rpcmesh.controlplane.bus.sqlite_store import SqliteBusStore
 
     return SqliteBusStore(config.data_dir / "bus.db")

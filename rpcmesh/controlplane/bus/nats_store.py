@@ -91,9 +91,10 @@ class _TopicCache:
 class NatsBusStore:
     """The Bus log on NATS JetStream (see module docstring)."""
 
-    def __init__(self, url: str, *, dedup_window: float = DEFAULT_DEDUP_WINDOW) -> None:
+    def __init__(self, url: str, *, dedup_window: float = DEFAULT_DEDUP_WINDOW, replicas: int = 1) -> None:
         self.url = url
         self.dedup_window = dedup_window
+        self.replicas = replicas
         self._nc: Any = None
         self._js: Any = None
         self._consumers: weakref.WeakSet[jetstream_group.JetStreamGroupConsumer] = weakref.WeakSet()
@@ -111,7 +112,8 @@ class NatsBusStore:
     async def open(self) -> None:
         """Connect and load topics."""
         try:
-            self._nc = await nats.connect(self.url, connect_timeout=5, max_reconnect_attempts=-1)
+            servers = [part.strip() for part in self.url.split(",") if part.strip()]
+            self._nc = await nats.connect(servers, connect_timeout=5, max_reconnect_attempts=-1)
         except Exception as exc:
             raise UnavailableError(f"bus: cannot connect to NATS at {self.url}: {exc}") from exc
         self._js = self._nc.jetstream(publish_async_max_pending=20_000)
@@ -189,6 +191,7 @@ class NatsBusStore:
             description=topic,
             subjects=[subject(topic)],
             storage=api.StorageType.FILE,
+            num_replicas=self.replicas,
             max_msgs=retention.max_messages or -1,
             max_bytes=retention.max_bytes or -1,
             max_age=retention.max_age or 0.0,
