@@ -20,26 +20,21 @@ import asyncio
 import collections
 import contextlib
 import contextvars
-import hashlib
-import itertools
-import json
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from rpcmesh.controlplane.eventstore.model import (
     NO_STREAM,
-    NewEvent,
     StoredEvent,
     WrongExpectedVersion,
-    compact_json,
 )
 from rpcmesh.controlplane.eventstore.storage import EventStorage
 from rpcmesh.controlplane.saga import machine
 from rpcmesh.controlplane.saga.definition import step_timeout, validate_definition, validate_input
+from rpcmesh.controlplane.saga.definitions import DefinitionBook
 from rpcmesh.controlplane.saga.invoker import (
     CORRELATION_ID_KEY,
     IDEMPOTENCY_KEY,
@@ -51,13 +46,19 @@ from rpcmesh.controlplane.saga.invoker import (
     StepInvoker,
 )
 from rpcmesh.controlplane.saga.machine import SagaEvent, SagaView
+from rpcmesh.controlplane.saga.records import (
+    DEFINITION_STREAM_PREFIX,
+    SAGA_STREAM_PREFIX,
+    from_stored,
+    saga_id_for_key,
+    saga_stream,
+    to_stored,
+)
 from rpcmesh.controlplane.saga.tracing import saga_correlation_id, saga_outcome, step_scope
 from rpcmesh.controlplane.saga.wire import WireError
 from rpcmesh.errors import (
-    AlreadyExistsError,
     FailedPreconditionError,
     NotFoundError,
-    invalid_argument,
     status_code_name,
 )
 from rpcmesh.tasks import stop_tasks
@@ -65,48 +66,6 @@ from rpcmesh.telemetry import Telemetry, get_telemetry, inject_metadata
 from rpcmesh.v1 import saga_pb2 as pb
 
 logger = logging.getLogger(__name__)
-
-SAGA_STREAM_PREFIX = "saga-"
-DEFINITION_STREAM_PREFIX = "sagadef-"
-DEFINITION_REGISTERED = "DefinitionRegistered"
-_JSON = "application/json"
-_KEY_NAMESPACE = uuid.UUID("6f1c1d52-7d8e-4a8e-9a51-3b1f3c7d2e10")
-
-
-def saga_stream(saga_id: str) -> str:
-    """The EventStore stream of a saga."""
-    return SAGA_STREAM_PREFIX + saga_id
-
-
-def saga_id_for_key(idempotency_key: str) -> str:
-    """Same client key, same saga id: the stream itself makes StartSaga idempotent."""
-    return uuid.uuid5(_KEY_NAMESPACE, idempotency_key).hex
-
-
-# Event ids: a random prefix per process plus a counter, unique without a uuid4 (a
-# syscall) per event. Never derived from the revision: after a write conflict a
-# different event may take that revision, and the store would drop it as a duplicate.
-_ID_PREFIX = uuid.uuid4().hex
-_id_counter = itertools.count(1)
-
-
-def to_stored(event: SagaEvent) -> NewEvent:
-    """A saga event as an EventStore event (JSON body; the time travels in the body)."""
-    body = {"time": event.time, **event.data}
-    return NewEvent(
-        event_id=f"{_ID_PREFIX}-{next(_id_counter)}",
-        event_type=event.kind,
-        data=compact_json(body).encode(),
-        content_type=_JSON,
-    )
-
-
-def from_stored(event: StoredEvent) -> SagaEvent:
-    """Inverse of :func:`to_stored`."""
-    body = json.loads(event.data)
-    when = float(body.pop("time", event.recorded_at))
-    return SagaEvent(event.event_type, body, when)
-
 
 # Finished sagas whose recorded transitions stay in memory for WatchSaga; older
 # ones are read back from their stream when watched.
@@ -164,18 +123,22 @@ class SagaEngine:
         # A MeshStepInvoker's mesh writes trace headers per attempt itself when tracing is on.
         self._invoker_injects = bool(getattr(invoker, "injects_trace_context", False))
         self._sagas: dict[str, _Saga] = {}
-        self._definitions: dict[str, list[pb.SagaDefinition]] = {}
-        self._def_lock = asyncio.Lock()
-        # id() of every stored definition version (kept alive in _definitions) -> its encoded
-        # form for SagaStarted: a registered definition is validated and serialized once.
-        self._stored_definitions: dict[int, str] = {}
+        self.definitions = DefinitionBook(storage)
         self._stopping = False
         self._recent_finished: collections.deque[str] = collections.deque()
         # Several nodes on one store: see the "shared store" section at the end of the class.
-        self.shared = False
         self.driving = True
         self.lease: Callable[[], bool] | None = None
         self._failed: set[str] = set()  # sagas whose runner ended on an error
+
+    @property
+    def shared(self) -> bool:
+        """Several coordinators share this engine's (PostgreSQL) store."""
+        return self.definitions.shared
+
+    @shared.setter
+    def shared(self, value: bool) -> None:
+        self.definitions.shared = value
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -183,7 +146,7 @@ class SagaEngine:
         """Load definitions and sagas from the EventStore (:meth:`resume_all` runs the unfinished)."""
         for stream, events in (await self._load_streams(DEFINITION_STREAM_PREFIX)).items():
             name = stream.removeprefix(DEFINITION_STREAM_PREFIX)
-            self._definitions[name] = [self._keep(pb.SagaDefinition.FromString(e.data)) for e in events]
+            self.definitions.load(name, events)
         for events in (await self._load_streams(SAGA_STREAM_PREFIX)).values():
             self._adopt(events)
 
@@ -228,78 +191,6 @@ class SagaEngine:
         """Cancel every saga's runner and wait until each has ended."""
         await stop_tasks([s.task for s in self._sagas.values() if s.task is not None])
 
-    # -- definitions ----------------------------------------------------------------------------
-
-    async def register_definition(self, definition: pb.SagaDefinition) -> pb.SagaDefinition:
-        """Store a new version (or return the identical one already stored)."""
-        validate_definition(definition)
-        try:
-            return await self._register_definition(definition)
-        except WrongExpectedVersion:
-            # Shared store: another node registered a version of this name at the same moment.
-            return await self._register_definition(definition)
-
-    async def _register_definition(self, definition: pb.SagaDefinition) -> pb.SagaDefinition:
-        if self.shared:
-            await self.fetch_definitions(definition.name)
-        async with self._def_lock:
-            versions = self._definitions.get(definition.name, [])
-            if definition.version and definition.version <= len(versions):
-                existing = versions[definition.version - 1]
-                if existing == definition:
-                    return existing
-                raise AlreadyExistsError(
-                    f"definition.version: {definition.name} v{definition.version} exists with other content"
-                )
-            if definition.version and definition.version != len(versions) + 1:
-                raise invalid_argument("definition.version", f"next version is {len(versions) + 1} (or 0)")
-            stored = pb.SagaDefinition()
-            stored.CopyFrom(definition)
-            stored.version = len(versions) + 1
-            data = stored.SerializeToString(deterministic=True)
-            event = NewEvent(
-                # The content in the id: the same version registered twice at once (another node)
-                # is stored once, another content under that number conflicts instead.
-                event_id=f"v{stored.version}-{hashlib.sha256(data).hexdigest()[:16]}",
-                event_type=DEFINITION_REGISTERED,
-                data=data,
-                content_type="application/x-protobuf; messageType=rpcmesh.v1.SagaDefinition",
-            )
-            await self.storage.append(DEFINITION_STREAM_PREFIX + stored.name, len(versions) - 1, [event])
-            self._definitions[stored.name] = [*versions, self._keep(stored)]
-            return stored
-
-    def get_definition(self, name: str, version: int = 0, field: str = "name") -> pb.SagaDefinition:
-        """One version (0: latest); NOT_FOUND if absent."""
-        versions = self._definitions.get(name)
-        if not versions:
-            raise NotFoundError(f"{field}: no saga definition named {name!r}")
-        if version == 0:
-            return versions[-1]
-        if not 1 <= version <= len(versions):
-            raise NotFoundError(f"{name!r} has no version {version} (latest is {len(versions)})")
-        return versions[version - 1]
-
-    def _keep(self, definition: pb.SagaDefinition) -> pb.SagaDefinition:
-        """Note a stored (valid) definition version and its encoded form; returns it."""
-        self._stored_definitions[id(definition)] = machine.b64(definition.SerializeToString())
-        return definition
-
-    async def sync_definition(self, name: str, version: int) -> None:
-        """On a shared store, read a definition registered through another node that this one lacks.
-
-        A newer version of a name this node knows arrives with the log (within its poll interval).
-        """
-        if self.shared:
-            with contextlib.suppress(NotFoundError):
-                self.get_definition(name, version)
-                return
-            await self.fetch_definitions(name)
-
-    def list_definitions(self) -> list[pb.SagaDefinition]:
-        """Latest version of every definition, by name."""
-        return [self._definitions[name][-1] for name in sorted(self._definitions)]
-
     # -- sagas ----------------------------------------------------------------------------------
 
     async def start_saga(
@@ -314,7 +205,7 @@ class SagaEngine:
         started_by: str = "",
     ) -> tuple[SagaView, bool]:
         """Record SagaStarted plus the first step's start in one write, then run; (view, created)."""
-        encoded = self._stored_definitions.get(id(definition))
+        encoded = self.definitions.encoded(definition)
         if encoded is None:  # given inline (registered versions were validated when stored)
             validate_definition(definition)
         validate_input(input_data)
@@ -380,6 +271,35 @@ class SagaEngine:
 
     async def abort_saga(self, saga_id: str, reason: str) -> SagaView:
         """Record AbortRequested; the runner compensates what completed."""
+
+        def refusal(view: SagaView) -> str | None:
+            if view.state == pb.SAGA_STATE_RUNNING:
+                return None
+            state = pb.SagaState.Name(pb.SagaState.ValueType(view.state))
+            return f"saga {saga_id} is {state}; only a RUNNING saga can be aborted"
+
+        def event(view: SagaView) -> SagaEvent:
+            return SagaEvent(machine.ABORT_REQUESTED, {"reason": reason}, self.clock())
+
+        return await self.record_request(saga_id, refusal, event)
+
+    async def record_request(
+        self,
+        saga_id: str,
+        refusal: Callable[[SagaView], str | None],
+        make_event: Callable[[SagaView], SagaEvent],
+    ) -> SagaView:
+        """Append one requested transition (abort, an operator's action) to a saga, then wake its runner.
+
+        Under the saga's lock, ``refusal(view)`` says why the request does not apply to the saga as it
+        is now (FAILED_PRECONDITION with that text), else ``make_event(view)`` is written with the
+        expected revision; when another node wrote first the saga is reloaded and checked again. A
+        saga that the request reopens gets a runner again on the driving node.
+
+        Raises:
+            NotFoundError: no such saga.
+            FailedPreconditionError: ``refusal`` said why not.
+        """
         if self.shared:
             await self.fetch_saga(saga_id)
         saga = self._sagas.get(saga_id)
@@ -387,16 +307,20 @@ class SagaEngine:
             raise NotFoundError(f"saga_id: no saga {saga_id!r}")
         while True:
             async with saga.lock:
-                if saga.view.state != pb.SAGA_STATE_RUNNING:
-                    state = pb.SagaState.Name(pb.SagaState.ValueType(saga.view.state))
-                    raise FailedPreconditionError(
-                        f"saga {saga_id} is {state}; only a RUNNING saga can be aborted"
-                    )
-                event = SagaEvent(machine.ABORT_REQUESTED, {"reason": reason}, self.clock())
+                problem = refusal(saga.view)
+                if problem is not None:
+                    raise FailedPreconditionError(problem)
+                if saga.recorded is None:
+                    await self._reload(saga)  # trimmed from memory: the next transition needs them
+                    continue
                 try:
-                    await self._flush(saga, [event])
+                    await self._flush(saga, [make_event(saga.view)])
                 except WrongExpectedVersion:
                     continue  # another node wrote first: reloaded, check again
+                if not saga.view.finished:
+                    saga.done.clear()  # GetSaga/StartSaga long polls wait for the new end
+                    if self.driving and (saga.task is None or saga.task.done()):
+                        self._spawn(saga)
             saga.wake.set()
             return saga.view
 
@@ -685,26 +609,6 @@ class SagaEngine:
         if self.driving and self._without_runner(saga):
             self._spawn(saga)
 
-    async def fetch_definitions(self, name: str) -> None:
-        """Read versions of a definition registered through other nodes from a shared store."""
-        if self.shared:
-            events, _ = await self.storage.read_stream(
-                DEFINITION_STREAM_PREFIX + name,
-                len(self._definitions.get(name, [])),
-                backwards=False,
-                limit=1000,
-            )
-            for event in events:
-                await self.observe_definition(event)
-
-    async def observe_definition(self, event: StoredEvent) -> None:
-        """Take in a definition version registered through another node."""
-        stored = pb.SagaDefinition.FromString(event.data)
-        async with self._def_lock:
-            versions = self._definitions.get(stored.name, [])
-            if stored.version == len(versions) + 1:
-                self._definitions[stored.name] = [*versions, self._keep(stored)]
-
     @staticmethod
     def _without_runner(saga: _Saga) -> bool:
         """An unfinished saga whose runner never started or has ended."""
@@ -740,51 +644,3 @@ class SagaEngine:
                 saga.pending.clear()
                 saga.view = machine.fold(saga.recorded)
                 saga.publish(())
-
-
-def view_to_proto(view: SagaView) -> pb.Saga:
-    """A saga as the wire message."""
-    saga = pb.Saga(
-        saga_id=view.saga_id,
-        definition_name=view.definition.name,
-        definition_version=view.definition.version,
-        state=view.state,  # type: ignore[arg-type]
-        input=view.input,
-        idempotency_key=view.idempotency_key,
-        trace_context=view.trace_context,
-        correlation_id=view.correlation_id,
-        error=view.error,
-        labels=view.labels,
-    )
-    saga.started_at.FromNanoseconds(int(view.started_at * 1e9))
-    saga.updated_at.FromNanoseconds(int(view.updated_at * 1e9))
-    if view.ended_at:
-        saga.ended_at.FromNanoseconds(int(view.ended_at * 1e9))
-    for step in view.steps:
-        state = step.state
-        if view.finished and state == pb.STEP_STATE_PENDING:
-            state = pb.STEP_STATE_SKIPPED
-        execution = pb.StepExecution(
-            name=step.name,
-            state=state,  # type: ignore[arg-type]
-            attempts=step.attempts,
-            compensation_attempts=step.compensation_attempts,
-            result=step.result,
-            error=step.error,
-        )
-        if step.started_at:
-            execution.started_at.FromNanoseconds(int(step.started_at * 1e9))
-        if step.ended_at:
-            execution.ended_at.FromNanoseconds(int(step.ended_at * 1e9))
-        saga.steps.append(execution)
-    for action in view.operator_actions:
-        recorded = saga.operator_actions.add(
-            kind=action.kind, identity=action.identity, reason=action.reason, step=action.step
-        )
-        recorded.time.FromNanoseconds(int(action.time * 1e9))
-    return saga
-
-
-def event_data(event: SagaEvent) -> dict[str, Any]:
-    """The body of an event (for transitions)."""
-    return dict(event.data)

@@ -19,11 +19,9 @@ terminal RESOLVED_MANUALLY.
 
 from __future__ import annotations
 
-from rpcmesh.controlplane.eventstore.model import WrongExpectedVersion
 from rpcmesh.controlplane.saga import machine
 from rpcmesh.controlplane.saga.engine import SagaEngine
 from rpcmesh.controlplane.saga.machine import SagaEvent, SagaView
-from rpcmesh.errors import FailedPreconditionError, NotFoundError
 from rpcmesh.v1 import saga_pb2 as pb
 
 __all__ = ["MAX_REASON", "resolve_saga", "retry_compensation"]
@@ -53,36 +51,19 @@ async def resolve_saga(engine: SagaEngine, saga_id: str, *, reason: str, by: str
 
 
 async def _record(engine: SagaEngine, saga_id: str, kind: str, *, reason: str, by: str) -> SagaView:
-    # The engine's own saga table and write path (as abort_saga uses them), kept out of engine.py.
-    if engine.shared:
-        await engine.fetch_saga(saga_id)
-    saga = engine._sagas.get(saga_id)
-    if saga is None:
-        raise NotFoundError(f"saga_id: no saga {saga_id!r}")
     verb = "retried" if kind == machine.COMPENSATION_RETRY_REQUESTED else "resolved"
-    while True:
-        async with saga.lock:
-            if saga.view.state != pb.SAGA_STATE_FAILED_COMPENSATION:
-                state = pb.SagaState.Name(pb.SagaState.ValueType(saga.view.state))
-                raise FailedPreconditionError(
-                    f"saga_id: saga {saga_id} is {state}; only a SAGA_STATE_FAILED_COMPENSATION saga "
-                    f"can be {verb}"
-                )
-            if saga.recorded is None:
-                await engine._reload(saga)  # trimmed from memory: a resumed saga needs its transitions
-                continue
-            data = {"reason": reason, "by": by}
-            step = machine.failed_compensation_step(saga.view)
-            if kind == machine.COMPENSATION_RETRY_REQUESTED and step:
-                data["step"] = step
-            event = SagaEvent(kind, data, engine.clock())
-            try:
-                await engine._flush(saga, [event])
-            except WrongExpectedVersion:
-                continue  # another node wrote first: reloaded, check again
-            if not saga.view.finished:
-                saga.done.clear()  # GetSaga/StartSaga long polls wait for the new end
-                if engine.driving and (saga.task is None or saga.task.done()):
-                    engine._spawn(saga)
-        saga.wake.set()
-        return saga.view
+
+    def refusal(view: SagaView) -> str | None:
+        if view.state == pb.SAGA_STATE_FAILED_COMPENSATION:
+            return None
+        state = pb.SagaState.Name(pb.SagaState.ValueType(view.state))
+        return f"saga_id: saga {saga_id} is {state}; only a SAGA_STATE_FAILED_COMPENSATION saga can be {verb}"
+
+    def event(view: SagaView) -> SagaEvent:
+        data = {"reason": reason, "by": by}
+        step = machine.failed_compensation_step(view)
+        if kind == machine.COMPENSATION_RETRY_REQUESTED and step:
+            data["step"] = step
+        return SagaEvent(kind, data, engine.clock())
+
+    return await engine.record_request(saga_id, refusal, event)

@@ -60,17 +60,17 @@ import psycopg
 
 from rpcmesh.controlplane.eventstore.model import StoredEvent
 from rpcmesh.controlplane.eventstore.postgres import PostgresEventStorage
-from rpcmesh.controlplane.saga.engine import (
-    DEFINITION_REGISTERED,
-    DEFINITION_STREAM_PREFIX,
-    SAGA_STREAM_PREFIX,
-    SagaEngine,
-)
+from rpcmesh.controlplane.saga.engine import SagaEngine
 from rpcmesh.controlplane.saga.machine import (
     ABORT_REQUESTED,
     COMPENSATION_RETRY_REQUESTED,
     SAGA_RESOLVED,
     SAGA_STARTED,
+)
+from rpcmesh.controlplane.saga.records import (
+    DEFINITION_REGISTERED,
+    DEFINITION_STREAM_PREFIX,
+    SAGA_STREAM_PREFIX,
 )
 from rpcmesh.tasks import stop_tasks
 
@@ -221,7 +221,7 @@ class SagaOwnership:
         for event in events:
             # This node's own writes come back too: the engine knows them by revision and skips them.
             if event.stream.startswith(DEFINITION_STREAM_PREFIX):
-                await engine.observe_definition(event)
+                await engine.definitions.observe(event)
             elif not leading:
                 by_saga[event.stream.removeprefix(SAGA_STREAM_PREFIX)].append(event)
             elif event.event_type == SAGA_STARTED:

@@ -14,9 +14,10 @@ from rpcmesh.controlplane.eventstore.model import (
     encode_page_token,
 )
 from rpcmesh.controlplane.saga.definition import validate_definition
-from rpcmesh.controlplane.saga.engine import SagaEngine, view_to_proto
+from rpcmesh.controlplane.saga.engine import SagaEngine
 from rpcmesh.controlplane.saga.machine import SagaView, transition_kind
 from rpcmesh.controlplane.saga.operator import MAX_REASON, resolve_saga, retry_compensation
+from rpcmesh.controlplane.saga.records import view_to_proto
 from rpcmesh.controlplane.saga.tracing import start_context
 from rpcmesh.errors import invalid_argument
 from rpcmesh.security.guard import ANONYMOUS, authorize, current_identity, may
@@ -111,7 +112,7 @@ class SagaCoordinatorServicer(pb_grpc.SagaCoordinatorServicer):
         if not request.HasField("definition"):
             raise invalid_argument("definition", "required")
         _authorize_calls(request.definition)
-        stored = await self._engine().register_definition(request.definition)
+        stored = await self._engine().definitions.register(request.definition)
         return pb.RegisterDefinitionResponse(definition=stored)
 
     async def GetDefinition(
@@ -122,9 +123,9 @@ class SagaCoordinatorServicer(pb_grpc.SagaCoordinatorServicer):
             raise invalid_argument("name", "required")
         if request.version < 0:
             raise invalid_argument("version", "must be >= 0")
-        await self._engine().sync_definition(request.name, request.version)
+        await self._engine().definitions.sync(request.name, request.version)
         return pb.GetDefinitionResponse(
-            definition=self._engine().get_definition(request.name, request.version)
+            definition=self._engine().definitions.get(request.name, request.version)
         )
 
     async def ListDefinitions(
@@ -132,7 +133,7 @@ class SagaCoordinatorServicer(pb_grpc.SagaCoordinatorServicer):
     ) -> pb.ListDefinitionsResponse:
         """Latest versions by name, paginated."""
         limit = _page_size("page_size", request.page_size)
-        definitions = self._engine().list_definitions()
+        definitions = self._engine().definitions.latest()
         start = 0
         if request.page_token:
             try:
@@ -156,8 +157,8 @@ class SagaCoordinatorServicer(pb_grpc.SagaCoordinatorServicer):
         elif which == "definition_name":
             if request.definition_version < 0:
                 raise invalid_argument("definition_version", "must be >= 0")
-            await engine.sync_definition(request.definition_name, request.definition_version)
-            definition = engine.get_definition(
+            await engine.definitions.sync(request.definition_name, request.definition_version)
+            definition = engine.definitions.get(
                 request.definition_name, request.definition_version, "definition_name"
             )
         else:
