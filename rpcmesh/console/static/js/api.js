@@ -1,0 +1,128 @@
+// Calls the control plane's rpcmesh.v1 services over the Connect protocol (JSON), from the same origin.
+// Unary: POST /<service>/<method> with the request's canonical protobuf JSON.
+// Server streaming: Content-Type application/connect+json, messages in envelopes
+// (1 flag byte, 4-byte big-endian length, JSON); the last envelope (flag 0x02) ends the stream.
+
+const TOKEN_KEY = "rpcmesh.console.token";
+
+export class RpcError extends Error {
+  constructor(code, message, details) {
+    super(`${code}: ${message}`);
+    this.code = code;
+    this.rpcMessage = message;
+    this.details = details || [];
+  }
+}
+
+export function getToken() {
+  return sessionStorage.getItem(TOKEN_KEY) || "";
+}
+
+export function setToken(token) {
+  if (token) sessionStorage.setItem(TOKEN_KEY, token);
+  else sessionStorage.removeItem(TOKEN_KEY);
+}
+
+// Set by app.js: asks the user for a token once, when a call comes back unauthenticated.
+let tokenPrompt = null;
+export function onTokenNeeded(callback) {
+  tokenPrompt = callback;
+}
+
+function headers(contentType) {
+  const result = { "Content-Type": contentType, "Connect-Protocol-Version": "1" };
+  const token = getToken();
+  if (token) result.Authorization = `Bearer ${token}`;
+  return result;
+}
+
+function path(method) {
+  return method.includes(".") ? `/${method}` : `/rpcmesh.v1.${method}`;
+}
+
+async function errorFrom(response) {
+  let body = {};
+  try {
+    body = await response.json();
+  } catch (_) {
+    body = {};
+  }
+  return new RpcError(body.code || `http_${response.status}`, body.message || response.statusText, body.details);
+}
+
+// call("Registry/Resolve", {service: "users"}) -> the response message as JSON.
+export async function call(method, request = {}, retried = false) {
+  const response = await fetch(path(method), {
+    method: "POST",
+    headers: headers("application/json"),
+    body: JSON.stringify(request),
+    credentials: "same-origin",
+  });
+  if (response.ok) return response.json();
+  const error = await errorFrom(response);
+  if (error.code === "unauthenticated" && !retried && tokenPrompt && (await tokenPrompt())) {
+    return call(method, request, true);
+  }
+  throw error;
+}
+
+function envelope(message) {
+  const json = new TextEncoder().encode(JSON.stringify(message));
+  const out = new Uint8Array(5 + json.length);
+  new DataView(out.buffer).setUint32(1, json.length, false);
+  out.set(json, 5);
+  return out;
+}
+
+// stream("Registry/Watch", {}, onMessage) -> {cancel(), done}: done resolves when the stream ends
+// normally (or is cancelled) and rejects with an RpcError when it ends with an error.
+export function stream(method, request, onMessage) {
+  const controller = new AbortController();
+  const done = (async () => {
+    const response = await fetch(path(method), {
+      method: "POST",
+      headers: headers("application/connect+json"),
+      body: envelope(request),
+      signal: controller.signal,
+      credentials: "same-origin",
+    });
+    if (!response.ok) throw await errorFrom(response);
+    const reader = response.body.getReader();
+    let buffer = new Uint8Array(0);
+    for (;;) {
+      const { value, done: finished } = await reader.read();
+      if (finished) return;
+      const joined = new Uint8Array(buffer.length + value.length);
+      joined.set(buffer);
+      joined.set(value, buffer.length);
+      buffer = joined;
+      while (buffer.length >= 5) {
+        const view = new DataView(buffer.buffer, buffer.byteOffset, buffer.byteLength);
+        const flags = view.getUint8(0);
+        const length = view.getUint32(1, false);
+        if (buffer.length < 5 + length) break;
+        const text = new TextDecoder().decode(buffer.subarray(5, 5 + length));
+        buffer = buffer.slice(5 + length);
+        const message = text ? JSON.parse(text) : {};
+        if (flags & 0x02) {
+          if (message.error) {
+            const e = message.error;
+            throw new RpcError(e.code || "unknown", e.message || "", e.details);
+          }
+          return;
+        }
+        onMessage(message);
+      }
+    }
+  })().catch((error) => {
+    if (controller.signal.aborted) return;
+    throw error;
+  });
+  return { cancel: () => controller.abort(), done };
+}
+
+export async function info() {
+  const response = await fetch("/console/info.json", { credentials: "same-origin" });
+  if (!response.ok) throw new RpcError(`http_${response.status}`, response.statusText);
+  return response.json();
+}
