@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -36,148 +36,28 @@ from rpcmesh.client._shell import (
     start_call,
     try_hedge,
 )
-from rpcmesh.client._telemetry import CallTelemetry, breaker_listener
+from rpcmesh.client._telemetry import CallTelemetry
 from rpcmesh.client.attempts import Attempt, AttemptOutcome, CallController
-from rpcmesh.client.backoff import ExponentialBackoff
 from rpcmesh.client.breaker import BreakerSnapshot
 from rpcmesh.client.context import effective_deadline
-from rpcmesh.client.endpoints import EndpointChanges, EndpointView, ServiceCore
+from rpcmesh.client.endpoints import EndpointView
 from rpcmesh.client.picker import EndpointState
-from rpcmesh.client.policy import MeshPolicy, MethodPolicy, ServicePolicy
+from rpcmesh.client.policy import MeshPolicy, MethodPolicy
+from rpcmesh.client.sync_discovery import CALLABLES, CHANNEL, SyncService
 from rpcmesh.errors import to_rpc_status_error
-from rpcmesh.security.client import ClientSecurity, sync_channel
-from rpcmesh.telemetry.grpc_sync import sync_client_interceptors
-from rpcmesh.telemetry.setup import Telemetry, get_telemetry
-from rpcmesh.v1 import registry_pb2, registry_pb2_grpc
+from rpcmesh.security.client import ClientSecurity
+from rpcmesh.telemetry.setup import Telemetry
 
 __all__ = ["SyncMesh", "SyncMeshChannel"]
 
 logger = logging.getLogger(__name__)
 
-_CHANNEL = "sync_channel"
-_RAW_CHANNEL = "sync_raw_channel"
-_CALLABLES = "sync_callables"
 _OK = grpc.StatusCode.OK
 DISCOVERY_WAIT = 10.0
 
 
-class _SyncService:
-    """Watch thread and sub-channels of one service."""
-
-    def __init__(
-        self,
-        service: str,
-        policy: ServicePolicy,
-        registries: Sequence[str],
-        options: Sequence[tuple[str, Any]],
-        security: ClientSecurity | None = None,
-        telemetry: Telemetry | None = None,
-    ) -> None:
-        self.telemetry = telemetry
-        self._security = security
-        self.core = ServiceCore(service, policy, on_breaker_transition=breaker_listener(telemetry))
-        self._registries = list(registries)
-        self._options = list(options)
-        self._synced = threading.Event()
-        self._stopped = threading.Event()
-        self._call: Any = None
-        self._channel: grpc.Channel | None = None
-        self._thread = threading.Thread(target=self._watch, name=f"mesh-watch-{service}", daemon=True)
-        self._thread.start()
-
-    def wait_synced(self, within: float) -> bool:
-        return self._synced.wait(within)
-
-    def _watch(self) -> None:
-        """The watch thread's loop: it ends only on close; any failure reconnects with backoff.
-
-        A stream that fails or ends reconnects (to the next Registry address); anything
-        else that goes wrong (a bug, a library error) is logged at ERROR and the watch
-        restarts the same way, so the thread never dies and leaves the service unwatched.
-        """
-        backoff = ExponentialBackoff(initial=0.1, maximum=5.0)
-        index = 0
-        while not self._stopped.is_set():
-            address = self._registries[index % len(self._registries)]
-            try:
-                self._watch_stream(address, backoff)
-            except grpc.RpcError as exc:
-                code = exc.code()
-                if code is grpc.StatusCode.OUT_OF_RANGE:
-                    self.core.synced = False  # compacted past our revision: take a fresh snapshot
-                    continue
-                if code is grpc.StatusCode.CANCELLED and self._stopped.is_set():
-                    return
-                index += 1
-                logger.info(
-                    "watch of %s failed (%s); last known instances keep serving", self.core.service, code.name
-                )
-            except Exception:
-                index += 1
-                logger.exception("watch of %s failed; restarting it", self.core.service)
-            self._stopped.wait(backoff.next())
-
-    def _watch_stream(self, address: str, backoff: ExponentialBackoff) -> None:
-        after = self.core.revision if self.core.synced else 0
-        with sync_channel(address, self._security) as channel:
-            self._channel = channel
-            stub = registry_pb2_grpc.RegistryStub(channel)
-            self._call = stub.Watch(
-                registry_pb2.WatchRequest(service=self.core.service, after_revision=after)
-            )
-            if self._stopped.is_set():
-                self._call.cancel()  # close() ran while the stream was being opened
-            for response in self._call:
-                self._apply(self.core.apply(response, self._open))
-                if self.core.synced:
-                    self._synced.set()
-                backoff.reset()
-
-    def _apply(self, changes: EndpointChanges) -> None:
-        for endpoint in changes.removed:
-            _close_endpoint(endpoint)
-
-    def _open(self, endpoint: EndpointState) -> None:
-        raw = sync_channel(endpoint.address, self._security, options=self._options)
-        channel = raw
-        if (self.telemetry or get_telemetry()).active:
-            # Per attempt, like the asyncio mesh; with telemetry off the sub-channel stays bare.
-            channel = grpc.intercept_channel(
-                raw, *sync_client_interceptors(self.telemetry, target=endpoint.address)
-            )
-        endpoint.extra[_RAW_CHANNEL] = raw
-        endpoint.extra[_CHANNEL] = channel
-        endpoint.extra[_CALLABLES] = {}
-        raw.subscribe(_connectivity_tracker(endpoint), try_to_connect=True)
-
-    def close(self) -> None:
-        self._stopped.set()
-        if self._call is not None:
-            self._call.cancel()
-        self._thread.join(timeout=5)
-        for endpoint in self.core.clear():
-            _close_endpoint(endpoint)
-
-
-def _close_endpoint(endpoint: EndpointState) -> None:
-    endpoint.extra.pop(_CHANNEL, None)
-    raw = endpoint.extra.pop(_RAW_CHANNEL, None)
-    if isinstance(raw, grpc.Channel):
-        raw.close()
-
-
-def _connectivity_tracker(endpoint: EndpointState) -> Callable[[grpc.ChannelConnectivity], None]:
-    def track(state: grpc.ChannelConnectivity) -> None:
-        if state is grpc.ChannelConnectivity.TRANSIENT_FAILURE:
-            endpoint.connection_failed = True
-        elif state is grpc.ChannelConnectivity.READY:
-            endpoint.connection_failed = False
-
-    return track
-
-
 class _SyncMethod:
-    def __init__(self, service: _SyncService, method: str, shape: str, ser: Any, deser: Any) -> None:
+    def __init__(self, service: SyncService, method: str, shape: str, ser: Any, deser: Any) -> None:
         self.service = service
         self.method = method
         self.shape = shape
@@ -187,12 +67,12 @@ class _SyncMethod:
         self.replay_limit = service.core.policy.max_buffered_request_bytes
 
     def callable_for(self, endpoint: EndpointState) -> Any:
-        cache = endpoint.extra.get(_CALLABLES)
+        cache = endpoint.extra.get(CALLABLES)
         if not isinstance(cache, dict):
             raise mesh_error(grpc.StatusCode.UNAVAILABLE, f"instance {endpoint.instance_id} was removed")
         found = cache.get(self)
         if found is None:
-            channel = endpoint.extra[_CHANNEL]
+            channel = endpoint.extra[CHANNEL]
             found = getattr(channel, self.shape)(
                 self.method, request_serializer=self.ser, response_deserializer=self.deser
             )
@@ -508,7 +388,7 @@ class _StreamStream(_Callable):
 class SyncMeshChannel:
     """A blocking channel to every passing instance of one service; use it like a ``grpc.Channel``."""
 
-    def __init__(self, service: _SyncService) -> None:
+    def __init__(self, service: SyncService) -> None:
         self._service = service
 
     def unary_unary(
@@ -585,14 +465,14 @@ class SyncMesh:
         self.security = security if security is not None else ClientSecurity.from_env()
         self._telemetry = telemetry
         self._options = list(channel_options)
-        self._services: dict[str, _SyncService] = {}
+        self._services: dict[str, SyncService] = {}
         self._lock = threading.Lock()
 
-    def _service(self, name: str) -> _SyncService:
+    def _service(self, name: str) -> SyncService:
         with self._lock:
             service = self._services.get(name)
             if service is None:
-                service = _SyncService(
+                service = SyncService(
                     name,
                     self.policy.for_service(name),
                     self._registries,
