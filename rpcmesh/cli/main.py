@@ -38,6 +38,9 @@ from rpcmesh.controlplane.component import StartupError
 from rpcmesh.controlplane.config import DEFAULT_COORDINATOR_NAME, ControlPlaneConfig, CoordinatorIdentity
 from rpcmesh.errors import from_rpc_error
 
+DEFAULT_HTTP_PORT = 8080
+"""The HTTP API's and console's port unless --http-port or RPCMESH_HTTP_PORT says (and --port is not 0)."""
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every rpcmesh command."""
@@ -123,6 +126,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=int(os.environ.get("RPCMESH_BUS_MAX_GROUPS", "10000")),
         help="most consumer groups over all topics (env RPCMESH_BUS_MAX_GROUPS; default 10000)",
     )
+    up.add_argument(
+        "--http-port",
+        type=int,
+        default=int(os.environ["RPCMESH_HTTP_PORT"]) if os.environ.get("RPCMESH_HTTP_PORT") else None,
+        help="port of the HTTP API (Connect protocol) and web console; 0 picks a free one, -1 turns "
+        "it off (env RPCMESH_HTTP_PORT; default 8080, or a free port when --port is 0; docs/http-api.md)",
+    )
+    up.add_argument(
+        "--http-host",
+        default=os.environ.get("RPCMESH_HTTP_HOST") or None,
+        help="interface of the HTTP port (env RPCMESH_HTTP_HOST; default: --host)",
+    )
+    up.add_argument("--no-http", action="store_true", help="serve no HTTP API or console")
     add_server_security_arguments(up, with_policy=True)
     coordinator = up.add_argument_group(
         "saga coordinator identity",
@@ -176,6 +192,11 @@ def run_up(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise StartupError(str(exc)) from exc
+    http_port: int | None = args.http_port
+    if http_port is None:
+        http_port = 0 if args.port == 0 else DEFAULT_HTTP_PORT
+    if args.no_http or http_port == -1:
+        http_port = None
     try:
         config = ControlPlaneConfig(
             host=args.host,
@@ -189,6 +210,8 @@ def run_up(args: argparse.Namespace) -> int:
             allow_link_local_addresses=args.allow_link_local_addresses,
             bus_max_topics=args.bus_max_topics,
             bus_max_groups=args.bus_max_groups,
+            http_host=args.http_host,
+            http_port=http_port,
             security=server_security_settings(args, policy_file=args.policy),
             coordinator=coordinator,
         )

@@ -85,6 +85,13 @@ class ControlPlaneConfig:
     bus_replicas: int = 1
     """Replicas of each JetStream stream the Bus creates (3 on a 3-server cluster survives one server)."""
 
+    http_host: str | None = None
+    """Interface of the HTTP port (Connect API and console); None: ``host``."""
+
+    http_port: int | None = None
+    """HTTP port (docs/http-api.md); 0 picks a free one; None serves no HTTP (`rpcmesh up` turns it
+    on: 8080, or a free port when ``port`` is 0)."""
+
     grace: float = 5.0
     """Seconds in-flight calls get to finish on shutdown (open streams are ended at once).
 
@@ -130,6 +137,8 @@ class ControlPlaneConfig:
         if self.close_timeout <= 0:
             raise ValueError(f"close_timeout: must be > 0, got {self.close_timeout}")
         self.address_policy  # noqa: B018 - validates the allow-list (ValueError naming the entry)
+        if self.http_port is not None and not 0 <= self.http_port <= 65535:
+            raise ValueError(f"http_port: must be 0-65535, got {self.http_port}")
         if not 1 <= self.bus_replicas <= 5:
             raise ValueError(f"bus_replicas: must be 1-5, got {self.bus_replicas}")
         for name in ("bus_max_topics", "bus_max_groups"):

@@ -335,6 +335,9 @@ class ControlPlane:
         self._stopping = asyncio.Event()
         self.address = ""
         self.security: ServerSecurity | None = None
+        self._http: Any = None
+        self.http_url = ""
+        """``http(s)://host:port`` of the HTTP API and console (docs/http-api.md); empty when off."""
 
     @property
     def service_names(self) -> list[str]:
@@ -383,9 +386,15 @@ class ControlPlane:
             maximum_concurrent_rpcs=security.maximum_concurrent_rpcs,
         )
         self._server = server
+        # The HTTP API runs the very handlers the server gets (after every wrapper): record them.
+        recorder: Any = None
+        if self.config.http_port is not None:
+            from rpcmesh.http import HandlerRecorder
+
+            recorder = HandlerRecorder(server)
         registrar = cast(
             grpc.aio.Server,
-            _TrackingServer(trace_aio_server(security.guarded(server)), self._streams),
+            _TrackingServer(trace_aio_server(security.guarded(recorder or server)), self._streams),
         )
         for component in self.components:
             component.add_to_server(registrar)
@@ -419,6 +428,34 @@ class ControlPlane:
                 ) from exc
             self._started.append(component)
         await server.start()
+        if recorder is not None:
+            await self._start_http(security, recorder)
+
+    async def _start_http(self, security: ServerSecurity, recorder: Any) -> None:
+        from rpcmesh.http import HttpServer, build_http_app, console_info
+
+        settings = security.settings
+        app = build_http_app(
+            recorder,
+            self.service_names,
+            read_max_bytes=settings.limits.max_receive_message_bytes,
+            info=console_info(
+                store=self.config.store,
+                bus=self.config.bus,
+                grpc_address=self.address,
+                token_auth=settings.token_secret_file is not None,
+                certificate_auth=settings.tls is not None and settings.tls.client_auth,
+            ),
+        )
+        assert self.config.http_port is not None
+        self._http = HttpServer(
+            app,
+            host=self.config.http_host or self.config.host,
+            port=self.config.http_port,
+            tls=settings.tls,
+            graceful_timeout=self.config.grace,
+        )
+        self.http_url = await self._http.start()
 
     async def stop(self) -> None:
         """Shut down in order, each step bounded; idempotent.
@@ -436,9 +473,14 @@ class ControlPlane:
                 # server.stop stops accepting at once; it returns once every call has ended
                 # or, after the grace period, has been cancelled.
                 stopping = asyncio.ensure_future(server.stop(self.config.grace))
+                if self._http is not None:
+                    self._http.begin_stop()
                 await asyncio.sleep(0)
                 await self._streams.end_streams(self.config.grace)
                 logger.info("shutdown: open streams ended")
+                if self._http is not None:
+                    await self._http.stop()
+                    logger.info("shutdown: HTTP server stopped")
                 await asyncio.wait({stopping})
                 logger.info("shutdown: gRPC server stopped")
                 if not stopping.cancelled() and stopping.exception() is not None:
@@ -488,6 +530,8 @@ async def serve(config: ControlPlaneConfig, ready: asyncio.Event | None = None) 
             for line in plane.security.warnings(address):
                 print(line, file=sys.stderr, flush=True)
         print(f"rpcmesh control plane listening on {address}", flush=True)
+        if plane.http_url:
+            print(f"rpcmesh HTTP API and console at {plane.http_url}/", flush=True)
         if ready is not None:
             ready.set()
         await plane.wait()

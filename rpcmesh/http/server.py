@@ -1,0 +1,124 @@
+"""Serve the control plane's HTTP application with Hypercorn: HTTP/1.1 and HTTP/2, plaintext or TLS.
+
+Plaintext ports speak HTTP/1.1 and HTTP/2 with prior knowledge (h2c); TLS ports negotiate
+``h2`` or ``http/1.1`` by ALPN, with the control plane's certificate and key, and require a
+client certificate signed by its CA when the gRPC port does (``--tls-client-auth``). The
+socket is bound here (so port 0 is resolved before serving and a busy port fails the start
+with one line) and handed to Hypercorn as ``fd://``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+from typing import Any
+
+from hypercorn.asyncio import serve
+from hypercorn.config import Config
+
+from rpcmesh.controlplane.component import StartupError
+from rpcmesh.security.tls import ServerTlsConfig
+
+__all__ = ["HttpServer"]
+
+logger = logging.getLogger(__name__)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class HttpServer:
+    """One Hypercorn server for an ASGI application, started and stopped with the control plane.
+
+    Args:
+        app: The ASGI application.
+        host: Interface to listen on.
+        port: Port; 0 picks a free one.
+        tls: The control plane's TLS settings (None: plaintext).
+        graceful_timeout: Seconds in-flight requests get on shutdown.
+    """
+
+    def __init__(
+        self, app: Any, *, host: str, port: int, tls: ServerTlsConfig | None, graceful_timeout: float
+    ) -> None:
+        self._app = app
+        self._host = host
+        self._port = port
+        self._tls = tls
+        self._graceful_timeout = graceful_timeout
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.url = ""
+        """``http(s)://host:port`` once started."""
+
+    async def start(self) -> str:
+        """Bind and serve in the background; returns the URL. Raises StartupError if the port is taken."""
+        try:
+            sock = _bind(self._host, self._port)
+        except OSError as exc:
+            raise StartupError(
+                f"cannot listen on {self._host}:{self._port} (HTTP): {exc.strerror or exc}"
+            ) from exc
+        port = sock.getsockname()[1]
+        config = Config()
+        config.bind = [f"fd://{sock.detach()}"]
+        config.graceful_timeout = self._graceful_timeout
+        config.accesslog = None
+        config.errorlog = logging.getLogger("rpcmesh.http.hypercorn")
+        config.include_server_header = False
+        config.keep_alive_timeout = 75.0
+        # Large enough for the biggest request the RPC layer accepts (it answers RESOURCE_EXHAUSTED).
+        config.h11_max_incomplete_size = 64 * 1024
+        if self._tls is not None:
+            config.certfile = str(self._tls.cert_file)
+            config.keyfile = str(self._tls.key_file)
+            if self._tls.ca_file is not None:
+                config.ca_certs = str(self._tls.ca_file)
+            if self._tls.client_auth:
+                config.verify_mode = ssl.CERT_REQUIRED
+        scheme = "https" if self._tls is not None else "http"
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        self.url = f"{scheme}://{host}:{port}"
+        self._task = asyncio.create_task(self._serve(config), name="rpcmesh-http")
+        # Let Hypercorn create its listener before the address is announced.
+        await asyncio.sleep(0)
+        return self.url
+
+    async def _serve(self, config: Config) -> None:
+        try:
+            await serve(self._app, config, shutdown_trigger=self._stop.wait, mode="asgi")
+        except Exception:
+            logger.exception("the HTTP server failed")
+
+    def begin_stop(self) -> None:
+        """Stop accepting requests; in-flight ones get ``graceful_timeout`` to finish."""
+        self._stop.set()
+
+    async def stop(self) -> None:
+        """Stop and wait (at most ``graceful_timeout`` + 1 s); idempotent."""
+        self._stop.set()
+        task, self._task = self._task, None
+        if task is None:
+            return
+        done, _ = await asyncio.wait({task}, timeout=self._graceful_timeout + 1.0)
+        if not done:
+            logger.warning(
+                "the HTTP server is still stopping after %.1fs; cancelling it", self._graceful_timeout
+            )
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
