@@ -54,7 +54,19 @@ def register(commands: Any) -> None:
     gateway.add_argument("--host", default="127.0.0.1", help="interface to listen on")
     gateway.add_argument("--port", type=int, default=int(os.environ.get("RPCMESH_GATEWAY_PORT", "0")))
     gateway.add_argument(
-        "--route", action="append", default=[], help="GRPC_SERVICE=NAME or PACKAGE.*=NAME (repeatable)"
+        "--route",
+        action="append",
+        default=[],
+        help="GRPC_SERVICE=NAME or PACKAGE.*=NAME, or an HTTP path route /PATH=NAME (repeatable)",
+    )
+    gateway.add_argument(
+        "--http-port",
+        type=int,
+        default=int(os.environ["RPCMESH_GATEWAY_HTTP_PORT"])
+        if os.environ.get("RPCMESH_GATEWAY_HTTP_PORT")
+        else None,
+        help="also serve HTTP/JSON (Connect protocol) on this port of --host, 0 for a free one; "
+        "off by default (env RPCMESH_GATEWAY_HTTP_PORT; docs/gateway-http.md)",
     )
     gateway.add_argument("--no-header-routing", action="store_true", help="ignore x-rpcmesh-service")
     gateway.add_argument("--policy", help="call policies (YAML or TOML) for the forwarded calls")
@@ -86,13 +98,15 @@ def run_gateway(args: argparse.Namespace) -> int:
     """Run `rpcmesh gateway` until SIGINT/SIGTERM."""
     from rpcmesh.client import PolicyError, load_policy
     from rpcmesh.gateway import GatewayConfig, RouteTable
+    from rpcmesh.gateway.routes import HttpRoutes, split_route_specs
     from rpcmesh.host.config import HOST_LIMITS
     from rpcmesh.security.client import ClientSecurity
     from rpcmesh.telemetry import TelemetryConfig
 
     registry = args.registry or [os.environ.get("RPCMESH_REGISTRY") or "127.0.0.1:50051"]
     try:
-        routes = RouteTable.parse(args.route, allow_header=not args.no_header_routing)
+        grpc_routes, http_routes = split_route_specs(args.route)
+        routes = RouteTable.parse(grpc_routes, allow_header=not args.no_header_routing)
         config = GatewayConfig(
             registry=registry,
             host=args.host,
@@ -101,7 +115,11 @@ def run_gateway(args: argparse.Namespace) -> int:
             grace=args.grace,
             security=server_security_settings(args, policy_file=args.access_policy, limits=HOST_LIMITS),
             allow_any_identity=args.allow_any_identity,
+            http_port=args.http_port,
+            http_routes=HttpRoutes.parse(http_routes),
         )
+        if http_routes and args.http_port is None:
+            raise ValueError("--route /PATH=NAME: HTTP path routes need --http-port")
         policy = load_policy(args.policy) if args.policy else None
         client_security = ClientSecurity.from_env()
         telemetry_config = TelemetryConfig.from_env(
@@ -138,6 +156,9 @@ async def _serve_gateway(config: Any, policy: Any, client_security: Any) -> None
             for line in gateway.warnings(address):
                 print(line, file=sys.stderr, flush=True)
             print(f"rpcmesh gateway listening on {address}", flush=True)
+            if gateway.http is not None:
+                # Printed after the gRPC line: tools wait for the first 'listening on HOST:PORT'.
+                print(f"rpcmesh gateway HTTP (Connect) ingress at {gateway.http.url}", flush=True)
             with contextlib.suppress(asyncio.CancelledError):
                 await gateway.wait()
         finally:

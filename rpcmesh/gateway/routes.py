@@ -79,3 +79,49 @@ class RouteTable:
         if self.use_convention:
             return default_service_name(grpc_service)
         raise invalid_argument("method", f"no route for {grpc_service}")
+
+
+_PATH_PREFIX = re.compile(r"^(/[A-Za-z0-9._~-]+)+$")
+
+
+@dataclass(frozen=True, kw_only=True)
+class HttpRoutes:
+    """HTTP path prefixes routed to registered services: ``/api/users`` -> ``users``.
+
+    A request to ``<prefix>/<Method>`` calls ``Method`` of the gRPC service (of that registered
+    service's backend, found by reflection) that has a method of that name.
+    """
+
+    prefixes: Mapping[str, str] = field(default_factory=dict)
+    """``{"/api/users": "users"}``."""
+
+    def __post_init__(self) -> None:
+        for prefix, target in self.prefixes.items():
+            if not _PATH_PREFIX.match(prefix):
+                raise ValueError(f"--route {prefix}={target}: {prefix!r} is not a path like /api/users")
+            if not _DNS_LABEL.match(target):
+                raise ValueError(f"--route {prefix}={target}: {target!r} is not a valid service name")
+
+    @classmethod
+    def parse(cls, specs: list[str]) -> HttpRoutes:
+        """Build from ``/PATH=NAME`` strings, as given on the command line."""
+        prefixes: dict[str, str] = {}
+        for spec in specs:
+            prefix, sep, target = spec.partition("=")
+            if not sep:
+                raise ValueError(f"--route: expected /PATH=NAME, got {spec!r}")
+            prefixes[prefix.strip().rstrip("/")] = target.strip()
+        return cls(prefixes=prefixes)
+
+    def match(self, path: str) -> tuple[str, str] | None:
+        """(registered service, method name) for ``<prefix>/<Method>``, or None when no prefix routes it."""
+        prefix, _, method = path.rpartition("/")
+        target = self.prefixes.get(prefix)
+        return (target, method) if target is not None and method else None
+
+
+def split_route_specs(specs: list[str]) -> tuple[list[str], list[str]]:
+    """``--route`` values split into gRPC ones (``GRPC_SERVICE=NAME``) and HTTP ones (``/PATH=NAME``)."""
+    grpc_specs = [spec for spec in specs if not spec.startswith("/")]
+    http_specs = [spec for spec in specs if spec.startswith("/")]
+    return grpc_specs, http_specs

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,10 +32,10 @@ from rpcmesh.controlplane.component import StartupError
 from rpcmesh.controlplane.server import bind_problem, check_key_pair
 from rpcmesh.errors import PermissionDeniedError, StatusError, StatusErrorInterceptor
 from rpcmesh.gateway.access import GatewayAccess
-from rpcmesh.gateway.routes import RouteTable, split_method
+from rpcmesh.gateway.routes import HttpRoutes, RouteTable, split_method
 from rpcmesh.gateway.shapes import Shape, ShapeCache
 from rpcmesh.host.config import HOST_LIMITS
-from rpcmesh.security.identity import AUTHORIZATION_KEY
+from rpcmesh.security.identity import AUTHORIZATION_KEY, Identity
 from rpcmesh.security.interceptor import current_identity
 from rpcmesh.security.policy import load_policy
 from rpcmesh.security.settings import OPEN_POLICY_WARNING, SecuritySettings, ServerSecurity
@@ -76,6 +76,13 @@ class GatewayConfig:
     """With authentication on and no access policy, let every authenticated identity call every
     service. Off by default: then every call is refused (PERMISSION_DENIED)."""
 
+    http_port: int | None = None
+    """Port of the HTTP/JSON (Connect protocol) ingress on :attr:`host`; 0 picks a free one;
+    None (the default): no HTTP ingress (:mod:`rpcmesh.gateway.http_ingress`)."""
+
+    http_routes: HttpRoutes = field(default_factory=HttpRoutes)
+    """HTTP path prefixes -> registered service names (``/api/users`` -> ``users``)."""
+
     def __post_init__(self) -> None:
         if self.allow_any_identity and self.security.policy_file is not None:
             raise ValueError("allow_any_identity: give it or an access policy file, not both")
@@ -83,6 +90,8 @@ class GatewayConfig:
             raise ValueError("registry: at least one Registry address is needed")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port: must be 0-65535, got {self.port}")
+        if self.http_port is not None and not 0 <= self.http_port <= 65535:
+            raise ValueError(f"http_port: must be 0-65535, got {self.http_port}")
 
 
 def forwardable_metadata(metadata: Sequence[tuple[str, Any]]) -> tuple[tuple[str, Any], ...]:
@@ -113,18 +122,43 @@ class Forwarder:
         self.access = access or GatewayAccess()
         """Who may call what; the gateway sets it at start, once the policy file is read."""
 
+    @property
+    def shapes(self) -> ShapeCache:
+        """What reflection told about the backends' services (shared with the HTTP ingress)."""
+        return self._shapes
+
+    def channel(self, service_name: str) -> Any:
+        """The mesh channel to a registered service (discovery, balancing, retries, breakers)."""
+        return self._mesh.channel(service_name)
+
+    def target(self, method: str, headers: Mapping[str, str], identity: Identity | None) -> str:
+        """The registered service ``method`` routes to, once ``identity`` may call it there.
+
+        Raises:
+            InvalidArgumentError: the method or the ``x-rpcmesh-service`` header is malformed.
+            PermissionDeniedError: the identity may not call ``<service>/<Method>``.
+        """
+        service_name = self._routes.resolve(method, headers)
+        self.authorize(identity, service_name, split_method(method)[1])
+        return service_name
+
+    def authorize(self, identity: Identity | None, service_name: str, method_name: str) -> None:
+        """PERMISSION_DENIED unless ``identity`` may call ``service_name/method_name``.
+
+        Decided on the resolved target, before anything reaches a backend.
+        """
+        reason = self.access.denial(identity, service_name, method_name)
+        if reason is not None:
+            raise PermissionDeniedError(reason)
+
     async def forward(
         self, method: str, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[bytes, bytes]
     ) -> AsyncIterator[bytes]:
         """Proxy ``method``: yields the backend's responses, or aborts with its status."""
         incoming = tuple(context.invocation_metadata() or ())
         headers = {key: value for key, value in incoming if isinstance(value, str)}
-        service_name = self._routes.resolve(method, headers)
+        service_name = self.target(method, headers, current_identity.get())
         grpc_service, method_name = split_method(method)
-        # Decided on the resolved target, before anything reaches a backend.
-        reason = self.access.denial(current_identity.get(), service_name, method_name)
-        if reason is not None:
-            raise PermissionDeniedError(reason)
         channel = self._mesh.channel(service_name)
         shape = await self._shapes.shape(channel, grpc_service, method_name)
         remaining = context.time_remaining()
@@ -206,6 +240,8 @@ class Gateway:
         self._server: grpc.aio.Server | None = None
         self.security: ServerSecurity | None = None
         self.address = ""
+        self.http: Any = None
+        """The HTTP ingress (:class:`~rpcmesh.gateway.http_ingress.HttpIngress`) once started, else None."""
         self._stopping = asyncio.Event()
 
     async def start(self) -> str:
@@ -244,6 +280,18 @@ class Gateway:
         self._server = server
         self.address = f"{self.config.host}:{port}"
         await server.start()
+        if self.config.http_port is not None:
+            from rpcmesh.gateway.http_ingress import HttpIngress  # connectrpc and hypercorn: only when asked
+
+            try:
+                http = HttpIngress(self._forwarder, self.config.http_routes, security.settings)
+                await http.start(self.config.host, self.config.http_port, self.config.grace)
+            except BaseException:
+                self._server = None
+                await server.stop(None)
+                raise
+            self.http = http
+            logger.info("gateway HTTP (Connect) ingress at %s", http.url)
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         logger.info("gateway listening on %s", self.address)
         return self.address
@@ -285,6 +333,9 @@ class Gateway:
         """Stop accepting calls and drain within the grace period (then cancel what is left)."""
         self._stopping.set()
         await self._health.enter_graceful_shutdown()
+        if self.http is not None:
+            http, self.http = self.http, None
+            await http.stop()
         if self._server is not None:
             server, self._server = self._server, None
             await server.stop(self.config.grace)
