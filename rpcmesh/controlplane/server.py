@@ -435,6 +435,13 @@ class ControlPlane:
         from rpcmesh.http import HttpServer, build_http_app, console_info
 
         settings = security.settings
+        assert self.config.http_port is not None
+        self._http = HttpServer(
+            host=self.config.http_host or self.config.host,
+            port=self.config.http_port,
+            tls=settings.tls,
+            graceful_timeout=self.config.grace,
+        )
         app = build_http_app(
             recorder,
             self.service_names,
@@ -446,16 +453,9 @@ class ControlPlane:
                 token_auth=settings.token_secret_file is not None,
                 certificate_auth=settings.tls is not None and settings.tls.client_auth,
             ),
+            common_name_of=self._http.common_name_of,
         )
-        assert self.config.http_port is not None
-        self._http = HttpServer(
-            app,
-            host=self.config.http_host or self.config.host,
-            port=self.config.http_port,
-            tls=settings.tls,
-            graceful_timeout=self.config.grace,
-        )
-        self.http_url = await self._http.start()
+        self.http_url = await self._http.start(app)
 
     async def stop(self) -> None:
         """Shut down in order, each step bounded; idempotent.

@@ -2,9 +2,10 @@
 
 Plaintext ports speak HTTP/1.1 and HTTP/2 with prior knowledge (h2c); TLS ports negotiate
 ``h2`` or ``http/1.1`` by ALPN, with the control plane's certificate and key, and require a
-client certificate signed by its CA when the gRPC port does (``--tls-client-auth``). The
-socket is bound here (so port 0 is resolved before serving and a busy port fails the start
-with one line) and handed to Hypercorn as ``fd://``.
+client certificate signed by its CA when the gRPC port does (``--tls-client-auth``); then a
+:class:`~rpcmesh.http.tls_front.TlsFront` terminates TLS so the certificate's name reaches the
+handlers as on the gRPC port. The socket is bound here (so port 0 is resolved before serving
+and a busy port fails the start with one line) and handed to Hypercorn as ``fd://``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from hypercorn.asyncio import serve
 from hypercorn.config import Config
 
 from rpcmesh.controlplane.component import StartupError
+from rpcmesh.http.tls_front import TlsFront, server_context
 from rpcmesh.security.tls import ServerTlsConfig
 
 __all__ = ["HttpServer"]
@@ -45,28 +47,29 @@ class HttpServer:
     """One Hypercorn server for an ASGI application, started and stopped with the control plane.
 
     Args:
-        app: The ASGI application.
         host: Interface to listen on.
         port: Port; 0 picks a free one.
         tls: The control plane's TLS settings (None: plaintext).
         graceful_timeout: Seconds in-flight requests get on shutdown.
     """
 
-    def __init__(
-        self, app: Any, *, host: str, port: int, tls: ServerTlsConfig | None, graceful_timeout: float
-    ) -> None:
-        self._app = app
+    def __init__(self, *, host: str, port: int, tls: ServerTlsConfig | None, graceful_timeout: float) -> None:
         self._host = host
         self._port = port
         self._tls = tls
         self._graceful_timeout = graceful_timeout
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._front: TlsFront | None = None
         self.url = ""
         """``http(s)://host:port`` once started."""
 
-    async def start(self) -> str:
-        """Bind and serve in the background; returns the URL. Raises StartupError if the port is taken."""
+    def common_name_of(self, client_address: str | None) -> str | None:
+        """The verified client certificate's name of the connection a request came on (mTLS only)."""
+        return self._front.common_name_of(client_address) if self._front is not None else None
+
+    async def start(self, app: Any) -> str:
+        """Bind and serve ``app`` in the background; returns the URL. StartupError if the port is taken."""
         try:
             sock = _bind(self._host, self._port)
         except OSError as exc:
@@ -74,6 +77,16 @@ class HttpServer:
                 f"cannot listen on {self._host}:{self._port} (HTTP): {exc.strerror or exc}"
             ) from exc
         port = sock.getsockname()[1]
+        tls = self._tls
+        if tls is not None and tls.client_auth:
+            try:
+                context = server_context(tls)
+            except (OSError, ssl.SSLError) as exc:
+                sock.close()
+                raise StartupError(f"cannot use the TLS files for HTTP: {exc}") from exc
+            backend = _bind("127.0.0.1", 0)
+            self._front = TlsFront(sock, context, backend.getsockname()[1])
+            sock, tls = backend, None
         config = Config()
         config.bind = [f"fd://{sock.detach()}"]
         config.graceful_timeout = self._graceful_timeout
@@ -83,24 +96,22 @@ class HttpServer:
         config.keep_alive_timeout = 75.0
         # Large enough for the biggest request the RPC layer accepts (it answers RESOURCE_EXHAUSTED).
         config.h11_max_incomplete_size = 64 * 1024
-        if self._tls is not None:
-            config.certfile = str(self._tls.cert_file)
-            config.keyfile = str(self._tls.key_file)
-            if self._tls.ca_file is not None:
-                config.ca_certs = str(self._tls.ca_file)
-            if self._tls.client_auth:
-                config.verify_mode = ssl.CERT_REQUIRED
+        if tls is not None:
+            config.certfile = str(tls.cert_file)
+            config.keyfile = str(tls.key_file)
         scheme = "https" if self._tls is not None else "http"
         host = f"[{self._host}]" if ":" in self._host else self._host
         self.url = f"{scheme}://{host}:{port}"
-        self._task = asyncio.create_task(self._serve(config), name="rpcmesh-http")
+        self._task = asyncio.create_task(self._serve(app, config), name="rpcmesh-http")
+        if self._front is not None:
+            await self._front.start()
         # Let Hypercorn create its listener before the address is announced.
         await asyncio.sleep(0)
         return self.url
 
-    async def _serve(self, config: Config) -> None:
+    async def _serve(self, app: Any, config: Config) -> None:
         try:
-            await serve(self._app, config, shutdown_trigger=self._stop.wait, mode="asgi")
+            await serve(app, config, shutdown_trigger=self._stop.wait, mode="asgi")
         except Exception:
             logger.exception("the HTTP server failed")
 
@@ -114,6 +125,8 @@ class HttpServer:
         task, self._task = self._task, None
         if task is None:
             return
+        if self._front is not None:
+            self._front.close()
         done, _ = await asyncio.wait({task}, timeout=self._graceful_timeout + 1.0)
         if not done:
             logger.warning(
@@ -122,3 +135,5 @@ class HttpServer:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self._front is not None:
+            await self._front.stop()
