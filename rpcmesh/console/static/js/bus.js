@@ -146,7 +146,7 @@ async function renderTopic(main, name, isLive, rerender, notice) {
       ? table(["Group", "Pending", "In flight", "Ack floor", "Lag", "Dead letters"], groupRows, { id: "groups" })
       : h("p", {}, "No consumer group."),
     h("div", { class: "toolbar" }, h("button", { type: "button", id: "refresh", onclick: () => rerender() }, "Refresh")),
-    sections.filter(Boolean),
+    ...sections.filter(Boolean),
   );
 }
 

@@ -192,7 +192,12 @@ function stepsTable(saga) {
       h("td", {}, time(s.startedAt)),
       h("td", { class: "num" }, started && ended ? formatSeconds((ended - started) / 1000) : ""),
       h("td", {}, s.error || ""),
-      h("td", { class: "muted" }, `${saga.sagaId}/${s.name}/execute`),
+      h(
+        "td",
+        { class: "muted" },
+        h("div", {}, `${saga.sagaId}/${s.name}/execute`),
+        s.compensationAttempts ? h("div", {}, `${saga.sagaId}/${s.name}/compensate`) : null,
+      ),
     );
   });
   return table(["Step", "State", "Attempts", "Comp. attempts", "Started", "Duration", "Last error", "Idempotency key"], rows, { id: "steps" });
@@ -230,7 +235,7 @@ function renderSaga(main, sagaId, isLive) {
       actions.push(h("button", { type: "button", id: "resolve", class: "danger", onclick: () => act("SagaCoordinator/ResolveSaga", "Resolve") }, "Resolve"));
     }
     const labels = Object.entries(saga.labels || {}).map(([k, v]) => h("span", { class: "tag" }, `${k}=${v}`));
-    clear(body).append(
+    const parts = [
       h(
         "dl",
         { class: "facts" },
@@ -262,7 +267,8 @@ function renderSaga(main, sagaId, isLive) {
           { id: "transitions" },
         ),
       ),
-    );
+    ];
+    clear(body).append(...parts.filter(Boolean));
   };
   let ticker = null;
   function start() {
