@@ -50,7 +50,17 @@ def start_shop_service(registry: str, service: str, instance_id: str) -> Managed
     """`examples/shop/run_service.py SERVICE`; waits until it serves."""
     script = ROOT / "examples" / "shop" / "run_service.py"
     proc = ManagedProcess(
-        [sys.executable, str(script), service, "--registry", registry, "--instance-id", instance_id, "--ttl", "2"]
+        [
+            sys.executable,
+            str(script),
+            service,
+            "--registry",
+            registry,
+            "--instance-id",
+            instance_id,
+            "--ttl",
+            "2",
+        ]
     )
     try:
         proc.wait_for_address()

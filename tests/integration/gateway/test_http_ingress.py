@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ssl
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 from google.rpc import error_details_pb2
 from shop.v1 import shop_pb2
 
+from rpcmesh.security.certs import create_ca, issue_certificate
 from rpcmesh.security.tokens import mint_token
 from tests.integration.gateway.http_support import Shop, envelope, read_frames, shop_mesh
 
@@ -143,3 +144,122 @@ def test_errors_keep_code_and_details(shop: Shop) -> None:
         assert (cross.status_code, cross.json()["code"]) == (403, "permission_denied")
         same = client.post("/shop.v1.Users/GetUser", json={"userId": "u-alice"}, headers={"origin": shop.url})
         assert same.status_code == 200, same.text
+
+
+def token(identity: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {mint_token(SECRET, subject=identity, issuer='rpcmesh', ttl=600)}"}
+
+
+def test_authentication_and_per_target_authorization(shop: Shop) -> None:
+    secret, policy = shop.tmp / "secret", shop.tmp / "access.yaml"
+    secret.write_bytes(SECRET)
+    policy.write_text(ACCESS_POLICY)
+    url = shop.gateway(
+        "--route", "/api/users=users", "--token-secret-file", str(secret), "--insecure",
+        "--access-policy", str(policy),
+    )  # fmt: skip
+    with httpx.Client(base_url=url, timeout=15) as client:
+        anonymous = client.post("/api/users/GetUser", json={"userId": "u-alice"})
+        assert (anonymous.status_code, anonymous.json()["code"]) == (401, "unauthenticated")
+        forged = client.post(
+            "/api/users/GetUser", json={"userId": "u-alice"}, headers={"authorization": "Bearer not-a-token"}
+        )
+        assert (forged.status_code, forged.json()["code"]) == (401, "unauthenticated")
+
+        allowed = client.post("/api/users/GetUser", json={"userId": "u-alice"}, headers=token("svc-a"))
+        assert allowed.status_code == 200, allowed.text
+        assert client.post(
+            "/shop.v1.Users/GetUser", json={"userId": "u-bob"}, headers=token("svc-a")
+        ).is_success
+
+        # Another service of the same caller: refused, naming the identity and the target.
+        refused = client.post("/shop.v1.Orders/GetOrder", json={"orderId": "o-1"}, headers=token("svc-a"))
+        assert (refused.status_code, refused.json()["code"]) == (403, "permission_denied")
+        assert "'svc-a'" in refused.json()["message"] and "orders/GetOrder" in refused.json()["message"]
+        # Decided before discovery: an unregistered target is refused, not UNAVAILABLE.
+        nowhere = client.post(
+            "/shop.v1.Users/GetUser",
+            json={"userId": "u-alice"},
+            headers={**token("svc-a"), "x-rpcmesh-service": "nobody-here"},
+        )
+        assert (nowhere.status_code, nowhere.json()["code"]) == (403, "permission_denied")
+        stranger = client.post("/api/users/GetUser", json={"userId": "u-alice"}, headers=token("stranger"))
+        assert (stranger.status_code, stranger.json()["code"]) == (403, "permission_denied")
+
+        # A refused stream ends with the error in its end-of-stream message.
+        stream = client.post(
+            "/echo.v1.Echo/Expand",
+            content=envelope({"message": "x", "repeat": 2}),
+            headers={**token("svc-a"), "content-type": "application/connect+json"},
+        )
+        messages, end = read_frames(stream.content)
+        assert messages == [] and end["error"]["code"] == "permission_denied", end
+
+
+def test_client_certificate_required_on_the_http_port_too(shop: Shop) -> None:
+    ca = create_ca()
+    ca_cert, _ = ca.write(shop.tmp, "ca")
+    server_cert, server_key = issue_certificate(ca, "localhost", names=["127.0.0.1"]).write(shop.tmp, "gw")
+    client_cert, client_key = issue_certificate(ca, "svc-a", server=False, client=True).write(shop.tmp, "a")
+    secret = shop.tmp / "tls-secret"
+    secret.write_bytes(SECRET)
+    url = shop.gateway(
+        "--tls-cert", str(server_cert), "--tls-key", str(server_key), "--tls-ca", str(ca_cert),
+        "--tls-client-auth", "--token-secret-file", str(secret), "--allow-any-identity",
+    )  # fmt: skip
+    assert url.startswith("https://")
+    trusting = ssl.create_default_context(cafile=str(ca_cert))
+    with (
+        httpx.Client(base_url=url, timeout=15, verify=trusting) as client,
+        pytest.raises(httpx.TransportError),
+    ):
+        client.post("/api/users/GetUser", json={"userId": "u-alice"}, headers=token("svc-a"))
+    trusting.load_cert_chain(str(client_cert), str(client_key))
+    with httpx.Client(base_url=url, timeout=15, verify=trusting) as client:
+        reply = client.post("/shop.v1.Users/GetUser", json={"userId": "u-alice"}, headers=token("svc-a"))
+        assert reply.status_code == 200, reply.text
+        # The certificate alone does not identify an HTTP caller (see docs/gateway-http.md).
+        bare = client.post("/shop.v1.Users/GetUser", json={"userId": "u-alice"})
+        assert (bare.status_code, bare.json()["code"]) == (401, "unauthenticated")
+
+
+@pytest.mark.fault
+async def test_a_users_instance_killed_under_http_load_is_ridden_over(shop: Shop) -> None:
+    """SIGKILL one of the two users instances under 6 concurrent HTTP callers.
+
+    Bound: a call fails only if all its attempts fail (the call policy retries GetUser 4 times,
+    ejecting the dead instance); at most the calls in flight when the instance died (one per
+    caller, 6) may fail, and none may hang (each has a 10 s client timeout). Every call that
+    starts more than 1 s after the kill succeeds.
+    """
+    outcomes: list[tuple[float, float, int | str]] = []
+    stop = asyncio.Event()
+
+    async with httpx.AsyncClient(base_url=shop.url, timeout=10) as client:
+
+        async def caller() -> None:
+            while not stop.is_set():
+                started = time.monotonic()
+                try:
+                    reply = await client.post("/api/users/GetUser", json={"userId": "u-alice"})
+                    outcome: int | str = reply.status_code if reply.status_code != 200 else 200
+                    if reply.status_code != 200:
+                        outcome = f"{reply.status_code} {reply.text}"
+                except httpx.HTTPError as exc:
+                    outcome = f"{type(exc).__name__}: {exc}"
+                outcomes.append((started, time.monotonic(), outcome))
+
+        callers = [asyncio.create_task(caller()) for _ in range(6)]
+        await asyncio.sleep(1.5)
+        shop.users[0].kill()
+        killed_at = time.monotonic()
+        await asyncio.sleep(3.0)
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*callers), timeout=30)
+
+    failures = [outcome for _, _, outcome in outcomes if outcome != 200]
+    assert len(outcomes) > 50
+    assert len(failures) <= 6, failures
+    late = [outcome for started, _, outcome in outcomes if started > killed_at + 1.0]
+    assert late and all(outcome == 200 for outcome in late), failures
+    assert max(ended - started for started, ended, _ in outcomes) < 10
