@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import ssl
+import sys
 import time
 from collections.abc import Iterator
 
@@ -21,7 +22,9 @@ from shop.v1 import shop_pb2
 
 from rpcmesh.security.certs import create_ca, issue_certificate
 from rpcmesh.security.tokens import mint_token
-from tests.integration.gateway.http_support import Shop, envelope, read_frames, shop_mesh
+from tests.integration.gateway.http_support import HTTP_LINE, Shop, envelope, read_frames, shop_mesh
+from tests.support.otlp_collector import CollectedSpan, running_collector
+from tests.support.processes import ROOT, ManagedProcess, python_env, rpcmesh_command
 
 SECRET = b"gateway-http-test-secret-0123456789abcdef"
 ACCESS_POLICY = """\
@@ -263,3 +266,61 @@ async def test_a_users_instance_killed_under_http_load_is_ridden_over(shop: Shop
     late = [outcome for started, _, outcome in outcomes if started > killed_at + 1.0]
     assert late and all(outcome == 200 for outcome in late), failures
     assert max(ended - started for started, ended, _ in outcomes) < 10
+
+
+def test_trace_and_correlation_id_continue_through_the_gateway(shop: Shop) -> None:
+    """The caller's traceparent: the gateway's SERVER span is its child, the backend's span a descendant."""
+    trace_id, caller_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    with running_collector() as collector:
+
+        def traced(args: list[str], name: str) -> ManagedProcess:
+            env = python_env(
+                {
+                    "OTEL_SERVICE_NAME": name,
+                    "OTEL_TRACES_EXPORTER": "otlp",
+                    "OTEL_METRICS_EXPORTER": "none",
+                    "OTEL_EXPORTER_OTLP_ENDPOINT": collector.endpoint,
+                    "OTEL_BSP_SCHEDULE_DELAY": "50",
+                }
+            )
+            proc = ManagedProcess(args, env=env)
+            shop.started.append(proc)
+            proc.wait_for_address()
+            return proc
+
+        echo = [sys.executable, str(ROOT / "examples" / "echo" / "server.py"), "--registry", shop.registry]
+        traced([*echo, "--name", "echo-traced", "--instance-id", "traced-1"], "echo-traced")
+        gateway = traced(
+            rpcmesh_command("gateway", "--registry", shop.registry, "--port", "0", "--http-port", "0"),
+            "gateway",
+        )
+        url = gateway.wait_for_line(HTTP_LINE).group(1)
+        with httpx.Client(base_url=url, timeout=15) as client:
+            reply = client.post(
+                "/echo.v1.Echo/Echo",
+                json={"message": "traced"},
+                headers={
+                    "traceparent": f"00-{trace_id}-{caller_span}-01",
+                    "x-correlation-id": "corr-traced-1",
+                    "x-rpcmesh-service": "echo-traced",
+                },
+            )
+            assert reply.status_code == 200, reply.text
+
+        def complete(spans: list[CollectedSpan]) -> bool:
+            return any(s.service == "echo-traced" and s.name == "echo.v1.Echo/Echo" for s in spans) and any(
+                s.service == "gateway" and s.kind == "SERVER" for s in spans
+            )
+
+        spans = [s for s in collector.wait_for_spans(complete, timeout=30) if s.trace_id == trace_id]
+    index = {s.span_id: s for s in spans}
+    [entry] = [s for s in spans if s.service == "gateway" and s.kind == "SERVER"]
+    assert entry.parent_span_id == caller_span and entry.name == "echo.v1.Echo/Echo"
+    # (The backend's reflection answer to the gateway is in the trace too.)
+    [backend] = [s for s in spans if s.service == "echo-traced" and s.name == "echo.v1.Echo/Echo"]
+    ancestors, span = [], backend
+    while span.parent_span_id in index:
+        span = index[span.parent_span_id]
+        ancestors.append(span.span_id)
+    assert entry.span_id in ancestors
+    assert {s.attributes.get("rpcmesh.correlation_id") for s in (entry, backend)} == {"corr-traced-1"}
