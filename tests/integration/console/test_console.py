@@ -1,0 +1,321 @@
+"""The web console in a real browser (Debian's Chromium through Playwright) against the example shop.
+
+A real `rpcmesh up --port 0 --http-port 0` on SQLite runs the shop's services; the pages are the
+static files the control plane serves, calling its Connect API. Each test reads what a user sees
+(rows, bars, buttons) and checks the mesh's state over gRPC.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import grpc
+import pytest
+from playwright.sync_api import Page, expect
+from rpcmesh.v1 import bus_pb2, eventstore_pb2, eventstore_pb2_grpc, saga_pb2
+
+from tests.integration.console.shop import GroupConsumer, Shop, publish_json
+
+pytestmark = pytest.mark.slow
+expect.set_options(timeout=30_000)
+
+MARKUP = '<img src=x onerror="window.__xss=(window.__xss||0)+1">'
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def dead_letters(shop: Shop, topic: str, group: str) -> list[bus_pb2.DeadLetter]:
+    request = bus_pb2.ListDeadLettersRequest(topic=topic, group=group)
+    return list(shop.bus.ListDeadLetters(request, timeout=30).dead_letters)
+
+
+def make_dead_letter(shop: Shop, topic: str, group: str, body: object, error: str) -> GroupConsumer:
+    """A message the group's only consumer naks once (max_deliveries 1): dead-lettered with ``error``."""
+    consumer = GroupConsumer(shop.bus, topic, group, max_deliveries=1)
+    if isinstance(body, bytes):
+        shop.bus.Publish(
+            bus_pb2.PublishRequest(topic=topic, messages=[bus_pb2.BusMessage(payload=body)]), timeout=30
+        )
+    else:
+        publish_json(shop.bus, topic, body)
+    consumer.nak(consumer.next(), error)
+    wait_until(lambda: len(dead_letters(shop, topic, group)) == 1, what=f"a dead letter on {topic}")
+    return consumer
+
+
+def events(shop: Shop) -> eventstore_pb2_grpc.EventStoreStub:
+    return eventstore_pb2_grpc.EventStoreStub(shop.channel)
+
+
+def test_services_page_shows_both_users_instances_and_one_disappears_live_when_killed(
+    shop: Shop, page: Page
+) -> None:
+    page.goto(f"{shop.url}/#/services")
+    users = page.locator('#services tr[data-service="users"]')
+    expect(users.locator("td").nth(1)).to_have_text("2")
+    users.get_by_role("link", name="users").click()
+    expect(page.locator("#instances tr[data-instance]")).to_have_count(2)
+    for instance in ("users-1", "users-2"):
+        row = page.locator(f'#instances tr[data-instance="{instance}"]')
+        expect(row).to_contain_text("PASSING")
+        expect(row).to_contain_text("127.0.0.1:")
+    page.evaluate("window.__sameDocument = true")
+
+    shop.instances["users-1"].kill()
+
+    # Its lease (5 s) expires; the Watch stream removes the row without a reload.
+    expect(page.locator('#instances tr[data-instance="users-1"]')).to_have_count(0)
+    expect(page.locator('#instances tr[data-instance="users-2"]')).to_be_visible()
+    expect(page.locator("#removed")).to_contain_text("users-1")
+    expect(page.locator("#removed")).to_contain_text("expired")
+    assert page.evaluate("window.__sameDocument") is True
+
+
+def test_compensated_order_saga_timeline_shows_steps_executed_then_compensated_in_reverse(
+    shop: Shop, page: Page
+) -> None:
+    saga = shop.place_order(f"order-{uuid.uuid4().hex[:6]}", "u-bob", 12_000, lamp=1)
+    assert saga.state == saga_pb2.SAGA_STATE_COMPENSATED, saga
+
+    page.goto(f"{shop.url}/#/sagas")
+    page.select_option("#state-filter", "COMPENSATED")
+    row = page.locator(f'#sagas tr[data-saga="{saga.saga_id}"]')
+    expect(row).to_contain_text("COMPENSATED")
+    row.get_by_role("link").click()
+    expect(page.locator("#saga-state")).to_contain_text("COMPENSATED")
+    expect(page.locator("#saga-error")).to_contain_text("card declined")
+    bars = page.locator("#timeline g.bar")
+    expect(bars).to_have_count(5)
+    drawn = bars.evaluate_all(
+        "els => els.map(e => ({step: e.dataset.step, phase: e.dataset.phase,"
+        " start: Number(e.dataset.start), failed: e.dataset.failed === 'true',"
+        " width: Number(e.querySelector('rect').getAttribute('width'))}))"
+    )
+    executed = [bar for bar in drawn if bar["phase"] == "execute"]
+    compensated = sorted((bar for bar in drawn if bar["phase"] == "compensate"), key=lambda bar: bar["start"])
+    assert [bar["step"] for bar in executed] == ["create-order", "reserve-stock", "charge-payment"]
+    assert [bar["failed"] for bar in executed] == [False, False, True]
+    assert [bar["step"] for bar in compensated] == ["reserve-stock", "create-order"]
+    assert all(bar["width"] > 0 for bar in drawn)
+    # Compensation starts after the failed step, on the same time axis.
+    assert compensated[0]["start"] >= executed[-1]["start"]
+    expect(page.locator('#steps tr[data-step="charge-payment"]')).to_contain_text("FAILED")
+    expect(page.locator('#steps tr[data-step="reserve-stock"]')).to_contain_text("COMPENSATED")
+    expect(page.locator('#steps tr[data-step="reserve-stock"]')).to_contain_text(
+        f"{saga.saga_id}/reserve-stock/compensate"
+    )
+
+
+def test_dead_letter_is_replayed_from_the_bus_page_and_consumed(shop: Shop, page: Page) -> None:
+    topic, group = "console.replay", "workers"
+    body = {"order_id": "order-dl-1", "amount_cents": 4200}
+    consumer = make_dead_letter(shop, topic, group, body, "ValueError: boom")
+    try:
+        page.goto(f"{shop.url}/#/bus")
+        page.locator(f'#topics tr[data-topic="{topic}"]').get_by_role("link").click()
+        expect(page.locator(f'#groups tr[data-group="{group}"] td.dead-count')).to_have_text("1")
+        letter = page.locator(f'tr[data-dead-letter][data-group="{group}"]')
+        expect(letter).to_have_count(1)
+        expect(letter).to_contain_text("max_deliveries")
+        expect(letter.locator("td.last-error")).to_have_text("ValueError: boom")
+        expect(letter.locator("pre.payload.json")).to_contain_text('"order_id": "order-dl-1"')
+
+        letter.get_by_role("button", name="Replay").click()
+
+        expect(page.locator("#bus-notice")).to_contain_text("Replayed 1 dead letter(s) to group workers")
+        delivery = consumer.next(timeout=30)
+        assert json.loads(delivery.message.payload) == body
+        assert delivery.message.headers["rpcmesh-replay-group"] == group
+        consumer.ack(delivery)
+
+        def consumed() -> bool:
+            topic_info = shop.bus.GetTopic(bus_pb2.GetTopicRequest(name=topic), timeout=30).topic
+            groups = {g.name: g for g in topic_info.groups}
+            return groups[group].pending == 0 and groups[group].dead_letters == 0
+
+        wait_until(consumed, what="the replayed message to be acknowledged")
+        page.locator("#refresh").click()
+        expect(page.locator(f'#groups tr[data-group="{group}"] td.pending')).to_have_text("0")
+        expect(page.locator(f'#groups tr[data-group="{group}"] td.dead-count')).to_have_text("0")
+        expect(page.locator("tr[data-dead-letter]")).to_have_count(0)
+    finally:
+        consumer.close()
+
+
+def test_events_page_tails_all_as_orders_are_placed_and_pages_through_a_stream(
+    shop: Shop, page: Page
+) -> None:
+    page.goto(f"{shop.url}/#/events")
+    expect(page.locator("#tail-status")).to_contain_text("Live:")
+    page.evaluate("window.__sameDocument = true")
+    placed = [shop.start_order(f"order-{uuid.uuid4().hex[:6]}", "u-alice", 1_000, book=1) for _ in range(2)]
+    for saga_id in placed:
+        stream = f"saga-{saga_id}"
+        expect(
+            page.locator(f'#events-log tr[data-stream="{stream}"][data-type="SagaStarted"]')
+        ).to_have_count(1)
+        expect(
+            page.locator(f'#events-log tr[data-stream="{stream}"][data-type="SagaCompleted"]')
+        ).to_have_count(1)
+    assert page.evaluate("window.__sameDocument") is True
+
+    stream = f"paging-{uuid.uuid4().hex[:6]}"
+    events(shop).AppendToStream(
+        eventstore_pb2.AppendToStreamRequest(
+            stream=stream,
+            expected_state=eventstore_pb2.EXPECTED_STATE_NO_STREAM,
+            events=[
+                eventstore_pb2.EventData(event_type="Counted", data=json.dumps({"n": n}).encode())
+                for n in range(25)
+            ],
+        ),
+        timeout=30,
+    )
+    page.fill("#open-stream", stream)
+    page.get_by_role("button", name="Read stream").click()
+    expect(page.locator("#page-info")).to_contain_text("Page 1: revisions 0 to 19")
+    expect(page.locator("#stream-events tbody tr")).to_have_count(20)
+    page.locator("#next-page").click()
+    expect(page.locator("#page-info")).to_contain_text("Page 2: revisions 20 to 24")
+    expect(page.locator("#stream-events tbody tr").last).to_contain_text('"n": 24')
+    expect(page.locator("#next-page")).to_be_disabled()
+    page.locator("#previous-page").click()
+    expect(page.locator("#page-info")).to_contain_text("Page 1: revisions 0 to 19")
+
+
+def test_markup_in_names_payloads_and_errors_renders_as_text(shop: Shop, page: Page) -> None:
+    # Service names are DNS labels: markup is refused there before any page could show it.
+    with pytest.raises(grpc.RpcError) as refused:
+        shop.register_instance(MARKUP, address="127.0.0.1:9")
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # Version, zone and tags are free text.
+    shop.register_instance(
+        "xss-probe", instance_id="xss-1", address="127.0.0.1:9", version=MARKUP, zone=MARKUP, tags=[MARKUP]
+    )
+    consumer = make_dead_letter(shop, "console.xss", "victims", {"note": MARKUP}, MARKUP)
+    consumer.close()
+    stream = f"xss-{uuid.uuid4().hex[:6]}"
+    events(shop).AppendToStream(
+        eventstore_pb2.AppendToStreamRequest(
+            stream=stream,
+            expected_state=eventstore_pb2.EXPECTED_STATE_ANY,
+            events=[eventstore_pb2.EventData(event_type="Evil", data=MARKUP.encode())],
+        ),
+        timeout=30,
+    )
+
+    for route, shown in [
+        ("#/services/xss-probe", '#instances tr[data-instance="xss-1"]'),
+        ("#/bus/console.xss", "tr[data-dead-letter]"),
+        (f"#/events/{stream}", "#stream-events tbody tr"),
+    ]:
+        page.goto(f"{shop.url}/{route}")
+        expect(page.locator(shown)).to_contain_text(MARKUP)
+        expect(page.locator("img")).to_have_count(0)
+        assert page.evaluate("window.__xss") is None, route
+
+
+class _AttackerPage(BaseHTTPRequestHandler):
+    """Serves one page, from another origin, that tries to append to the control plane's EventStore."""
+
+    target = ""
+
+    def do_GET(self) -> None:
+        action = f"{self.target}/rpcmesh.v1.EventStore/AppendToStream"
+        forged = json.dumps(
+            {
+                "stream": "csrf-probe",
+                "expectedState": "EXPECTED_STATE_ANY",
+                "events": [{"eventType": "Forged"}],
+            }
+        )
+        html = f"""<!doctype html><html><body>
+<form id="f" method="post" enctype="text/plain" action="{action}" target="sink">
+<input type="hidden" name='{{"stream":"csrf-probe","x":"' value='"}}'></form>
+<iframe name="sink"></iframe>
+<script>
+(async () => {{
+  const body = {json.dumps(forged)};
+  const out = {{}};
+  try {{
+    const r = await fetch("{action}",
+      {{method: "POST", headers: {{"Content-Type": "application/json"}}, body}});
+    out.cors = r.status;
+  }} catch (e) {{ out.cors = "blocked"; }}
+  try {{
+    await fetch("{action}",
+      {{method: "POST", mode: "no-cors", headers: {{"Content-Type": "text/plain"}}, body}});
+    out.noCors = "sent";
+  }} catch (e) {{ out.noCors = "blocked"; }}
+  document.getElementById("f").submit();
+  window.__done = out;
+}})();
+</script></body></html>"""
+        data = html.encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def attacker(shop: Shop) -> Iterator[str]:
+    """An HTTP server on another port (so another origin) serving :class:`_AttackerPage`."""
+    handler = type("Handler", (_AttackerPage,), {"target": shop.url})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+def test_cross_origin_post_from_another_page_is_refused(shop: Shop, page: Page, attacker: str) -> None:
+    answers: list[tuple[str, int]] = []
+    page.on(
+        "response",
+        lambda r: answers.append((r.request.method, r.status)) if "AppendToStream" in r.url else None,
+    )
+    page.goto(f"{attacker}/")
+    page.wait_for_function("window.__done !== undefined")
+    done = page.evaluate("window.__done")
+    # A JSON POST needs a CORS preflight the control plane does not grant: the browser never sends it.
+    assert done["cors"] == "blocked", done
+    # The no-cors fetch and the form do reach the server, which refuses them (cross origin, not Connect).
+    wait_until(
+        lambda: len([a for a in answers if a[0] == "POST"]) >= 2, 15, "both forged POSTs to be answered"
+    )
+    assert all(status == 403 or 400 <= status < 500 for _, status in answers), answers
+    probe = events(shop).ReadStream(eventstore_pb2.ReadStreamRequest(stream="csrf-probe"), timeout=30)
+    assert probe.current_revision == -1 and not probe.events
+
+    # The same request from the console's own origin is served: the refusal was the origin's.
+    page.goto(f"{shop.url}/#/events")
+    status = page.evaluate(
+        """async () => (await fetch("/rpcmesh.v1.EventStore/AppendToStream", {method: "POST",
+             headers: {"Content-Type": "application/json"},
+             body: JSON.stringify({stream: "csrf-control", expectedState: "EXPECTED_STATE_ANY",
+                                   events: [{eventType: "Allowed"}]})})).status"""
+    )
+    assert status == 200
+    control = events(shop).ReadStream(eventstore_pb2.ReadStreamRequest(stream="csrf-control"), timeout=30)
+    assert [e.event_type for e in control.events] == ["Allowed"]
