@@ -14,13 +14,14 @@ code generation per service. Two kinds of path reach a method:
 Each request goes through, in order (refusals are Connect errors written by ``connectrpc``,
 see :class:`~rpcmesh.gateway.http_calls.ErrorApp`):
 
-1. HTTP checks: POST only (405), a Connect or gRPC-Web content type (415), and the CSRF
-   rule: a request whose ``Origin`` is not the gateway's own origin is PERMISSION_DENIED;
-2. authentication, with the gateway's own :class:`~rpcmesh.security.identity.Authenticator`
-   settings: a bearer token in ``Authorization`` (UNAUTHENTICATED without one when the
-   gateway authenticates). When the gateway requires client certificates, the HTTP port
-   requires one in the TLS handshake too; the identity still comes from the token, since
-   the ASGI server does not show the certificate to the application;
+1. HTTP checks: POST only (405), and the control plane's CSRF rule
+   (:func:`rpcmesh.http.app.csrf_refusal`): a request whose ``Origin`` is not the gateway's
+   own origin, or whose content type is not a Connect, gRPC or gRPC-Web one (a form POST),
+   is PERMISSION_DENIED (403) and reaches no handler;
+2. authentication, with the gateway's own settings (the same
+   :class:`~rpcmesh.security.identity.Authenticator` rules as its gRPC port): a bearer token
+   in ``Authorization``, else, with ``--tls-client-auth``, the common name of the client
+   certificate the connection presented (the HTTP server's TLS front tells which);
 3. routing and per-target authorization: the same
    :meth:`~rpcmesh.gateway.server.Forwarder.target` / ``authorize`` as the gRPC side, before
    anything reaches a backend (unknown path: NOT_FOUND, HTTP 404);
@@ -31,26 +32,21 @@ see :class:`~rpcmesh.gateway.http_calls.ErrorApp`):
    through the mesh channel: discovery, balancing, retries, breakers and the caller's
    deadline (``connect-timeout-ms``).
 
-The ASGI server is hypercorn, in the gateway's event loop.
+The server is the control plane's :class:`~rpcmesh.http.server.HttpServer` (hypercorn in the
+gateway's event loop; HTTP/1.1 and h2c in plaintext, h2/HTTP/1.1 by ALPN with TLS).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
-import socket
+import json
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
 from connectrpc.server import ConnectASGIApplication
-from hypercorn.asyncio import serve
-from hypercorn.config import Config as HypercornConfig
 from opentelemetry import context as otel_context
 
-from rpcmesh.controlplane.component import StartupError
-from rpcmesh.errors import NotFoundError, StatusError, UnauthenticatedError
+from rpcmesh.errors import NotFoundError, PermissionDeniedError, StatusError, UnauthenticatedError
 from rpcmesh.gateway.http_calls import (
     ErrorApp,
     HttpCall,
@@ -62,6 +58,8 @@ from rpcmesh.gateway.http_calls import (
 from rpcmesh.gateway.routes import HttpRoutes
 from rpcmesh.gateway.server import Forwarder
 from rpcmesh.gateway.shapes import ServiceSchema
+from rpcmesh.http.app import csrf_refusal
+from rpcmesh.http.server import HttpServer
 from rpcmesh.security.identity import AuthenticationError, Authenticator, Identity
 from rpcmesh.security.settings import SecuritySettings
 from rpcmesh.security.tokens import load_secret
@@ -71,13 +69,11 @@ from rpcmesh.telemetry.setup import get_telemetry
 
 __all__ = ["HttpIngress"]
 
-logger = logging.getLogger(__name__)
-
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 _UNARY_TYPES = frozenset({"application/json", "application/proto"})
-_STREAM_TYPE_PREFIXES = ("application/connect+", "application/grpc-web")
+_STREAM_TYPE_PREFIXES = ("application/connect+", "application/grpc")
 # HTTP statuses of a response no endpoint wrote (the library refused the request), for the span.
 _CODE_BY_HTTP_STATUS = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
@@ -109,70 +105,43 @@ class HttpIngress:
         self._routes = routes
         self._settings = security
         secret = load_secret(security.token_secret_file) if security.token_secret_file is not None else None
-        # Tokens only: hypercorn does not show the client certificate to the application.
-        self._authenticator = Authenticator(token_secret=secret, token_issuer=security.token_issuer)
+        self._authenticator = Authenticator(
+            token_secret=secret,
+            token_issuer=security.token_issuer,
+            accept_certificates=security.tls is not None and security.tls.client_auth,
+        )
         self._authenticating = security.authentication_enabled
         self._apps: dict[str, ConnectASGIApplication[None]] = {}
         self._errors = ErrorApp()
-        self._stop = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._server: HttpServer | None = None
         self.address = ""
-        self.scheme = "https" if security.tls is not None else "http"
-
-    @property
-    def url(self) -> str:
+        """host:port once started."""
+        self.url = ""
         """``http://host:port`` (``https`` with TLS) once started."""
-        return f"{self.scheme}://{self.address}"
 
     # The server.
 
     async def start(self, host: str, port: int, grace: float) -> str:
         """Bind ``host:port`` (0: a free port) and serve; returns host:port.
 
-        Raises:
-            StartupError: the port cannot be bound.
-        """
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, port))
-            sock.listen(1024)
-            sock.setblocking(False)
-        except OSError as exc:
-            sock.close()
-            raise StartupError(f"cannot listen on {host}:{port} (HTTP): {exc.strerror or exc}") from exc
-        bound = sock.getsockname()[1]
-        config = HypercornConfig()
-        config.bind = [f"fd://{sock.detach()}"]  # hypercorn owns the socket from here
-        config.graceful_timeout = grace
-        config.accesslog = None
-        config.errorlog = logging.getLogger("rpcmesh.gateway.http")
-        config.include_server_header = False
-        config.h11_max_incomplete_size = self._settings.limits.max_metadata_bytes
-        tls = self._settings.tls
-        if tls is not None:
-            config.certfile, config.keyfile = str(tls.cert_file), str(tls.key_file)
-            if tls.ca_file is not None:
-                config.ca_certs = str(tls.ca_file)
-            if tls.client_auth:
-                import ssl
+        The server is the control plane's HTTP server (:class:`~rpcmesh.http.server.HttpServer`:
+        hypercorn, h2c, TLS, and with client authentication a TLS front that tells which
+        certificate each connection presented).
 
-                config.verify_mode = ssl.CERT_REQUIRED
-        self._task = asyncio.create_task(serve(self, config, shutdown_trigger=self._stop.wait))  # type: ignore[arg-type]
-        self.address = f"{host}:{bound}" if family == socket.AF_INET else f"[{host}]:{bound}"
-        await asyncio.sleep(0)
-        if self._task.done():
-            self._task.result()
+        Raises:
+            StartupError: the port cannot be bound, or the TLS files cannot be used.
+        """
+        server = HttpServer(host=host, port=port, tls=self._settings.tls, graceful_timeout=grace)
+        self.url = await server.start(self)
+        self._server = server
+        self.address = self.url.split("://", 1)[1]
         return self.address
 
     async def stop(self) -> None:
-        """Stop accepting requests; in-flight ones get the grace period hypercorn was given."""
-        self._stop.set()
-        if self._task is not None:
-            task, self._task = self._task, None
-            with contextlib.suppress(Exception):
-                await task
+        """Stop accepting requests; in-flight ones get the grace period."""
+        server, self._server = self._server, None
+        if server is not None:
+            await server.stop()
 
     # The ASGI application.
 
@@ -200,10 +169,9 @@ class HttpIngress:
         media_type = _media_type(first.get("content-type", ""))
         streaming = media_type.startswith(_STREAM_TYPE_PREFIXES)
         if not streaming and media_type not in _UNARY_TYPES:
-            accepted = (
-                b"application/json, application/proto, application/connect+json, application/connect+proto"
-            )
-            await _plain(send, 415, [(b"accept-post", accepted)])
+            # Not a Connect, gRPC or gRPC-Web request (a form POST...): refused as the control plane does.
+            reason = csrf_refusal(scope) or "not a Connect, gRPC or gRPC-Web content type"
+            await _refused(send, reason)
             return
         await self._serve(scope, receive, send, headers, first, streaming)
 
@@ -281,8 +249,10 @@ class HttpIngress:
         call: HttpCall,
     ) -> tuple[Any, str]:
         """The Connect app and the path within it that serve this request; raises the refusals."""
-        self._check_origin(scope, first)
-        identity = self._authenticate(headers)
+        refusal = csrf_refusal(scope)  # the control plane's rule: another origin is refused
+        if refusal is not None:
+            raise PermissionDeniedError(refusal)
+        identity = self._authenticate(scope, headers)
         if routed is not None:
             service, method_name = routed
             self._forwarder.authorize(identity, service, method_name)
@@ -310,26 +280,22 @@ class HttpIngress:
             )
         return app, full_method
 
-    def _check_origin(self, scope: dict[str, Any], first: dict[str, str]) -> None:
-        """The CSRF rule: a browser request from another origin is refused (requests without Origin pass)."""
-        origin = first.get("origin")
-        if origin is None:
-            return
-        own = f"{scope.get('scheme', self.scheme)}://{first.get('host', '')}".lower()
-        if origin.lower().rstrip("/") != own:
-            from rpcmesh.errors import PermissionDeniedError
+    def _authenticate(self, scope: dict[str, Any], headers: Sequence[tuple[str, str]]) -> Identity | None:
+        """The caller's identity (None when the gateway does not authenticate).
 
-            raise PermissionDeniedError(
-                f"origin {origin!r} may not call this gateway (cross-origin requests are refused; "
-                f"this gateway's origin is {own!r})"
-            )
-
-    def _authenticate(self, headers: Sequence[tuple[str, str]]) -> Identity | None:
-        """The caller's identity (None when the gateway does not authenticate)."""
+        A bearer token, else (with client authentication) the name of the certificate the
+        request's connection presented, as the gRPC side's ``auth_context`` gives it.
+        """
         if not self._authenticating:
             return None
+        auth_context: dict[str, list[bytes]] = {}
+        client = scope.get("client")
+        if self._server is not None and client:
+            name = self._server.common_name_of(f"{client[0]}:{client[1]}")
+            if name:
+                auth_context["x509_common_name"] = [name.encode()]
         try:
-            return self._authenticator.authenticate(headers, {})
+            return self._authenticator.authenticate(headers, auth_context)
         except AuthenticationError as exc:
             raise UnauthenticatedError(str(exc)) from exc
 
@@ -364,6 +330,14 @@ def _code_of(error: BaseException) -> grpc.StatusCode:
     if isinstance(error, StatusError):
         return error.code
     return grpc.StatusCode.UNKNOWN
+
+
+async def _refused(send: Send, reason: str) -> None:
+    """403 ``permission_denied`` for a request that is not an RPC at all, as the control plane answers it."""
+    body = json.dumps({"code": "permission_denied", "message": reason}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 403, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 async def _plain(send: Send, status: int, headers: list[tuple[bytes, bytes]]) -> None:

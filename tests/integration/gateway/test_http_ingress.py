@@ -138,9 +138,9 @@ def test_errors_keep_code_and_details(shop: Shop) -> None:
         assert (unknown_field.status_code, unknown_field.json()["code"]) == (400, "invalid_argument")
         assert '"admin"' in unknown_field.json()["message"]
 
-        # Only Connect/gRPC-Web content types reach a handler; a cross-origin request is refused.
+        # Only Connect/gRPC/gRPC-Web content types reach a handler; a cross-origin request is refused.
         form = client.post("/shop.v1.Users/GetUser", content=b"{}", headers={"content-type": "text/plain"})
-        assert form.status_code == 415
+        assert (form.status_code, form.json()["code"]) == (403, "permission_denied")
         cross = client.post(
             "/shop.v1.Users/GetUser", json={"userId": "u-alice"}, headers={"origin": "http://evil.example"}
         )
@@ -199,16 +199,16 @@ def test_authentication_and_per_target_authorization(shop: Shop) -> None:
         assert messages == [] and end["error"]["code"] == "permission_denied", end
 
 
-def test_client_certificate_required_on_the_http_port_too(shop: Shop) -> None:
+def test_client_certificate_is_the_identity_on_the_https_port(shop: Shop) -> None:
     ca = create_ca()
     ca_cert, _ = ca.write(shop.tmp, "ca")
     server_cert, server_key = issue_certificate(ca, "localhost", names=["127.0.0.1"]).write(shop.tmp, "gw")
     client_cert, client_key = issue_certificate(ca, "svc-a", server=False, client=True).write(shop.tmp, "a")
-    secret = shop.tmp / "tls-secret"
-    secret.write_bytes(SECRET)
+    policy = shop.tmp / "cert-access.yaml"
+    policy.write_text(ACCESS_POLICY)
     url = shop.gateway(
         "--tls-cert", str(server_cert), "--tls-key", str(server_key), "--tls-ca", str(ca_cert),
-        "--tls-client-auth", "--token-secret-file", str(secret), "--allow-any-identity",
+        "--tls-client-auth", "--access-policy", str(policy),
     )  # fmt: skip
     assert url.startswith("https://")
     trusting = ssl.create_default_context(cafile=str(ca_cert))
@@ -216,14 +216,16 @@ def test_client_certificate_required_on_the_http_port_too(shop: Shop) -> None:
         httpx.Client(base_url=url, timeout=15, verify=trusting) as client,
         pytest.raises(httpx.TransportError),
     ):
-        client.post("/api/users/GetUser", json={"userId": "u-alice"}, headers=token("svc-a"))
+        client.post("/api/users/GetUser", json={"userId": "u-alice"})  # no certificate, no connection
     trusting.load_cert_chain(str(client_cert), str(client_key))
-    with httpx.Client(base_url=url, timeout=15, verify=trusting) as client:
-        reply = client.post("/shop.v1.Users/GetUser", json={"userId": "u-alice"}, headers=token("svc-a"))
-        assert reply.status_code == 200, reply.text
-        # The certificate alone does not identify an HTTP caller (see docs/gateway-http.md).
-        bare = client.post("/shop.v1.Users/GetUser", json={"userId": "u-alice"})
-        assert (bare.status_code, bare.json()["code"]) == (401, "unauthenticated")
+    for http2 in (False, True):
+        with httpx.Client(base_url=url, timeout=15, verify=trusting, http2=http2) as client:
+            reply = client.post("/shop.v1.Users/GetUser", json={"userId": "u-alice"})
+            assert reply.status_code == 200, reply.text
+            assert reply.http_version == ("HTTP/2" if http2 else "HTTP/1.1")
+            refused = client.post("/shop.v1.Orders/GetOrder", json={"orderId": "o-1"})
+            assert (refused.status_code, refused.json()["code"]) == (403, "permission_denied")
+            assert "'svc-a'" in refused.json()["message"]
 
 
 @pytest.mark.fault
