@@ -25,7 +25,6 @@ The operation vocabulary (written by ``tests/partitions/workload.py``):
 
 from __future__ import annotations
 
-import itertools
 import re
 import statistics
 from collections import Counter, defaultdict
@@ -34,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.partitions.history import UNKNOWN as UNKNOWN_OUTCOME
 from tests.partitions.history import Op, load, load_final
 
 __all__ = [
@@ -60,9 +60,6 @@ TERMINAL_SAGA_STATES = frozenset(
     }
 )
 COMPENSATED_SAGA_STATES = frozenset({"SAGA_STATE_COMPENSATED", "SAGA_STATE_ABORTED"})
-
-NODE_ADDRESSES = {f"node{i}": f"10.77.0.{30 + i}" for i in range(1, 10)}
-"""The test bed's node names and addresses (tests/partitions/bed.py's topology)."""
 
 LEASE_LOSING_FAULTS = ("isolate", "pg", "postgres", "sigstop", "stop", "pause")
 """Substrings of fault names after which the faulted node loses its saga driver lock."""
@@ -359,7 +356,7 @@ def check_bus(ops: Sequence[Op], final: dict[str, Any], counts: Counter[str] | N
             violations.append(
                 f"acknowledged publish {message_id} (sequence {op.result.get('sequence')}) is lost"
             )
-        elif bus.get("drained") and not delivered[message_id]:
+        elif not delivered[message_id]:
             violations.append(f"acknowledged publish {message_id} was never delivered to the group")
     floor = int(bus.get("ack_floor", 0))
     for message_id, seq in sorted(stored.items(), key=lambda item: item[1]):
@@ -379,11 +376,15 @@ def check_sagas(ops: Sequence[Op], final: dict[str, Any], counts: Counter[str] |
     violations: list[str] = []
     applied: Counter[tuple[str, str]] = Counter()
     undone: Counter[tuple[str, str]] = Counter()
+    calls: Counter[tuple[str, str, str]] = Counter()
     for op in _by(ops, "participant_call"):
+        calls[(op.args["saga_id"], op.args["step"], str(op.args.get("phase")))] += 1
         if not op.args.get("effective"):
             continue
         key = (op.args["saga_id"], op.args["step"])
         (undone if op.args.get("phase") == "compensate" else applied)[key] += 1
+    if counts is not None:
+        counts["saga participant calls repeated (at-least-once)"] += sum(n - 1 for n in calls.values())
     for (saga_id, step), count in sorted(applied.items()):
         if count > 1:
             violations.append(f"saga {saga_id} step {step} took effect {count} times")
@@ -423,30 +424,52 @@ def _fault_pairs(ops: Sequence[Op], end: float) -> list[tuple[Op, float]]:
     return pairs
 
 
-def _fault_nodes(fault: Op) -> set[str]:
+def _fault_nodes(fault: Op, nodes: Sequence[str]) -> set[str]:
+    """The node hosts a fault concerns: its ``ip``, or ``nodeK`` as the K-th of the workload's nodes."""
     text = f"{fault.args.get('target', '')} {fault.args.get('ip', '')}"
-    nodes = {NODE_ADDRESSES[name] for name in re.findall(r"node\d", text) if name in NODE_ADDRESSES}
-    return nodes | set(re.findall(r"\d+\.\d+\.\d+\.\d+", text))
+    hosts = set(re.findall(r"\d+\.\d+\.\d+\.\d+", text))
+    for number in re.findall(r"node(\d+)", text):
+        if 0 < int(number) <= len(nodes):
+            hosts.add(nodes[int(number) - 1].rsplit(":", 1)[0])
+    return hosts
 
 
-def check_saga_lease_window(ops: Sequence[Op], limit: float = 6.0) -> tuple[list[str], float | None]:
+def _workload_nodes(ops: Sequence[Op]) -> list[str]:
+    """The ``--nodes`` of the workload (from its ``start`` record), in order."""
+    for op in ops:
+        if op.proc == "workload" and op.op == "start":
+            return [str(node) for node in op.args.get("nodes", [])]
+    return []
+
+
+def check_saga_lease_window(
+    ops: Sequence[Op], limit: float = 6.0, counts: Counter[str] | None = None
+) -> tuple[list[str], float | None]:
     """A node that lost its saga lock calls no participant later than ``limit`` s after the fault.
 
-    Returns the violations and the longest delay measured (None when no call came from a faulted
-    node while its fault lasted).
+    Lease-losing faults cut the node from PostgreSQL (``cut-pg``, ``one-way-pg``, ``isolate``) or
+    freeze it (``sigstop-node``). Returns the violations and the longest delay measured (None when
+    no call came from a faulted node while its fault lasted). A frozen node cannot call anyone; the
+    calls it makes within 2 s of waking (documented: a call in flight when it froze may still go
+    out) are counted in ``counts``.
     """
     end = max((op.complete for op in ops), default=0.0)
     calls = _by(ops, "participant_call")
+    workload_nodes = _workload_nodes(ops)
     violations: list[str] = []
     longest: float | None = None
     for fault, heal in _fault_pairs(ops, end):
         name = str(fault.args.get("fault", ""))
         if not any(part in name for part in LEASE_LOSING_FAULTS):
             continue
-        nodes = _fault_nodes(fault)
+        nodes = _fault_nodes(fault, workload_nodes)
         for call in calls:
             host = (call.node or "").rsplit(":", 1)[0].removeprefix("ipv4:")
-            if host not in nodes or not fault.invoke <= call.invoke < heal:
+            if host not in nodes:
+                continue
+            if counts is not None and "stop" in name and heal <= call.invoke < heal + 2.0:
+                counts["saga calls within 2 s of a node's SIGCONT"] += 1
+            if not fault.invoke <= call.invoke < heal:
                 continue
             delay = call.invoke - fault.invoke
             longest = delay if longest is None else max(longest, delay)
@@ -460,30 +483,65 @@ def check_saga_lease_window(ops: Sequence[Op], limit: float = 6.0) -> tuple[list
 
 # Availability ---------------------------------------------------------------------------------
 
-AVAILABILITY_OPS = ("register", "renew", "append", "publish", "saga_start")
+AVAILABILITY_GROUPS = {
+    "registry": ("register", "renew"),
+    "eventstore": ("append",),
+    "$all": ("read_all",),
+    "bus": ("publish",),
+    "saga": ("saga_start",),
+}
+"""The operations whose answers measure availability, grouped by component."""
+
+
+def _unavailable(ops: Sequence[Op], fault: float, heal: float, end: float) -> tuple[float, float]:
+    """The longest unanswered stretch starting before ``heal``, and how long after it answers resumed.
+
+    An answer is ``ok`` or a definite ``fail`` (a wrong expected revision is the store answering);
+    ``unknown`` (timeouts, UNAVAILABLE) is no answer. The time to recover is 0 when the operations
+    were being answered when the fault was healed.
+    """
+    worst = 0.0
+    down: float | None = None
+    recover = 0.0
+    for op in ops:
+        if op.complete < fault:
+            continue
+        if op.invoke >= heal and down is None:
+            break
+        if op.outcome == UNKNOWN_OUTCOME:
+            if down is None:
+                down = max(op.invoke, fault)
+            continue
+        if down is not None:
+            worst = max(worst, op.complete - down)
+            if op.complete >= heal:
+                recover = op.complete - heal
+                break
+        down = None
+    else:
+        if down is not None:
+            worst = max(worst, end - down)
+            recover = end - heal
+    return worst, recover
 
 
 def check_availability(ops: Sequence[Op]) -> dict[str, dict[str, float]]:
-    """Per fault kind: the longest stretch with no successful operation of some kind, and recovery.
+    """Per fault kind: p50/max of the longest unanswered stretch, and of the time to recover after heal.
 
-    For each fault and each operation kind the workload ran, the unavailability is the longest time
-    between two successful completions (or the fault's start / its heal) within the fault; the time
-    to recover is how long after the heal the first success of each kind that failed came.
+    For each fault and each component the workload exercised, the unavailability is the longest
+    time (starting during the fault) in which its operations got no answer, taken over the
+    components; the time to recover is how long after the heal the first answer came, for the
+    components that had unanswered operations during the fault (0 when none had).
     """
     end = max((op.complete for op in ops), default=0.0)
-    kinds = [kind for kind in AVAILABILITY_OPS if any(op.op == kind for op in ops)]
-    successes = {kind: sorted(op.complete for op in ops if op.op == kind and op.ok) for kind in kinds}
-    failures = {kind: [op for op in ops if op.op == kind and not op.ok] for kind in kinds}
+    client = [op for op in ops if op.proc not in ("nemesis", "final")]
+    groups = {name: [op for op in client if op.op in names] for name, names in AVAILABILITY_GROUPS.items()}
     per_kind: defaultdict[str, list[tuple[float, float]]] = defaultdict(list)
     for fault, heal in _fault_pairs(ops, end):
-        worst = 0.0
-        recover = 0.0
-        for kind in kinds:
-            marks = [fault.invoke, *(t for t in successes[kind] if fault.invoke < t < heal), heal]
-            worst = max(worst, max(b - a for a, b in itertools.pairwise(marks)))
-            if any(fault.invoke <= op.invoke < heal for op in failures[kind]):
-                after = [t for t in successes[kind] if t >= heal]
-                recover = max(recover, (after[0] - heal) if after else end - heal)
+        worst, recover = 0.0, 0.0
+        for group in groups.values():
+            gap, back = _unavailable(group, fault.invoke, heal, end)
+            worst, recover = max(worst, gap), max(recover, back)
         per_kind[str(fault.args.get("fault", "fault"))].append((worst, recover))
     windows = {}
     for kind, rows in per_kind.items():
@@ -515,7 +573,7 @@ def check_all(history_dir: Path, *, saga_window_limit: float = 6.0) -> Report:
     report.violations += check_eventstore(ops, final)
     report.violations += check_bus(ops, final, report.counts)
     report.violations += check_sagas(ops, final, report.counts)
-    saga_violations, report.saga_call_window = check_saga_lease_window(ops, saga_window_limit)
+    saga_violations, report.saga_call_window = check_saga_lease_window(ops, saga_window_limit, report.counts)
     report.violations += saga_violations
     report.violations += [f"final phase: {problem}" for problem in final.get("problems", [])]
     report.windows = check_availability(ops)

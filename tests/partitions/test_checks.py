@@ -279,37 +279,67 @@ def test_saga_not_ending_or_compensated_twice_or_never_is_a_violation() -> None:
 
 
 def test_participant_call_long_after_a_lease_losing_fault_is_a_violation() -> None:
-    fault = op("nemesis", "fault", 10.0, args={"fault": "isolate", "target": "node1"})
-    heal = op("nemesis", "heal", 30.0, args={"fault": "isolate", "target": "node1"})
+    args = {"fault": "cut-pg", "target": "node1", "ip": "10.77.0.31"}
+    fault = op("nemesis", "fault", 10.0, args=args)
+    heal = op("nemesis", "heal", 30.0, args=args)
     early = [
         fault,
-        call("s1", "a", "execute", 12.0),
-        call("s1", "b", "execute", 15.0, node="10.77.0.32:1"),
+        call("s1", "a", "execute", 12.0, node="ipv4:10.77.0.31:40000"),
+        call("s1", "b", "execute", 15.0, node="ipv4:10.77.0.32:1"),
         heal,
     ]
     violations, window = checks.check_saga_lease_window(early, limit=6.0)
     assert violations == [] and window == pytest.approx(2.0)
-    late = [*early, call("s2", "a", "execute", 20.0)]
+    late = [*early, call("s2", "a", "execute", 20.0, node="ipv4:10.77.0.31:40000")]
     violations, window = checks.check_saga_lease_window(sorted(late, key=lambda o: o.invoke), limit=6.0)
     assert len(violations) == 1 and window == pytest.approx(10.0)
+    assert "10.77.0.31" in violations[0] and "cut-pg" in violations[0]
+
+
+def test_lease_window_maps_node_names_through_the_workload_nodes() -> None:
+    start = op("workload", "start", 0.0, args={"nodes": ["10.77.5.31:7000", "10.77.5.32:7000"]})
+    args = {"fault": "sigstop-node", "target": "node2"}
+    ops = [
+        start,
+        op("nemesis", "fault", 10.0, args=args),
+        call("s1", "a", "execute", 18.0, node="ipv4:10.77.5.32:5"),
+        op("nemesis", "heal", 20.0, args=args),
+        call("s1", "b", "execute", 20.5, node="ipv4:10.77.5.32:5"),
+    ]
+    counts: Counter[str] = Counter()
+    violations, window = checks.check_saga_lease_window(ops, limit=6.0, counts=counts)
+    assert len(violations) == 1 and window == pytest.approx(8.0)
+    assert counts["saga calls within 2 s of a node's SIGCONT"] == 1
+    harmless = {**args, "fault": "cut-clients"}
+    ops[1].args = ops[3].args = harmless
+    assert checks.check_saga_lease_window(ops, limit=6.0) == ([], None)
 
 
 # Availability and the whole report -------------------------------------------------------------
 
 
 def test_availability_windows_per_fault_kind() -> None:
+    isolate = op("nemesis", "fault", 10.0, args={"fault": "isolate", "target": "node1"})
     ops = [
-        op("nemesis", "fault", 10.0, args={"fault": "isolate", "target": "node1"}),
+        isolate,
         *(append(f"e{i}", float(i), revision=i, position=i + 1) for i in range(10)),
         append("x", 11.0, "unknown"),
-        append("y", 14.0, revision=10, position=11),
+        append("y", 12.0, "fail"),  # a wrong expected revision is an answer: available again
+        append("w", 15.0, "unknown"),
         op("nemesis", "heal", 20.0, args={"fault": "isolate", "target": "node1"}),
         append("z", 21.0, revision=11, position=12),
+        op("nemesis", "fault", 30.0, args={"fault": "slow", "target": "node2"}),
+        append("v", 31.0, revision=12, position=13),
+        op("nemesis", "heal", 35.0, args={"fault": "slow", "target": "node2"}),
     ]
+    for item in ops:
+        if item.outcome == "unknown":
+            item.complete = item.invoke + 2.0
     windows = checks.check_availability(sorted(ops, key=lambda o: o.invoke))
     row = windows["isolate"]
-    assert row["count"] == 1 and row["max"] == pytest.approx(5.99, abs=0.02)
+    assert row["count"] == 1 and row["max"] == pytest.approx(6.01, abs=0.02)  # 15.0 .. 21.01
     assert row["recover_max"] == pytest.approx(1.01, abs=0.02)
+    assert windows["slow"]["max"] == 0.0 and windows["slow"]["recover_max"] == 0.0
 
 
 def test_check_all_reads_a_folder_and_summarises(tmp_path: Path) -> None:

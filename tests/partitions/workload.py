@@ -524,7 +524,12 @@ def local_address(node: str) -> str:
 
 
 async def run_workload(
-    nodes: list[str], out: Path, duration: float, seed: int, kinds: tuple[str, ...] = KINDS
+    nodes: list[str],
+    out: Path,
+    duration: float,
+    seed: int,
+    kinds: tuple[str, ...] = KINDS,
+    final_timeout: float = 90.0,
 ) -> dict[str, Any]:
     """Run the workload for ``duration`` seconds (or until SIGTERM), then the final read phase."""
     from tests.partitions import workload_bus
@@ -566,7 +571,7 @@ async def run_workload(
                 "streams": {stream: await read_stream(ctx, stream) for stream in streams},
                 "all": await read_all(ctx, start_position),
             }
-        final.update(await workload_bus.final(ctx, extras))
+        final.update(await workload_bus.final(ctx, extras, within=final_timeout))
     except grpc.RpcError as exc:
         problems.append(f"final read failed: {classify(exc)[1]}")
     finally:
@@ -585,6 +590,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path, help="folder for workload.jsonl and final.json")
     parser.add_argument("--duration", type=float, default=30.0, help="seconds to run (SIGTERM stops sooner)")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--final-timeout",
+        type=float,
+        default=90.0,
+        help="seconds the final phase waits for the group and sagas",
+    )
     parser.add_argument("--kinds", default=",".join(KINDS), help=f"subset of {','.join(KINDS)}")
     args = parser.parse_args(argv)
     kinds = tuple(kind for kind in args.kinds.split(",") if kind)
@@ -594,7 +605,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--kinds: unknown {sorted(unknown)}")
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     nodes = [node for node in args.nodes.split(",") if node]
-    final = asyncio.run(run_workload(nodes, args.out, args.duration, args.seed, kinds))
+    final = asyncio.run(run_workload(nodes, args.out, args.duration, args.seed, kinds, args.final_timeout))
     print(f"workload done: {args.out} ({len(final.get('problems', []))} problems)", flush=True)
     return 0
 
