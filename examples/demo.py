@@ -6,12 +6,20 @@ the story: an order that completes, one whose payment is declined and is
 compensated, events reaching the notification service over the Bus, and an
 instance killed with -9 under load that the client rides over. Exits 0 and
 leaves no process behind.
+
+The control plane also serves its web console (docs/console.md) on a free HTTP
+port: the demo prints its URL first, and it stays reachable while the demo runs.
+With ``--keep-open`` (or ``RPCMESH_DEMO_KEEP_OPEN=1``) everything keeps running
+after the story until Ctrl-C, to look around in the console.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
+import re
+import signal
 import sys
 import tempfile
 import time
@@ -41,6 +49,7 @@ from rpcmesh.testing import (  # noqa: E402
 )
 
 TERMINAL = SETTLED_STATES
+CONSOLE_PATTERN = re.compile(r"console at (https?://\S+?)/?$")
 
 
 def say(text: str = "") -> None:
@@ -60,6 +69,7 @@ class Shop:
         self.processes: list[ManagedProcess] = []
         self.instances: dict[str, ManagedProcess] = {}
         self.address = ""
+        self.console_url = ""
         self.traced_order = ""
 
     def start(self, args: list[str], wait_for: str, service_name: str = "") -> ManagedProcess:
@@ -77,9 +87,10 @@ class Shop:
         return proc
 
     def start_control_plane(self) -> None:
-        args = rpcmesh_command("up", "--port", "0", "--data-dir", str(self.data_dir))
+        args = rpcmesh_command("up", "--port", "0", "--http-port", "0", "--data-dir", str(self.data_dir))
         proc = self.start(args, "listening on", service_name="control-plane")
         self.address = proc.wait_for_address()
+        self.console_url = proc.wait_for_line(CONSOLE_PATTERN, timeout=30).group(1) + "/"
 
     def start_service(self, name: str, instance_id: str) -> ManagedProcess:
         script = str(EXAMPLES / "shop" / "run_service.py")
@@ -209,7 +220,22 @@ def print_trace(collector: OtlpCollector, trace_id: str) -> None:
     say(render_trace_tree(list(collector.spans), trace_id))
 
 
+def wait_for_interrupt() -> None:
+    """Block until Ctrl-C or SIGTERM (then the caller's cleanup stops every process)."""
+    signals = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    signal.sigwait(signals)
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description="The example shop on rpcmesh, end to end.")
+    parser.add_argument(
+        "--keep-open",
+        action="store_true",
+        default=os.environ.get("RPCMESH_DEMO_KEEP_OPEN") == "1",
+        help="after the story, keep everything (and the web console) running until Ctrl-C",
+    )
+    options = parser.parse_args()
     say("rpcmesh demo: the example shop on the embedded control plane")
     with running_collector() as collector, running_shop(collector) as shop:
         telemetry = setup_telemetry(
@@ -217,6 +243,7 @@ def main() -> None:
         )
         shop.start_control_plane()
         say(f"control plane listening on {shop.address} (SQLite in a temporary folder)")
+        say(f"web console: {shop.console_url}  (open it in a browser while the demo runs)")
         for name, instance in [
             ("users", "users-1"),
             ("users", "users-2"),
@@ -238,6 +265,9 @@ def main() -> None:
         say(f"\n5. The trace of Alice's order ({shop.traced_order}), as the OTLP collector received it:")
         print_trace(collector, shop.traced_order)
         telemetry.shutdown()
+        if options.keep_open:
+            say(f"\nThe shop keeps running: the console is at {shop.console_url} (Ctrl-C stops everything).")
+            wait_for_interrupt()
     say("\ndemo finished; every process stopped")
 
 
