@@ -87,7 +87,7 @@ def test_h2c_metadata_correlation_id_and_deadline(shop: Shop) -> None:
         assert len(late.headers["x-correlation-id"]) >= 16
 
 
-def test_server_stream(shop: Shop) -> None:
+def test_server_client_and_bidi_streams(shop: Shop) -> None:
     with httpx.Client(base_url=shop.url, timeout=15) as client:
         reply = client.post(
             "/echo.v1.Echo/Expand",
@@ -107,6 +107,19 @@ def test_server_stream(shop: Shop) -> None:
         )
         messages, end = read_frames(failing.content)
         assert end["error"]["code"] == "failed_precondition", end
+
+        # Client streaming (and bidirectional, half-duplex here) are forwarded too.
+        words = b"".join(envelope({"message": word}) for word in ("a", "b", "c"))
+        collected = client.post(
+            "/echo.v1.Echo/Collect", content=words, headers={"content-type": "application/connect+json"}
+        )
+        messages, end = read_frames(collected.content)
+        assert [m["message"] for m in messages] == ["a b c"] and "error" not in end, end
+        chat = client.post(
+            "/echo.v1.Echo/Chat", content=words, headers={"content-type": "application/connect+json"}
+        )
+        messages, end = read_frames(chat.content)
+        assert [m["message"] for m in messages] == ["a", "b", "c"] and "error" not in end, end
 
 
 def test_errors_keep_code_and_details(shop: Shop) -> None:
@@ -129,6 +142,13 @@ def test_errors_keep_code_and_details(shop: Shop) -> None:
         for path in ("/nothing-here", "/shop.v1.Users/NoSuchMethod", "/api/users/NoSuchMethod"):
             unknown = client.post(path, json={})
             assert (unknown.status_code, unknown.json()["code"]) == (404, "not_found"), path
+
+        nobody = client.post(
+            "/shop.v1.Users/GetUser", json={"userId": "u-alice"}, headers={"x-rpcmesh-service": "nobody-here"}
+        )
+        assert nobody.json()["code"] in ("unavailable", "deadline_exceeded"), nobody.text
+        oversized = client.post("/shop.v1.Users/GetUser", json={"userId": "x" * (2 * 1024 * 1024)})
+        assert (oversized.status_code, oversized.json()["code"]) == (429, "resource_exhausted")
 
         not_json = client.post(
             "/shop.v1.Users/GetUser", content=b"user=u-alice", headers={"content-type": "application/json"}
