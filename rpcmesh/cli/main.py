@@ -131,12 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=int(os.environ["RPCMESH_HTTP_PORT"]) if os.environ.get("RPCMESH_HTTP_PORT") else None,
         help="port of the HTTP API (Connect protocol) and web console; 0 picks a free one, -1 turns "
-        "it off (env RPCMESH_HTTP_PORT; default 8080, or a free port when --port is 0; docs/http-api.md)",
+        "it off (env RPCMESH_HTTP_PORT; default 8080, or a free port when --port is 0 or 8080 is "
+        "taken; docs/http-api.md)",
     )
     up.add_argument(
         "--http-host",
         default=os.environ.get("RPCMESH_HTTP_HOST") or None,
-        help="interface of the HTTP port (env RPCMESH_HTTP_HOST; default: --host)",
+        help="interface of the HTTP port (env RPCMESH_HTTP_HOST; default 127.0.0.1, whatever --host is)",
     )
     up.add_argument("--no-http", action="store_true", help="serve no HTTP API or console")
     add_server_security_arguments(up, with_policy=True)
@@ -193,6 +194,7 @@ def run_up(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise StartupError(str(exc)) from exc
     http_port: int | None = args.http_port
+    fallback = http_port is None
     if http_port is None:
         http_port = 0 if args.port == 0 else DEFAULT_HTTP_PORT
     if args.no_http or http_port == -1:
@@ -210,8 +212,9 @@ def run_up(args: argparse.Namespace) -> int:
             allow_link_local_addresses=args.allow_link_local_addresses,
             bus_max_topics=args.bus_max_topics,
             bus_max_groups=args.bus_max_groups,
-            http_host=args.http_host,
+            http_host=args.http_host or "127.0.0.1",
             http_port=http_port,
+            http_port_fallback=fallback,
             security=server_security_settings(args, policy_file=args.policy),
             coordinator=coordinator,
         )

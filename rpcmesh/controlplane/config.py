@@ -92,6 +92,10 @@ class ControlPlaneConfig:
     """HTTP port (docs/http-api.md); 0 picks a free one; None serves no HTTP (`rpcmesh up` turns it
     on: 8080, or a free port when ``port`` is 0)."""
 
+    http_port_fallback: bool = False
+    """When ``http_port`` is taken, serve HTTP on a free port instead of failing the start (the
+    CLI's default port: a second control plane on one machine still starts)."""
+
     grace: float = 5.0
     """Seconds in-flight calls get to finish on shutdown (open streams are ended at once).
 

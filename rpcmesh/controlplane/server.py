@@ -441,6 +441,7 @@ class ControlPlane:
             port=self.config.http_port,
             tls=settings.tls,
             graceful_timeout=self.config.grace,
+            port_fallback=self.config.http_port_fallback,
         )
         app = build_http_app(
             recorder,

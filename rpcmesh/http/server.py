@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import socket
 import ssl
@@ -37,6 +38,9 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind(address)
+        # Listening now: the URL is printed before Hypercorn's task has started its server, and
+        # a client connecting then must be queued, not refused.
+        sock.listen(1024)
     except OSError:
         sock.close()
         raise
@@ -51,9 +55,19 @@ class HttpServer:
         port: Port; 0 picks a free one.
         tls: The control plane's TLS settings (None: plaintext).
         graceful_timeout: Seconds in-flight requests get on shutdown.
+        port_fallback: When ``port`` is taken, listen on a free port instead of failing.
     """
 
-    def __init__(self, *, host: str, port: int, tls: ServerTlsConfig | None, graceful_timeout: float) -> None:
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        tls: ServerTlsConfig | None,
+        graceful_timeout: float,
+        port_fallback: bool = False,
+    ) -> None:
+        self._port_fallback = port_fallback
         self._host = host
         self._port = port
         self._tls = tls
@@ -64,18 +78,27 @@ class HttpServer:
         self.url = ""
         """``http(s)://host:port`` once started."""
 
+    def _listen(self) -> socket.socket:
+        port = self._port
+        try:
+            try:
+                return _bind(self._host, port)
+            except OSError as exc:
+                if not (self._port_fallback and exc.errno == errno.EADDRINUSE):
+                    raise
+                logger.warning("HTTP port %d is in use; serving HTTP on a free port", port)
+                port = 0
+                return _bind(self._host, port)
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {self._host}:{port} (HTTP): {exc.strerror or exc}") from exc
+
     def common_name_of(self, client_address: str | None) -> str | None:
         """The verified client certificate's name of the connection a request came on (mTLS only)."""
         return self._front.common_name_of(client_address) if self._front is not None else None
 
     async def start(self, app: Any) -> str:
         """Bind and serve ``app`` in the background; returns the URL. StartupError if the port is taken."""
-        try:
-            sock = _bind(self._host, self._port)
-        except OSError as exc:
-            raise StartupError(
-                f"cannot listen on {self._host}:{self._port} (HTTP): {exc.strerror or exc}"
-            ) from exc
+        sock = self._listen()
         port = sock.getsockname()[1]
         tls = self._tls
         if tls is not None and tls.client_auth:
@@ -105,8 +128,6 @@ class HttpServer:
         self._task = asyncio.create_task(self._serve(app, config), name="rpcmesh-http")
         if self._front is not None:
             await self._front.start()
-        # Let Hypercorn create its listener before the address is announced.
-        await asyncio.sleep(0)
         return self.url
 
     async def _serve(self, app: Any, config: Config) -> None:
