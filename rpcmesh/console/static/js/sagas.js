@@ -245,7 +245,7 @@ function renderSaga(main, sagaId, isLive) {
         h("dt", {}, "Correlation id"), h("dd", {}, saga.correlationId || ""),
         h("dt", {}, "Started / ended"), h("dd", {}, `${time(saga.startedAt)} / ${time(saga.endedAt) || "—"}`),
         h("dt", {}, "Error"), h("dd", { id: "saga-error" }, saga.error || ""),
-        h("dt", {}, "Labels"), h("dd", {}, labels),
+        labels.length ? [h("dt", {}, "Labels"), h("dd", {}, labels)] : null,
       ),
       actions.length ? h("div", { class: "toolbar" }, reason, actions) : null,
       section("Timeline", timeline(saga, transitions, live)),
