@@ -64,7 +64,7 @@ class BedUnavailable(RuntimeError):
     """The bed cannot be built here (not root, no iproute2, no namespaces, a binary missing)."""
 
 
-def _postgres_bin() -> Path | None:
+def postgres_bin() -> Path | None:
     for candidate in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
         if (candidate / "postgres").exists() and (candidate / "initdb").exists():
             return candidate
@@ -83,7 +83,7 @@ def unsupported_reason() -> str | None:
         return "iproute2's `tc` is not installed"
     if not Path(NATS_BINARY).exists():
         return "nats-server is not installed"
-    if _postgres_bin() is None:
+    if postgres_bin() is None:
         return "PostgreSQL server binaries (/usr/lib/postgresql/*/bin) are not installed"
     if shutil.which("setpriv") is None:
         return "setpriv (util-linux) is not installed"
@@ -219,6 +219,7 @@ class Bed:
             with contextlib.suppress(Exception):
                 proc.signal(signal.SIGCONT)
                 proc.kill()
+            self._save_log(name)
             self.procs.pop(name, None)
         for host in self.hosts.values():
             sh("ip", "netns", "del", host.ns, check=False)
@@ -231,7 +232,7 @@ class Bed:
     # -- PostgreSQL ------------------------------------------------------------------
 
     def _start_postgres(self) -> None:
-        bin_dir = _postgres_bin()
+        bin_dir = postgres_bin()
         assert bin_dir is not None
         # Its own directory under /tmp: the postgres user must reach it (pytest's tmp dirs are 0700).
         self.pg_dir = Path(tempfile.mkdtemp(prefix=f"rmp-{self.suffix}-pg-"))
@@ -439,6 +440,17 @@ class Bed:
     def kill(self, name: str) -> None:
         """Send SIGKILL to the process of ``name``."""
         self.procs[name].kill()
+        self._save_log(name)
+
+    def _save_log(self, name: str) -> None:
+        """Append what the process of ``name`` printed to ``workdir/logs/<name>.log``."""
+        proc = self.procs.get(name)
+        if proc is None:
+            return
+        with contextlib.suppress(OSError):
+            (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
+            with open(self.workdir / "logs" / f"{name}.log", "a", encoding="utf-8") as handle:
+                handle.write(f"--- {' '.join(proc.args)} (exit {proc.proc.poll()})\n{proc.output()}\n")
 
     def restart(self, name: str) -> None:
         """Start ``name`` again after :meth:`kill` (same address, same data)."""

@@ -85,6 +85,8 @@ class Nemesis:
         self.stop = threading.Event()
         """Set to end the schedule early (the current fault is healed)."""
         self.settle_times: list[float] = []
+        self.done = 0
+        """Steps run to the end (healed and settled)."""
 
     def _args(self, step: Step) -> dict[str, str]:
         ip = self.bed.ip(step.target) if step.target in NODES else ""
@@ -184,16 +186,15 @@ class Nemesis:
 
     def run(self, steps: list[Step], *, until: float | None = None) -> int:
         """Run ``steps`` until :attr:`stop` is set or monotonic time ``until``; returns how many ran."""
-        done = 0
         try:
             for step in steps:
                 if self.stop.is_set() or (until is not None and time.monotonic() + step.hold > until):
                     break
                 self.step(step)
-                done += 1
+                self.done += 1
         finally:
             self.heal_all()
-        return done
+        return self.done
 
     def heal_all(self) -> None:
         """Heal everything still faulted and record one heal for every target."""

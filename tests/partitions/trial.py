@@ -39,6 +39,8 @@ class TrialResult:
     settle_times: list[float] = field(default_factory=list)
     workload_exit: int | None = None
     workload_output: str = ""
+    errors: list[str] = field(default_factory=list)
+    """Faults the bed did not recover from (the node or NATS did not come back in time)."""
     slow_note: str = ""
     """How ``slow`` was applied (netem, or the tbf fallback)."""
 
@@ -75,7 +77,12 @@ def run_trial(
         workload = ManagedProcess(bed.in_ns("client", *argv), env=python_env(), cwd=ROOT)
         try:
             _wait_alive(workload, warmup)
-            result.steps_run = steps[: nemesis.run(steps, until=until)]
+            try:
+                nemesis.run(steps, until=until)
+            except Exception as exc:  # a bed that did not settle is a finding: report it, check the rest
+                result.errors.append(f"nemesis: {type(exc).__name__}: {exc}")
+                bed.heal_all()
+            result.steps_run = steps[: nemesis.done]
             result.settle_times = list(nemesis.settle_times)
             _wait_alive(workload, tail)
             workload.signal(signal.SIGTERM)
@@ -91,6 +98,7 @@ def run_trial(
             result.workload_output = workload.output()
             result.slow_note = "netem" if bed.netem else "tbf rate 256kbit, latency 200ms (no sch_netem)"
     result.report = check_all(history)
+    result.report.violations += result.errors
     if result.workload_exit != 0:
         result.report.violations.append(
             f"the workload exited with {result.workload_exit} (None: it did not finish its final read phase "
