@@ -9,10 +9,10 @@ feed them small hand-made histories.
 The operation vocabulary (written by ``tests/partitions/workload.py``):
 
 * Registry: ``register`` (args instance_id, ttl; result lease_id, revision), ``renew`` (args lease_id,
-  instance_id, ttl; NOT_FOUND means the lease had expired); watchers: ``watch_open`` (args
-  after_revision), ``watch_batch`` (result snapshot, revision, events ``[rev, type, service,
-  instance_id, lease_id, reason]``), ``watch_out_of_range`` (the server said events were skipped),
-  ``watch_error``.
+  instance_id, ttl; NOT_FOUND means the lease had expired), ``deregister`` (result revision);
+  watchers: ``watch_open`` (args after_revision), ``watch_batch`` (result snapshot, revision,
+  events ``[rev, type, service, instance_id, lease_id, reason]``), ``watch_out_of_range`` (the
+  server said events were skipped), ``watch_error``.
 * EventStore: ``append`` (args stream, event_id, expected_revision; result revision, position),
   ``read_all`` (result events ``[position, stream, event_id, revision]``).
 * Bus: ``publish`` (args topic, id; result sequence, duplicate), ``sub_open`` (args group,
@@ -25,6 +25,7 @@ The operation vocabulary (written by ``tests/partitions/workload.py``):
 
 from __future__ import annotations
 
+import bisect
 import re
 import statistics
 from collections import Counter, defaultdict
@@ -199,7 +200,7 @@ def check_watchers(ops: Sequence[Op]) -> list[str]:
     A jump from revision p to q is a gap when another watcher (or a Register answer) saw a revision
     strictly between them and this watcher was not told (OUT_OF_RANGE, then a fresh snapshot).
     """
-    seen: set[int] = {int(op.result["revision"]) for op in _by(ops, "register") if op.ok}
+    seen: set[int] = {int(op.result["revision"]) for op in _by(ops, "register", "deregister") if op.ok}
     seen |= {int(event[0]) for _op, event in _watch_events(ops)}
     ordered = sorted(seen)
     violations = []
@@ -493,7 +494,9 @@ AVAILABILITY_GROUPS = {
 """The operations whose answers measure availability, grouped by component."""
 
 
-def _unavailable(ops: Sequence[Op], fault: float, heal: float, end: float) -> tuple[float, float]:
+def _unavailable(
+    ops: Sequence[Op], invokes: Sequence[float], fault: float, heal: float, end: float
+) -> tuple[float, float]:
     """The longest unanswered stretch starting before ``heal``, and how long after it answers resumed.
 
     An answer is ``ok`` or a definite ``fail`` (a wrong expected revision is the store answering);
@@ -503,7 +506,9 @@ def _unavailable(ops: Sequence[Op], fault: float, heal: float, end: float) -> tu
     worst = 0.0
     down: float | None = None
     recover = 0.0
-    for op in ops:
+    # Operations last seconds at most (their deadlines): start a minute before the fault.
+    first = bisect.bisect_left(invokes, fault - 60.0)
+    for op in ops[first:]:
         if op.complete < fault:
             continue
         if op.invoke >= heal and down is None:
@@ -536,11 +541,12 @@ def check_availability(ops: Sequence[Op]) -> dict[str, dict[str, float]]:
     end = max((op.complete for op in ops), default=0.0)
     client = [op for op in ops if op.proc not in ("nemesis", "final")]
     groups = {name: [op for op in client if op.op in names] for name, names in AVAILABILITY_GROUPS.items()}
+    invokes = {name: [op.invoke for op in group] for name, group in groups.items()}
     per_kind: defaultdict[str, list[tuple[float, float]]] = defaultdict(list)
     for fault, heal in _fault_pairs(ops, end):
         worst, recover = 0.0, 0.0
-        for group in groups.values():
-            gap, back = _unavailable(group, fault.invoke, heal, end)
+        for name, group in groups.items():
+            gap, back = _unavailable(group, invokes[name], fault.invoke, heal, end)
             worst, recover = max(worst, gap), max(recover, back)
         per_kind[str(fault.args.get("fault", "fault"))].append((worst, recover))
     windows = {}

@@ -157,7 +157,8 @@ async def registrant(ctx: Context, index: int, leases: dict[str, Lease], ttl: fl
     """Register an instance and renew it every 0.5 s through whichever node answers.
 
     A renewal answered NOT_FOUND (the lease expired) leads to a fresh registration under a new
-    instance id; an ambiguous failure moves to the next node.
+    instance id; an ambiguous failure moves to the next node. About every 20 s the instance
+    deregisters and registers anew, so watchers see changes all along.
     """
     proc = f"reg-{index}"
     cursor = Cursor(ctx.nodes, index)
@@ -190,6 +191,22 @@ async def registrant(ctx: Context, index: int, leases: dict[str, Lease], ttl: fl
                 cursor.rotate()
                 await ctx.sleep(0.2)
             continue
+        if ctx.rng.random() < 1 / 40:
+            deregister = registry_pb2.DeregisterRequest(
+                service="pt-reg", instance_id=lease.instance_id, lease_token=lease.token
+            )
+            op, _ = await record_call(
+                ctx,
+                proc,
+                "deregister",
+                cursor.node,
+                lambda s=stub, r=deregister: s.Deregister(r, timeout=CALL_TIMEOUT),  # type: ignore[misc]
+                {"lease_id": lease.lease_id, "instance_id": lease.instance_id},
+                lambda r: {"revision": r.revision},
+            )
+            leases.pop(proc, None)  # deregistered, or left to expire
+            lease = None
+            continue
         heartbeat = registry_pb2.HeartbeatRequest(lease_id=lease.lease_id, lease_token=lease.token)
         op, _ = await record_call(
             ctx,
@@ -209,14 +226,23 @@ async def registrant(ctx: Context, index: int, leases: dict[str, Lease], ttl: fl
         await ctx.sleep(0.5 if op.ok else 0.1)
 
 
-async def _stream_guard(ctx: Context, node: str, task: asyncio.Task[Any]) -> None:
+Probe = Callable[[grpc.aio.Channel], Awaitable[Any]]
+"""A cheap unary call that shows a node still serves what a stream needs."""
+
+
+async def registry_probe(channel: grpc.aio.Channel) -> Any:
+    """ListServices: the node answers Registry reads."""
+    stub = registry_pb2_grpc.RegistryStub(channel)
+    return await stub.ListServices(registry_pb2.ListServicesRequest(page_size=1), timeout=1.5)
+
+
+async def _stream_guard(ctx: Context, node: str, task: asyncio.Task[Any], probe: Probe) -> None:
     """Cancel ``task`` (a stream on ``node``) when two probes in a row fail: the node is out of reach."""
-    stub = registry_pb2_grpc.RegistryStub(ctx.channel(node))
     failures = 0
     while not task.done():
         await asyncio.sleep(1.0)
         try:
-            await stub.ListServices(registry_pb2.ListServicesRequest(page_size=1), timeout=1.5)
+            await probe(ctx.channel(node))
             failures = 0
         except grpc.RpcError:
             failures += 1
@@ -225,14 +251,21 @@ async def _stream_guard(ctx: Context, node: str, task: asyncio.Task[Any]) -> Non
                 return
 
 
-async def guarded(ctx: Context, node: str, stream: Awaitable[None]) -> str | None:
-    """Run a stream consumer until it ends, the run stops or the node stops answering probes.
+async def guarded(
+    ctx: Context,
+    node: str,
+    stream: Awaitable[None],
+    probe: Probe = registry_probe,
+    stop: asyncio.Event | None = None,
+) -> str | None:
+    """Run a stream consumer until it ends, ``stop`` (the run's) is set or the node fails its probes.
 
-    Returns the error ("CODE: message") it ended with, None when the run stopped it.
+    Returns the error ("CODE: message") it ended with, None when it was stopped.
     """
+    stop = ctx.stop if stop is None else stop
     task = asyncio.ensure_future(stream)
-    guard = asyncio.create_task(_stream_guard(ctx, node, task))
-    stopper = asyncio.create_task(ctx.stop.wait())
+    guard = asyncio.create_task(_stream_guard(ctx, node, task, probe))
+    stopper = asyncio.create_task(stop.wait())
     try:
         await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
         if not task.done():
@@ -240,9 +273,10 @@ async def guarded(ctx: Context, node: str, stream: Awaitable[None]) -> str | Non
         try:
             await task
         except asyncio.CancelledError:
-            if asyncio.current_task() is not None and asyncio.current_task().cancelling():  # type: ignore[union-attr]
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
                 raise
-            return None if ctx.stop.is_set() else "UNAVAILABLE: probes to the node failed"
+            return None if stop.is_set() else "UNAVAILABLE: probes to the node failed"
         except (grpc.RpcError, TimeoutError) as exc:
             return classify(exc)[1]
         return "UNAVAILABLE: stream ended"
@@ -373,7 +407,7 @@ async def appender(ctx: Context, index: int, streams: list[str]) -> None:
                 break
         else:
             known[stream] = None
-        await ctx.sleep(0.05)
+        await ctx.sleep(0.1)
 
 
 async def head_position(ctx: Context) -> int:

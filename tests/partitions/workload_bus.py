@@ -100,7 +100,7 @@ async def publisher(ctx: Context, extras: Extras, index: int) -> None:
             cursor.rotate()
             if not await ctx.sleep(0.1) and attempt >= 1:
                 break
-        await ctx.sleep(0.05)
+        await ctx.sleep(0.1)
 
 
 async def consumer(ctx: Context, extras: Extras, index: int) -> None:
@@ -153,7 +153,11 @@ async def consumer(ctx: Context, extras: Extras, index: int) -> None:
                     proc, "ack", time.monotonic(), args={"sequences": [r.sequence for r in refs]}, node=node
                 )
 
-        error = await _guarded_until(ctx, extras, node, consume())
+        async def probe(channel: grpc.aio.Channel) -> Any:
+            stub = bus_pb2_grpc.BusStub(channel)
+            return await stub.GetTopic(bus_pb2.GetTopicRequest(name=extras.topic), timeout=1.5)
+
+        error = await guarded(ctx, node, consume(), probe, extras.consumers_stop)
         await requests.put(None)
         await channel.close()
         if error is None:
@@ -163,21 +167,7 @@ async def consumer(ctx: Context, extras: Extras, index: int) -> None:
         await asyncio.sleep(0.2)
 
 
-async def _guarded_until(ctx: Context, extras: Extras, node: str, stream: Any) -> str | None:
-    """:func:`guarded`, but stopped by the consumers' own stop (they outlive the run into the final phase)."""
-    shadow = Context(
-        nodes=ctx.nodes,
-        history=ctx.history,
-        run=ctx.run,
-        rng=ctx.rng,
-        listen_host=ctx.listen_host,
-        stop=extras.consumers_stop,
-        channels=ctx.channels,
-    )
-    return await guarded(shadow, node, stream)
-
-
-async def _read_topic(ctx: Context, topic: str) -> tuple[list[list[Any]], dict[str, int]]:
+async def _read_topic(ctx: Context, topic: str, within: float) -> tuple[list[list[Any]], dict[str, int]]:
     """Every stored message ``[sequence, id]`` (a broadcast read from the start) and the group's state."""
     cursor = Cursor(ctx.nodes, 0)
     for _ in range(20):
@@ -227,7 +217,7 @@ async def _read_topic(ctx: Context, topic: str) -> tuple[list[list[Any]], dict[s
                 if messages and max(messages) >= info.last_sequence:
                     return
 
-        await asyncio.wait_for(read(), 60.0)
+        await asyncio.wait_for(read(), within)
     finally:
         await requests.put(None)
         await channel.close()
@@ -364,6 +354,7 @@ async def _saga_outcome(
     cursor = Cursor(ctx.nodes, 0)
     saga_id = ""
     saga: saga_pb2.Saga | None = None
+    deadline = max(deadline, time.monotonic() + 5.0)  # each saga gets a few tries, however late
     while time.monotonic() < deadline:
         stub = saga_pb2_grpc.SagaCoordinatorStub(ctx.channel(cursor.node))
         try:
@@ -442,12 +433,16 @@ async def final(ctx: Context, extras: Extras, within: float = 90.0) -> dict[str,
         await asyncio.sleep(1.0)  # the last acks reach the store
         extras.consumers_stop.set()
         await asyncio.gather(*extras.consumers, return_exceptions=True)
-        messages, state = await _read_topic(ctx, extras.topic)
+        messages, state = await _read_topic(ctx, extras.topic, max(60.0, deadline - time.monotonic()))
         result["bus"] = {"topic": extras.topic, "messages": messages, "drained": drained, **state}
     if "saga" in extras.kinds:
-        outcomes = await asyncio.gather(
-            *(_saga_outcome(ctx, key, fail_last, deadline) for key, fail_last in extras.sagas.items())
-        )
+        limit = asyncio.Semaphore(32)
+
+        async def outcome(key: str, fail_last: bool) -> tuple[str, dict[str, Any]]:
+            async with limit:
+                return await _saga_outcome(ctx, key, fail_last, deadline)
+
+        outcomes = await asyncio.gather(*(outcome(key, fail_last) for key, fail_last in extras.sagas.items()))
         result["sagas"] = dict(outcomes)
     return result
 
