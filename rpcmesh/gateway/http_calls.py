@@ -113,6 +113,9 @@ class HttpCall:
     code: grpc.StatusCode | None = None
     """The call's outcome as an endpoint saw it (None: no endpoint ran)."""
 
+    admitted: tuple[str, str | None] | None = None
+    """(connection, identity name) the call is counted on in the concurrency limits, once admitted."""
+
 
 current_call: contextvars.ContextVar[HttpCall] = contextvars.ContextVar("rpcmesh_gateway_http_call")
 

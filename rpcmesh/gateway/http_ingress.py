@@ -22,6 +22,8 @@ see :class:`~rpcmesh.gateway.http_calls.ErrorApp`):
    :class:`~rpcmesh.security.identity.Authenticator` rules as its gRPC port): a bearer token
    in ``Authorization``, else, with ``--tls-client-auth``, the common name of the client
    certificate the connection presented (the HTTP server's TLS front tells which);
+   then the calls in flight per connection and per identity are counted against the gRPC
+   port's limits (the same counters for the identity: RESOURCE_EXHAUSTED over them);
 3. routing and per-target authorization: the same
    :meth:`~rpcmesh.gateway.server.Forwarder.target` / ``authorize`` as the gRPC side, before
    anything reaches a backend (unknown path: NOT_FOUND, HTTP 404);
@@ -46,7 +48,13 @@ import grpc
 from connectrpc.server import ConnectASGIApplication
 from opentelemetry import context as otel_context
 
-from rpcmesh.errors import NotFoundError, PermissionDeniedError, StatusError, UnauthenticatedError
+from rpcmesh.errors import (
+    NotFoundError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    StatusError,
+    UnauthenticatedError,
+)
 from rpcmesh.gateway.http_calls import (
     ErrorApp,
     HttpCall,
@@ -61,6 +69,7 @@ from rpcmesh.gateway.shapes import ServiceSchema
 from rpcmesh.http.app import csrf_refusal
 from rpcmesh.http.server import HttpServer
 from rpcmesh.security.identity import AuthenticationError, Authenticator, Identity
+from rpcmesh.security.limits import ConcurrencyTracker
 from rpcmesh.security.settings import SecuritySettings
 from rpcmesh.security.tokens import load_secret
 from rpcmesh.telemetry._calls import CallRecord, begin_server_call, set_peer
@@ -98,10 +107,19 @@ class HttpIngress:
         forwarder: The gateway's forwarder: routing, authorization, mesh channels, shapes.
         routes: HTTP path-prefix routes.
         security: The gateway's security settings (tokens, TLS, limits).
+        tracker: The gRPC port's concurrency counters, so that the per-identity limits count the
+            calls of both ports (None: counters of its own).
     """
 
-    def __init__(self, forwarder: Forwarder, routes: HttpRoutes, security: SecuritySettings) -> None:
+    def __init__(
+        self,
+        forwarder: Forwarder,
+        routes: HttpRoutes,
+        security: SecuritySettings,
+        tracker: ConcurrencyTracker | None = None,
+    ) -> None:
         self._forwarder = forwarder
+        self._tracker = tracker or ConcurrencyTracker(security.limits)
         self._routes = routes
         self._settings = security
         secret = load_secret(security.token_secret_file) if security.token_secret_file is not None else None
@@ -224,6 +242,7 @@ class HttpIngress:
                 recording_send,
             )
         finally:
+            self._release(call)
             if record is not None:
                 code = call.code
                 if code is None:
@@ -253,6 +272,7 @@ class HttpIngress:
         if refusal is not None:
             raise PermissionDeniedError(refusal)
         identity = self._authenticate(scope, headers)
+        self._admit(scope, identity, call)
         if routed is not None:
             service, method_name = routed
             self._forwarder.authorize(identity, service, method_name)
@@ -298,6 +318,32 @@ class HttpIngress:
             return self._authenticator.authenticate(headers, auth_context)
         except AuthenticationError as exc:
             raise UnauthenticatedError(str(exc)) from exc
+
+    def _admit(self, scope: dict[str, Any], identity: Identity | None, call: HttpCall) -> None:
+        """Count the call on its connection and for its identity, as the gRPC port's guard does.
+
+        Raises:
+            ResourceExhaustedError: over ``max_calls_per_connection`` or ``max_calls_per_identity``.
+        """
+        client = scope.get("client")
+        connection = f"http:{client[0]}:{client[1]}" if client else "http:unknown"
+        reason = self._tracker.acquire_connection(connection)
+        if reason is not None:
+            raise ResourceExhaustedError(reason)
+        if identity is not None:
+            reason = self._tracker.acquire_identity(identity.name, None)
+            if reason is not None:
+                self._tracker.release_connection(connection)
+                raise ResourceExhaustedError(reason)
+        call.admitted = (connection, identity.name if identity is not None else None)
+
+    def _release(self, call: HttpCall) -> None:
+        if call.admitted is not None:
+            connection, name = call.admitted
+            call.admitted = None
+            self._tracker.release_connection(connection)
+            if name is not None:
+                self._tracker.release_identity(name, None)
 
     async def _schema(self, service: str, grpc_service: str) -> ServiceSchema | None:
         return await self._forwarder.shapes.schema(self._forwarder.channel(service), grpc_service)

@@ -284,7 +284,9 @@ class Gateway:
             from rpcmesh.gateway.http_ingress import HttpIngress  # connectrpc and hypercorn: only when asked
 
             try:
-                http = HttpIngress(self._forwarder, self.config.http_routes, security.settings)
+                http = HttpIngress(
+                    self._forwarder, self.config.http_routes, security.settings, security.guard.tracker
+                )
                 await http.start(self.config.host, self.config.http_port, self.config.grace)
             except BaseException:
                 self._server = None

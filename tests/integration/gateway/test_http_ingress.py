@@ -20,7 +20,11 @@ import pytest
 from google.rpc import error_details_pb2
 from shop.v1 import shop_pb2
 
+from rpcmesh.client import Mesh
+from rpcmesh.gateway import Gateway, GatewayConfig
 from rpcmesh.security.certs import create_ca, issue_certificate
+from rpcmesh.security.limits import Limits
+from rpcmesh.security.settings import SecuritySettings
 from rpcmesh.security.tokens import mint_token
 from tests.integration.gateway.http_support import HTTP_LINE, Shop, envelope, read_frames, shop_mesh
 from tests.support.otlp_collector import CollectedSpan, running_collector
@@ -346,3 +350,28 @@ def test_trace_and_correlation_id_continue_through_the_gateway(shop: Shop) -> No
         ancestors.append(span.span_id)
     assert entry.span_id in ancestors
     assert {s.attributes.get("rpcmesh.correlation_id") for s in (entry, backend)} == {"corr-traced-1"}
+
+
+async def test_calls_in_flight_per_connection_are_limited_as_on_grpc(shop: Shop) -> None:
+    """An in-process gateway allowing 1 call per connection: a second call on one h2 connection is refused."""
+    limits = Limits(max_calls_per_connection=1)
+    config = GatewayConfig(registry=[shop.registry], http_port=0, security=SecuritySettings(limits=limits))
+    async with Mesh([shop.registry]) as mesh:
+        gateway = Gateway(config, mesh)
+        await gateway.start()
+        try:
+            async with httpx.AsyncClient(
+                base_url=gateway.http.url, timeout=15, http1=False, http2=True
+            ) as client:
+                slow = client.post(
+                    "/echo.v1.Echo/Echo", json={"message": "slow", "behaviour": {"delayMs": 1500}}
+                )
+                first = asyncio.create_task(slow)
+                await asyncio.sleep(0.5)
+                second = await client.post("/echo.v1.Echo/Echo", json={"message": "fast"})
+                assert (second.status_code, second.json()["code"]) == (429, "resource_exhausted"), second.text
+                assert (await first).status_code == 200
+                # Released once done: the connection takes calls again.
+                assert (await client.post("/echo.v1.Echo/Echo", json={"message": "again"})).status_code == 200
+        finally:
+            await gateway.stop()
