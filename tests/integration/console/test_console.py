@@ -8,11 +8,13 @@ static files the control plane serves, calling its Connect API. Each test reads 
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -20,7 +22,8 @@ import pytest
 from playwright.sync_api import Page, expect
 from rpcmesh.v1 import bus_pb2, eventstore_pb2, eventstore_pb2_grpc, saga_pb2
 
-from tests.integration.console.shop import GroupConsumer, Shop, publish_json
+from tests.integration.console.shop import HTTP_PATTERN, GroupConsumer, Shop, publish_json
+from tests.support.processes import ManagedProcess, python_env, rpcmesh_command
 
 pytestmark = pytest.mark.slow
 expect.set_options(timeout=30_000)
@@ -319,3 +322,49 @@ def test_cross_origin_post_from_another_page_is_refused(shop: Shop, page: Page, 
     assert status == 200
     control = events(shop).ReadStream(eventstore_pb2.ReadStreamRequest(stream="csrf-control"), timeout=30)
     assert [e.event_type for e in control.events] == ["Allowed"]
+
+
+@pytest.fixture
+def token_plane(tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """`rpcmesh up` with bearer tokens on (plaintext, development mode); yields its URL and an admin token."""
+    run(rpcmesh_command("certs", str(tmp_path / "certs"), "--token-secret"))
+    (tmp_path / "policy.yaml").write_text("admins: [ops]\n", encoding="utf-8")
+    secret = str(tmp_path / "certs" / "token.secret")
+    plane = ManagedProcess(
+        rpcmesh_command(
+            "up",
+            *("--port", "0", "--http-port", "0", "--data-dir", str(tmp_path / "data")),
+            *("--token-secret-file", secret, "--insecure", "--policy", str(tmp_path / "policy.yaml")),
+        )
+    )
+    try:
+        url = plane.wait_for_line(HTTP_PATTERN, timeout=60).group(1)
+        token = run(rpcmesh_command("token", "ops", "--secret-file", secret, "--ttl", "600")).strip()
+        yield url, token
+    finally:
+        plane.kill()
+
+
+def run(args: list[str]) -> str:
+    return subprocess.run(
+        args, env=python_env(), capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+
+
+def test_with_tokens_on_the_console_asks_once_for_a_token_and_keeps_it_in_the_tab(
+    token_plane: tuple[str, str], page: Page
+) -> None:
+    url, token = token_plane
+    page.goto(f"{url}/#/services")
+    dialog = page.locator("#token-dialog")
+    expect(dialog).to_be_visible()
+    page.fill("#token-input", token)
+    page.get_by_role("button", name="Use token").click()
+    expect(page.locator("main")).to_contain_text("Live: 0 instances")
+    assert page.evaluate("sessionStorage.getItem('rpcmesh.console.token')") == token
+    # The overview's calls and a reload use the kept token: no second question.
+    page.goto(f"{url}/#/")
+    page.reload()
+    expect(page.locator(".cards")).to_contain_text("token")
+    expect(page.locator("#problems")).to_be_visible()
+    expect(dialog).to_be_hidden()

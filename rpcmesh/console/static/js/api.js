@@ -75,10 +75,12 @@ function envelope(message) {
 }
 
 // stream("Registry/Watch", {}, onMessage) -> {cancel(), done}: done resolves when the stream ends
-// normally (or is cancelled) and rejects with an RpcError when it ends with an error.
+// normally (or is cancelled) and rejects with an RpcError when it ends with an error. A stream refused
+// as unauthenticated before its first message asks for a token (once) and starts again.
 export function stream(method, request, onMessage) {
   const controller = new AbortController();
-  const done = (async () => {
+  let received = 0;
+  const open = async () => {
     const response = await fetch(path(method), {
       method: "POST",
       headers: headers("application/connect+json"),
@@ -111,8 +113,19 @@ export function stream(method, request, onMessage) {
           }
           return;
         }
+        received += 1;
         onMessage(message);
       }
+    }
+  };
+  const done = (async () => {
+    try {
+      await open();
+    } catch (error) {
+      const retry =
+        error instanceof RpcError && error.code === "unauthenticated" && received === 0 && tokenPrompt;
+      if (!retry || controller.signal.aborted || !(await tokenPrompt())) throw error;
+      await open();
     }
   })().catch((error) => {
     if (controller.signal.aborted) return;

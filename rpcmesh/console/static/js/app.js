@@ -11,7 +11,15 @@ const PAGES = { "": overview, services, bus, sagas, events };
 
 let cleanup = null;
 
+let pendingToken = null;
+
+// One dialog at a time: calls refused together share the answer.
 function askForToken() {
+  if (!pendingToken) pendingToken = showTokenDialog().finally(() => (pendingToken = null));
+  return pendingToken;
+}
+
+function showTokenDialog() {
   const dialog = document.getElementById("token-dialog");
   const input = document.getElementById("token-input");
   input.value = api.getToken();
