@@ -167,6 +167,8 @@ class ShapeCache:
                 if found is not None:
                     self._schemas[grpc_service] = found
                     self._known[grpc_service] = found.shapes()
+        if found is None:  # names callers made up must not grow the lock table
+            self._locks.pop(grpc_service, None)
         return found
 
     async def services(self, channel: grpc.aio.Channel, registered: str) -> tuple[str, ...]:

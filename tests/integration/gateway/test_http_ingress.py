@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import socket
 import ssl
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -375,3 +377,20 @@ async def test_calls_in_flight_per_connection_are_limited_as_on_grpc(shop: Shop)
                 assert (await client.post("/echo.v1.Echo/Echo", json={"message": "again"})).status_code == 200
         finally:
             await gateway.stop()
+
+
+def test_a_taken_http_port_or_a_path_route_without_it_fails_the_start_in_one_line() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for args, code, line in (
+            (["--http-port", str(port)], 1, f"cannot listen on 127.0.0.1:{port} (HTTP)"),
+            (["--route", "/api/users=users"], 2, "HTTP path routes need --http-port"),
+        ):
+            done = subprocess.run(
+                rpcmesh_command("gateway", "--registry", "127.0.0.1:1", *args),
+                capture_output=True, text=True, timeout=60, env=python_env(), cwd=ROOT,
+            )  # fmt: skip
+            assert done.returncode == code and line in done.stderr, done.stderr
+            assert len(done.stderr.strip().splitlines()) == 1, done.stderr
