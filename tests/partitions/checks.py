@@ -76,9 +76,12 @@ class Report:
     violations: list[str] = field(default_factory=list)
     counts: Counter[str] = field(default_factory=Counter)
     windows: dict[str, dict[str, float]] = field(default_factory=dict)
-    """Per fault kind: count, p50/max unavailability (s), p50/max time to recover after heal (s)."""
+    """Per fault kind: count, p50/max unavailability (s), p50/max time to recover after heal (s), and
+    ``max:<component>`` (registry, eventstore, $all, bus, saga): that component's longest window."""
     saga_call_window: float | None = None
-    """Longest time after a lease-losing fault at which its node still called a participant (s)."""
+    """Longest time after a lease-losing fault at which its node still called a participant (s;
+    0 when the faulted node drove the sagas and made no call after the fault)."""
+    saga_failovers: list[SagaFailover] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -100,19 +103,33 @@ class Report:
             "### Availability per fault",
             "",
             "| fault | count | unavailable p50 (s) | unavailable max (s) | recover p50 (s) "
-            "| recover max (s) |",
-            "| --- | --- | --- | --- | --- | --- |",
+            "| recover max (s) | worst component |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
         ]
         for kind, row in sorted(self.windows.items()):
+            groups = {key.removeprefix("max:"): value for key, value in row.items() if key.startswith("max:")}
+            worst = max(groups, key=lambda name: groups[name]) if groups and max(groups.values()) > 0 else "-"
             lines.append(
                 f"| {kind} | {int(row['count'])} | {row['p50']:.2f} | {row['max']:.2f} | "
-                f"{row['recover_p50']:.2f} | {row['recover_max']:.2f} |"
+                f"{row['recover_p50']:.2f} | {row['recover_max']:.2f} | {worst} |"
             )
+        driving = [f for f in self.saga_failovers if f.driving]
+        if driving:
+            lines += [
+                "",
+                "### Sagas around lease-losing faults of the driving node",
+                "",
+                "| fault | node | its last participant call after the fault (s) | another node's first (s) |",
+                "| --- | --- | --- | --- |",
+            ]
+            for f in driving:
+                last = "none" if f.last_call is None else f"{f.last_call:.2f}"
+                takeover = "none before heal" if f.takeover is None else f"{f.takeover:.2f}"
+                lines.append(f"| {f.fault} | {f.target} | {last} | {takeover} |")
         if self.saga_call_window is not None:
             lines += [
                 "",
-                f"Saga participant calls from a node after a lease-losing fault: latest "
-                f"{self.saga_call_window:.2f} s after the fault.",
+                f"Lease-loss call window (longest, all such faults): {self.saga_call_window:.2f} s.",
             ]
         return "\n".join(lines) + "\n"
 
@@ -443,14 +460,32 @@ def _workload_nodes(ops: Sequence[Op]) -> list[str]:
     return []
 
 
+@dataclass
+class SagaFailover:
+    """What the sagas did around one lease-losing fault of a node."""
+
+    fault: str
+    target: str
+    driving: bool
+    """The node made the last participant call before the fault (it was driving the sagas)."""
+    last_call: float | None
+    """Seconds after the fault of the node's last participant call while the fault lasted."""
+    takeover: float | None
+    """Seconds after the fault of the first participant call from another node (driving faults)."""
+
+
+def _host(call: Op) -> str:
+    return (call.node or "").rsplit(":", 1)[0].removeprefix("ipv4:")
+
+
 def check_saga_lease_window(
     ops: Sequence[Op], limit: float = 6.0, counts: Counter[str] | None = None
-) -> tuple[list[str], float | None]:
+) -> tuple[list[str], list[SagaFailover]]:
     """A node that lost its saga lock calls no participant later than ``limit`` s after the fault.
 
     Lease-losing faults cut the node from PostgreSQL (``cut-pg``, ``one-way-pg``, ``isolate``) or
-    freeze it (``sigstop-node``). Returns the violations and the longest delay measured (None when
-    no call came from a faulted node while its fault lasted). A frozen node cannot call anyone; the
+    freeze it (``sigstop-node``). Returns the violations and, per such fault, when the node last
+    called a participant and when another node took over. A frozen node cannot call anyone; the
     calls it makes within 2 s of waking (documented: a call in flight when it froze may still go
     out) are counted in ``counts``.
     """
@@ -458,28 +493,36 @@ def check_saga_lease_window(
     calls = _by(ops, "participant_call")
     workload_nodes = _workload_nodes(ops)
     violations: list[str] = []
-    longest: float | None = None
+    failovers: list[SagaFailover] = []
     for fault, heal in _fault_pairs(ops, end):
         name = str(fault.args.get("fault", ""))
         if not any(part in name for part in LEASE_LOSING_FAULTS):
             continue
         nodes = _fault_nodes(fault, workload_nodes)
+        before = [call for call in calls if call.invoke < fault.invoke]
+        driving = bool(before) and _host(before[-1]) in nodes
+        last_call: float | None = None
+        takeover: float | None = None
         for call in calls:
-            host = (call.node or "").rsplit(":", 1)[0].removeprefix("ipv4:")
-            if host not in nodes:
+            if call.invoke < fault.invoke:
+                continue
+            if _host(call) not in nodes:
+                if takeover is None and driving and call.invoke < heal:
+                    takeover = call.invoke - fault.invoke
                 continue
             if counts is not None and "stop" in name and heal <= call.invoke < heal + 2.0:
                 counts["saga calls within 2 s of a node's SIGCONT"] += 1
-            if not fault.invoke <= call.invoke < heal:
+            if call.invoke >= heal:
                 continue
             delay = call.invoke - fault.invoke
-            longest = delay if longest is None else max(longest, delay)
+            last_call = delay if last_call is None else max(last_call, delay)
             if delay > limit:
                 violations.append(
-                    f"{host} called {call.args.get('method')} for saga {call.args.get('saga_id')} "
+                    f"{_host(call)} called {call.args.get('method')} for saga {call.args.get('saga_id')} "
                     f"{delay:.2f}s after {name} on {fault.args.get('target')} (limit {limit:g}s)"
                 )
-    return violations, longest
+        failovers.append(SagaFailover(name, str(fault.args.get("target", "")), driving, last_call, takeover))
+    return violations, failovers
 
 
 # Availability ---------------------------------------------------------------------------------
@@ -543,12 +586,17 @@ def check_availability(ops: Sequence[Op]) -> dict[str, dict[str, float]]:
     groups = {name: [op for op in client if op.op in names] for name, names in AVAILABILITY_GROUPS.items()}
     invokes = {name: [op.invoke for op in group] for name, group in groups.items()}
     per_kind: defaultdict[str, list[tuple[float, float]]] = defaultdict(list)
+    per_group: defaultdict[str, dict[str, float]] = defaultdict(dict)
     for fault, heal in _fault_pairs(ops, end):
+        kind = str(fault.args.get("fault", "fault"))
         worst, recover = 0.0, 0.0
         for name, group in groups.items():
+            if not group:
+                continue
             gap, back = _unavailable(group, invokes[name], fault.invoke, heal, end)
             worst, recover = max(worst, gap), max(recover, back)
-        per_kind[str(fault.args.get("fault", "fault"))].append((worst, recover))
+            per_group[kind][f"max:{name}"] = max(per_group[kind].get(f"max:{name}", 0.0), gap)
+        per_kind[kind].append((worst, recover))
     windows = {}
     for kind, rows in per_kind.items():
         gaps = [row[0] for row in rows]
@@ -559,6 +607,7 @@ def check_availability(ops: Sequence[Op]) -> dict[str, dict[str, float]]:
             "max": max(gaps),
             "recover_p50": statistics.median(recovers),
             "recover_max": max(recovers),
+            **per_group[kind],
         }
     return windows
 
@@ -579,8 +628,10 @@ def check_all(history_dir: Path, *, saga_window_limit: float = 6.0) -> Report:
     report.violations += check_eventstore(ops, final)
     report.violations += check_bus(ops, final, report.counts)
     report.violations += check_sagas(ops, final, report.counts)
-    saga_violations, report.saga_call_window = check_saga_lease_window(ops, saga_window_limit, report.counts)
+    saga_violations, report.saga_failovers = check_saga_lease_window(ops, saga_window_limit, report.counts)
     report.violations += saga_violations
+    windows = [f.last_call or 0.0 for f in report.saga_failovers if f.driving or f.last_call is not None]
+    report.saga_call_window = max(windows) if windows else None
     report.violations += [f"final phase: {problem}" for problem in final.get("problems", [])]
     report.windows = check_availability(ops)
     return report

@@ -288,11 +288,11 @@ def test_participant_call_long_after_a_lease_losing_fault_is_a_violation() -> No
         call("s1", "b", "execute", 15.0, node="ipv4:10.77.0.32:1"),
         heal,
     ]
-    violations, window = checks.check_saga_lease_window(early, limit=6.0)
-    assert violations == [] and window == pytest.approx(2.0)
+    violations, [failover] = checks.check_saga_lease_window(early, limit=6.0)
+    assert violations == [] and failover.last_call == pytest.approx(2.0)
     late = [*early, call("s2", "a", "execute", 20.0, node="ipv4:10.77.0.31:40000")]
-    violations, window = checks.check_saga_lease_window(sorted(late, key=lambda o: o.invoke), limit=6.0)
-    assert len(violations) == 1 and window == pytest.approx(10.0)
+    violations, [failover] = checks.check_saga_lease_window(sorted(late, key=lambda o: o.invoke), limit=6.0)
+    assert len(violations) == 1 and failover.last_call == pytest.approx(10.0)
     assert "10.77.0.31" in violations[0] and "cut-pg" in violations[0]
 
 
@@ -307,12 +307,31 @@ def test_lease_window_maps_node_names_through_the_workload_nodes() -> None:
         call("s1", "b", "execute", 20.5, node="ipv4:10.77.5.32:5"),
     ]
     counts: Counter[str] = Counter()
-    violations, window = checks.check_saga_lease_window(ops, limit=6.0, counts=counts)
-    assert len(violations) == 1 and window == pytest.approx(8.0)
+    violations, [failover] = checks.check_saga_lease_window(ops, limit=6.0, counts=counts)
+    assert len(violations) == 1 and failover.last_call == pytest.approx(8.0)
     assert counts["saga calls within 2 s of a node's SIGCONT"] == 1
     harmless = {**args, "fault": "cut-clients"}
     ops[1].args = ops[3].args = harmless
-    assert checks.check_saga_lease_window(ops, limit=6.0) == ([], None)
+    assert checks.check_saga_lease_window(ops, limit=6.0) == ([], [])
+
+
+def test_failover_of_the_driving_node_is_measured(tmp_path: Path) -> None:
+    args = {"fault": "cut-pg", "target": "node1", "ip": "10.77.0.31"}
+    ops = [
+        call("s1", "a", "execute", 5.0, node="ipv4:10.77.0.31:1"),
+        op("nemesis", "fault", 10.0, args=args),
+        call("s2", "a", "execute", 14.5, node="ipv4:10.77.0.32:1"),
+        op("nemesis", "heal", 20.0, args=args),
+    ]
+    violations, [failover] = checks.check_saga_lease_window(ops)
+    assert violations == [] and failover.driving and failover.last_call is None
+    assert failover.takeover == pytest.approx(4.5)
+    writer = HistoryWriter(tmp_path / "w.jsonl")
+    for item in ops:
+        writer.write(item)
+    writer.close()
+    report = checks.check_all(tmp_path)
+    assert report.saga_call_window == 0.0 and "| cut-pg | node1 | none | 4.50 |" in report.summary()
 
 
 # Availability and the whole report -------------------------------------------------------------
@@ -340,6 +359,7 @@ def test_availability_windows_per_fault_kind() -> None:
     assert row["count"] == 1 and row["max"] == pytest.approx(6.01, abs=0.02)  # 15.0 .. 21.01
     assert row["recover_max"] == pytest.approx(1.01, abs=0.02)
     assert windows["slow"]["max"] == 0.0 and windows["slow"]["recover_max"] == 0.0
+    assert row["max:eventstore"] == row["max"] and "max:bus" not in row
 
 
 def test_check_all_reads_a_folder_and_summarises(tmp_path: Path) -> None:
@@ -363,5 +383,6 @@ def test_check_all_reads_a_folder_and_summarises(tmp_path: Path) -> None:
     report = checks.check_all(tmp_path)
     assert report.violations == [] and report.ok
     assert "delay" in report.windows and "| delay | 1 |" in report.summary()
+    assert report.summary().count("| registry |") == 0
     (tmp_path / "final.json").unlink()
     assert not checks.check_all(tmp_path).ok
