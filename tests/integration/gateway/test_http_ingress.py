@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import socket
 import ssl
 import subprocess
@@ -126,6 +127,17 @@ def test_server_client_and_bidi_streams(shop: Shop) -> None:
         )
         messages, end = read_frames(chat.content)
         assert [m["message"] for m in messages] == ["a", "b", "c"] and "error" not in end, end
+
+        # gRPC-Web (what browsers' grpc-web clients send): status in a trailer frame (flag 0x80).
+        web = client.post(
+            "/echo.v1.Echo/Echo",
+            content=envelope({"message": "web"}),
+            headers={"content-type": "application/grpc-web+json"},
+        )
+        assert web.status_code == 200 and web.content[0] == 0
+        size = int.from_bytes(web.content[1:5], "big")
+        assert json.loads(web.content[5 : 5 + size])["message"] == "web"
+        assert web.content[5 + size] == 0x80 and b"grpc-status: 0" in web.content[5 + size :]
 
 
 def test_errors_keep_code_and_details(shop: Shop) -> None:
