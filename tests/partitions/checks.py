@@ -612,6 +612,13 @@ def check_availability(ops: Sequence[Op]) -> dict[str, dict[str, float]]:
     return windows
 
 
+def _capped(violations: list[str], keep: int = 20) -> list[str]:
+    """The first ``keep`` violations of one checker, then one line counting the rest."""
+    if len(violations) <= keep:
+        return violations
+    return [*violations[:keep], f"... and {len(violations) - keep} more like the above"]
+
+
 def check_all(history_dir: Path, *, saga_window_limit: float = 6.0) -> Report:
     """Run every checker on the history folder (``*.jsonl`` plus ``final.json``)."""
     ops = load(history_dir)
@@ -622,14 +629,14 @@ def check_all(history_dir: Path, *, saga_window_limit: float = 6.0) -> Report:
             report.counts[f"{op.op} {op.outcome}"] += 1
     if not final:
         report.violations.append(f"{history_dir}: no final.json (the final read phase did not run)")
-    report.violations += check_lease_expiry(ops)
-    report.violations += check_registrations_kept(ops, final)
-    report.violations += check_watchers(ops)
-    report.violations += check_eventstore(ops, final)
-    report.violations += check_bus(ops, final, report.counts)
-    report.violations += check_sagas(ops, final, report.counts)
+    report.violations += _capped(check_lease_expiry(ops))
+    report.violations += _capped(check_registrations_kept(ops, final))
+    report.violations += _capped(check_watchers(ops))
+    report.violations += _capped(check_eventstore(ops, final))
+    report.violations += _capped(check_bus(ops, final, report.counts))
+    report.violations += _capped(check_sagas(ops, final, report.counts))
     saga_violations, report.saga_failovers = check_saga_lease_window(ops, saga_window_limit, report.counts)
-    report.violations += saga_violations
+    report.violations += _capped(saga_violations)
     windows = [f.last_call or 0.0 for f in report.saga_failovers if f.driving or f.last_call is not None]
     report.saga_call_window = max(windows) if windows else None
     report.violations += [f"final phase: {problem}" for problem in final.get("problems", [])]

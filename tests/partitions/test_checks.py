@@ -386,3 +386,8 @@ def test_check_all_reads_a_folder_and_summarises(tmp_path: Path) -> None:
     assert report.summary().count("| registry |") == 0
     (tmp_path / "final.json").unlink()
     assert not checks.check_all(tmp_path).ok
+
+
+def test_many_violations_of_one_kind_are_capped() -> None:
+    assert len(checks._capped([f"v{i}" for i in range(50)])) == 21
+    assert checks._capped(["a"]) == ["a"]

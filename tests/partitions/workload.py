@@ -26,6 +26,7 @@ import contextlib
 import json
 import logging
 import random
+import secrets
 import signal
 import socket
 import sys
@@ -569,7 +570,8 @@ async def run_workload(
     from tests.partitions import workload_bus
 
     rng = random.Random(seed)
-    run = f"{seed:x}{rng.randrange(16**6):06x}"
+    # Not from the seed: a replayed seed must not find the streams and topic of an earlier run.
+    run = f"{seed:x}{secrets.token_hex(3)}"
     history = HistoryWriter(out / "workload.jsonl")
     ctx = Context(nodes=nodes, history=history, run=run, rng=rng, listen_host=local_address(nodes[0]))
     loop = asyncio.get_running_loop()
