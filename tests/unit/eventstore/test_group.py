@@ -6,6 +6,7 @@ import pytest
 
 from rpcmesh.controlplane.eventstore.group import (
     DuplicateEvents,
+    GroupPacer,
     PendingAppend,
     judge_duplicates,
     plan_group,
@@ -81,3 +82,16 @@ def test_group_size_caps_appends_and_events_but_takes_one() -> None:
     assert group_size([1] * (MAX_GROUP_APPENDS + 5)) == MAX_GROUP_APPENDS
     assert group_size([MAX_GROUP_EVENTS * 2, 1]) == 1
     assert group_size([MAX_GROUP_EVENTS // 2, MAX_GROUP_EVENTS // 2, 1]) == 2
+
+
+def test_the_pacer_waits_for_as_many_appends_as_its_recent_groups_had() -> None:
+    pacer = GroupPacer(window=3)
+    assert pacer.target == 1  # a lone caller never waits
+    pacer.record(8)
+    pacer.record(2)
+    assert pacer.target == 8
+    pacer.record(1)
+    pacer.record(1)
+    assert pacer.target == 2  # the 8 left the window
+    pacer.record(1)
+    assert pacer.target == 1
