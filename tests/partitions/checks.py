@@ -576,24 +576,27 @@ def _unavailable(
 def check_availability(ops: Sequence[Op]) -> dict[str, dict[str, float]]:
     """Per fault kind: p50/max of the longest unanswered stretch, and of the time to recover after heal.
 
-    For each fault and each component the workload exercised, the unavailability is the longest
-    time (starting during the fault) in which its operations got no answer, taken over the
-    components; the time to recover is how long after the heal the first answer came, for the
-    components that had unanswered operations during the fault (0 when none had).
+    Measured per client (each workload task of each component, as a user of rpcmesh sees it: a
+    client whose node froze waits out its deadline, then moves on): for each fault the
+    unavailability is the longest time, starting during the fault, in which one client's
+    operations got no answer; the time to recover is how long after the heal the first answer
+    came for a client still unanswered at the heal (0 when none was).
     """
     end = max((op.complete for op in ops), default=0.0)
     client = [op for op in ops if op.proc not in ("nemesis", "final")]
-    groups = {name: [op for op in client if op.op in names] for name, names in AVAILABILITY_GROUPS.items()}
-    invokes = {name: [op.invoke for op in group] for name, group in groups.items()}
+    component = {op_name: name for name, names in AVAILABILITY_GROUPS.items() for op_name in names}
+    groups: defaultdict[tuple[str, str], list[Op]] = defaultdict(list)
+    for op in client:
+        if op.op in component:
+            groups[(component[op.op], op.proc)].append(op)
+    invokes = {key: [op.invoke for op in group] for key, group in groups.items()}
     per_kind: defaultdict[str, list[tuple[float, float]]] = defaultdict(list)
     per_group: defaultdict[str, dict[str, float]] = defaultdict(dict)
     for fault, heal in _fault_pairs(ops, end):
         kind = str(fault.args.get("fault", "fault"))
         worst, recover = 0.0, 0.0
-        for name, group in groups.items():
-            if not group:
-                continue
-            gap, back = _unavailable(group, invokes[name], fault.invoke, heal, end)
+        for (name, proc), group in groups.items():
+            gap, back = _unavailable(group, invokes[(name, proc)], fault.invoke, heal, end)
             worst, recover = max(worst, gap), max(recover, back)
             per_group[kind][f"max:{name}"] = max(per_group[kind].get(f"max:{name}", 0.0), gap)
         per_kind[kind].append((worst, recover))

@@ -345,6 +345,14 @@ def test_availability_windows_per_fault_kind() -> None:
         append("x", 11.0, "unknown"),
         append("y", 12.0, "fail"),  # a wrong expected revision is an answer: available again
         append("w", 15.0, "unknown"),
+        # Another client answered meanwhile: windows are per client, this one's is still open.
+        op(
+            "es-1",
+            "append",
+            16.0,
+            args={"stream": "s", "event_id": "q"},
+            result={"revision": 9, "position": 9},
+        ),
         op("nemesis", "heal", 20.0, args={"fault": "isolate", "target": "node1"}),
         append("z", 21.0, revision=11, position=12),
         op("nemesis", "fault", 30.0, args={"fault": "slow", "target": "node2"}),
