@@ -135,14 +135,15 @@ def connect_error(error: BaseException) -> ConnectError:
                 anys = status_pb2.Status.FromString(value).details
     elif isinstance(error, StatusError):
         code, message = error.code, error.message
+    else:
+        return ConnectError(Code.UNKNOWN, str(error))
+    if not anys and isinstance(error, StatusError) and error.details:
         packed = []
         for item in error.details:
             wrapped = any_pb2.Any()
             wrapped.Pack(item)
             packed.append(wrapped)
         anys = packed
-    else:
-        return ConnectError(Code.UNKNOWN, str(error))
     details = [ErrorDetail(WireAny(type_url=item.type_url, value=item.value)) for item in anys]
     return ConnectError(_CONNECT_CODES.get(code.name, Code.UNKNOWN), message, details)
 

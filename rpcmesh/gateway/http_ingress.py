@@ -82,7 +82,7 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 _UNARY_TYPES = frozenset({"application/json", "application/proto"})
-_STREAM_TYPE_PREFIXES = ("application/connect+", "application/grpc")
+_STREAM_TYPE_PREFIXES = ("application/connect+", "application/grpc-web", "application/grpc+")
 # HTTP statuses of a response no endpoint wrote (the library refused the request), for the span.
 _CODE_BY_HTTP_STATUS = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
@@ -185,7 +185,7 @@ class HttpIngress:
             await _plain(send, 405, [(b"allow", b"POST")])
             return
         media_type = _media_type(first.get("content-type", ""))
-        streaming = media_type.startswith(_STREAM_TYPE_PREFIXES)
+        streaming = media_type == "application/grpc" or media_type.startswith(_STREAM_TYPE_PREFIXES)
         if not streaming and media_type not in _UNARY_TYPES:
             # Not a Connect, gRPC or gRPC-Web request (a form POST...): refused as the control plane does.
             reason = csrf_refusal(scope) or "not a Connect, gRPC or gRPC-Web content type"
