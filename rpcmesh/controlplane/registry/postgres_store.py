@@ -1,7 +1,9 @@
 """The shared Registry store: PostgreSQL (psycopg 3 async), for more than one Registry node.
 
 Every write transaction first locks the single ``registry_meta`` row, so
-revisions are assigned and committed in one total order; a node therefore
+revisions are assigned and committed in one total order. Each node batches its
+writes (many mutations per transaction, many renewals per statement: see
+:mod:`.postgres_writes`). A node therefore
 tails ``registry_events`` (woken by LISTEN/NOTIFY, and polling as a safety
 net) and applies events to its view without gaps or duplicates.
 
@@ -50,10 +52,11 @@ from psycopg_pool import AsyncConnectionPool
 
 from rpcmesh.controlplane.registry import transitions
 from rpcmesh.controlplane.registry.leases import Clock
-from rpcmesh.controlplane.registry.model import Change, Committed, Event, StoredInstance, hash_token
+from rpcmesh.controlplane.registry.model import Committed, Event
+from rpcmesh.controlplane.registry.postgres_writes import RENEW_CHANNEL, BatchedWrites, stored_from_row
 from rpcmesh.controlplane.registry.renewal_tracker import RenewalTracker, Sighting
 from rpcmesh.controlplane.registry.store import Decide, EventSink, Loaded, ResetSink
-from rpcmesh.errors import NotFoundError, OutOfRangeError, PermissionDeniedError
+from rpcmesh.errors import OutOfRangeError
 from rpcmesh.tasks import start_supervised, stop_tasks
 from rpcmesh.v1 import registry_pb2
 
@@ -62,7 +65,6 @@ logger = logging.getLogger(__name__)
 CHANNEL = "rpcmesh_registry"
 _SCHEMA_LOCK = 0x52454749  # "REGI": serialises schema creation between nodes starting together
 _LEADER_LOCK = 0x5245474C  # "REGL": held (session lock) by the node that expires leases
-RENEW_CHANNEL = "rpcmesh_registry_renew"
 LEADER_APPLICATION_PREFIX = "rpcmesh-registry-leader-"
 """``application_name`` of a node's lock session, followed by its process id (seen in pg_stat_activity)."""
 _SCHEMA = [
@@ -87,11 +89,6 @@ _SCHEMA = [
     "INSERT INTO registry_meta (id, revision, compact_revision) VALUES (1, 0, 0) ON CONFLICT DO NOTHING",
 ]
 _SELECT = "SELECT token_hash, ttl_ms, probe_passing, data FROM registry_instances"
-_RENEW = (
-    "WITH renewed AS (UPDATE registry_instances SET renewals = renewals + 1 "
-    "WHERE lease_id = %s AND token_hash = %s RETURNING lease_id, renewals, ttl_ms) "
-    "SELECT ttl_ms, pg_notify(%s, lease_id || ' ' || renewals || ' ' || ttl_ms) FROM renewed"
-)
 _EXPIRE_BATCH = 1000
 _PAGE = 1000
 
@@ -117,16 +114,6 @@ def bounded_conninfo(url: str, timeout: float, **extra: str) -> str:
         keepalives_count=3,
         tcp_user_timeout=int(timeout * 1000),
         **extra,
-    )
-
-
-def _stored(row: tuple[Any, ...]) -> StoredInstance:
-    token_hash, ttl_ms, probe_passing, data = row
-    return StoredInstance(
-        instance=registry_pb2.Instance.FromString(bytes(data)),
-        token_hash=token_hash,
-        ttl_ms=int(ttl_ms),
-        probe_passing=bool(probe_passing),
     )
 
 
@@ -168,6 +155,7 @@ class PostgresRegistryStore:
         self._compact_revision = 0
         self._wakeup = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._writes: BatchedWrites | None = None
 
     @property
     def is_leader(self) -> bool:
@@ -178,6 +166,16 @@ class PostgresRegistryStore:
     def compact_revision(self) -> int:
         """Events up to this revision were compacted away (as last seen by this node)."""
         return self._compact_revision
+
+    @property
+    def writes(self) -> BatchedWrites | None:
+        """The node's batched writers (their counters show how many transactions they took)."""
+        return self._writes
+
+    def _writes_or_fail(self) -> BatchedWrites:
+        if self._writes is None:
+            raise RuntimeError("registry store is not open")
+        return self._writes
 
     def _pool_or_fail(self) -> AsyncConnectionPool:
         if self._pool is None:
@@ -196,6 +194,8 @@ class PostgresRegistryStore:
             for statement in _SCHEMA:
                 await conn.execute(statement)
         loaded = await self._load()
+        self._writes = BatchedWrites(pool, self._finish, self._wakeup.set)
+        self._writes.start()
         self._tasks = [
             start_supervised(self._listen, name="registry-pg-listen"),
             start_supervised(self._tail, name="registry-pg-tail"),
@@ -214,10 +214,13 @@ class PostgresRegistryStore:
             rows = await (await conn.execute(_SELECT)).fetchall()
         assert meta is not None
         self._applied, self._compact_revision = int(meta[0]), int(meta[1])
-        return Loaded(instances=[_stored(row) for row in rows], revision=self._applied)
+        return Loaded(instances=[stored_from_row(row) for row in rows], revision=self._applied)
 
     async def close(self) -> None:
         """Stop tailing and close the pool."""
+        if self._writes is not None:
+            await self._writes.stop()
+            self._writes = None
         await stop_tasks(self._tasks)
         self._tasks = []
         self._leader = False
@@ -370,49 +373,6 @@ class PostgresRegistryStore:
         assert row is not None
         return int(row[0])
 
-    async def _write(self, conn: Conn, change: Change[Any]) -> None:
-        event = change.event
-        stored = change.stored
-        if event is None:
-            if stored is not None and change.renew:
-                await conn.execute(
-                    "WITH renewed AS (UPDATE registry_instances SET renewals = renewals + 1 "
-                    "WHERE lease_id = %s RETURNING lease_id, renewals, ttl_ms) "
-                    "SELECT pg_notify(%s, lease_id || ' ' || renewals || ' ' || ttl_ms) FROM renewed",
-                    (stored.lease_id, RENEW_CHANNEL),
-                )
-            return
-        key = (event.instance.service, event.instance.instance_id)
-        if stored is None:
-            await conn.execute("DELETE FROM registry_instances WHERE service = %s AND instance_id = %s", key)
-        else:
-            await conn.execute(
-                "WITH written AS (INSERT INTO registry_instances "
-                "(service, instance_id, lease_id, token_hash, ttl_ms, probe_passing, data) "
-                "VALUES (%s, %s, %s, %s, %s, %s, %s) "
-                "ON CONFLICT (service, instance_id) DO UPDATE SET lease_id = excluded.lease_id, "
-                "token_hash = excluded.token_hash, ttl_ms = excluded.ttl_ms, "
-                "probe_passing = excluded.probe_passing, data = excluded.data, "
-                "renewals = registry_instances.renewals + CASE WHEN %s THEN 1 ELSE 0 END "
-                "RETURNING lease_id, renewals, ttl_ms) "
-                "SELECT pg_notify(%s, lease_id || ' ' || renewals || ' ' || ttl_ms) FROM written WHERE %s",
-                (
-                    *key,
-                    stored.lease_id,
-                    stored.token_hash,
-                    stored.ttl_ms,
-                    stored.probe_passing,
-                    stored.instance.SerializeToString(),
-                    change.renew,
-                    RENEW_CHANNEL,
-                    change.renew,
-                ),
-            )
-        await conn.execute(
-            "INSERT INTO registry_events (revision, data) VALUES (%s, %s)",
-            (event.revision, event.to_proto().SerializeToString()),
-        )
-
     async def _finish(self, conn: Conn, revision: int) -> None:
         """Record the new revision, compact when due, and notify the other nodes (on commit)."""
         compact = self._compact_revision
@@ -426,41 +386,15 @@ class PostgresRegistryStore:
         await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(revision)))
 
     async def mutate(self, service: str, instance_id: str, decide: Decide[Any]) -> Committed[Any]:
-        """Decide on the row inside a transaction that holds the revision lock."""
-        pool = self._pool_or_fail()
-        async with pool.connection() as conn, conn.transaction():
-            revision = await self._lock_revision(conn)
-            row = await (
-                await conn.execute(
-                    _SELECT + " WHERE service = %s AND instance_id = %s", (service, instance_id)
-                )
-            ).fetchone()
-            change = decide(_stored(row) if row is not None else None, revision + 1)
-            await self._write(conn, change)
-            if change.event is not None:
-                revision = change.event.revision
-                await self._finish(conn, revision)
-        self._wakeup.set()
-        return Committed(change.result, revision, change.event)
+        """Decide on the row in the node's next write batch (one transaction under the revision lock)."""
+        return await self._writes_or_fail().mutate(service, instance_id, decide)
 
     async def renew(self, lease_id: str, lease_token: str) -> int:
-        """Bump the lease's renewal counter (and tell the expiry leader); any node's renewal counts."""
-        pool = self._pool_or_fail()
-        async with pool.connection() as conn:
-            row = await (
-                await conn.execute(
-                    _RENEW, (lease_id, hash_token(lease_token) if lease_token else "", RENEW_CHANNEL)
-                )
-            ).fetchone()
-            if row is not None:
-                return int(row[0])
-            found = await (
-                await conn.execute("SELECT 1 FROM registry_instances WHERE lease_id = %s", (lease_id,))
-            ).fetchone()
-        if found is None:
-            raise NotFoundError(f"lease {lease_id!r} is unknown or expired; register again")
-        what = "missing" if not lease_token else "does not match"
-        raise PermissionDeniedError(f"lease_token: {what} for lease {lease_id!r}")
+        """Bump the lease's renewal counter (and tell the expiry leader); any node's renewal counts.
+
+        Renewals queued together are one statement (see :mod:`.postgres_writes`).
+        """
+        return await self._writes_or_fail().renew(lease_id, lease_token)
 
     async def expire_due(self) -> int:
         """Leader only: delete the overdue leases whose renewal counter did not move.
@@ -483,7 +417,7 @@ class PostgresRegistryStore:
             rows = await (
                 await conn.execute(
                     "SELECT lease_id, renewals, token_hash, ttl_ms, probe_passing, data "
-                    "FROM registry_instances WHERE lease_id = ANY(%s) FOR UPDATE",
+                    "FROM registry_instances WHERE lease_id = ANY(%s) ORDER BY lease_id FOR UPDATE",
                     (list(due),),
                 )
             ).fetchall()
@@ -492,7 +426,7 @@ class PostgresRegistryStore:
                 found[lease_id] = renewals
                 if renewals != due[lease_id]:
                     continue  # renewed since the leader last looked: the renewal wins
-                stored = _stored(row[2:])
+                stored = stored_from_row(row[2:])
                 change = transitions.expire(stored, revision + 1, lease_id=lease_id)
                 if change.event is None:
                     continue
