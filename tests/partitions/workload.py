@@ -598,22 +598,26 @@ async def run_workload(
     history.record("workload", "stop", time.monotonic())
     results = await asyncio.gather(*tasks, return_exceptions=True)
     problems = [f"{type(r).__name__}: {r}" for r in results if isinstance(r, BaseException)]
-    final: dict[str, Any] = {"run": run, "seed": seed, "nodes": nodes, "problems": problems}
+    final: dict[str, Any] = {"run": run, "seed": seed, "nodes": nodes, "problems": problems, "seconds": {}}
+    started = time.monotonic()
     try:
         if "registry" in kinds:
             final["registry"] = await final_registry(ctx, leases)
+            final["seconds"]["registry"] = round(time.monotonic() - started, 3)
         if "eventstore" in kinds:
             final["eventstore"] = {
                 "streams": {stream: await read_stream(ctx, stream) for stream in streams},
                 "all": await read_all(ctx, start_position),
             }
+            final["seconds"]["eventstore"] = round(time.monotonic() - started, 3)
         final.update(await workload_bus.final(ctx, extras, within=final_timeout))
-    except grpc.RpcError as exc:
+        final["seconds"]["bus and sagas"] = round(time.monotonic() - started, 3)
+    except Exception as exc:  # recorded as a problem (a violation) rather than losing final.json
         problems.append(f"final read failed: {classify(exc)[1]}")
     finally:
         await workload_bus.close(extras)
         history.record("workload", "final", time.monotonic(), outcome=OK if not problems else UNKNOWN)
-        (out / "final.json").write_text(json.dumps(final, indent=1, sort_keys=True), encoding="utf-8")
+        (out / "final.json").write_text(json.dumps(final, separators=(",", ":")), encoding="utf-8")
         history.close()
         await ctx.close()
     return final
