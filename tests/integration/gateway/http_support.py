@@ -9,13 +9,18 @@ test depends on no Connect client.
 from __future__ import annotations
 
 import json
+import shutil
 import struct
+import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from tests.support.backends import backends_required
 from tests.support.processes import ROOT, ManagedProcess, start_control_plane, start_echo, start_gateway
 
 # Users is read-only: its calls may be retried on another instance.
@@ -113,3 +118,27 @@ def read_frames(body: bytes) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         else:
             messages.append(payload)
     return messages, end
+
+
+BUF = ["npx", "--yes", "@bufbuild/buf@1.75.0"]
+"""buf, the version the Makefile pins (as tests/integration/http/test_buf_curl.py runs it)."""
+
+
+def buf_or_skip() -> list[str]:
+    """The buf command; skips with the reason when it cannot run (fails under RPCMESH_REQUIRE_BACKENDS=1)."""
+    reason = None
+    if shutil.which("npx") is None:
+        reason = "npx is not installed"
+    else:
+        try:
+            probe = subprocess.run([*BUF, "--version"], capture_output=True, text=True, timeout=180)
+        except subprocess.TimeoutExpired:
+            reason = "buf did not start within 180 s"
+        else:
+            if probe.returncode != 0:
+                reason = f"buf cannot run: {probe.stderr.strip()[-300:]}"
+    if reason is not None:
+        if backends_required():
+            pytest.fail(f"{reason} and RPCMESH_REQUIRE_BACKENDS=1")
+        pytest.skip(f"{reason} (set RPCMESH_REQUIRE_BACKENDS=1 to fail instead)")
+    return BUF

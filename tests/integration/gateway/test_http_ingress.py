@@ -29,7 +29,14 @@ from rpcmesh.security.certs import create_ca, issue_certificate
 from rpcmesh.security.limits import Limits
 from rpcmesh.security.settings import SecuritySettings
 from rpcmesh.security.tokens import mint_token
-from tests.integration.gateway.http_support import HTTP_LINE, Shop, envelope, read_frames, shop_mesh
+from tests.integration.gateway.http_support import (
+    HTTP_LINE,
+    Shop,
+    buf_or_skip,
+    envelope,
+    read_frames,
+    shop_mesh,
+)
 from tests.support.otlp_collector import CollectedSpan, running_collector
 from tests.support.processes import ROOT, ManagedProcess, python_env, rpcmesh_command
 
@@ -138,6 +145,26 @@ def test_server_client_and_bidi_streams(shop: Shop) -> None:
         size = int.from_bytes(web.content[1:5], "big")
         assert json.loads(web.content[5 : 5 + size])["message"] == "web"
         assert web.content[5 + size] == 0x80 and b"grpc-status: 0" in web.content[5 + size :]
+
+
+def test_buf_curl_a_standard_connect_client(shop: Shop) -> None:
+    """`buf curl --protocol connect` (shop and echo protos): unary, an error, a bidi stream on h2c."""
+    buf = buf_or_skip()
+
+    def curl(data: str, path: str, *flags: str) -> subprocess.CompletedProcess[str]:
+        command = [*buf, "curl", "--protocol", "connect", "--schema", "examples/protos", *flags]
+        return subprocess.run(
+            [*command, "--data", data, shop.url + path], capture_output=True, text=True, timeout=120, cwd=ROOT
+        )
+
+    unary = curl('{"userId": "u-alice"}', "/shop.v1.Users/GetUser")
+    assert unary.returncode == 0, unary.stderr
+    assert json.loads(unary.stdout)["user"]["name"] == "Alice"
+    missing = curl('{"userId": "nobody"}', "/shop.v1.Users/GetUser")
+    assert missing.returncode != 0 and json.loads(missing.stderr)["code"] == "not_found", missing.stderr
+    chat = curl('{"message": "a"}{"message": "b"}', "/echo.v1.Echo/Chat", "--http2-prior-knowledge")
+    assert chat.returncode == 0, chat.stderr
+    assert chat.stdout.index('"message": "a"') < chat.stdout.index('"message": "b"')
 
 
 def test_errors_keep_code_and_details(shop: Shop) -> None:
