@@ -23,7 +23,7 @@ from rpcmesh.v1 import bus_pb2, bus_pb2_grpc, saga_pb2, saga_pb2_grpc
 
 from rpcmesh import ServiceHost, ServiceHostConfig
 from tests.partitions.history import UNKNOWN
-from tests.partitions.workload import CALL_TIMEOUT, Context, Cursor, guarded, record_call
+from tests.partitions.workload_base import CALL_TIMEOUT, Context, Cursor, guarded, record_call
 
 __all__ = ["Extras", "close", "final", "start", "tasks"]
 
