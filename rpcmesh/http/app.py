@@ -140,6 +140,53 @@ def _with_security_headers(send: Send) -> Send:
     return secured
 
 
+def _final(message: dict[str, Any]) -> bool:
+    if message["type"] == "http.response.body":
+        return not message.get("more_body", False)
+    return message["type"] == "http.response.trailers" and not message.get("more_trailers", False)
+
+
+def _until_disconnect(receive: Receive, send: Send) -> tuple[Receive, Send]:
+    """``receive`` and ``send`` where the end of a response gives up once the client has gone.
+
+    Hypercorn's HTTP/2 connection, once closed, never drains what the application still
+    sends to end a stream (the end of a Watch a closed browser tab was reading): the
+    request's task would wait until shutdown, and shutdown for its whole grace period. So the
+    last send of a response races the client's disconnect, and sends after it do nothing.
+    """
+    gone = False
+
+    async def receiving() -> dict[str, Any]:
+        nonlocal gone
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            gone = True
+        return message
+
+    async def disconnected() -> None:
+        while (await receiving())["type"] != "http.disconnect":
+            pass
+
+    async def sending(message: dict[str, Any]) -> None:
+        if gone:
+            return
+        if not _final(message):
+            await send(message)
+            return
+        sent = asyncio.ensure_future(send(message))
+        watch = asyncio.ensure_future(disconnected())
+        try:
+            await asyncio.wait({sent, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (sent, watch):
+                task.cancel()
+            await asyncio.gather(sent, watch, return_exceptions=True)
+        if not sent.cancelled() and sent.exception() is not None and not gone:
+            raise cast(BaseException, sent.exception())
+
+    return receiving, sending
+
+
 async def _respond(
     send: Send, status: int, body: bytes, content_type: str, extra: list[tuple[bytes, bytes]] | None = None
 ) -> None:
@@ -195,6 +242,7 @@ class ControlPlaneHttpApp:
             if reason is not None:
                 await _refuse(send, 403, "permission_denied", reason)
                 return
+            receive, send = _until_disconnect(receive, send)
             await self._rpc(scope, receive, send)
             return
         if scope.get("method") not in ("GET", "HEAD"):
