@@ -318,6 +318,11 @@ class Gateway:
             return []
         lines = [line for line in self.security.warnings(address) if line != OPEN_POLICY_WARNING]
         settings = self.security.settings
+        if self.http is not None and settings.tls is None:
+            lines.append(
+                f"WARNING: the gateway's HTTP ingress at {self.http.url} is PLAINTEXT too: anyone on the "
+                "network path can read its calls (and replay bearer tokens). Use TLS outside development."
+            )
         if settings.authentication_enabled and settings.policy_file is None:
             if self.config.allow_any_identity:
                 lines.append(

@@ -42,6 +42,8 @@ class Shop:
     url: str
     """The open gateway's HTTP base URL (``--route /api/users=users``)."""
     users: list[ManagedProcess]
+    entry: ManagedProcess
+    """The open gateway's process."""
     started: list[ManagedProcess] = field(default_factory=list)
 
     def gateway(self, *args: str) -> str:
@@ -92,7 +94,7 @@ def shop_mesh(tmp: Path) -> Iterator[Shop]:
         )
         started.append(gateway)
         url = gateway.wait_for_line(HTTP_LINE).group(1)
-        yield Shop(registry, tmp, url, users, started)
+        yield Shop(registry, tmp, url, users, gateway, started)
     finally:
         for proc in started:
             proc.kill()

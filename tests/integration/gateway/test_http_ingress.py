@@ -54,6 +54,7 @@ def shop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shop]:
 
 
 def test_unary_by_grpc_path_and_by_route_json_and_binary(shop: Shop) -> None:
+    assert f"HTTP ingress at {shop.url} is PLAINTEXT too" in shop.entry.output()
     with httpx.Client(base_url=shop.url, timeout=15) as client:
         reply = client.post("/shop.v1.Users/GetUser", json={"userId": "u-alice"})
         assert reply.status_code == 200, reply.text
