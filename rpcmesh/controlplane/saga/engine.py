@@ -447,7 +447,10 @@ class SagaEngine:
         except asyncio.CancelledError:
             raise
         except _Deposed:
-            pass  # another node drives the saga now
+            # The lease ran out, but the lock session may outlive it (a heartbeat slowed by a short
+            # partition): restarted after this node's next answered heartbeat if it still leads
+            # (restart_failed); after a step-down the next leader resumes it.
+            self._failed.add(saga.view.saga_id)
         except Exception:
             logger.exception("saga %s runner failed; it resumes on the next start", saga.view.saga_id)
             self._failed.add(saga.view.saga_id)
