@@ -18,6 +18,7 @@ import argparse
 import datetime
 import platform
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -132,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     if reason is not None:
         print(f"the partition test bed cannot run here: {reason}", file=sys.stderr)
         return 2
+    # A SIGTERM ends the run like Ctrl-C: the bed removes its processes, namespaces and links.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     command = "scripts/partitions_long.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     started = datetime.datetime.now(datetime.UTC)
     rounds = int(args.minutes * 60 / (len(FAULTS) * 4)) + 2
