@@ -6,9 +6,13 @@ RPCMESH_REQUIRE_BACKENDS=1); buf is the version the Makefile pins.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import signal
 import subprocess
+import threading
 
 import httpx
 import pytest
@@ -87,14 +91,44 @@ def test_buf_curl_unary_calls_and_error_details(buf: list[str], plane: Plane) ->
 
 
 def test_buf_curl_server_stream_over_http2(buf: list[str], plane: Plane) -> None:
-    # Watch never ends by itself: buf's own timeout ends it once the snapshot has arrived.
-    watched = _curl(
-        buf,
-        f"{plane.url}/rpcmesh.v1.Registry/Watch",
-        {"service": "buf-watched"},
+    # Watch never ends by itself: read buf's output until the snapshot has arrived, then stop it.
+    command = [
+        *buf,
+        "curl",
+        "--protocol",
+        "connect",
+        "--schema",
+        "protos",
         "--http2-prior-knowledge",
-        "--timeout",
-        "5s",
+        "--data",
+        json.dumps({"service": "buf-watched"}),
+        f"{plane.url}/rpcmesh.v1.Registry/Watch",
+    ]
+    proc = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        start_new_session=True,  # npx runs buf as its child: stop them both
     )
-    first = json.loads(watched.stdout.split("\n}", 1)[0] + "\n}")
-    assert first["snapshot"] is True, watched
+
+    def stop() -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    killer = threading.Timer(120, stop)
+    killer.start()
+    try:
+        assert proc.stdout is not None
+        lines: list[str] = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.rstrip() == "}":
+                break
+        assert lines, proc.stderr.read() if proc.stderr else ""
+        assert json.loads("".join(lines))["snapshot"] is True
+    finally:
+        killer.cancel()
+        stop()
+        proc.communicate(timeout=30)
