@@ -434,3 +434,37 @@ def test_a_taken_http_port_or_a_path_route_without_it_fails_the_start_in_one_lin
             )  # fmt: skip
             assert done.returncode == code and line in done.stderr, done.stderr
             assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+async def test_streams_abandoned_on_a_closed_h2_connection_do_not_hold_the_shutdown(shop: Shop) -> None:
+    """Server streams whose HTTP/2 connection closes while the backend works: stop() is quick.
+
+    It waited the whole 10 s grace before: hypercorn never took the end of those streams.
+    """
+    config = GatewayConfig(registry=[shop.registry], http_port=0, grace=10)
+    async with Mesh([shop.registry]) as mesh:
+        gateway = Gateway(config, mesh)
+        await gateway.start()
+        try:
+            client = httpx.AsyncClient(base_url=gateway.http.url, timeout=15, http1=False, http2=True)
+            slow = envelope({"message": "x", "repeat": 2, "behaviour": {"delayMs": 4000}})
+
+            async def read() -> None:
+                headers = {"content-type": "application/connect+json"}
+                async with client.stream(
+                    "POST", "/echo.v1.Echo/Expand", content=slow, headers=headers
+                ) as reply:
+                    async for _ in reply.aiter_bytes():
+                        pass
+
+            readers = [asyncio.create_task(read()) for _ in range(3)]
+            await asyncio.sleep(1.0)
+            for reader in readers:
+                reader.cancel()
+            await asyncio.gather(*readers, return_exceptions=True)
+            await client.aclose()
+            await asyncio.sleep(0.3)
+        finally:
+            started = time.monotonic()
+            await gateway.stop()
+        assert time.monotonic() - started < 5
