@@ -399,3 +399,22 @@ def test_check_all_reads_a_folder_and_summarises(tmp_path: Path) -> None:
 def test_many_violations_of_one_kind_are_capped() -> None:
     assert len(checks._capped([f"v{i}" for i in range(50)])) == 21
     assert checks._capped(["a"]) == ["a"]
+
+
+def test_all_log_disagreeing_with_a_stream_or_out_of_order_is_a_violation() -> None:
+    final = store((0, "a", 1), (1, "b", 2))
+    final["eventstore"]["all"] = [[1, "s", "a", 0], [2, "s", "x", 1]]
+    assert any("$all position 2" in v for v in checks.check_eventstore([], final))
+    final["eventstore"]["all"] = [[2, "s", "b", 1], [1, "s", "a", 0]]
+    assert any("do not strictly increase" in v for v in checks.check_eventstore([], final))
+
+
+def test_saga_whose_last_step_always_fails_must_not_complete() -> None:
+    final = saga_final("SAGA_STATE_COMPLETED", "a", fail_last=True)
+    assert any("always fails" in v for v in checks.check_sagas([], final))
+
+
+def test_final_phase_problems_are_violations(tmp_path: Path) -> None:
+    (tmp_path / "final.json").write_text(json.dumps({"problems": ["final read failed: UNAVAILABLE: x"]}))
+    report = checks.check_all(tmp_path)
+    assert report.violations == ["final phase: final read failed: UNAVAILABLE: x"]
