@@ -19,8 +19,10 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import duration_pb2
 from playwright.sync_api import Page, expect
 from rpcmesh.v1 import bus_pb2, eventstore_pb2, eventstore_pb2_grpc, saga_pb2
+from shop.place_order import place_order_input
 
 from tests.integration.console.shop import HTTP_PATTERN, GroupConsumer, Shop, publish_json
 from tests.support.processes import ManagedProcess, python_env, rpcmesh_command
@@ -304,9 +306,10 @@ def test_cross_origin_post_from_another_page_is_refused(shop: Shop, page: Page, 
     # A JSON POST needs a CORS preflight the control plane does not grant: the browser never sends it.
     assert done["cors"] == "blocked", done
     # The no-cors fetch and the form do reach the server, which refuses them (cross origin, not Connect).
-    wait_until(
-        lambda: len([a for a in answers if a[0] == "POST"]) >= 2, 15, "both forged POSTs to be answered"
-    )
+    deadline = time.monotonic() + 30
+    while len([a for a in answers if a[0] == "POST"]) < 2:
+        assert time.monotonic() < deadline, f"both forged POSTs were not answered: {answers}"
+        page.wait_for_timeout(100)  # lets Playwright deliver the response events (time.sleep would not)
     assert all(status == 403 or 400 <= status < 500 for _, status in answers), answers
     probe = events(shop).ReadStream(eventstore_pb2.ReadStreamRequest(stream="csrf-probe"), timeout=30)
     assert probe.current_revision == -1 and not probe.events
@@ -368,3 +371,101 @@ def test_with_tokens_on_the_console_asks_once_for_a_token_and_keeps_it_in_the_ta
     expect(page.locator(".cards")).to_contain_text("token")
     expect(page.locator("#problems")).to_be_visible()
     expect(dialog).to_be_hidden()
+
+
+def _step(name: str, service: str, method: str, compensation: str = "", **retry: Any) -> saga_pb2.SagaStep:
+    return saga_pb2.SagaStep(
+        name=name,
+        service=service,
+        method=method,
+        compensation_method=compensation,
+        no_compensation=not compensation,
+        request=saga_pb2.PayloadTemplate(base_from="input"),
+        timeout=duration_pb2.Duration(seconds=5),
+        retry=saga_pb2.RetryPolicy(
+            max_attempts=3,
+            initial_backoff=duration_pb2.Duration(seconds=1),
+            max_backoff=duration_pb2.Duration(seconds=1),
+        ),
+        compensation_retry=saga_pb2.RetryPolicy(**retry) if retry else None,
+    )
+
+
+def _start_inline(shop: Shop, name: str, steps: list[saga_pb2.SagaStep], user: str, cents: int) -> str:
+    order = f"order-{uuid.uuid4().hex[:6]}"
+    started = shop.sagas.StartSaga(
+        saga_pb2.StartSagaRequest(
+            definition=saga_pb2.SagaDefinition(name=name, steps=steps),
+            input=place_order_input(order, user, cents, book=1),
+            idempotency_key=order,
+        ),
+        timeout=30,
+    )
+    return started.saga.saga_id
+
+
+def test_saga_page_follows_a_running_saga_live_and_its_actions_abort_and_resolve(
+    shop: Shop, page: Page
+) -> None:
+    # A step whose service has no instance keeps the saga RUNNING (unsent attempts are retried).
+    running = _start_inline(
+        shop,
+        "console-abort",
+        [
+            _step("create-order", "orders", "/shop.v1.Orders/CreateOrder", "/shop.v1.Orders/CancelOrder"),
+            _step("call-ghost", "ghost", "/ghost.v1.Ghost/Call"),
+        ],
+        "u-alice",
+        1_000,
+    )
+    page.goto(f"{shop.url}/#/sagas/{running}")
+    expect(page.locator("#saga-state")).to_contain_text("RUNNING (live)")
+    expect(page.locator('#timeline g.bar[data-step="call-ghost"] rect.running')).to_have_count(1)
+    page.fill("#action-reason", "stuck on a missing service")
+    page.locator("#abort").click()
+    expect(page.locator("#saga-state")).to_contain_text("ABORTED")
+    expect(page.locator('#timeline g.bar[data-step="create-order"][data-phase="compensate"]')).to_have_count(
+        1
+    )
+    assert (
+        shop.sagas.GetSaga(saga_pb2.GetSagaRequest(saga_id=running)).saga.state == saga_pb2.SAGA_STATE_ABORTED
+    )
+
+    # A compensation that cannot succeed (no such method) leaves the saga FAILED_COMPENSATION.
+    stuck = _start_inline(
+        shop,
+        "console-stuck",
+        [
+            _step(
+                "create-order",
+                "orders",
+                "/shop.v1.Orders/CreateOrder",
+                "/shop.v1.Orders/NoSuchMethod",
+                max_attempts=1,
+            ),
+            _step("charge-payment", "payments", "/shop.v1.Payments/Charge", "/shop.v1.Payments/Refund"),
+        ],
+        "u-bob",
+        12_000,
+    )
+    wait_until(
+        lambda: (
+            shop.sagas.GetSaga(saga_pb2.GetSagaRequest(saga_id=stuck)).saga.state
+            == saga_pb2.SAGA_STATE_FAILED_COMPENSATION
+        ),
+        what="the saga to fail its compensation",
+    )
+    page.goto(f"{shop.url}/#/")
+    expect(page.locator("#problems")).to_contain_text(stuck)
+    page.locator("#problems").get_by_role("link", name=stuck).click()
+    expect(page.locator("#saga-state")).to_contain_text("FAILED_COMPENSATION")
+    expect(
+        page.locator('#timeline g.bar[data-step="create-order"][data-phase="compensate"]')
+    ).to_have_attribute("data-failed", "true")
+    expect(page.locator("#retry-compensation")).to_be_visible()
+    page.locator("#resolve").click()
+    expect(page.locator("#saga-notice")).to_contain_text("A reason is required")
+    page.fill("#action-reason", "order cancelled by hand")
+    page.locator("#resolve").click()
+    expect(page.locator("#saga-state")).to_contain_text("RESOLVED_MANUALLY")
+    expect(page.locator("main")).to_contain_text("order cancelled by hand")

@@ -22,15 +22,26 @@ async function allPages(method, request, field) {
 }
 
 async function load(main, isLive) {
+  // A part the caller may not read (e.g. no ListServices grant) leaves the others shown.
+  const failures = [];
+  const part = (what, promise, fallback) =>
+    promise.catch((error) => {
+      failures.push(`${what}: ${error.message || error}`);
+      return fallback;
+    });
   const [info, healthCheck, services, topics, sagas] = await Promise.all([
     api.info().catch((e) => ({ error: e })),
     api.call("grpc.health.v1.Health/Check", {}).catch((e) => ({ error: e })),
-    allPages("Registry/ListServices", { pageSize: 1000 }, "services"),
-    allPages("Bus/ListTopics", { pageSize: 1000 }, "topics"),
-    api.call("SagaCoordinator/ListSagas", {
-      states: ["SAGA_STATE_RUNNING", "SAGA_STATE_COMPENSATING", "SAGA_STATE_ABORTING", "SAGA_STATE_FAILED_COMPENSATION"],
-      pageSize: 200,
-    }),
+    part("services", allPages("Registry/ListServices", { pageSize: 1000 }, "services"), []),
+    part("topics", allPages("Bus/ListTopics", { pageSize: 1000 }, "topics"), []),
+    part(
+      "sagas",
+      api.call("SagaCoordinator/ListSagas", {
+        states: ["SAGA_STATE_RUNNING", "SAGA_STATE_COMPENSATING", "SAGA_STATE_ABORTING", "SAGA_STATE_FAILED_COMPENSATION"],
+        pageSize: 200,
+      }),
+      {},
+    ),
   ]);
   if (!isLive()) return;
   const instances = services.reduce((n, s) => n + (s.instanceCount || 0), 0);
@@ -50,7 +61,11 @@ async function load(main, isLive) {
   const unhealthy = services.filter((s) => (s.passingCount || 0) < (s.instanceCount || 0));
   const critical = [];
   for (const service of unhealthy) {
-    const resolved = await api.call("Registry/Resolve", { service: service.name, includeUnhealthy: true });
+    const resolved = await part(
+      `instances of ${service.name}`,
+      api.call("Registry/Resolve", { service: service.name, includeUnhealthy: true }),
+      {},
+    );
     for (const instance of resolved.instances || []) {
       if (instance.health === "HEALTH_STATE_CRITICAL") critical.push(instance);
     }
@@ -74,6 +89,7 @@ async function load(main, isLive) {
   ];
   clear(main).append(
     h("h1", {}, "Overview"),
+    ...failures.map((failure) => errorBox(failure)),
     h(
       "div",
       { class: "cards" },

@@ -1,18 +1,25 @@
 // Services: every service with its instances by health, live from Registry/Watch; a service's page
 // lists its instances (address, zone, version, tags, health and its changes, lease TTL).
 import * as api from "./api.js";
-import { badge, clear, enumName, errorBox, h, link, seconds, formatSeconds, section, table, time } from "./dom.js";
+import { badge, clear, enumName, h, link, seconds, formatSeconds, section, table, time } from "./dom.js";
 
 function health(instance) {
   return enumName(instance.health, "HEALTH_STATE_") || "UNSPECIFIED";
 }
 
-// Keeps the instances a Registry/Watch stream describes; calls onChange after each response.
+const RECONNECT_MS = 2000;
+
+// Keeps the instances a Registry/Watch stream describes; calls onChange after each response. When the
+// stream ends (a control-plane restart, a network error) it says so through onError and opens a new
+// watch (a fresh snapshot) after a short delay, until cancelled.
 function watchInstances(service, onChange, onError) {
   const instances = new Map();
-  const history = new Map(); // instance_id -> [{time, health}] seen since the page opened
+  const history = new Map(); // service/instance_id -> [{at, health}] seen since the page opened
   const removed = [];
-  const watch = api.stream("Registry/Watch", { service }, (response) => {
+  let watch = null;
+  let timer = null;
+  let cancelled = false;
+  const apply = (response) => {
     if (response.snapshot) instances.clear();
     for (const event of response.events || []) {
       const instance = event.instance || {};
@@ -29,19 +36,51 @@ function watchInstances(service, onChange, onError) {
       }
     }
     onChange(instances, history, removed);
-  });
-  watch.done.catch(onError);
-  return watch;
+  };
+  const open = () => {
+    watch = api.stream("Registry/Watch", { service }, apply);
+    watch.done
+      .then(() => {
+        if (!cancelled) onError(new Error("the watch ended"));
+      })
+      .catch((error) => {
+        if (!cancelled) onError(error);
+        // Refused, not broken: asking again every few seconds would not help.
+        if (error.code === "unauthenticated" || error.code === "permission_denied") cancelled = true;
+      })
+      .finally(() => {
+        if (!cancelled) timer = setTimeout(open, RECONNECT_MS);
+      });
+  };
+  open();
+  return {
+    cancel: () => {
+      cancelled = true;
+      clearTimeout(timer);
+      if (watch) watch.cancel();
+    },
+  };
+}
+
+function showError(status, error) {
+  const refused = error.code === "unauthenticated" || error.code === "permission_denied";
+  status.className = "error";
+  status.textContent = `${error && error.message ? error.message : error}${refused ? "" : "; reconnecting…"}`;
+}
+
+function showLive(status, count) {
+  status.className = "muted";
+  status.textContent = `Live: ${count} instances. Updated ${new Date().toLocaleTimeString()}.`;
 }
 
 function renderList(main) {
-  const status = h("p", { class: "muted" }, "Watching the registry…");
+  const status = h("p", { class: "muted", id: "watch-status" }, "Watching the registry…");
   const body = h("div", {});
   main.append(h("h1", {}, "Services"), status, body);
   const watch = watchInstances(
     "",
     (instances) => {
-      status.textContent = `Live: ${instances.size} instances. Updated ${new Date().toLocaleTimeString()}.`;
+      showLive(status, instances.size);
       const byService = new Map();
       for (const instance of instances.values()) {
         const list = byService.get(instance.service) || [];
@@ -68,22 +107,20 @@ function renderList(main) {
           : h("p", {}, "No service is registered."),
       );
     },
-    (error) => {
-      status.replaceWith(errorBox(error));
-    },
+    (error) => showError(status, error),
   );
   return () => watch.cancel();
 }
 
 function renderService(main, name) {
-  const status = h("p", { class: "muted" }, "Watching the registry…");
+  const status = h("p", { class: "muted", id: "watch-status" }, "Watching the registry…");
   const body = h("div", {});
   const gone = h("div", {});
   main.append(h("h1", {}, h("a", { href: "#/services" }, "Services"), " / ", name), status, body, gone);
   const watch = watchInstances(
     name,
     (instances, history, removed) => {
-      status.textContent = `Live: ${instances.size} instances. Updated ${new Date().toLocaleTimeString()}.`;
+      showLive(status, instances.size);
       const rows = [...instances.values()]
         .sort((a, b) => String(a.instanceId).localeCompare(String(b.instanceId)))
         .map((i) => {
@@ -144,7 +181,7 @@ function renderService(main, name) {
         );
       }
     },
-    (error) => status.replaceWith(errorBox(error)),
+    (error) => showError(status, error),
   );
   return () => watch.cancel();
 }
