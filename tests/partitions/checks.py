@@ -17,8 +17,9 @@ The operation vocabulary (written by ``tests/partitions/workload.py``):
   ``read_all`` (result events ``[position, stream, event_id, revision]``).
 * Bus: ``publish`` (args topic, id; result sequence, duplicate), ``sub_open`` (args group,
   max_in_flight), ``deliver`` (result deliveries ``[id, sequence, attempt]``), ``ack`` (args sequences).
-* Sagas: ``saga_start`` (args key, fail_last; result saga_id), ``participant_call`` (proc
-  ``part-*``; args method, phase, saga_id, step, effective; node = the caller's address).
+* Sagas: ``saga_start`` (args key, kind, fail_last; result saga_id), ``saga_abort`` (args saga_id),
+  ``participant_call`` (proc ``part-*``; args method, phase, saga_id, step, effective; node = the
+  caller's address).
 * Nemesis: proc ``nemesis``, op ``fault``/``heal``, args fault, target (the node names ``node1``..
   or addresses it concerns; ``ip`` when given names the node's address).
 """
@@ -383,7 +384,10 @@ def check_bus(ops: Sequence[Op], final: dict[str, Any], counts: Counter[str] | N
 
 
 def check_sagas(ops: Sequence[Op], final: dict[str, Any], counts: Counter[str] | None = None) -> list[str]:
-    """Every saga ends; a compensated saga undoes each applied step exactly once; a completed one none."""
+    """Every saga ends; a compensated saga undoes each applied step exactly once; a completed one none.
+
+    A saga whose abort was acknowledged (``saga_abort`` ok) must not complete.
+    """
     sagas: dict[str, Any] = final.get("sagas", {})
     violations: list[str] = []
     applied: Counter[tuple[str, str]] = Counter()
@@ -395,8 +399,10 @@ def check_sagas(ops: Sequence[Op], final: dict[str, Any], counts: Counter[str] |
             continue
         key = (op.args["saga_id"], op.args["step"])
         (undone if op.args.get("phase") == "compensate" else applied)[key] += 1
+    aborted = {op.args["saga_id"]: op for op in _by(ops, "saga_abort") if op.ok}
     if counts is not None:
         counts["saga participant calls repeated (at-least-once)"] += sum(n - 1 for n in calls.values())
+        counts["saga aborts acknowledged"] += len(aborted)
     for (saga_id, step), count in sorted(applied.items()):
         if count > 1:
             violations.append(f"saga {saga_id} step {step} took effect {count} times")
@@ -415,6 +421,11 @@ def check_sagas(ops: Sequence[Op], final: dict[str, Any], counts: Counter[str] |
                 )
             if state == "SAGA_STATE_COMPLETED" and undone[key]:
                 violations.append(f"saga {saga_id} completed but step {step['name']} was compensated")
+        if state == "SAGA_STATE_COMPLETED" and saga_id in aborted:
+            violations.append(
+                f"saga {saga_id} completed although its abort was acknowledged at "
+                f"t={aborted[saga_id].complete:.3f} through {aborted[saga_id].node}"
+            )
         if state == "SAGA_STATE_COMPLETED" and saga.get("fail_last"):
             violations.append(f"saga {saga_id} completed although its last step always fails")
     return violations

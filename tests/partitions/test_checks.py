@@ -418,3 +418,15 @@ def test_final_phase_problems_are_violations(tmp_path: Path) -> None:
     (tmp_path / "final.json").write_text(json.dumps({"problems": ["final read failed: UNAVAILABLE: x"]}))
     report = checks.check_all(tmp_path)
     assert report.violations == ["final phase: final read failed: UNAVAILABLE: x"]
+
+
+def test_saga_completing_after_an_acknowledged_abort_is_a_violation() -> None:
+    abort = op("saga-abort", "saga_abort", 1.0, args={"saga_id": "s1"}, node="10.77.0.31:7000")
+    final = saga_final("SAGA_STATE_COMPLETED", "a")
+    assert any("abort was acknowledged" in v for v in checks.check_sagas([abort], final))
+    refused = op(
+        "saga-abort", "saga_abort", 1.0, "fail", args={"saga_id": "s1"}, error="FAILED_PRECONDITION: x"
+    )
+    assert checks.check_sagas([refused], final) == []
+    applied = [abort, call("s1", "a", "execute", 0.5), call("s1", "a", "compensate", 2.0)]
+    assert checks.check_sagas(applied, saga_final("SAGA_STATE_ABORTED", "a")) == []

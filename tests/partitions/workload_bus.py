@@ -4,8 +4,9 @@ Bus: publishers publish one message at a time with a unique id (an ambiguous fai
 id on the next node: JetStream deduplicates it), two members of one consumer group record every
 delivery and ack at once. Sagas: the workload hosts two participant services itself
 (:class:`~rpcmesh.ServiceHost`, registered through every node's address), records every call it
-receives with the calling node's address, and a starter starts a three-step saga every 0.7 s, every
-third one with a last step that always fails so the first two are compensated.
+receives with the calling node's address, and a starter starts a three-step saga every 0.7 s: every
+third one with a last step that always fails so the first two are compensated, every fifth of the
+others with a slow (1 s) middle step that it aborts 0.3 s after the start.
 """
 
 from __future__ import annotations
@@ -42,8 +43,10 @@ class Extras:
     published: set[str] = field(default_factory=set)
     delivered: set[str] = field(default_factory=set)
     hosts: list[ServiceHost] = field(default_factory=list)
-    sagas: dict[str, bool] = field(default_factory=dict)
-    """Idempotency key -> whether its last step always fails."""
+    sagas: dict[str, str] = field(default_factory=dict)
+    """Idempotency key -> the saga's kind: "ok", "failing" (its last step always fails) or "abort"
+    (a slow middle step, aborted while it runs)."""
+    aborts: set[asyncio.Task[None]] = field(default_factory=set)
     consumers_stop: asyncio.Event = field(default_factory=asyncio.Event)
     consumers: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -236,7 +239,13 @@ class Participant:
         self.applied: set[tuple[str, str]] = set()
         self.undone: set[tuple[str, str]] = set()
 
-    def _record(self, method: str, context: grpc.aio.ServicerContext[Any, Any], effective: bool) -> None:
+    def _record(
+        self,
+        method: str,
+        context: grpc.aio.ServicerContext[Any, Any],
+        effective: bool,
+        arrived: float | None = None,
+    ) -> None:
         meta = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
         args = {
             "method": method,
@@ -247,7 +256,11 @@ class Participant:
             "effective": effective,
         }
         self.ctx.history.record(
-            self.proc, "participant_call", time.monotonic(), args=args, node=context.peer()
+            self.proc,
+            "participant_call",
+            time.monotonic() if arrived is None else arrived,
+            args=args,
+            node=context.peer(),
         )
 
     def handler(self) -> grpc.GenericRpcHandler:
@@ -257,15 +270,23 @@ class Participant:
             meta = dict(context.invocation_metadata() or ())
             return str(meta.get("x-saga-id", "")), str(meta.get("x-saga-step", ""))
 
-        async def do(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        async def apply(context: grpc.aio.ServicerContext[Any, Any], method: str, delay: float) -> bytes:
+            arrived = time.monotonic()
+            await asyncio.sleep(delay)
             step = key(context)
-            if step in self.undone:
-                self._record("Do", context, False)
+            if step in self.undone:  # compensated (or compensated ahead of a late call): a tombstone
+                self._record(method, context, False, arrived)
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "already compensated")
             effective = step not in self.applied
             self.applied.add(step)
-            self._record("Do", context, effective)
+            self._record(method, context, effective, arrived)
             return b""
+
+        async def do(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+            return await apply(context, "Do", 0.0)
+
+        async def slow(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+            return await apply(context, "Slow", 1.0)
 
         async def undo(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
             step = key(context)
@@ -283,13 +304,13 @@ class Participant:
             PARTICIPANT,
             {
                 name: grpc.unary_unary_rpc_method_handler(fn)
-                for name, fn in (("Do", do), ("Undo", undo), ("Fail", fail))
+                for name, fn in (("Do", do), ("Slow", slow), ("Undo", undo), ("Fail", fail))
             },
         )
 
 
-def definition(run: str, fail_last: bool) -> saga_pb2.SagaDefinition:
-    """Reserve (pt-pay), ship (pt-ship), then confirm (pt-pay): Do, or Fail for a compensated saga."""
+def definition(run: str, kind: str) -> saga_pb2.SagaDefinition:
+    """Reserve (pt-pay), ship (pt-ship; 1 s for "abort"), then confirm (pt-pay; Fail for "failing")."""
 
     def step(name: str, service: str, method: str, compensate: bool) -> saga_pb2.SagaStep:
         result = saga_pb2.SagaStep(
@@ -308,13 +329,41 @@ def definition(run: str, fail_last: bool) -> saga_pb2.SagaDefinition:
         return result
 
     return saga_pb2.SagaDefinition(
-        name=f"pt-{run}-{'failing' if fail_last else 'ok'}",
+        name=f"pt-{run}-{kind}",
         steps=[
             step("reserve", "pt-pay", "Do", True),
-            step("ship", "pt-ship", "Do", True),
-            step("confirm", "pt-pay", "Fail" if fail_last else "Do", False),
+            step("ship", "pt-ship", "Slow" if kind == "abort" else "Do", True),
+            step("confirm", "pt-pay", "Fail" if kind == "failing" else "Do", False),
         ],
     )
+
+
+def saga_kind(count: int) -> str:
+    """Every third saga fails at its last step, every fifth of the others is aborted mid-way."""
+    if count % 3 == 0:
+        return "failing"
+    return "abort" if count % 5 == 1 else "ok"
+
+
+async def abort_later(ctx: Context, key: str, saga_id: str, start: int) -> None:
+    """Abort the saga 0.3 s into its slow step, through whichever node answers."""
+    await asyncio.sleep(0.3)
+    cursor = Cursor(ctx.nodes, start)
+    for attempt in range(3):
+        stub = saga_pb2_grpc.SagaCoordinatorStub(ctx.channel(cursor.node))
+        request = saga_pb2.AbortSagaRequest(saga_id=saga_id, reason="aborted by the workload")
+        op, response = await record_call(
+            ctx,
+            "saga-abort",
+            "saga_abort",
+            cursor.node,
+            lambda s=stub, r=request: s.AbortSaga(r, timeout=CALL_TIMEOUT),  # type: ignore[misc]
+            {"key": key, "saga_id": saga_id, "attempt": attempt},
+            lambda r: {"state": saga_pb2.SagaState.Name(r.saga.state)},
+        )
+        if response is not None or op.outcome != UNKNOWN:
+            return
+        cursor.rotate()
 
 
 async def starter(ctx: Context, extras: Extras) -> None:
@@ -325,31 +374,32 @@ async def starter(ctx: Context, extras: Extras) -> None:
     while not ctx.stop.is_set():
         count += 1
         key = f"{ctx.run}-{count}"
-        fail_last = count % 3 == 0
-        extras.sagas[key] = fail_last
+        kind = saga_kind(count)
+        extras.sagas[key] = kind
         for attempt in range(3):
             stub = saga_pb2_grpc.SagaCoordinatorStub(ctx.channel(cursor.node))
-            request = saga_pb2.StartSagaRequest(
-                definition=definition(ctx.run, fail_last), idempotency_key=key
-            )
+            request = saga_pb2.StartSagaRequest(definition=definition(ctx.run, kind), idempotency_key=key)
             op, response = await record_call(
                 ctx,
                 proc,
                 "saga_start",
                 cursor.node,
                 lambda s=stub, r=request: s.StartSaga(r, timeout=CALL_TIMEOUT),  # type: ignore[misc]
-                {"key": key, "fail_last": fail_last, "attempt": attempt},
+                {"key": key, "kind": kind, "fail_last": kind == "failing", "attempt": attempt},
                 lambda r: {"saga_id": r.saga.saga_id, "created": r.created},
             )
+            if response is not None and kind == "abort":
+                task = asyncio.create_task(abort_later(ctx, key, response.saga.saga_id, cursor.index + 1))
+                extras.aborts.add(task)
+                task.add_done_callback(extras.aborts.discard)
             if response is not None or op.outcome != UNKNOWN:
                 break
             cursor.rotate()
         await ctx.sleep(0.7)
+    await asyncio.gather(*extras.aborts, return_exceptions=True)
 
 
-async def _saga_outcome(
-    ctx: Context, key: str, fail_last: bool, deadline: float
-) -> tuple[str, dict[str, Any]]:
+async def _saga_outcome(ctx: Context, key: str, kind: str, deadline: float) -> tuple[str, dict[str, Any]]:
     """Find the saga of ``key`` (a repeated start returns it) and wait for it to end."""
     cursor = Cursor(ctx.nodes, 0)
     saga_id = ""
@@ -359,9 +409,7 @@ async def _saga_outcome(
         stub = saga_pb2_grpc.SagaCoordinatorStub(ctx.channel(cursor.node))
         try:
             if not saga_id:
-                request = saga_pb2.StartSagaRequest(
-                    definition=definition(ctx.run, fail_last), idempotency_key=key
-                )
+                request = saga_pb2.StartSagaRequest(definition=definition(ctx.run, kind), idempotency_key=key)
                 saga = (await stub.StartSaga(request, timeout=CALL_TIMEOUT)).saga
                 saga_id = saga.saga_id
             wait = max(0.5, min(10.0, deadline - time.monotonic()))
@@ -383,7 +431,8 @@ async def _saga_outcome(
             break
     state = saga_pb2.SagaState.Name(saga.state) if saga is not None else "NOT_FOUND"
     steps = [{"name": s.name, "state": saga_pb2.StepState.Name(s.state)} for s in saga.steps] if saga else []
-    return saga_id or f"unknown-{key}", {"key": key, "fail_last": fail_last, "state": state, "steps": steps}
+    summary = {"key": key, "kind": kind, "fail_last": kind == "failing", "state": state, "steps": steps}
+    return saga_id or f"unknown-{key}", summary
 
 
 # The Bus and saga parts' lifecycle --------------------------------------------------------------
@@ -438,11 +487,11 @@ async def final(ctx: Context, extras: Extras, within: float = 90.0) -> dict[str,
     if "saga" in extras.kinds:
         limit = asyncio.Semaphore(32)
 
-        async def outcome(key: str, fail_last: bool) -> tuple[str, dict[str, Any]]:
+        async def outcome(key: str, kind: str) -> tuple[str, dict[str, Any]]:
             async with limit:
-                return await _saga_outcome(ctx, key, fail_last, deadline)
+                return await _saga_outcome(ctx, key, kind, deadline)
 
-        outcomes = await asyncio.gather(*(outcome(key, fail_last) for key, fail_last in extras.sagas.items()))
+        outcomes = await asyncio.gather(*(outcome(key, kind) for key, kind in extras.sagas.items()))
         result["sagas"] = dict(outcomes)
     return result
 
