@@ -351,6 +351,7 @@ class Bed:
             "3",
             "--grace",
             "1",
+            "--no-http",
         )
         self.procs[node] = proc = ManagedProcess(self.in_ns(node, *argv), env=python_env())
         proc.wait_for_address(timeout=90)
