@@ -46,6 +46,8 @@ class Extras:
     sagas: dict[str, str] = field(default_factory=dict)
     """Idempotency key -> the saga's kind: "ok", "failing" (its last step always fails) or "abort"
     (a slow middle step, aborted while it runs)."""
+    saga_ids: dict[str, str] = field(default_factory=dict)
+    """Idempotency key -> saga id, for the sagas whose start was acknowledged."""
     aborts: set[asyncio.Task[None]] = field(default_factory=set)
     consumers_stop: asyncio.Event = field(default_factory=asyncio.Event)
     consumers: list[asyncio.Task[None]] = field(default_factory=list)
@@ -388,6 +390,8 @@ async def starter(ctx: Context, extras: Extras) -> None:
                 {"key": key, "kind": kind, "fail_last": kind == "failing", "attempt": attempt},
                 lambda r: {"saga_id": r.saga.saga_id, "created": r.created},
             )
+            if response is not None:
+                extras.saga_ids[key] = response.saga.saga_id
             if response is not None and kind == "abort":
                 task = asyncio.create_task(abort_later(ctx, key, response.saga.saga_id, cursor.index + 1))
                 extras.aborts.add(task)
@@ -399,10 +403,11 @@ async def starter(ctx: Context, extras: Extras) -> None:
     await asyncio.gather(*extras.aborts, return_exceptions=True)
 
 
-async def _saga_outcome(ctx: Context, key: str, kind: str, deadline: float) -> tuple[str, dict[str, Any]]:
-    """Find the saga of ``key`` (a repeated start returns it) and wait for it to end."""
+async def _saga_outcome(
+    ctx: Context, key: str, kind: str, saga_id: str, deadline: float
+) -> tuple[str, dict[str, Any]]:
+    """Wait for the saga to end; without its id (an ambiguous start) a repeated start finds it."""
     cursor = Cursor(ctx.nodes, 0)
-    saga_id = ""
     saga: saga_pb2.Saga | None = None
     deadline = max(deadline, time.monotonic() + 5.0)  # each saga gets a few tries, however late
     while time.monotonic() < deadline:
@@ -489,7 +494,7 @@ async def final(ctx: Context, extras: Extras, within: float = 90.0) -> dict[str,
 
         async def outcome(key: str, kind: str) -> tuple[str, dict[str, Any]]:
             async with limit:
-                return await _saga_outcome(ctx, key, kind, deadline)
+                return await _saga_outcome(ctx, key, kind, extras.saga_ids.get(key, ""), deadline)
 
         outcomes = await asyncio.gather(*(outcome(key, kind) for key, kind in extras.sagas.items()))
         result["sagas"] = dict(outcomes)
