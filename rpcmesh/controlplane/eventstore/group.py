@@ -166,26 +166,43 @@ def group_size(sizes: Sequence[int]) -> int:
 
 
 class GroupPacer:
-    """How many appends a writer waits for before it commits: the group sizes of its recent commits.
+    """How long a writer waits for more appends before it commits, and for how many.
 
     Under concurrent load the writer commits as soon as the queue holds as many appends as
-    the largest of its last ``window`` groups, or after ``max_wait`` seconds, whichever
-    comes first: callers served by one commit come back together, so the groups settle at
-    the number of concurrent callers instead of splitting them into one round trip (and, on
-    PostgreSQL, one statement and one commit) each. A lone caller's groups have one append,
-    so it never waits; a target that overshoots decays as the window moves on.
+    the largest of its last ``window`` groups (``target``), or after ``wait`` seconds,
+    whichever comes first: callers served by one commit come back together, so the groups
+    settle at the number of concurrent callers instead of splitting them into one round trip
+    (and, on PostgreSQL, one statement and one commit) each. A lone caller's groups have one
+    append, so it does not wait; a target that overshoots decays as the window moves on.
+
+    ``wait`` adapts between ``min_wait`` and ``max_wait``: a wait during which appends
+    arrived lengthens the next by ``max_wait / 16``, one during which none did halves it.
+    Callers that do come back (a closed loop, as in a benchmark or a saga coordinator) keep
+    it long, so the groups stay whole even when the machine is loaded and stragglers are
+    late; independent callers whose arrivals only sometimes overlap (an open loop) make most
+    waits idle, so it shrinks to ``min_wait`` and costs them almost nothing.
     """
 
-    __slots__ = ("_recent", "max_wait")
+    __slots__ = ("_recent", "max_wait", "min_wait", "wait")
 
-    def __init__(self, *, window: int = 8, max_wait: float = 0.002) -> None:
+    def __init__(self, *, window: int = 8, max_wait: float = 0.005, min_wait: float = 0.0002) -> None:
         self._recent: deque[int] = deque(maxlen=window)
         self.max_wait = max_wait
+        self.min_wait = min(min_wait, max_wait)
+        self.wait = max_wait / 2
+        """How long the next wait may last, in seconds."""
 
     @property
     def target(self) -> int:
         """The queue length at which the writer stops waiting."""
         return max(self._recent, default=1)
+
+    def waited(self, productive: bool) -> None:
+        """The writer waited; appends arrived meanwhile (``productive``) or none did."""
+        if productive:
+            self.wait = min(self.max_wait, self.wait + self.max_wait / 16)
+        else:
+            self.wait = max(self.min_wait, self.wait / 2)
 
     def record(self, taken: int) -> None:
         """A group of ``taken`` appends was committed."""

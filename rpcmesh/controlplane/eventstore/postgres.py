@@ -9,11 +9,11 @@ stale revision cannot be stored.
 Group commit: each node queues its appends while a commit is in flight and
 commits the queue together (judged in memory by group.py: a failed
 expected-version check fails only its own append). Before it commits, the
-writer waits at most ``group_wait`` (2 ms) for as many appends as its recent
-groups had (``GroupPacer``): under concurrent load one round trip, statement
-and commit then serve all the concurrent callers instead of one or two each
-(the CPU of those, in the node and in PostgreSQL, bounds the append rate);
-a lone caller waits only in the few groups after a burst. The judging happens before
+writer waits up to ``group_wait`` (5 ms; less when waits keep running out)
+for as many appends as its recent groups had (``GroupPacer``): under
+concurrent load one round trip, statement and commit then serve all the
+concurrent callers instead of one or two each (the CPU and the process
+wake-ups of those, in the node and in PostgreSQL, bound the append rate). The judging happens before
 the lock: one statement then bumps the head and inserts the rows, so the lock
 is held for that statement and its commit only, never across a round trip to
 Python; the unique keys catch a group judged on stale revisions, which is then
@@ -133,7 +133,7 @@ def _columns_of(rows: Sequence[Row]) -> tuple[Any, ...]:
     )
 
 
-def _resolve(future: asyncio.Future[None]) -> None:
+def _time_out(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
 
@@ -141,13 +141,14 @@ def _resolve(future: asyncio.Future[None]) -> None:
 class PostgresEventStorage:
     """EventStorage in PostgreSQL tables ``es_events`` and ``es_head``."""
 
-    def __init__(self, url: str, *, max_connections: int = 10, group_wait: float = 0.002) -> None:
+    def __init__(self, url: str, *, max_connections: int = 10, group_wait: float = 0.005) -> None:
         self.url = url
         self._pool = AsyncConnectionPool(url, min_size=1, max_size=max_connections, open=False)
         self._signal = AppendSignal()
         self._queue: list[QueuedAppend] = []
         self._wake = asyncio.Event()
         self._pacer = GroupPacer(max_wait=group_wait)
+        """How long and for how many appends the writer waits before a commit (``group_wait`` at most)."""
         self._gathering: asyncio.Future[None] | None = None
         """Resolved by the append that fills the queue to the pacer's target (or by a timer)."""
         self._writer_task: asyncio.Task[None] | None = None
@@ -202,9 +203,11 @@ class PostgresEventStorage:
             return
         loop = asyncio.get_running_loop()
         gathering = self._gathering = loop.create_future()
-        timer = loop.call_later(self._pacer.max_wait, _resolve, gathering)
+        timer = loop.call_later(self._pacer.wait, _time_out, gathering)
+        before = len(self._queue)
         try:
             await gathering
+            self._pacer.waited(len(self._queue) > before)
         finally:
             timer.cancel()
             self._gathering = None

@@ -86,7 +86,7 @@ def test_group_size_caps_appends_and_events_but_takes_one() -> None:
 
 def test_the_pacer_waits_for_as_many_appends_as_its_recent_groups_had() -> None:
     pacer = GroupPacer(window=3)
-    assert pacer.target == 1  # a lone caller never waits
+    assert pacer.target == 1  # a lone caller does not wait
     pacer.record(8)
     pacer.record(2)
     assert pacer.target == 8
@@ -95,3 +95,16 @@ def test_the_pacer_waits_for_as_many_appends_as_its_recent_groups_had() -> None:
     assert pacer.target == 2  # the 8 left the window
     pacer.record(1)
     assert pacer.target == 1
+
+
+def test_waits_that_run_out_shrink_and_waits_that_fill_grow_back() -> None:
+    pacer = GroupPacer(max_wait=0.008, min_wait=0.001)
+    assert pacer.wait == 0.004
+    pacer.waited(False)
+    pacer.waited(False)
+    assert pacer.wait == 0.001
+    pacer.waited(False)
+    assert pacer.wait == 0.001  # never below min_wait
+    for _ in range(20):
+        pacer.waited(True)
+    assert pacer.wait == 0.008  # never above max_wait
