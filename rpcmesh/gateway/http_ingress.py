@@ -40,7 +40,6 @@ gateway's event loop; HTTP/1.1 and h2c in plaintext, h2/HTTP/1.1 by ALPN with TL
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -67,7 +66,7 @@ from rpcmesh.gateway.http_calls import (
 from rpcmesh.gateway.routes import HttpRoutes
 from rpcmesh.gateway.server import Forwarder
 from rpcmesh.gateway.shapes import ServiceSchema
-from rpcmesh.http.app import csrf_refusal
+from rpcmesh.http.app import csrf_refusal, until_disconnect
 from rpcmesh.http.server import HttpServer
 from rpcmesh.security.identity import AuthenticationError, Authenticator, Identity
 from rpcmesh.security.limits import ConcurrencyTracker
@@ -211,7 +210,7 @@ class HttpIngress:
         correlation_token = None
         status: list[int] = []
 
-        receive, send = _until_disconnect(receive, send)
+        receive, send = until_disconnect(receive, send)
 
         async def recording_send(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
@@ -367,55 +366,6 @@ def _grpc_path(path: str) -> str | None:
     if len(parts) == 3 and not parts[0] and parts[1] and parts[2]:
         return path
     return None
-
-
-def _final(message: dict[str, Any]) -> bool:
-    if message["type"] == "http.response.body":
-        return not message.get("more_body", False)
-    return message["type"] == "http.response.trailers" and not message.get("more_trailers", False)
-
-
-def _until_disconnect(receive: Receive, send: Send) -> tuple[Receive, Send]:
-    """``receive`` and ``send`` where the end of a response gives up once the client has gone.
-
-    Hypercorn's HTTP/2 connection, once closed, never takes what the application still sends to
-    end a stream (a server stream whose caller went away): the request would wait until shutdown,
-    and shutdown for its whole grace period. So the last send of a response races the client's
-    disconnect, and sends after it do nothing. (The control plane's HTTP app does the same.)
-    """
-    gone = False
-
-    async def receiving() -> dict[str, Any]:
-        nonlocal gone
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            gone = True
-        return message
-
-    async def disconnected() -> None:
-        while (await receiving())["type"] != "http.disconnect":
-            pass
-
-    async def sending(message: dict[str, Any]) -> None:
-        if gone:
-            return
-        if not _final(message):
-            await send(message)
-            return
-        sent = asyncio.ensure_future(send(message))
-        watch = asyncio.ensure_future(disconnected())
-        try:
-            await asyncio.wait({sent, watch}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (sent, watch):
-                task.cancel()
-            await asyncio.gather(sent, watch, return_exceptions=True)
-        if not sent.cancelled() and not gone:
-            failure = sent.exception()
-            if failure is not None:
-                raise failure
-
-    return receiving, sending
 
 
 def _correlation_header(call: HttpCall) -> tuple[bytes, bytes]:

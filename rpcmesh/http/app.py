@@ -30,7 +30,14 @@ from typing import Any, cast
 from connectrpc.compat import google_protobuf_binary_codec, google_protobuf_json_codec
 from connectrpc.server import ConnectASGIApplication, Endpoint
 
-__all__ = ["CONTENT_SECURITY_POLICY", "STATIC_DIR", "ControlPlaneHttpApp", "RpcApplication"]
+__all__ = [
+    "CONTENT_SECURITY_POLICY",
+    "STATIC_DIR",
+    "ControlPlaneHttpApp",
+    "RpcApplication",
+    "csrf_refusal",
+    "until_disconnect",
+]
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -146,7 +153,7 @@ def _final(message: dict[str, Any]) -> bool:
     return message["type"] == "http.response.trailers" and not message.get("more_trailers", False)
 
 
-def _until_disconnect(receive: Receive, send: Send) -> tuple[Receive, Send]:
+def until_disconnect(receive: Receive, send: Send) -> tuple[Receive, Send]:
     """``receive`` and ``send`` where the end of a response gives up once the client has gone.
 
     Hypercorn's HTTP/2 connection, once closed, never drains what the application still
@@ -242,7 +249,7 @@ class ControlPlaneHttpApp:
             if reason is not None:
                 await _refuse(send, 403, "permission_denied", reason)
                 return
-            receive, send = _until_disconnect(receive, send)
+            receive, send = until_disconnect(receive, send)
             await self._rpc(scope, receive, send)
             return
         if scope.get("method") not in ("GET", "HEAD"):
