@@ -66,7 +66,7 @@ from rpcmesh.gateway.http_calls import (
 from rpcmesh.gateway.routes import HttpRoutes
 from rpcmesh.gateway.server import Forwarder
 from rpcmesh.gateway.shapes import ServiceSchema
-from rpcmesh.http.app import csrf_refusal, until_disconnect
+from rpcmesh.http.app import csrf_refusal, serve_lifespan, until_disconnect
 from rpcmesh.http.server import HttpServer
 from rpcmesh.security.identity import AuthenticationError, Authenticator, Identity
 from rpcmesh.security.limits import ConcurrencyTracker
@@ -166,13 +166,8 @@ class HttpIngress:
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         """Serve one ASGI connection event (lifespan or an HTTP request)."""
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await serve_lifespan(receive, send)
+            return
         if scope["type"] != "http":
             return
         headers = [

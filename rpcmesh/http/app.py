@@ -36,6 +36,7 @@ __all__ = [
     "ControlPlaneHttpApp",
     "RpcApplication",
     "csrf_refusal",
+    "serve_lifespan",
     "until_disconnect",
 ]
 
@@ -153,6 +154,17 @@ def _final(message: dict[str, Any]) -> bool:
     return message["type"] == "http.response.trailers" and not message.get("more_trailers", False)
 
 
+async def serve_lifespan(receive: Receive, send: Send) -> None:
+    """Answer an ASGI lifespan's startup and shutdown (nothing to set up or tear down)."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
 def until_disconnect(receive: Receive, send: Send) -> tuple[Receive, Send]:
     """``receive`` and ``send`` where the end of a response gives up once the client has gone.
 
@@ -233,13 +245,8 @@ class ControlPlaneHttpApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Route one ASGI event."""
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await serve_lifespan(receive, send)
+            return
         if scope["type"] != "http":
             return
         send = _with_security_headers(send)
