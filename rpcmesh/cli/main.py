@@ -94,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="replicas of each JetStream stream the Bus creates (env RPCMESH_BUS_REPLICAS; default 1)",
     )
     up.add_argument(
+        "--bus-ping-interval",
+        type=float,
+        default=float(os.environ.get("RPCMESH_BUS_PING_INTERVAL", "5")),
+        help="seconds between pings to the nats-server; two unanswered and another server is tried "
+        "(env RPCMESH_BUS_PING_INTERVAL; default 5)",
+    )
+    up.add_argument(
         "--grace",
         type=float,
         default=float(os.environ.get("RPCMESH_GRACE", "5")),
@@ -207,6 +214,7 @@ def run_up(args: argparse.Namespace) -> int:
             store=args.store,
             bus=args.bus,
             bus_replicas=args.bus_replicas,
+            bus_ping_interval=args.bus_ping_interval,
             grace=args.grace,
             allow_addresses=tuple(args.allow_address or ()),
             allow_link_local_addresses=args.allow_link_local_addresses,

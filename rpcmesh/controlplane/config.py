@@ -85,6 +85,11 @@ class ControlPlaneConfig:
     bus_replicas: int = 1
     """Replicas of each JetStream stream the Bus creates (3 on a 3-server cluster survives one server)."""
 
+    bus_ping_interval: float = 5.0
+    """Seconds between pings to the nats-server the Bus is connected to; after two unanswered the
+    connection is taken as dead and another server of the cluster is tried (a frozen or cut-off
+    server is left within about three intervals)."""
+
     http_host: str | None = None
     """Interface of the HTTP port (Connect API and console); None: ``host``."""
 
@@ -145,6 +150,10 @@ class ControlPlaneConfig:
             raise ValueError(f"http_port: must be 0-65535, got {self.http_port}")
         if not 1 <= self.bus_replicas <= 5:
             raise ValueError(f"bus_replicas: must be 1-5, got {self.bus_replicas}")
+        if not 0 < self.bus_ping_interval <= 3600:
+            raise ValueError(
+                f"bus_ping_interval: must be > 0 and <= 3600 seconds, got {self.bus_ping_interval}"
+            )
         for name in ("bus_max_topics", "bus_max_groups"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
@@ -174,6 +183,7 @@ class ControlPlaneConfig:
             store=env.get("RPCMESH_STORE") or None,
             bus=env.get("RPCMESH_BUS") or None,
             bus_replicas=int(env.get("RPCMESH_BUS_REPLICAS", "1")),
+            bus_ping_interval=float(env.get("RPCMESH_BUS_PING_INTERVAL", "5")),
             grace=float(env.get("RPCMESH_GRACE", "5")),
             security=SecuritySettings.from_env(env),
             coordinator=CoordinatorIdentity.from_env(env),

@@ -26,7 +26,7 @@ def make_store(config: ControlPlaneConfig) -> BusStore:
     if config.bus is not None:
         from rpcmesh.controlplane.bus.nats_store import NatsBusStore
 
-        return NatsBusStore(config.bus, replicas=config.bus_replicas)
+        return NatsBusStore(config.bus, replicas=config.bus_replicas, ping_interval=config.bus_ping_interval)
     from rpcmesh.controlplane.bus.sqlite_store import SqliteBusStore
 
     return SqliteBusStore(config.data_dir / "bus.db")
