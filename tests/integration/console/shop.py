@@ -15,10 +15,13 @@ import re
 import shutil
 import sys
 import threading
+import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import grpc
 from google.protobuf import duration_pb2
@@ -137,6 +140,39 @@ class Shop:
         )
         return started.saga.saga_id
 
+    def start_inline(self, name: str, steps: list[saga_pb2.SagaStep], user: str, cents: int) -> str:
+        """Start a saga of an inline definition (place-order's input) without waiting; returns its id."""
+        order = f"order-{uuid.uuid4().hex[:6]}"
+        started = self.sagas.StartSaga(
+            saga_pb2.StartSagaRequest(
+                definition=saga_pb2.SagaDefinition(name=name, steps=steps),
+                input=place_order_input(order, user, cents, book=1),
+                idempotency_key=order,
+            ),
+            timeout=30,
+        )
+        return started.saga.saga_id
+
+    def restart_plane(self, *, kill: bool, down: float = 0.0) -> None:
+        """Stop the control plane (kill -9 or SIGTERM) and start it again ``down`` seconds later.
+
+        The same gRPC and HTTP ports and data folder; returns once it serves both.
+        """
+        plane = self.processes[0]
+        if kill:
+            plane.kill()
+        else:
+            plane.terminate(timeout=15)
+        time.sleep(down)
+        port = self.address.rsplit(":", 1)[1]
+        http_port = str(urlsplit(self.url).port)
+        again = ManagedProcess(
+            rpcmesh_command("up", "--port", port, "--http-port", http_port, "--data-dir", str(self.data_dir))
+        )
+        self.processes[0] = again
+        again.wait_for_address(timeout=60)
+        again.wait_for_line(HTTP_PATTERN, timeout=60)
+
     def register_instance(self, service: str, **fields: Any) -> registry_pb2.RegisterResponse:
         """Register an extra instance (no process behind it) with a 1-minute lease."""
         return self.registry.Register(
@@ -152,6 +188,30 @@ class Shop:
             self._channel.close()
         for proc in reversed(self.processes):
             proc.terminate(timeout=5)
+
+
+def inline_step(
+    name: str, service: str, method: str, compensation: str = "", **retry: Any
+) -> saga_pb2.SagaStep:
+    """One step of an inline saga definition: 5 s timeout, 3 attempts 1 s apart.
+
+    ``retry``: the compensation's retry policy (RetryPolicy fields), default the definition's.
+    """
+    return saga_pb2.SagaStep(
+        name=name,
+        service=service,
+        method=method,
+        compensation_method=compensation,
+        no_compensation=not compensation,
+        request=saga_pb2.PayloadTemplate(base_from="input"),
+        timeout=duration_pb2.Duration(seconds=5),
+        retry=saga_pb2.RetryPolicy(
+            max_attempts=3,
+            initial_backoff=duration_pb2.Duration(seconds=1),
+            max_backoff=duration_pb2.Duration(seconds=1),
+        ),
+        compensation_retry=saga_pb2.RetryPolicy(**retry) if retry else None,
+    )
 
 
 @contextmanager

@@ -19,12 +19,10 @@ from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import duration_pb2
 from playwright.sync_api import Page, expect
 from rpcmesh.v1 import bus_pb2, eventstore_pb2, eventstore_pb2_grpc, saga_pb2
-from shop.place_order import place_order_input
 
-from tests.integration.console.shop import HTTP_PATTERN, GroupConsumer, Shop, publish_json
+from tests.integration.console.shop import HTTP_PATTERN, GroupConsumer, Shop, inline_step, publish_json
 from tests.support.processes import ManagedProcess, python_env, rpcmesh_command
 
 pytestmark = pytest.mark.slow
@@ -373,47 +371,17 @@ def test_with_tokens_on_the_console_asks_once_for_a_token_and_keeps_it_in_the_ta
     expect(dialog).to_be_hidden()
 
 
-def _step(name: str, service: str, method: str, compensation: str = "", **retry: Any) -> saga_pb2.SagaStep:
-    return saga_pb2.SagaStep(
-        name=name,
-        service=service,
-        method=method,
-        compensation_method=compensation,
-        no_compensation=not compensation,
-        request=saga_pb2.PayloadTemplate(base_from="input"),
-        timeout=duration_pb2.Duration(seconds=5),
-        retry=saga_pb2.RetryPolicy(
-            max_attempts=3,
-            initial_backoff=duration_pb2.Duration(seconds=1),
-            max_backoff=duration_pb2.Duration(seconds=1),
-        ),
-        compensation_retry=saga_pb2.RetryPolicy(**retry) if retry else None,
-    )
-
-
-def _start_inline(shop: Shop, name: str, steps: list[saga_pb2.SagaStep], user: str, cents: int) -> str:
-    order = f"order-{uuid.uuid4().hex[:6]}"
-    started = shop.sagas.StartSaga(
-        saga_pb2.StartSagaRequest(
-            definition=saga_pb2.SagaDefinition(name=name, steps=steps),
-            input=place_order_input(order, user, cents, book=1),
-            idempotency_key=order,
-        ),
-        timeout=30,
-    )
-    return started.saga.saga_id
-
-
 def test_saga_page_follows_a_running_saga_live_and_its_actions_abort_and_resolve(
     shop: Shop, page: Page
 ) -> None:
     # A step whose service has no instance keeps the saga RUNNING (unsent attempts are retried).
-    running = _start_inline(
-        shop,
+    running = shop.start_inline(
         "console-abort",
         [
-            _step("create-order", "orders", "/shop.v1.Orders/CreateOrder", "/shop.v1.Orders/CancelOrder"),
-            _step("call-ghost", "ghost", "/ghost.v1.Ghost/Call"),
+            inline_step(
+                "create-order", "orders", "/shop.v1.Orders/CreateOrder", "/shop.v1.Orders/CancelOrder"
+            ),
+            inline_step("call-ghost", "ghost", "/ghost.v1.Ghost/Call"),
         ],
         "u-alice",
         1_000,
@@ -432,18 +400,17 @@ def test_saga_page_follows_a_running_saga_live_and_its_actions_abort_and_resolve
     )
 
     # A compensation that cannot succeed (no such method) leaves the saga FAILED_COMPENSATION.
-    stuck = _start_inline(
-        shop,
+    stuck = shop.start_inline(
         "console-stuck",
         [
-            _step(
+            inline_step(
                 "create-order",
                 "orders",
                 "/shop.v1.Orders/CreateOrder",
                 "/shop.v1.Orders/NoSuchMethod",
                 max_attempts=1,
             ),
-            _step("charge-payment", "payments", "/shop.v1.Payments/Charge", "/shop.v1.Payments/Refund"),
+            inline_step("charge-payment", "payments", "/shop.v1.Payments/Charge", "/shop.v1.Payments/Refund"),
         ],
         "u-bob",
         12_000,

@@ -134,6 +134,64 @@ export function stream(method, request, onMessage) {
   return { cancel: () => controller.abort(), done };
 }
 
+const RECONNECT_FIRST_MS = 1000;
+const RECONNECT_MAX_MS = 10000;
+// Refusals that asking again will not change: a live view stops and shows them.
+const FINAL_CODES = new Set(["unauthenticated", "permission_denied", "invalid_argument", "not_found"]);
+
+// liveStream(method, requestFor, onMessage, {onStatus, finished}) -> {cancel()}: keeps a server stream
+// open across control-plane restarts and network errors. When the stream breaks, or ends while
+// finished() is false, onStatus({live: false, error, final: false, retryInMs}) is told and the stream
+// opens again after a delay (1 s, doubling up to 10 s; back to 1 s once a message arrives), with the
+// request requestFor() gives then, so a view resumes where it was. The first message of each stream
+// calls onStatus({live: true, reopened}). A refusal (FINAL_CODES) ends it for good, and so does a
+// normal end once finished() is true: onStatus({live: false, error, final: true}), error null for the
+// latter. cancel() ends it silently.
+export function liveStream(method, requestFor, onMessage, { onStatus = () => {}, finished = () => false } = {}) {
+  let cancelled = false;
+  let current = null;
+  let timer = null;
+  let delay = RECONNECT_FIRST_MS;
+  let opened = 0;
+  const open = () => {
+    let first = true;
+    opened += 1;
+    current = stream(method, requestFor(), (message) => {
+      if (first) {
+        first = false;
+        delay = RECONNECT_FIRST_MS;
+        onStatus({ live: true, reopened: opened > 1 });
+      }
+      onMessage(message);
+    });
+    current.done
+      .then(
+        () => null,
+        (error) => error,
+      )
+      .then((error) => {
+        if (cancelled) return;
+        if (!error && finished()) {
+          onStatus({ live: false, error: null, final: true, retryInMs: null });
+          return;
+        }
+        const final = Boolean(error && FINAL_CODES.has(error.code));
+        onStatus({ live: false, error: error || new Error("the stream ended"), final, retryInMs: final ? null : delay });
+        if (final) return;
+        timer = setTimeout(open, delay);
+        delay = Math.min(delay * 2, RECONNECT_MAX_MS);
+      });
+  };
+  open();
+  return {
+    cancel: () => {
+      cancelled = true;
+      clearTimeout(timer);
+      if (current) current.cancel();
+    },
+  };
+}
+
 export async function info() {
   const response = await fetch("/console/info.json", { credentials: "same-origin" });
   if (!response.ok) throw new RpcError(`http_${response.status}`, response.statusText);

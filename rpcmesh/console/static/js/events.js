@@ -75,22 +75,32 @@ function renderMain(main, isLive) {
           )
         : h("p", {}, "No event stored yet."),
     );
-    tail = api.stream("EventStore/SubscribeToAll", { afterPosition: String(Math.max(0, last - TAIL_BACKLOG)) }, (response) => {
-      for (const e of response.events || []) {
-        received += 1;
-        tbody.prepend(eventRow(e, true));
-      }
-      while (tbody.children.length > TAIL_KEEP) tbody.lastElementChild.remove();
-      if (response.caughtUp) status.dataset.caughtUp = "true";
-      status.textContent = `Live${status.dataset.caughtUp ? "" : " (catching up)"}: ${received} events received; checkpoint ${response.checkpoint || ""}.`;
-    });
-    tail.done
-      .then(() => {
-        if (isLive()) status.textContent = "The stream ended.";
-      })
-      .catch((error) => {
-        if (isLive()) status.replaceWith(errorBox(error));
-      });
+    // Resumes after the last position seen when the stream reopens (a control-plane restart, a network
+    // error): no event is shown twice or skipped.
+    let after = Math.max(0, last - TAIL_BACKLOG);
+    tail = api.liveStream(
+      "EventStore/SubscribeToAll",
+      () => ({ afterPosition: String(after) }),
+      (response) => {
+        for (const e of response.events || []) {
+          received += 1;
+          after = Math.max(after, Number(e.position || 0));
+          tbody.prepend(eventRow(e, true));
+        }
+        after = Math.max(after, Number(response.checkpoint || 0));
+        while (tbody.children.length > TAIL_KEEP) tbody.lastElementChild.remove();
+        if (response.caughtUp) status.dataset.caughtUp = "true";
+        status.className = "muted";
+        status.textContent = `Live${status.dataset.caughtUp ? "" : " (catching up)"}: ${received} events received; checkpoint ${response.checkpoint || ""}.`;
+      },
+      {
+        onStatus: (state) => {
+          if (state.live || !isLive()) return;
+          status.className = "error";
+          status.textContent = `${state.error.message || state.error}${state.final ? "" : `; reconnecting after position ${after}…`}`;
+        },
+      },
+    );
     if (!isLive()) tail.cancel();
   })().catch((error) => {
     if (isLive()) clear(streams).append(errorBox(error));

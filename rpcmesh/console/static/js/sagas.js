@@ -271,24 +271,41 @@ function renderSaga(main, sagaId, isLive) {
     clear(body).append(...parts.filter(Boolean));
   };
   let ticker = null;
+  // Follows the saga with WatchSaga (every transition from the start, then live ones) until it ends;
+  // the watch reopens after a control-plane restart or a network error and replays the transitions.
   function start() {
     if (watch) watch.cancel();
     transitions = [];
     live = true;
-    watch = api.stream("SagaCoordinator/WatchSaga", { sagaId }, (response) => {
-      if (response.transition) transitions.push(response.transition);
-      if (response.saga) saga = response.saga;
-      draw();
-    });
-    watch.done
-      .then(() => {
-        live = saga ? !TERMINAL.has(sagaState(saga)) : false;
+    watch = api.liveStream(
+      "SagaCoordinator/WatchSaga",
+      () => ({ sagaId }),
+      (response) => {
+        if (response.transition) transitions.push(response.transition);
+        if (response.saga) saga = response.saga;
         draw();
-      })
-      .catch((error) => {
-        live = false;
-        if (isLive()) notice.replaceChildren(errorBox(error));
-      });
+      },
+      {
+        finished: () => Boolean(saga && TERMINAL.has(sagaState(saga))),
+        onStatus: (state) => {
+          if (!isLive()) return;
+          if (state.live) {
+            if (state.reopened) {
+              transitions = []; // the reopened watch replays them
+              notice.replaceChildren();
+            }
+            live = true;
+            return;
+          }
+          live = false;
+          draw();
+          if (state.error) {
+            const retrying = state.final ? [] : [h("p", { class: "muted" }, "Reconnecting…")];
+            notice.replaceChildren(errorBox(state.error), ...retrying);
+          }
+        },
+      },
+    );
   }
   start();
   ticker = setInterval(() => live && draw(), 1000);

@@ -7,18 +7,13 @@ function health(instance) {
   return enumName(instance.health, "HEALTH_STATE_") || "UNSPECIFIED";
 }
 
-const RECONNECT_MS = 2000;
-
-// Keeps the instances a Registry/Watch stream describes; calls onChange after each response. When the
-// stream ends (a control-plane restart, a network error) it says so through onError and opens a new
-// watch (a fresh snapshot) after a short delay, until cancelled.
-function watchInstances(service, onChange, onError) {
+// Keeps the instances a Registry/Watch stream describes; calls onChange after each response. The watch
+// reopens after a control-plane restart or a network error (api.liveStream; each reopening starts with
+// a fresh snapshot); onStatus hears when it is down and why.
+function watchInstances(service, onChange, onStatus) {
   const instances = new Map();
   const history = new Map(); // service/instance_id -> [{at, health}] seen since the page opened
   const removed = [];
-  let watch = null;
-  let timer = null;
-  let cancelled = false;
   const apply = (response) => {
     if (response.snapshot) instances.clear();
     for (const event of response.events || []) {
@@ -37,35 +32,14 @@ function watchInstances(service, onChange, onError) {
     }
     onChange(instances, history, removed);
   };
-  const open = () => {
-    watch = api.stream("Registry/Watch", { service }, apply);
-    watch.done
-      .then(() => {
-        if (!cancelled) onError(new Error("the watch ended"));
-      })
-      .catch((error) => {
-        if (!cancelled) onError(error);
-        // Refused, not broken: asking again every few seconds would not help.
-        if (error.code === "unauthenticated" || error.code === "permission_denied") cancelled = true;
-      })
-      .finally(() => {
-        if (!cancelled) timer = setTimeout(open, RECONNECT_MS);
-      });
-  };
-  open();
-  return {
-    cancel: () => {
-      cancelled = true;
-      clearTimeout(timer);
-      if (watch) watch.cancel();
-    },
-  };
+  return api.liveStream("Registry/Watch", () => ({ service }), apply, { onStatus });
 }
 
-function showError(status, error) {
-  const refused = error.code === "unauthenticated" || error.code === "permission_denied";
+function showDown(status, state) {
+  if (state.live || !state.error) return;
   status.className = "error";
-  status.textContent = `${error && error.message ? error.message : error}${refused ? "" : "; reconnecting…"}`;
+  const error = state.error;
+  status.textContent = `${error && error.message ? error.message : error}${state.final ? "" : "; reconnecting…"}`;
 }
 
 function showLive(status, count) {
@@ -107,7 +81,7 @@ function renderList(main) {
           : h("p", {}, "No service is registered."),
       );
     },
-    (error) => showError(status, error),
+    (state) => showDown(status, state),
   );
   return () => watch.cancel();
 }
@@ -181,7 +155,7 @@ function renderService(main, name) {
         );
       }
     },
-    (error) => showError(status, error),
+    (state) => showDown(status, state),
   );
   return () => watch.cancel();
 }
