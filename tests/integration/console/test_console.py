@@ -8,6 +8,7 @@ static files the control plane serves, calling its Connect API. Each test reads 
 from __future__ import annotations
 
 import json
+import queue
 import subprocess
 import threading
 import time
@@ -436,3 +437,26 @@ def test_saga_page_follows_a_running_saga_live_and_its_actions_abort_and_resolve
     page.locator("#resolve").click()
     expect(page.locator("#saga-state")).to_contain_text("RESOLVED_MANUALLY")
     expect(page.locator("main")).to_contain_text("order cancelled by hand")
+
+
+def test_dead_letter_purge_asks_for_a_reason_then_removes_it(shop: Shop, page: Page) -> None:
+    topic, group = "console.purge", "workers"
+    consumer = make_dead_letter(shop, topic, group, {"order_id": "order-dl-2"}, "KeyError: sku")
+    try:
+        page.goto(f"{shop.url}/#/bus/{topic}")
+        letter = page.locator(f'tr[data-dead-letter][data-group="{group}"]')
+        expect(letter).to_have_count(1)
+        letter.get_by_role("button", name="Purge").click()
+        expect(page.locator("#bus-notice")).to_contain_text("A reason is required to purge dead letters")
+        assert len(dead_letters(shop, topic, group)) == 1  # refused before any call: nothing changed
+        page.locator(f'section[data-dead-letters="{group}"] input.purge-reason').fill(
+            "poison message, ticket 42"
+        )
+        letter.get_by_role("button", name="Purge").click()
+        expect(page.locator("#bus-notice")).to_contain_text("Purged 1 dead letter(s) of group workers")
+        assert dead_letters(shop, topic, group) == []
+        expect(page.locator("tr[data-dead-letter]")).to_have_count(0)
+        with pytest.raises(queue.Empty):  # a purged dead letter is not delivered again
+            consumer.next(timeout=1.0)
+    finally:
+        consumer.close()
