@@ -153,6 +153,23 @@ class Shop:
         )
         return started.saga.saga_id
 
+    def start_stuck_saga(self, name: str) -> str:
+        """Start a saga that stays RUNNING until aborted; returns its id.
+
+        create-order, then a step on a service with no instance, whose unsent attempts are retried.
+        """
+        return self.start_inline(
+            name,
+            [
+                inline_step(
+                    "create-order", "orders", "/shop.v1.Orders/CreateOrder", "/shop.v1.Orders/CancelOrder"
+                ),
+                inline_step("call-ghost", "ghost", "/ghost.v1.Ghost/Call"),
+            ],
+            "u-alice",
+            1_000,
+        )
+
     def restart_plane(self, *, kill: bool, down: float = 0.0) -> None:
         """Stop the control plane (kill -9 or SIGTERM) and start it again ``down`` seconds later.
 

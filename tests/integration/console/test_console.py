@@ -376,17 +376,7 @@ def test_saga_page_follows_a_running_saga_live_and_its_actions_abort_and_resolve
     shop: Shop, page: Page
 ) -> None:
     # A step whose service has no instance keeps the saga RUNNING (unsent attempts are retried).
-    running = shop.start_inline(
-        "console-abort",
-        [
-            inline_step(
-                "create-order", "orders", "/shop.v1.Orders/CreateOrder", "/shop.v1.Orders/CancelOrder"
-            ),
-            inline_step("call-ghost", "ghost", "/ghost.v1.Ghost/Call"),
-        ],
-        "u-alice",
-        1_000,
-    )
+    running = shop.start_stuck_saga("console-abort")
     page.goto(f"{shop.url}/#/sagas/{running}")
     expect(page.locator("#saga-state")).to_contain_text("RUNNING (live)")
     expect(page.locator('#timeline g.bar[data-step="call-ghost"] rect.running')).to_have_count(1)

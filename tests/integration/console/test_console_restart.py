@@ -18,7 +18,7 @@ import pytest
 from playwright.sync_api import Page, expect
 from rpcmesh.v1 import eventstore_pb2, eventstore_pb2_grpc, saga_pb2
 
-from tests.integration.console.shop import Shop, inline_step
+from tests.integration.console.shop import Shop
 
 pytestmark = [pytest.mark.slow, pytest.mark.fault]
 
@@ -73,17 +73,7 @@ def test_events_tail_resumes_after_a_restart_without_repeating(
 
 def test_saga_page_follows_the_saga_after_a_restart(shop: Shop, page: Page, rng: random.Random) -> None:
     # A step whose service has no instance keeps the saga RUNNING across the restart.
-    running = shop.start_inline(
-        "console-restart",
-        [
-            inline_step(
-                "create-order", "orders", "/shop.v1.Orders/CreateOrder", "/shop.v1.Orders/CancelOrder"
-            ),
-            inline_step("call-ghost", "ghost", "/ghost.v1.Ghost/Call"),
-        ],
-        "u-alice",
-        1_000,
-    )
+    running = shop.start_stuck_saga("console-restart")
     page.goto(f"{shop.url}/#/sagas/{running}")
     expect(page.locator("#saga-state")).to_contain_text("RUNNING (live)")
     restart(shop, rng)
