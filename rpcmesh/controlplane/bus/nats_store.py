@@ -17,7 +17,12 @@ Mapping:
   core NATS (:mod:`node_link`).
 * broadcast subscriptions and dead-letter listing read the log with
   ephemeral pull consumers (no acks) positioned by sequence; a reader is kept
-  per position so sequential reads reuse it.
+  per position so sequential reads reuse it. A fetch that comes back empty is
+  no proof (a loaded server may answer late), so an empty read asks JetStream
+  directly for the next stored message before it answers "nothing".
+* JetStream lists streams and consumers 256 a page: every listing here pages
+  through to the end, and a topic this node has not seen (created by another
+  node, or after this one started) is looked up by its stream name.
 """
 
 from __future__ import annotations
@@ -53,6 +58,8 @@ logger = logging.getLogger(__name__)
 STREAM_PREFIX = "RMB"
 SUBJECT_PREFIX = "rpcmesh.bus."
 DEFAULT_DEDUP_WINDOW = 120.0
+FETCH_TIMEOUT = 0.2
+"""Seconds a reader's fetch waits; an empty answer is then checked with JetStream (see read)."""
 DEFAULT_PING_INTERVAL = 5.0
 """Seconds between the node's pings to its nats-server. nats-py's default, 120 s with two unanswered
 allowed, left a node on a frozen or cut-off server (SIGSTOP, a blackholed route: the TCP connection
@@ -162,13 +169,36 @@ class NatsBusStore:
 
     async def _load_topics(self) -> list[TopicStats]:
         found = []
-        for info in await self._js.streams_info():
+        for info in await self._all_streams():
             config = info.config
             if not (config.name or "").startswith(STREAM_PREFIX + "_") or not config.description:
                 continue
             stats = self._remember(config.description, info)
             found.append(stats)
         return found
+
+    async def _all_streams(self) -> list[Any]:
+        """Every stream's info: JetStream answers a page (256) at a time."""
+        streams: dict[str, Any] = {}
+        offset = 0
+        while True:
+            page = await self._js.streams_info(offset=offset)
+            if not page:
+                return list(streams.values())
+            offset += len(page)
+            streams.update((info.config.name, info) for info in page)
+
+    async def _known(self, topic: str) -> _TopicCache | None:
+        """This node's entry for ``topic``, looking its stream up when the node has not seen it."""
+        cache = self._topics.get(topic)
+        if cache is not None:
+            return cache
+        try:
+            info = await self._js.stream_info(stream_name(topic))
+        except nats.js.errors.NotFoundError:
+            return None
+        self._remember(topic, info)
+        return self._topics[topic]
 
     def _remember(self, topic: str, info: Any) -> TopicStats:
         config = info.config
@@ -265,16 +295,20 @@ class NatsBusStore:
         )
 
     async def _group_names(self, stream: str) -> list[str]:
-        try:
-            infos = await self._js.consumers_info(stream)
-        except nats.js.errors.NotFoundError:
-            return []
-        names = []
-        for info in infos:
-            parsed = jetstream_group.parse_description(info.config.description)
-            if parsed is not None and info.config.durable_name:
-                names.append(parsed[0])
-        return names
+        names: set[str] = set()
+        offset = 0
+        while True:  # JetStream answers a page (256 consumers, readers included) at a time
+            try:
+                page = await self._js.consumers_info(stream, offset=offset)
+            except nats.js.errors.NotFoundError:
+                return []
+            if not page:
+                return sorted(names)
+            offset += len(page)
+            for info in page:
+                parsed = jetstream_group.parse_description(info.config.description)
+                if parsed is not None and info.config.durable_name:
+                    names.add(parsed[0])
 
     async def list_topics(self, after: str, limit: int) -> list[TopicStats]:
         """Topics sorted by name, after ``after``."""
@@ -378,14 +412,31 @@ class NatsBusStore:
 
     async def read(self, topic: str, from_sequence: int, limit: int) -> tuple[list[bus_pb2.BusMessage], int]:
         """Up to ``limit`` messages from ``from_sequence`` on."""
-        cache = self._topics.get(topic)
+        cache = await self._known(topic)
         if cache is None or from_sequence > cache.last_seq:
             return [], from_sequence - 1
+        last_known = cache.last_seq
         reader = await self._reader(topic, cache, from_sequence)
         try:
-            raw = await reader.sub.fetch(min(limit, 4096), timeout=0.2)
+            raw = await reader.sub.fetch(min(limit, 4096), timeout=FETCH_TIMEOUT)
         except (TimeoutError, nats.errors.TimeoutError):
             raw = []
+        if not raw:
+            # Empty is no proof under load: ask JetStream for the next stored message.
+            stored = await self._next_stored(cache, topic, from_sequence)
+            if stored is None:
+                # Nothing from from_sequence through last_known exists (deleted or expired).
+                if last_known + 1 in cache.readers:
+                    with contextlib.suppress(Exception):
+                        await reader.sub.unsubscribe()
+                else:
+                    cache.readers[last_known + 1] = _Reader(sub=reader.sub, next_seq=last_known + 1)
+                return [], last_known
+            # Answer with that message; the reader (its pull may still answer late) is dropped,
+            # and the next read starts a fresh one after it.
+            with contextlib.suppress(Exception):
+                await reader.sub.unsubscribe()
+            return [stored], stored.sequence
         messages = []
         for item in raw:
             message = bus_pb2.BusMessage.FromString(item.data)
@@ -393,15 +444,29 @@ class NatsBusStore:
             message.sequence = metadata.sequence.stream
             message.publish_time.FromNanoseconds(int(metadata.timestamp.timestamp() * 1e9))
             messages.append(message)
-        through = messages[-1].sequence if messages else from_sequence - 1
+        through = messages[-1].sequence
         reader.next_seq = through + 1
         reader.used = time.monotonic()
         cache.readers[reader.next_seq] = reader
         return messages, through
 
+    async def _next_stored(
+        self, cache: _TopicCache, topic: str, from_sequence: int
+    ) -> bus_pb2.BusMessage | None:
+        """The first message stored at or after ``from_sequence``, asked of JetStream directly."""
+        try:
+            raw = await self._js.get_msg(cache.stream, seq=from_sequence, subject=subject(topic), next=True)
+        except nats.js.errors.NotFoundError:
+            return None
+        message = bus_pb2.BusMessage.FromString(raw.data or b"")
+        message.sequence = int(raw.seq or 0)
+        if raw.time is not None:
+            message.publish_time.FromNanoseconds(int(raw.time.timestamp() * 1e9))
+        return message
+
     async def sequence_at(self, topic: str, time_ns: int) -> int:
         """The first sequence published at or after ``time_ns``."""
-        cache = self._topics.get(topic)
+        cache = await self._known(topic)
         if cache is None:
             return 1
         from datetime import UTC, datetime
@@ -426,7 +491,7 @@ class NatsBusStore:
 
     async def delete_messages(self, topic: str, sequences: Sequence[int]) -> int:
         """Remove single messages from the stream."""
-        cache = self._topics.get(topic)
+        cache = await self._known(topic)
         if cache is None:
             raise NotFoundError(f"topic {topic!r} does not exist")
         removed = 0

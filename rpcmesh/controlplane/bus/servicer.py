@@ -328,7 +328,11 @@ class BusServicer(bus_pb2_grpc.BusServicer):
             raise NotFoundError(f"topic: {topic!r} does not exist")
         if group not in stats.groups:
             raise NotFoundError(f"group: {group!r} is not a group of {topic!r}")
-        return topics.dead_letter_topic(topic, group)
+        dead_topic = topics.dead_letter_topic(topic, group)
+        # Dead letters may have been written through another node: take the store's
+        # current figures (last sequence) before reading or selecting them.
+        await self.broker.store.get_topic(dead_topic)
+        return dead_topic
 
     async def ListDeadLetters(
         self, request: bus_pb2.ListDeadLettersRequest, context: Context
@@ -341,7 +345,15 @@ class BusServicer(bus_pb2_grpc.BusServicer):
             if not request.page_token.isdigit():
                 raise invalid_argument("page_token", "is not a token returned by ListDeadLetters")
             start = int(request.page_token)
-        messages, _ = await self.broker.store.read(dead_topic, start, size + 1)
+        messages: list[bus_pb2.BusMessage] = []
+        last = self.broker.store.last_sequence(dead_topic)
+        while len(messages) <= size and start <= last:
+            # A read may answer fewer than asked (a loaded store): read on to the page's end.
+            more, through = await self.broker.store.read(dead_topic, start, size + 1 - len(messages))
+            messages += more
+            if through < start:
+                break
+            start = through + 1
         response = bus_pb2.ListDeadLettersResponse()
         for message in messages[:size]:
             letter = bus_pb2.DeadLetter.FromString(message.payload)
