@@ -14,7 +14,6 @@ import collections
 import contextlib
 import os
 import random
-import uuid
 from pathlib import Path
 
 import grpc
@@ -85,13 +84,13 @@ async def _drain(stub: bus_pb2_grpc.BusStub, topic: str, group: str, expect: int
 
 @pytest.mark.parametrize("backend", ["sqlite", pytest.param("nats", marks=pytest.mark.backend)])
 async def test_a_replay_killed_midway_and_retried_delivers_each_dead_letter_once(
-    backend: str, tmp_path: Path
+    backend: str, tmp_path: Path, prefix: str
 ) -> None:
     extra = ("--bus", backends.nats_url()) if backend == "nats" else ()
     rand = random.Random(SEED)
     for trial in range(TRIALS):
         data = tmp_path / f"t{trial}"
-        topic = f"replay{uuid.uuid4().hex[:10]}.orders"
+        topic = f"{prefix}.replay{trial}.orders"  # the prefix fixture deletes them from NATS afterwards
         plane, address = start_control_plane(data, *extra)
         port = int(address.rsplit(":", 1)[1])
         replacement: ManagedProcess | None = None
