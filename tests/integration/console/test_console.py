@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 import pytest
 from playwright.sync_api import Page, expect
-from rpcmesh.v1 import bus_pb2, eventstore_pb2, eventstore_pb2_grpc, saga_pb2
+from rpcmesh.v1 import bus_pb2, eventstore_pb2, eventstore_pb2_grpc, registry_pb2, saga_pb2
 
 from tests.integration.console.shop import HTTP_PATTERN, GroupConsumer, Shop, inline_step, publish_json
 from tests.support.processes import ManagedProcess, python_env, rpcmesh_command
@@ -450,3 +450,65 @@ def test_dead_letter_purge_asks_for_a_reason_then_removes_it(shop: Shop, page: P
             consumer.next(timeout=1.0)
     finally:
         consumer.close()
+
+
+def test_a_compensation_retried_by_the_operator_that_succeeds_is_no_longer_shown_failed(
+    shop: Shop, page: Page
+) -> None:
+    def address(service: str) -> str:
+        resolved = shop.registry.Resolve(registry_pb2.ResolveRequest(service=service), timeout=30)
+        return resolved.instances[0].address
+
+    def saga() -> saga_pb2.Saga:
+        return shop.sagas.GetSaga(saga_pb2.GetSagaRequest(saga_id=saga_id), timeout=30).saga
+
+    # "refunds" is first the payments server: Charge works there, CancelOrder is UNIMPLEMENTED.
+    lease = shop.register_instance("refunds", instance_id="refunds-1", address=address("payments"))
+    saga_id = shop.start_inline(
+        "console-retry",
+        [
+            inline_step(
+                "charge", "refunds", "/shop.v1.Payments/Charge", "/shop.v1.Orders/CancelOrder", max_attempts=1
+            ),
+            inline_step("call-ghost", "ghost", "/ghost.v1.Ghost/Call"),
+        ],
+        "u-alice",
+        1_000,
+    )
+    wait_until(
+        lambda: any(s.name == "charge" and s.state == saga_pb2.STEP_STATE_SUCCEEDED for s in saga().steps),
+        what="the charge step to succeed",
+    )
+    shop.sagas.AbortSaga(saga_pb2.AbortSagaRequest(saga_id=saga_id, reason="stuck"), timeout=30)
+    wait_until(
+        lambda: saga().state == saga_pb2.SAGA_STATE_FAILED_COMPENSATION, what="the compensation to fail"
+    )
+    page.goto(f"{shop.url}/#/sagas/{saga_id}")
+    bar = page.locator('#timeline g.bar[data-step="charge"][data-phase="compensate"]')
+    expect(bar).to_have_attribute("data-failed", "true")
+
+    # The operator points "refunds" at the orders server and retries from the page.
+    shop.registry.Deregister(
+        registry_pb2.DeregisterRequest(
+            service="refunds", instance_id="refunds-1", lease_token=lease.lease_token
+        ),
+        timeout=30,
+    )
+    shop.register_instance("refunds", instance_id="refunds-2", address=address("orders"))
+    # An aborted saga whose compensations all succeed ends ABORTED.
+    terminal = (saga_pb2.SAGA_STATE_ABORTED, saga_pb2.SAGA_STATE_FAILED_COMPENSATION)
+    for retries in range(1, 6):  # the coordinator may not have seen the new instance yet: then it fails again
+        expect(page.locator("#retry-compensation")).to_be_visible()
+        page.fill("#action-reason", "refunds moved to the orders server")
+        page.locator("#retry-compensation").click()
+
+        def ended(asked: int = retries) -> bool:
+            now = saga()
+            done = sum("retry" in action.kind.lower() for action in now.operator_actions)
+            return done == asked and now.state in terminal
+
+        wait_until(ended, what="the retried compensation to end")
+        if saga().state == saga_pb2.SAGA_STATE_ABORTED:
+            break
+    expect(page.locator("#saga-state")).to_contain_text("ABORTED")
+    expect(bar).to_have_attribute("data-failed", "false")

@@ -87,8 +87,15 @@ function bars(saga, transitions, now) {
     const at = ms(t.time);
     const compensation = t.kind.startsWith("compensation");
     const bar = barFor(compensation ? comps : execs, t.step, compensation ? "compensate" : "execute");
-    if (t.kind.endsWith("_started")) bar.start = bar.start === null ? at : Math.min(bar.start, at);
-    else if (t.kind.endsWith("_succeeded")) bar.end = at;
+    if (t.kind.endsWith("_started")) {
+      // Started again after it had ended (an operator's retry of a failed compensation): running again.
+      bar.start = bar.start === null ? at : Math.min(bar.start, at);
+      bar.end = null;
+      bar.failed = false;
+    } else if (t.kind.endsWith("_succeeded")) {
+      bar.end = at;
+      bar.failed = false;
+    }
     else if (t.kind.endsWith("attempt_failed")) {
       bar.attemptFailures.push(at);
       if (t.detail) bar.errors.push(t.detail);
