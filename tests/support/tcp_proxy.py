@@ -4,6 +4,8 @@ A killed server resets its connections and every client notices at once; a froze
 blackholed route, a stuck VM) keeps them open and answers nothing, which only timeouts and pings
 find. :class:`FreezableProxy` relays 127.0.0.1:<free port> to a real server; :meth:`freeze` stops
 relaying in both directions while the sockets stay open, :meth:`thaw` resumes.
+:meth:`freeze_on` freezes at an exact point of a protocol: when the client sends given bytes, before
+they reach the server.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ class FreezableProxy:
         self._running.set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
+        self._trigger: bytes | None = None
+        self.triggered = asyncio.Event()
+        """Set when :meth:`freeze_on`'s bytes came and the relay froze."""
 
     @property
     def url(self) -> str:
@@ -42,6 +47,14 @@ class FreezableProxy:
 
     def thaw(self) -> None:
         self._running.set()
+
+    def freeze_on(self, pattern: bytes) -> None:
+        """Freeze when a client sends ``pattern`` (held, with all after it); then set :attr:`triggered`.
+
+        The pattern is looked for in each chunk read, so it must come in one write (a NATS request does).
+        """
+        self.triggered.clear()
+        self._trigger = pattern
 
     async def close(self) -> None:
         """Stop accepting and close every relayed connection."""
@@ -66,8 +79,8 @@ class FreezableProxy:
             return
         self._writers.update((writer, up_writer))
         pumps = [
-            asyncio.create_task(self._pump(reader, up_writer)),
-            asyncio.create_task(self._pump(up_reader, writer)),
+            asyncio.create_task(self._pump(reader, up_writer, upstream=True)),
+            asyncio.create_task(self._pump(up_reader, writer, upstream=False)),
         ]
         self._tasks.update(pumps)
         try:
@@ -82,7 +95,9 @@ class FreezableProxy:
                 self._writers.discard(each)
                 each.close()
 
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pump(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, upstream: bool
+    ) -> None:
         """Relay one direction; while frozen, keep reading (so a peer's close is seen) but hold the bytes."""
         held: list[bytes] = []
         with contextlib.suppress(ConnectionError, OSError):
@@ -96,6 +111,10 @@ class FreezableProxy:
                     continue
                 if not data:
                     return
+                if upstream and self._trigger is not None and self._trigger in data:
+                    self._trigger = None
+                    self.freeze()
+                    self.triggered.set()
                 held.append(data)
 
     async def _read_or_thaw(self, reader: asyncio.StreamReader) -> bytes | None:

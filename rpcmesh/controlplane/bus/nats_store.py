@@ -58,6 +58,8 @@ logger = logging.getLogger(__name__)
 STREAM_PREFIX = "RMB"
 SUBJECT_PREFIX = "rpcmesh.bus."
 DEFAULT_DEDUP_WINDOW = 120.0
+SEQUENCE_AT_TIMEOUTS = (0.5, 2.0, 5.0)
+"""Fetches tried to find the first message at or after a time, while one is known to exist."""
 FETCH_TIMEOUT = 0.2
 """Seconds a reader's fetch waits; an empty answer is then checked with JetStream (see read)."""
 DEFAULT_PING_INTERVAL = 5.0
@@ -481,10 +483,22 @@ class NatsBusStore:
         )
         sub = await self._js.pull_subscribe(subject(topic), stream=cache.stream, config=config)
         try:
-            found = await sub.fetch(1, timeout=0.5)
-            return int(found[0].metadata.sequence.stream)
-        except (TimeoutError, nats.errors.TimeoutError):
-            return cache.last_seq + 1
+            for timeout in SEQUENCE_AT_TIMEOUTS:
+                try:
+                    found = await sub.fetch(1, timeout=timeout)
+                    return int(found[0].metadata.sequence.stream)
+                except (TimeoutError, nats.errors.TimeoutError):
+                    pass
+                # No answer is no proof (a loaded server): only the newest message says nothing is newer.
+                try:
+                    newest = await self._js.get_msg(cache.stream, subject=subject(topic))
+                except nats.js.errors.NotFoundError:
+                    return cache.last_seq + 1  # the stream holds nothing
+                if newest.time is None or newest.time < start:
+                    return int(newest.seq or cache.last_seq) + 1
+            raise UnavailableError(
+                f"bus: JetStream did not say where {start.isoformat()} starts in {topic!r}"
+            )
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()

@@ -19,9 +19,11 @@ import asyncio
 import contextlib
 import os
 import random
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import grpc.aio
@@ -40,6 +42,7 @@ from tests.support.tcp_proxy import FreezableProxy
 
 pytestmark = [pytest.mark.backend]
 
+T = TypeVar("T")
 SEED = int(os.environ.get("RPCMESH_FAULT_SEED", random.randrange(1 << 30)))
 DEAD = 7
 PADDING = 300
@@ -158,14 +161,39 @@ async def test_dead_letters_buried_through_another_node_are_listed_and_replayed(
         assert await listed(stub_a, topic) == []
 
 
-async def test_a_read_stalled_past_its_fetch_timeout_still_finds_the_stored_messages(prefix: str) -> None:
-    rand = random.Random(SEED)
+PULL = b"CONSUMER.MSG.NEXT"
+"""The bytes of a JetStream pull request: the stall starts exactly when a fetch asks."""
+
+
+@contextlib.asynccontextmanager
+async def stalling_store() -> AsyncIterator[tuple[NatsBusStore, FreezableProxy]]:
+    """A Bus store whose connection to the machine's NATS goes through a freezable relay."""
     target = urlsplit(backends.nats_url())
     proxy = FreezableProxy(target.hostname or "127.0.0.1", target.port or 4222)
     await proxy.start()
     store = NatsBusStore(proxy.url)
     await store.open()
     try:
+        yield store, proxy
+    finally:
+        proxy.thaw()
+        await store.close()
+        await proxy.close()
+
+
+async def stalled(proxy: FreezableProxy, operation: Awaitable[T], stall: float) -> T:
+    """Run ``operation``, freezing the relay at its next pull request for ``stall`` seconds."""
+    proxy.freeze_on(PULL)
+    running = asyncio.ensure_future(operation)
+    await asyncio.wait_for(proxy.triggered.wait(), 10)
+    await asyncio.sleep(stall)
+    proxy.thaw()
+    return await running
+
+
+async def test_a_read_stalled_past_its_fetch_timeout_still_finds_the_stored_messages(prefix: str) -> None:
+    rand = random.Random(SEED)
+    async with stalling_store() as (store, proxy):
         for trial in range(5):
             topic = f"{prefix}.stall{trial}"
             count = rand.randint(3, 40)
@@ -173,11 +201,7 @@ async def test_a_read_stalled_past_its_fetch_timeout_still_finds_the_stored_mess
             first, _ = await store.read(topic, 1, 1)  # leaves a reader positioned at 2
             assert [m.sequence for m in first] == [1]
             stall = rand.uniform(0.4, 1.5)
-            proxy.freeze()
-            reading = asyncio.ensure_future(store.read(topic, 2, 100))
-            await asyncio.sleep(stall)
-            proxy.thaw()
-            messages, through = await reading
+            messages, through = await stalled(proxy, store.read(topic, 2, 100), stall)
             where = f"(seed {SEED}, trial {trial}, stall {stall:.2f} s)"
             got = [m.sequence for m in messages]
             assert got and got == list(range(2, 2 + len(got))), f"read {got} {where}"
@@ -190,7 +214,26 @@ async def test_a_read_stalled_past_its_fetch_timeout_still_finds_the_stored_mess
             # A range whose messages are all deleted is skipped, not read again and again.
             await store.delete_messages(topic, list(range(2, count + 1)))
             assert await store.read(topic, 2, 100) == ([], count), where
-    finally:
-        proxy.thaw()
-        await store.close()
-        await proxy.close()
+
+
+async def test_a_start_time_looked_up_during_a_stall_does_not_skip_messages(prefix: str) -> None:
+    rand = random.Random(SEED + 1)
+    async with stalling_store() as (store, proxy):
+        for trial in range(4):
+            topic = f"{prefix}.since{trial}"
+            before = rand.randint(1, 10)
+            await store.append(topic, [bus_pb2.BusMessage(payload=b"old") for _ in range(before)])
+            await asyncio.sleep(0.05)
+            since = time.time_ns()
+            await asyncio.sleep(0.05)
+            await store.append(
+                topic, [bus_pb2.BusMessage(payload=b"new") for _ in range(rand.randint(1, 10))]
+            )
+            stall = rand.uniform(0.7, 1.5)  # past the first fetch's 0.5 s
+            where = f"(seed {SEED + 1}, trial {trial}, stall {stall:.2f} s)"
+            assert await stalled(proxy, store.sequence_at(topic, since), stall) == before + 1, where
+            # Nothing published since: the sequence after the last, found through a stall too.
+            later = time.time_ns()
+            assert (
+                await stalled(proxy, store.sequence_at(topic, later), stall) == store.last_sequence(topic) + 1
+            )
