@@ -95,6 +95,9 @@ class EventStoreServicer:
         out, and nothing of it is stored (silently storing the new part would
         hide a client bug or a mixed-up retry).
         - The same id twice in one batch is INVALID_ARGUMENT (events[i].event_id).
+        - Streams starting with "saga-" (a saga's transitions) or "sagadef-" (a
+        saga definition's versions) belong to the SagaCoordinator: anyone may
+        read them, an append is PERMISSION_DENIED and stores nothing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

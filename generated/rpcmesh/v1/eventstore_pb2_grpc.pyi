@@ -62,6 +62,9 @@ class EventStoreStub:
       out, and nothing of it is stored (silently storing the new part would
       hide a client bug or a mixed-up retry).
     - The same id twice in one batch is INVALID_ARGUMENT (events[i].event_id).
+    - Streams starting with "saga-" (a saga's transitions) or "sagadef-" (a
+      saga definition's versions) belong to the SagaCoordinator: anyone may
+      read them, an append is PERMISSION_DENIED and stores nothing.
     """
     ReadStream: _grpc.UnaryUnaryMultiCallable[_eventstore_pb2.ReadStreamRequest, _eventstore_pb2.ReadStreamResponse]
     """ReadStream reads one stream forwards or backwards, paginated."""
@@ -106,6 +109,9 @@ class EventStoreAsyncStub(EventStoreStub):
       out, and nothing of it is stored (silently storing the new part would
       hide a client bug or a mixed-up retry).
     - The same id twice in one batch is INVALID_ARGUMENT (events[i].event_id).
+    - Streams starting with "saga-" (a saga's transitions) or "sagadef-" (a
+      saga definition's versions) belong to the SagaCoordinator: anyone may
+      read them, an append is PERMISSION_DENIED and stores nothing.
     """
     ReadStream: _aio.UnaryUnaryMultiCallable[_eventstore_pb2.ReadStreamRequest, _eventstore_pb2.ReadStreamResponse]  # type: ignore[assignment]
     """ReadStream reads one stream forwards or backwards, paginated."""
@@ -153,6 +159,9 @@ class EventStoreServicer(metaclass=_abc_1.ABCMeta):
           out, and nothing of it is stored (silently storing the new part would
           hide a client bug or a mixed-up retry).
         - The same id twice in one batch is INVALID_ARGUMENT (events[i].event_id).
+        - Streams starting with "saga-" (a saga's transitions) or "sagadef-" (a
+          saga definition's versions) belong to the SagaCoordinator: anyone may
+          read them, an append is PERMISSION_DENIED and stores nothing.
         """
 
     @_abc_1.abstractmethod

@@ -22,6 +22,14 @@ NO_STREAM: Final = -1
 STREAM_EXISTS: Final = -4
 """Expected version: the stream must exist."""
 
+SAGA_STREAM_PREFIX: Final = "saga-"
+"""A saga's transitions: ``saga-<id>``, written by the SagaCoordinator only."""
+DEFINITION_STREAM_PREFIX: Final = "sagadef-"
+"""A saga definition's versions: ``sagadef-<name>``, written by the SagaCoordinator only."""
+COORDINATOR_STREAM_PREFIXES: Final = (SAGA_STREAM_PREFIX, DEFINITION_STREAM_PREFIX)
+"""Streams the EventStore API may read but not append to (an event the coordinator did not write
+would be folded into a saga or a definition)."""
+
 compact_json: Final = json.JSONEncoder(separators=(",", ":")).encode
 """JSON without spaces; one encoder for every call (``json.dumps`` with separators builds one each time)."""
 

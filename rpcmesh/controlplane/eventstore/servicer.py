@@ -11,6 +11,7 @@ from google.protobuf import timestamp_pb2
 from rpcmesh.controlplane.eventstore.group import DuplicateEvents, repeated_id
 from rpcmesh.controlplane.eventstore.model import (
     ANY,
+    COORDINATOR_STREAM_PREFIXES,
     MAX_PAGE_SIZE,
     NO_STREAM,
     STREAM_EXISTS,
@@ -22,7 +23,12 @@ from rpcmesh.controlplane.eventstore.model import (
     encode_page_token,
 )
 from rpcmesh.controlplane.eventstore.storage import EventStorage
-from rpcmesh.errors import FailedPreconditionError, invalid_argument, register_detail_type
+from rpcmesh.errors import (
+    FailedPreconditionError,
+    PermissionDeniedError,
+    invalid_argument,
+    register_detail_type,
+)
 from rpcmesh.v1 import eventstore_pb2 as pb
 from rpcmesh.v1 import eventstore_pb2_grpc as pb_grpc
 
@@ -157,6 +163,12 @@ class EventStoreServicer(pb_grpc.EventStoreServicer):
     ) -> pb.AppendToStreamResponse:
         """Append a batch atomically at the expected version."""
         validate_stream_name("stream", request.stream)
+        if request.stream.startswith(COORDINATOR_STREAM_PREFIXES):
+            # An event the coordinator did not write would be folded into a saga (or a definition).
+            raise PermissionDeniedError(
+                f"stream: {request.stream!r} belongs to the SagaCoordinator; streams starting with 'saga-' "
+                "or 'sagadef-' are written through its API only"
+            )
         expected = expected_from_request(request)
         events = events_from_request(request.events)
         try:

@@ -49,6 +49,7 @@ from rpcmesh.controlplane.saga.machine import SagaEvent, SagaView
 from rpcmesh.controlplane.saga.records import (
     DEFINITION_STREAM_PREFIX,
     SAGA_STREAM_PREFIX,
+    UNREADABLE,
     from_stored,
     saga_id_for_key,
     saga_stream,
@@ -145,10 +146,15 @@ class SagaEngine:
     async def start(self) -> None:
         """Load definitions and sagas from the EventStore (:meth:`resume_all` runs the unfinished)."""
         for stream, events in (await self._load_streams(DEFINITION_STREAM_PREFIX)).items():
-            name = stream.removeprefix(DEFINITION_STREAM_PREFIX)
-            self.definitions.load(name, events)
-        for events in (await self._load_streams(SAGA_STREAM_PREFIX)).values():
-            self._adopt(events)
+            try:
+                self.definitions.load(stream.removeprefix(DEFINITION_STREAM_PREFIX), events)
+            except UNREADABLE:
+                logger.exception("saga coordinator skips stream %s: not a saga definition", stream)
+        for stream, events in (await self._load_streams(SAGA_STREAM_PREFIX)).items():
+            try:
+                self._adopt(events)
+            except UNREADABLE:
+                logger.exception("saga coordinator skips stream %s: not saga transitions", stream)
 
     def _adopt(self, stored: Sequence[StoredEvent]) -> _Saga:
         """Track a saga recorded in storage (unfinished ones keep their transitions in memory)."""

@@ -71,6 +71,7 @@ from rpcmesh.controlplane.saga.records import (
     DEFINITION_REGISTERED,
     DEFINITION_STREAM_PREFIX,
     SAGA_STREAM_PREFIX,
+    UNREADABLE,
 )
 from rpcmesh.tasks import stop_tasks
 
@@ -220,16 +221,23 @@ class SagaOwnership:
         by_saga: dict[str, list[StoredEvent]] = defaultdict(list)
         for event in events:
             # This node's own writes come back too: the engine knows them by revision and skips them.
-            if event.stream.startswith(DEFINITION_STREAM_PREFIX):
-                await engine.definitions.observe(event)
-            elif not leading:
-                by_saga[event.stream.removeprefix(SAGA_STREAM_PREFIX)].append(event)
-            elif event.event_type == SAGA_STARTED:
-                await engine.fetch_saga(event.stream.removeprefix(SAGA_STREAM_PREFIX))  # adopt, run
-            else:
-                await engine.observe_saga(event.stream.removeprefix(SAGA_STREAM_PREFIX), [event])
+            saga_id = event.stream.removeprefix(SAGA_STREAM_PREFIX)
+            try:
+                if event.stream.startswith(DEFINITION_STREAM_PREFIX):
+                    await engine.definitions.observe(event)
+                elif not leading:
+                    by_saga[saga_id].append(event)
+                elif event.event_type == SAGA_STARTED:
+                    await engine.fetch_saga(saga_id)  # adopt, run
+                else:
+                    await engine.observe_saga(saga_id, [event])
+            except UNREADABLE:
+                _skip(event.stream, event.position)
         for saga_id, saga_events in by_saga.items():
-            await engine.observe_saga(saga_id, saga_events)
+            try:
+                await engine.observe_saga(saga_id, saga_events)
+            except UNREADABLE:
+                _skip(SAGA_STREAM_PREFIX + saga_id, saga_events[0].position)
 
     # -- leadership ------------------------------------------------------------------------------
 
@@ -321,3 +329,8 @@ class SagaOwnership:
                 except Exception:  # followers still poll
                     logger.warning("saga coordinator could not notify the followers", exc_info=True)
                 await asyncio.sleep(self.announce_interval)
+
+
+def _skip(stream: str, position: int) -> None:
+    """Log events the coordinator did not write (see ``UNREADABLE``); following goes on past them."""
+    logger.exception("saga coordinator skips %s from position %d: not saga records", stream, position)

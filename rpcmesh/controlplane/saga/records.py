@@ -13,7 +13,15 @@ import json
 import uuid
 from typing import Any
 
-from rpcmesh.controlplane.eventstore.model import NewEvent, StoredEvent, compact_json
+from google.protobuf.message import DecodeError
+
+from rpcmesh.controlplane.eventstore.model import (
+    DEFINITION_STREAM_PREFIX,
+    SAGA_STREAM_PREFIX,
+    NewEvent,
+    StoredEvent,
+    compact_json,
+)
 from rpcmesh.controlplane.saga.machine import SagaEvent, SagaView
 from rpcmesh.v1 import saga_pb2 as pb
 
@@ -21,6 +29,7 @@ __all__ = [
     "DEFINITION_REGISTERED",
     "DEFINITION_STREAM_PREFIX",
     "SAGA_STREAM_PREFIX",
+    "UNREADABLE",
     "event_data",
     "from_stored",
     "saga_id_for_key",
@@ -29,9 +38,10 @@ __all__ = [
     "view_to_proto",
 ]
 
-SAGA_STREAM_PREFIX = "saga-"
-DEFINITION_STREAM_PREFIX = "sagadef-"
 DEFINITION_REGISTERED = "DefinitionRegistered"
+UNREADABLE: tuple[type[Exception], ...] = (ValueError, KeyError, TypeError, DecodeError)
+"""What reading events the coordinator did not write raises. The EventStore API refuses appends to its
+streams; events written before it did are logged and skipped, so they cannot stop the coordinator."""
 JSON_CONTENT_TYPE = "application/json"
 _KEY_NAMESPACE = uuid.UUID("6f1c1d52-7d8e-4a8e-9a51-3b1f3c7d2e10")
 
