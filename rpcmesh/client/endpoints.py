@@ -135,7 +135,10 @@ class ServiceCore:
                         endpoint = self._upsert(event.instance, removed)
                         if endpoint is not None:
                             added.append(endpoint)
-            self.revision = max(self.revision, response.revision)
+            # A snapshot replaces everything, its revision too: after one taken at an older
+            # revision (another registry, or a node that read less of the log) the next resume
+            # must start there, or the events in between are skipped for good.
+            self.revision = response.revision if response.snapshot else max(self.revision, response.revision)
             self._order = sorted(self._endpoints.values(), key=lambda e: e.instance_id)
             return EndpointChanges(tuple(added), tuple(removed))
 

@@ -56,7 +56,7 @@ from rpcmesh.controlplane.registry.model import Committed, Event
 from rpcmesh.controlplane.registry.postgres_writes import RENEW_CHANNEL, BatchedWrites, stored_from_row
 from rpcmesh.controlplane.registry.renewal_tracker import RenewalTracker, Sighting
 from rpcmesh.controlplane.registry.store import Decide, EventSink, Loaded, ResetSink
-from rpcmesh.errors import OutOfRangeError
+from rpcmesh.errors import OutOfRangeError, UnavailableError
 from rpcmesh.tasks import start_supervised, stop_tasks
 from rpcmesh.v1 import registry_pb2
 
@@ -342,7 +342,7 @@ class PostgresRegistryStore:
                 ).fetchall()
                 meta = await (await conn.execute("SELECT compact_revision FROM registry_meta")).fetchone()
             if meta is not None:
-                self._compact_revision = int(meta[0])
+                self._compact_revision = max(self._compact_revision, int(meta[0]))
             if not rows:
                 return
             if int(rows[0][0]) != self._applied + 1:
@@ -366,22 +366,30 @@ class PostgresRegistryStore:
 
     # -- writes ------------------------------------------------------------------
 
-    async def _lock_revision(self, conn: Conn) -> int:
+    async def _lock_revision(self, conn: Conn) -> tuple[int, int]:
+        """Lock the meta row; returns the revision and compaction point it holds."""
         row = await (
-            await conn.execute("SELECT revision FROM registry_meta WHERE id = 1 FOR UPDATE")
+            await conn.execute("SELECT revision, compact_revision FROM registry_meta WHERE id = 1 FOR UPDATE")
         ).fetchone()
         assert row is not None
-        return int(row[0])
+        return int(row[0]), int(row[1])
 
-    async def _finish(self, conn: Conn, revision: int) -> None:
-        """Record the new revision, compact when due, and notify the other nodes (on commit)."""
-        compact = self._compact_revision
+    async def _finish(self, conn: Conn, revision: int, compact: int) -> None:
+        """Record the new revision, compact when due, and notify the other nodes (on commit).
+
+        ``compact`` is the compaction point read under the revision lock this transaction holds,
+        not what this node last read from the log: another node may have compacted further since,
+        and the point must never move back below events that are gone (a Watch resuming from
+        between would be served the log after a hole). ``GREATEST`` keeps it so regardless.
+        """
         step = max(1, self.retain_events // 8)
         if revision - compact >= self.retain_events + step:
             compact = revision - self.retain_events
             await conn.execute("DELETE FROM registry_events WHERE revision <= %s", (compact,))
         await conn.execute(
-            "UPDATE registry_meta SET revision = %s, compact_revision = %s WHERE id = 1", (revision, compact)
+            "UPDATE registry_meta SET revision = %s, compact_revision = GREATEST(compact_revision, %s) "
+            "WHERE id = 1",
+            (revision, compact),
         )
         await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(revision)))
 
@@ -413,7 +421,7 @@ class PostgresRegistryStore:
         found: dict[str, int] = {}
         expired: list[str] = []
         async with pool.connection() as conn, conn.transaction():
-            revision = await self._lock_revision(conn)
+            revision, compact = await self._lock_revision(conn)
             rows = await (
                 await conn.execute(
                     "SELECT lease_id, renewals, token_hash, ttl_ms, probe_passing, data "
@@ -443,7 +451,7 @@ class PostgresRegistryStore:
                 revision = change.event.revision
                 expired.append(lease_id)
             if expired:
-                await self._finish(conn, revision)
+                await self._finish(conn, revision, compact)
         for lease_id in expired:
             self._tracker.forget(lease_id)
         for lease_id in due:
@@ -460,22 +468,41 @@ class PostgresRegistryStore:
         remaining = self._tracker.seconds_to_next_deadline()
         return self.expiry_interval if remaining is None else remaining
 
+    async def stored_revision(self) -> int:
+        """The revision committed in the database (this node's view may not have read it yet)."""
+        pool = self._pool_or_fail()
+        try:
+            async with pool.connection() as conn:
+                row = await (await conn.execute("SELECT revision FROM registry_meta WHERE id = 1")).fetchone()
+        except (psycopg.Error, OSError) as exc:
+            raise UnavailableError(f"the registry database cannot be reached: {exc}") from exc
+        assert row is not None
+        return int(row[0])
+
     async def events_after(self, revision: int, limit: int) -> list[Event]:
-        """Retained events after ``revision`` from the shared log."""
+        """Retained events after ``revision`` from the shared log.
+
+        Raises OUT_OF_RANGE when events after ``revision`` are compacted away: when the point
+        says so, and also when the first retained event is not ``revision + 1`` (a log whose
+        point was set back, as builds before the locked read of the point could leave it, has a
+        hole that must not be served as if nothing were missing).
+        """
         pool = self._pool_or_fail()
         async with pool.connection() as conn:
             rows = await (
                 await conn.execute(
-                    "SELECT data FROM registry_events WHERE revision > %s ORDER BY revision LIMIT %s",
+                    "SELECT revision, data FROM registry_events WHERE revision > %s "
+                    "ORDER BY revision LIMIT %s",
                     (revision, limit),
                 )
             ).fetchall()
             meta = await (await conn.execute("SELECT compact_revision FROM registry_meta")).fetchone()
         compact = int(meta[0]) if meta is not None else 0
         self._compact_revision = max(self._compact_revision, compact)
-        if revision < compact:
+        if revision < compact or (rows and int(rows[0][0]) != revision + 1):
+            oldest = max(compact, int(rows[0][0]) - 1 if rows else 0) + 1
             raise OutOfRangeError(
                 f"after_revision: events after {revision} are no longer retained "
-                f"(oldest retained revision is {compact + 1}); watch again from 0 for a snapshot"
+                f"(oldest retained revision is {oldest}); watch again from 0 for a snapshot"
             )
-        return [Event.from_proto(registry_pb2.WatchEvent.FromString(bytes(row[0]))) for row in rows]
+        return [Event.from_proto(registry_pb2.WatchEvent.FromString(bytes(row[1]))) for row in rows]

@@ -78,7 +78,8 @@ _RENEW_MANY = (
 )
 
 Decide = Callable[[StoredInstance | None, int], Change[Any]]
-Finish = Callable[[psycopg.AsyncConnection[Any], int], Awaitable[None]]
+Finish = Callable[[psycopg.AsyncConnection[Any], int, int], Awaitable[None]]
+"""(connection, new revision, ``compact_revision`` as read under the revision lock) -> None."""
 
 
 def stored_from_row(row: Sequence[Any]) -> StoredInstance:
@@ -257,7 +258,9 @@ class BatchedWrites:
         async with self._pool.connection() as conn:
             # Two round trips: the lock and the rows, then every write and the COMMIT.
             async with conn.pipeline() as pipeline, conn.transaction():
-                meta = await conn.execute("SELECT revision FROM registry_meta WHERE id = 1 FOR UPDATE")
+                meta = await conn.execute(
+                    "SELECT revision, compact_revision FROM registry_meta WHERE id = 1 FOR UPDATE"
+                )
                 # READ COMMITTED: this starts once the lock is granted and sees every earlier batch.
                 rows = await conn.execute(_LOCK_ROWS, ([k[0] for k in keys], [k[1] for k in keys]))
                 await pipeline.sync()
@@ -269,7 +272,7 @@ class BatchedWrites:
                     await conn.execute(query, params)
                 if plan.events:
                     await conn.execute(_INSERT_EVENTS, (plan.revisions, plan.events))
-                    await self._finish(conn, revision)
+                    await self._finish(conn, revision, int(locked[1]))
             self.transactions += 1
         if plan.events:
             self._committed()

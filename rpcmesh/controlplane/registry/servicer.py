@@ -19,7 +19,7 @@ from rpcmesh.controlplane.registry import transitions, validation
 from rpcmesh.controlplane.registry.address_policy import AddressPolicy
 from rpcmesh.controlplane.registry.model import PUT, Event, new_id, new_token
 from rpcmesh.controlplane.registry.node import RegistryNode
-from rpcmesh.errors import OutOfRangeError, ResourceExhaustedError, StatusError
+from rpcmesh.errors import OutOfRangeError, ResourceExhaustedError, StatusError, UnavailableError
 from rpcmesh.security import ANONYMOUS, current_identity
 from rpcmesh.v1 import registry_pb2, registry_pb2_grpc
 
@@ -47,6 +47,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         """0: no cap (the control plane runs without authentication)."""
         self.address_policy = address_policy if address_policy is not None else node.settings.address_policy
         """Which addresses Register accepts (default: the node's settings)."""
+        self._abandoned: set[asyncio.Task[int]] = set()
+        """Store questions given up on (timed out), kept referenced until their cancellation ends."""
 
     def _claim_owner(self, declared: registry_pb2.Instance) -> None:
         """Record the caller as the owner of a new instance, within its lease cap."""
@@ -181,21 +183,70 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         )
 
     async def _check_reached(self, revision: int) -> None:
-        """Raise OUT_OF_RANGE for a revision this registry never reached.
+        """Make sure this node's view reached ``revision`` before resuming a watch after it.
 
-        It lost its data, or it is not the registry the client watched. A node of a shared store
-        gets a moment to catch up first.
+        OUT_OF_RANGE only when the store itself never reached it: the registry lost its data, or
+        it is not the registry the client watched. A node of a shared store that is merely late
+        (it reads the log after the node the client saw the revision through: a stalled
+        connection, a busy pool) gets a moment to catch up, then the caller gets UNAVAILABLE and
+        retries, maybe on another node, from the same revision; answering OUT_OF_RANGE there
+        would make it take a snapshot from the late view and lose what that view has not read.
         """
         node = self.node
         if revision <= node.view.revision:
             return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(node.caught_up(revision), 2 * node.settings.poll_interval)
-        if revision > node.view.revision:
+        if await self._caught_up_within(revision, 2 * node.settings.poll_interval):
+            return
+        timeout = node.settings.catch_up_timeout
+        deadline = asyncio.get_running_loop().time() + timeout
+        stored = await self._stored_revision_within(timeout)
+        if stored is None:
+            raise UnavailableError(
+                f"after_revision: {revision} is ahead of this registry node's view "
+                f"(revision {node.view.revision}) and its store did not answer within {timeout:g}s; retry"
+            )
+        if revision > stored and revision > node.view.revision:
             raise OutOfRangeError(
-                f"after_revision: {revision} is ahead of this registry's revision {node.view.revision} "
+                f"after_revision: {revision} is ahead of this registry's revision {stored} "
                 "(it lost its data or is another registry); watch again from 0 for a snapshot"
             )
+        remaining = deadline - asyncio.get_running_loop().time()
+        if not await self._caught_up_within(revision, max(remaining, 0.0)):
+            raise UnavailableError(
+                f"after_revision: this registry node has not yet read revision {revision} from its store "
+                f"(its view is at {node.view.revision}); retry, here or through another node"
+            )
+
+    async def _stored_revision_within(self, within: float) -> int | None:
+        """The store's revision, or None when it does not answer within ``within`` seconds.
+
+        The question is left behind, not awaited, when it times out: cancelling a query on a
+        stalled connection can itself hang until the network gives up, and the bound is the point.
+        """
+        task = asyncio.ensure_future(self.node.store.stored_revision())
+        try:
+            done, _ = await asyncio.wait({task}, timeout=within)
+        finally:
+            if not task.done():
+                task.cancel()
+                self._abandoned.add(task)
+                task.add_done_callback(self._forget)
+        return task.result() if done else None
+
+    def _forget(self, task: asyncio.Task[int]) -> None:
+        """Done callback of an abandoned store question: drop it, retrieving its outcome."""
+        self._abandoned.discard(task)
+        if not task.cancelled():
+            task.exception()
+
+    async def _caught_up_within(self, revision: int, within: float) -> bool:
+        """Whether this node's view reaches ``revision`` within ``within`` seconds."""
+        node = self.node
+        if revision <= node.view.revision:
+            return True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(node.caught_up(revision), within)
+        return revision <= node.view.revision
 
     async def Watch(
         self, request: registry_pb2.WatchRequest, context: grpc.aio.ServicerContext[Any, Any]

@@ -23,6 +23,10 @@ class RegistrySettings:
     poll_interval: float = 0.5
     """PostgreSQL: how often (s) a node polls the event log besides LISTEN/NOTIFY."""
 
+    catch_up_timeout: float = 2.0
+    """PostgreSQL: how long (s) a Watch resuming from a revision the database has but this node has
+    not read yet waits for the node to catch up; then UNAVAILABLE (the client retries, maybe elsewhere)."""
+
     probes_enabled: bool = True
     """Run the active grpc.health.v1 probes instances ask for."""
 
@@ -39,5 +43,7 @@ class RegistrySettings:
             raise ValueError(f"expiry_check_interval: must be in (0, 60], got {self.expiry_check_interval}")
         if not 0 < self.poll_interval <= 60:
             raise ValueError(f"poll_interval: must be in (0, 60], got {self.poll_interval}")
+        if not 0 < self.catch_up_timeout <= 60:
+            raise ValueError(f"catch_up_timeout: must be in (0, 60], got {self.catch_up_timeout}")
         if not isinstance(self.address_policy, AddressPolicy):
             raise ValueError(f"address_policy: must be an AddressPolicy, got {self.address_policy!r}")

@@ -346,6 +346,10 @@ class SqliteRegistryStore:
             ).fetchall()
         return [Event.from_proto(registry_pb2.WatchEvent.FromString(row[0])) for row in rows]
 
+    async def stored_revision(self) -> int:
+        """The revision written to the file (the node's view is this store: nothing to catch up)."""
+        return self._revision
+
     async def events_after(self, revision: int, limit: int) -> list[Event]:
         """Read retained events from the file (WAL readers do not block the writer)."""
         self._check_retained(revision)

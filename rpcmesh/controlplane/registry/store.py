@@ -91,6 +91,18 @@ class RegistryStore(Protocol):
         """How long the expiry loop may sleep before calling :meth:`expire_due` again."""
         ...
 
+    async def stored_revision(self) -> int:
+        """The revision the store itself has reached, which this node's view may not have read yet.
+
+        The embedded store answers its own revision; a shared one asks the database, so a
+        node that is merely late (it reads the log after the others) can tell that from a
+        store that never reached a revision (it lost its data, or is another registry).
+
+        Raises:
+            UnavailableError: the store cannot be asked now.
+        """
+        ...
+
     async def events_after(self, revision: int, limit: int) -> list[Event]:
         """Up to ``limit`` events with revision > ``revision``, in order.
 
