@@ -48,7 +48,11 @@ class Limits:
     """Open Bus and EventStore subscriptions per identity."""
 
     max_leases_per_identity: int = 1024
-    """Registered instances (leases) one identity may hold at once; more answer RESOURCE_EXHAUSTED."""
+    """Registered instances (leases) one identity may hold at once; more answer RESOURCE_EXHAUSTED.
+
+    Exact on one node (an identity's registrations are checked and written one at a time); on
+    several nodes of one PostgreSQL store each node counts on its own view, so registrations sent
+    through several nodes at the same moment can pass it by a few."""
 
     max_concurrent_rpcs: int = 8192
     """Calls in flight in the whole server (grpc refuses the excess with RESOURCE_EXHAUSTED)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import weakref
 from collections.abc import AsyncIterator
 from functools import partial
 from typing import Any
@@ -48,10 +49,27 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         self.address_policy = address_policy if address_policy is not None else node.settings.address_policy
         """Which addresses Register accepts (default: the node's settings)."""
         self._abandoned: set[asyncio.Task[int]] = set()
+        self._owner_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        """One per capped identity registering now: its cap check and write go one at a time."""
         """Store questions given up on (timed out), kept referenced until their cancellation ends."""
 
+    def _owner_turn(self) -> contextlib.AbstractAsyncContextManager[object]:
+        """Held while the caller's lease cap is checked and the instance written.
+
+        Registers arriving together otherwise all pass the check before any is written. This
+        holds on one node; across nodes of a shared store the cap is counted on each node's view,
+        so concurrent registrations through several nodes can pass it by a few.
+        """
+        identity = current_identity.get()
+        if self.max_leases_per_identity <= 0 or identity is None or identity == ANONYMOUS:
+            return contextlib.nullcontext()
+        lock = self._owner_locks.get(identity.name)
+        if lock is None:
+            lock = self._owner_locks[identity.name] = asyncio.Lock()
+        return lock
+
     def _claim_owner(self, declared: registry_pb2.Instance) -> None:
-        """Record the caller as the owner of a new instance, within its lease cap."""
+        """Record the caller as the owner of a new instance, within its lease cap (see _owner_turn)."""
         identity = current_identity.get()
         if identity is None or identity == ANONYMOUS:
             return
@@ -81,17 +99,19 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         declared = spec.instance
         if not declared.instance_id:
             declared.instance_id = new_id()
-        self._claim_owner(declared)
-        now = timestamp_pb2.Timestamp()
-        now.GetCurrentTime()
-        decide = partial(
-            transitions.register,
-            declared=declared,
-            ttl_ms=spec.ttl_ms,
-            lease_token=request.lease_token,
-            fresh=transitions.Fresh(lease_id=new_id(), lease_token=new_token(), now=now),
-        )
-        committed = await self.node.mutate(declared.service, declared.instance_id, decide)
+        async with self._owner_turn():
+            self._claim_owner(declared)
+            now = timestamp_pb2.Timestamp()
+            now.GetCurrentTime()
+            decide = partial(
+                transitions.register,
+                declared=declared,
+                ttl_ms=spec.ttl_ms,
+                lease_token=request.lease_token,
+                fresh=transitions.Fresh(lease_id=new_id(), lease_token=new_token(), now=now),
+            )
+            # Returns once this node's view shows the write, so the next check counts it.
+            committed = await self.node.mutate(declared.service, declared.instance_id, decide)
         result: transitions.Registered = committed.result
         return registry_pb2.RegisterResponse(
             instance_id=result.instance_id,

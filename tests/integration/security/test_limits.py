@@ -194,3 +194,41 @@ async def test_leases_per_identity_are_capped_and_owned(
             timeout=TIMEOUT,
         )
         await registry.Register(register("o-3"), timeout=TIMEOUT)
+
+
+async def test_concurrent_registrations_cannot_exceed_the_lease_cap(
+    small_plane: tuple[ControlPlane, str], pki: Pki
+) -> None:
+    # The cap was checked against the node's view before the write committed: Registers arriving
+    # together all passed the check. Four at once (the connection's call cap), cap 2, ten rounds.
+    _, address = small_plane
+    security = ClientSecurity(tls=ClientTlsConfig(ca_file=pki.ca), token=pki.token("order-service"))
+    async with aio_channel(address, security, options=OWN_CONNECTION) as channel:
+        registry = registry_pb2_grpc.RegistryStub(channel)
+        for round_ in range(10):
+            requests = [
+                registry_pb2.RegisterRequest(
+                    instance=registry_pb2.Instance(
+                        service="order-service", instance_id=f"r{round_}-{i}", address="127.0.0.1:9"
+                    ),
+                    ttl=duration_pb2.Duration(seconds=30),
+                )
+                for i in range(4)
+            ]
+            outcomes = await asyncio.gather(
+                *(registry.Register(r, timeout=TIMEOUT) for r in requests), return_exceptions=True
+            )
+            held = [o for o in outcomes if isinstance(o, registry_pb2.RegisterResponse)]
+            refused = [o for o in outcomes if isinstance(o, grpc.aio.AioRpcError)]
+            assert len(held) == 2, f"round {round_}: {len(held)} leases granted with a cap of 2"
+            assert [e.code() for e in refused] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 2
+            for request, outcome in zip(requests, outcomes, strict=True):
+                if isinstance(outcome, registry_pb2.RegisterResponse):
+                    await registry.Deregister(
+                        registry_pb2.DeregisterRequest(
+                            service="order-service",
+                            instance_id=request.instance.instance_id,
+                            lease_token=outcome.lease_token,
+                        ),
+                        timeout=TIMEOUT,
+                    )
