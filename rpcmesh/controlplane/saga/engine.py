@@ -271,9 +271,18 @@ class SagaEngine:
             raise NotFoundError(f"saga_id: no saga {saga_id!r}")
         return saga.view
 
-    def list_sagas(self) -> list[SagaView]:
-        """Every saga, newest first."""
-        return sorted((s.view for s in self._sagas.values()), key=lambda v: (-v.started_at, v.saga_id))
+    def list_sagas(self, after: tuple[float, str] | None = None) -> list[SagaView]:
+        """Every saga, newest first: by ``started_at`` descending, then ``saga_id`` ascending.
+
+        With ``after`` (the ``started_at`` and ``saga_id`` of a saga, present or not), only the sagas
+        that come strictly after it in that order, so a listing resumed there neither skips nor
+        repeats a saga when others start or change state in between.
+        """
+        views = [s.view for s in self._sagas.values()]
+        if after is not None:
+            key = (-after[0], after[1])
+            views = [v for v in views if (-v.started_at, v.saga_id) > key]
+        return sorted(views, key=lambda v: (-v.started_at, v.saga_id))
 
     async def abort_saga(self, saga_id: str, reason: str) -> SagaView:
         """Record AbortRequested; the runner compensates what completed."""

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -38,6 +41,40 @@ def _page_size(field: str, value: int) -> int:
     if value < 0:
         raise invalid_argument(field, "must be between 0 and 1000")
     return clamp_page_size(value)
+
+
+def _encode_saga_token(scope: str, last: SagaView) -> str:
+    """An opaque ListSagas token: the filters, and the place in the order of the last saga returned.
+
+    The next page starts strictly after that saga in the list's order (``started_at`` descending,
+    then ``saga_id``) rather than at an offset, so sagas that start, finish or are aborted between
+    pages cause no saga that still matches the filters to be skipped or listed twice.
+    """
+    body = {"k": "sagas", "s": scope, "t": last.started_at, "i": last.saga_id}
+    raw = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_saga_token(token: str, scope: str) -> tuple[float, str]:
+    """The ``(started_at, saga_id)`` a token resumes after; INVALID_ARGUMENT naming ``page_token``."""
+    try:
+        padded = token + "=" * (-len(token) % 4)
+        body = json.loads(base64.urlsafe_b64decode(padded.encode()))
+    except (ValueError, binascii.Error, RecursionError) as exc:
+        raise invalid_argument("page_token", "malformed page token") from exc
+    if not isinstance(body, dict) or body.get("k") != "sagas":
+        raise invalid_argument("page_token", "not a token returned by ListSagas")
+    if body.get("s") != scope:
+        raise invalid_argument("page_token", "the token belongs to a listing with other filters")
+    started_at, saga_id = body.get("t"), body.get("i")
+    if (
+        not isinstance(started_at, (int, float))
+        or isinstance(started_at, bool)
+        or not math.isfinite(started_at)
+        or not isinstance(saga_id, str)
+    ):
+        raise invalid_argument("page_token", "malformed page token")
+    return float(started_at), saga_id
 
 
 def _timestamp_seconds(ts: Any) -> float:
@@ -221,12 +258,7 @@ class SagaCoordinatorServicer(pb_grpc.SagaCoordinatorServicer):
                 request.started_before.ToNanoseconds(),
             ]
         )
-        offset = 0
-        if request.page_token:
-            try:
-                offset = decode_page_token(request.page_token, "sagas", scope)
-            except ValueError as exc:
-                raise invalid_argument("page_token", str(exc)) from exc
+        after = _decode_saga_token(request.page_token, scope) if request.page_token else None
         states = set(request.states)
         lower = _timestamp_seconds(request.started_after) if request.HasField("started_after") else None
         upper = _timestamp_seconds(request.started_before) if request.HasField("started_before") else None
@@ -239,11 +271,11 @@ class SagaCoordinatorServicer(pb_grpc.SagaCoordinatorServicer):
                 and (upper is None or view.started_at < upper)
             )
 
-        matching = [view for view in self._engine().list_sagas() if keep(view) and _may_see(view)]
-        page = matching[offset : offset + limit]
-        token = ""
-        if offset + limit < len(matching):
-            token = encode_page_token("sagas", scope, offset + limit)
+        # Keyset paging: resume strictly after the last saga of the previous page in the list's
+        # order, whatever started, finished or was aborted since (an offset would skip or repeat).
+        matching = [view for view in self._engine().list_sagas(after) if keep(view) and _may_see(view)]
+        page = matching[:limit]
+        token = _encode_saga_token(scope, page[-1]) if len(matching) > limit else ""
         return pb.ListSagasResponse(sagas=[view_to_proto(v) for v in page], next_page_token=token)
 
     async def WatchSaga(

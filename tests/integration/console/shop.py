@@ -170,6 +170,36 @@ class Shop:
             1_000,
         )
 
+    def start_parked_saga(self, name: str) -> str:
+        """Start a saga that stays RUNNING, idle, until aborted; returns its id.
+
+        Its one step is on a service with no instance and retries its unsent attempt only after
+        two minutes, so many such sagas cost the control plane next to nothing; aborting one ends
+        it at once (nothing to compensate).
+        """
+        wait = duration_pb2.Duration(seconds=120)
+        started = self.sagas.StartSaga(
+            saga_pb2.StartSagaRequest(
+                definition=saga_pb2.SagaDefinition(
+                    name=name,
+                    steps=[
+                        saga_pb2.SagaStep(
+                            name="call-ghost",
+                            service="ghost",
+                            method="/ghost.v1.Ghost/Call",
+                            no_compensation=True,
+                            request=saga_pb2.PayloadTemplate(base_from="input"),
+                            timeout=duration_pb2.Duration(seconds=5),
+                            retry=saga_pb2.RetryPolicy(initial_backoff=wait, max_backoff=wait),
+                        )
+                    ],
+                ),
+                idempotency_key=uuid.uuid4().hex,
+            ),
+            timeout=30,
+        )
+        return started.saga.saga_id
+
     def restart_plane(self, *, kill: bool, down: float = 0.0) -> None:
         """Stop the control plane (kill -9 or SIGTERM) and start it again ``down`` seconds later.
 

@@ -512,3 +512,47 @@ def test_a_compensation_retried_by_the_operator_that_succeeds_is_no_longer_shown
             break
     expect(page.locator("#saga-state")).to_contain_text("ABORTED")
     expect(bar).to_have_attribute("data-failed", "false")
+
+
+def test_overview_reads_every_page_of_unsettled_sagas_so_an_old_failed_one_shows(
+    shop: Shop, page: Page
+) -> None:
+    # The oldest unsettled saga fails its compensation; then more sagas start than one page holds
+    # (the overview once read a single page of 200, newest first, and lost the failed one).
+    failed = shop.start_inline(
+        "console-old-failure",
+        [
+            inline_step(
+                "create-order",
+                "orders",
+                "/shop.v1.Orders/CreateOrder",
+                "/shop.v1.Orders/NoSuchMethod",
+                max_attempts=1,
+            ),
+            inline_step("charge-payment", "payments", "/shop.v1.Payments/Charge", "/shop.v1.Payments/Refund"),
+        ],
+        "u-bob",
+        12_000,
+    )
+    wait_until(
+        lambda: (
+            shop.sagas.GetSaga(saga_pb2.GetSagaRequest(saga_id=failed), timeout=30).saga.state
+            == saga_pb2.SAGA_STATE_FAILED_COMPENSATION
+        ),
+        what="the saga to fail its compensation",
+    )
+    parked = [shop.start_parked_saga("console-many") for _ in range(1_010)]  # > the overview's page of 1000
+    try:
+        page.goto(f"{shop.url}/#/")
+        expect(page.locator("#problems")).to_contain_text(failed)
+        # Every in-flight saga counted (other tests' sagas may be settling meanwhile: at least these).
+        count = page.locator(".card", has_text="Unsettled sagas").locator(".value")
+        wait_until(
+            lambda: (text := count.inner_text()).isdigit() and int(text) >= len(parked) + 1,
+            what="the overview to count every unsettled saga",
+        )
+        expect(page.locator("#sagas-truncated")).to_have_count(0)
+    finally:
+        for saga_id in parked:
+            shop.sagas.AbortSaga(saga_pb2.AbortSagaRequest(saga_id=saga_id, reason="test over"), timeout=30)
+        shop.sagas.ResolveSaga(saga_pb2.ResolveSagaRequest(saga_id=failed, reason="test over"), timeout=30)

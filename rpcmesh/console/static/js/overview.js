@@ -4,22 +4,35 @@ import * as api from "./api.js";
 import { badge, clear, enumName, errorBox, h, link, section, time } from "./dom.js";
 
 const STUCK_AFTER_MS = 60_000;
+// Unsettled sagas are read page by page, up to this many of each kind (failed, in flight): past
+// that the overview says it looked at the newest ones only (the Sagas page lists them all).
+const SAGA_PAGE_SIZE = 1000;
+const MAX_SAGAS = 5000;
+const IN_FLIGHT = ["SAGA_STATE_RUNNING", "SAGA_STATE_COMPENSATING", "SAGA_STATE_ABORTING"];
 
 function card(label, value, extra) {
   return h("div", { class: "card" }, h("div", { class: "label" }, label), h("div", { class: "value" }, value), extra || "");
 }
 
-async function allPages(method, request, field) {
+// Pages of a List call until the last one or until at least maxItems were read;
+// more: whether the listing went on past them.
+async function pages(method, request, field, maxItems) {
   const items = [];
   let pageToken = "";
-  for (let page = 0; page < 20; page += 1) {
+  do {
     const response = await api.call(method, { ...request, pageToken });
     items.push(...(response[field] || []));
     pageToken = response.nextPageToken || "";
-    if (!pageToken) break;
-  }
-  return items;
+  } while (pageToken && items.length < maxItems);
+  return { items, more: Boolean(pageToken) };
 }
+
+async function allPages(method, request, field) {
+  return (await pages(method, request, field, 20 * request.pageSize)).items;
+}
+
+// Failed and in-flight sagas are read apart, so that many in-flight ones cannot hide a failed one.
+const sagaPages = (states) => pages("SagaCoordinator/ListSagas", { states, pageSize: SAGA_PAGE_SIZE }, "sagas", MAX_SAGAS);
 
 async function load(main, isLive) {
   // A part the caller may not read (e.g. no ListServices grant) leaves the others shown.
@@ -29,19 +42,13 @@ async function load(main, isLive) {
       failures.push(`${what}: ${error.message || error}`);
       return fallback;
     });
-  const [info, healthCheck, services, topics, sagas] = await Promise.all([
+  const none = { items: [], more: false };
+  const [info, healthCheck, services, topics, [failedSagas, inFlight]] = await Promise.all([
     api.info().catch((e) => ({ error: e })),
     api.call("grpc.health.v1.Health/Check", {}).catch((e) => ({ error: e })),
     part("services", allPages("Registry/ListServices", { pageSize: 1000 }, "services"), []),
     part("topics", allPages("Bus/ListTopics", { pageSize: 1000 }, "topics"), []),
-    part(
-      "sagas",
-      api.call("SagaCoordinator/ListSagas", {
-        states: ["SAGA_STATE_RUNNING", "SAGA_STATE_COMPENSATING", "SAGA_STATE_ABORTING", "SAGA_STATE_FAILED_COMPENSATION"],
-        pageSize: 200,
-      }),
-      {},
-    ),
+    part("sagas", Promise.all([sagaPages(["SAGA_STATE_FAILED_COMPENSATION"]), sagaPages(IN_FLIGHT)]), [none, none]),
   ]);
   if (!isLive()) return;
   const instances = services.reduce((n, s) => n + (s.instanceCount || 0), 0);
@@ -52,12 +59,16 @@ async function load(main, isLive) {
       if (Number(group.deadLetters || 0) > 0) deadLetters.push({ topic: topic.name, group: group.name, count: Number(group.deadLetters) });
     }
   }
-  const unsettled = sagas.sagas || [];
-  const failed = unsettled.filter((s) => s.state === "SAGA_STATE_FAILED_COMPENSATION");
+  // A saga may change state between the two reads: count it once, as failed.
+  const failed = failedSagas.items;
+  const failedIds = new Set(failed.map((s) => s.sagaId));
+  const running = inFlight.items.filter((s) => !failedIds.has(s.sagaId) && s.state !== "SAGA_STATE_FAILED_COMPENSATION");
+  const unsettledCount = failed.length + running.length;
   const now = Date.now();
-  const stuck = unsettled.filter(
-    (s) => s.state !== "SAGA_STATE_FAILED_COMPENSATION" && now - new Date(s.updatedAt || s.startedAt).getTime() > STUCK_AFTER_MS,
-  );
+  const stuck = running.filter((s) => now - new Date(s.updatedAt || s.startedAt).getTime() > STUCK_AFTER_MS);
+  const truncated = [];
+  if (failedSagas.more) truncated.push(`${failed.length} FAILED_COMPENSATION`);
+  if (inFlight.more) truncated.push(`${running.length} running, compensating or aborting`);
   const unhealthy = services.filter((s) => (s.passingCount || 0) < (s.instanceCount || 0));
   const critical = [];
   for (const service of unhealthy) {
@@ -100,7 +111,7 @@ async function load(main, isLive) {
       card("Services", String(services.length)),
       card("Instances", `${passing} / ${instances}`, h("div", { class: "muted" }, "passing / registered")),
       card("Topics", String(topics.filter((t) => !String(t.name).startsWith("$")).length)),
-      card("Unsettled sagas", String(unsettled.length)),
+      card("Unsettled sagas", `${unsettledCount}${truncated.length ? "+" : ""}`),
     ),
     h(
       "dl",
@@ -111,7 +122,23 @@ async function load(main, isLive) {
     ),
     section(
       "Recent problems",
-      problems.length ? h("ul", { class: "problems", id: "problems" }, problems) : h("p", { class: "notice", id: "problems" }, "No problem: every instance passes, no dead letter, no stuck saga."),
+      truncated.length
+        ? h(
+            "p",
+            { class: "error", id: "sagas-truncated" },
+            `Too many unsettled sagas to check them all: only the newest ${truncated.join(" and the newest ")} sagas were read, `,
+            "so older ones, the likeliest to be stuck, may be missing below; the ",
+            link("#/sagas", "Sagas"),
+            " page lists every one.",
+          )
+        : null,
+      problems.length
+        ? h("ul", { class: "problems", id: "problems" }, problems)
+        : h(
+            "p",
+            { class: "notice", id: "problems" },
+            truncated.length ? "No problem among the instances, dead letters and sagas read." : "No problem: every instance passes, no dead letter, no stuck saga.",
+          ),
     ),
     h("p", { class: "muted" }, `Refreshed ${new Date().toLocaleTimeString()} (every 5 s).`),
   );
