@@ -200,6 +200,30 @@ class Shop:
         )
         return started.saga.saga_id
 
+    def start_failing_compensation(self, name: str) -> str:
+        """Start a saga that ends FAILED_COMPENSATION; returns its id.
+
+        create-order, then charge-payment is declined (120.00 is over u-bob's card limit), and
+        create-order's compensation calls a method that does not exist (one attempt).
+        """
+        return self.start_inline(
+            name,
+            [
+                inline_step(
+                    "create-order",
+                    "orders",
+                    "/shop.v1.Orders/CreateOrder",
+                    "/shop.v1.Orders/NoSuchMethod",
+                    max_attempts=1,
+                ),
+                inline_step(
+                    "charge-payment", "payments", "/shop.v1.Payments/Charge", "/shop.v1.Payments/Refund"
+                ),
+            ],
+            "u-bob",
+            12_000,
+        )
+
     def restart_plane(self, *, kill: bool, down: float = 0.0) -> None:
         """Stop the control plane (kill -9 or SIGTERM) and start it again ``down`` seconds later.
 

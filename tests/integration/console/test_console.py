@@ -391,21 +391,7 @@ def test_saga_page_follows_a_running_saga_live_and_its_actions_abort_and_resolve
     )
 
     # A compensation that cannot succeed (no such method) leaves the saga FAILED_COMPENSATION.
-    stuck = shop.start_inline(
-        "console-stuck",
-        [
-            inline_step(
-                "create-order",
-                "orders",
-                "/shop.v1.Orders/CreateOrder",
-                "/shop.v1.Orders/NoSuchMethod",
-                max_attempts=1,
-            ),
-            inline_step("charge-payment", "payments", "/shop.v1.Payments/Charge", "/shop.v1.Payments/Refund"),
-        ],
-        "u-bob",
-        12_000,
-    )
+    stuck = shop.start_failing_compensation("console-stuck")
     wait_until(
         lambda: (
             shop.sagas.GetSaga(saga_pb2.GetSagaRequest(saga_id=stuck)).saga.state
@@ -519,21 +505,7 @@ def test_overview_reads_every_page_of_unsettled_sagas_so_an_old_failed_one_shows
 ) -> None:
     # The oldest unsettled saga fails its compensation; then more sagas start than one page holds
     # (the overview once read a single page of 200, newest first, and lost the failed one).
-    failed = shop.start_inline(
-        "console-old-failure",
-        [
-            inline_step(
-                "create-order",
-                "orders",
-                "/shop.v1.Orders/CreateOrder",
-                "/shop.v1.Orders/NoSuchMethod",
-                max_attempts=1,
-            ),
-            inline_step("charge-payment", "payments", "/shop.v1.Payments/Charge", "/shop.v1.Payments/Refund"),
-        ],
-        "u-bob",
-        12_000,
-    )
+    failed = shop.start_failing_compensation("console-old-failure")
     wait_until(
         lambda: (
             shop.sagas.GetSaga(saga_pb2.GetSagaRequest(saga_id=failed), timeout=30).saga.state

@@ -140,3 +140,19 @@ def ok_and_failing_definitions() -> tuple[pb.SagaDefinition, pb.SagaDefinition]:
         ],
     )
     return ok, bad
+
+
+def stuck_definition() -> pb.SagaDefinition:
+    """One step on a service with no instance: the saga stays RUNNING until it is aborted."""
+    return pb.SagaDefinition(
+        name="stuck",
+        steps=[
+            pb.SagaStep(
+                name="call-ghost",
+                service="ghost",
+                method="/ghost.v1.Ghost/Call",
+                no_compensation=True,
+                timeout=duration_pb2.Duration(seconds=5),
+            )
+        ],
+    )

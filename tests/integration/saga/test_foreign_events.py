@@ -19,7 +19,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from google.protobuf import duration_pb2
 from rpcmesh.v1 import eventstore_pb2 as es
 from rpcmesh.v1 import eventstore_pb2_grpc, saga_pb2_grpc
 from rpcmesh.v1 import saga_pb2 as pb
@@ -27,6 +26,7 @@ from rpcmesh.v1 import saga_pb2 as pb
 from rpcmesh.controlplane.config import ControlPlaneConfig
 from rpcmesh.controlplane.eventstore.component import open_storage
 from rpcmesh.controlplane.eventstore.model import ANY, NewEvent
+from tests.integration.saga.conftest import stuck_definition
 from tests.support.processes import ManagedProcess, start_control_plane
 
 FOREIGN = {
@@ -34,22 +34,6 @@ FOREIGN = {
     "saga-garbled": NewEvent(event_id="g1", event_type="SagaStarted", data=b"not json"),
     "sagadef-garbled": NewEvent(event_id="d1", event_type="DefinitionRegistered", data=b"\xff\x00junk"),
 }
-
-
-def stuck_definition() -> pb.SagaDefinition:
-    """One step on a service with no instance: the saga stays RUNNING (unsent attempts are retried)."""
-    return pb.SagaDefinition(
-        name="stuck",
-        steps=[
-            pb.SagaStep(
-                name="call-ghost",
-                service="ghost",
-                method="/ghost.v1.Ghost/Call",
-                no_compensation=True,
-                timeout=duration_pb2.Duration(seconds=5),
-            )
-        ],
-    )
 
 
 def start(address: str) -> str:

@@ -17,30 +17,14 @@ from pathlib import Path
 import grpc
 import grpc.aio
 import pytest
-from google.protobuf import duration_pb2
 from rpcmesh.v1 import saga_pb2 as pb
 from rpcmesh.v1 import saga_pb2_grpc
 
 from rpcmesh.errors import InvalidArgumentError, from_rpc_error
+from tests.integration.saga.conftest import stuck_definition
 from tests.support.processes import start_control_plane
 
 RUNNING = [pb.SAGA_STATE_RUNNING]
-
-
-def stuck_definition() -> pb.SagaDefinition:
-    """One step on a service with no instance: the saga stays RUNNING until aborted."""
-    return pb.SagaDefinition(
-        name="stuck",
-        steps=[
-            pb.SagaStep(
-                name="call-ghost",
-                service="ghost",
-                method="/ghost.v1.Ghost/Call",
-                no_compensation=True,
-                timeout=duration_pb2.Duration(seconds=5),
-            )
-        ],
-    )
 
 
 @pytest.fixture

@@ -154,6 +154,16 @@ async def test_caps_per_identity_and_connection(small_plane: tuple[ControlPlane,
     assert plane.security.interceptor.tracker.in_flight() == 0
 
 
+def lease_request(instance_id: str) -> registry_pb2.RegisterRequest:
+    """Register ``instance_id`` of order-service for 30 s."""
+    return registry_pb2.RegisterRequest(
+        instance=registry_pb2.Instance(
+            service="order-service", instance_id=instance_id, address="127.0.0.1:9"
+        ),
+        ttl=duration_pb2.Duration(seconds=30),
+    )
+
+
 async def test_leases_per_identity_are_capped_and_owned(
     small_plane: tuple[ControlPlane, str], pki: Pki
 ) -> None:
@@ -162,13 +172,7 @@ async def test_leases_per_identity_are_capped_and_owned(
     async with aio_channel(address, security, options=OWN_CONNECTION) as channel:
         registry = registry_pb2_grpc.RegistryStub(channel)
 
-        def register(instance_id: str) -> registry_pb2.RegisterRequest:
-            return registry_pb2.RegisterRequest(
-                instance=registry_pb2.Instance(
-                    service="order-service", instance_id=instance_id, address="127.0.0.1:9"
-                ),
-                ttl=duration_pb2.Duration(seconds=30),
-            )
+        register = lease_request
 
         first = await registry.Register(register("o-1"), timeout=TIMEOUT)
         await registry.Register(register("o-2"), timeout=TIMEOUT)
@@ -206,15 +210,7 @@ async def test_concurrent_registrations_cannot_exceed_the_lease_cap(
     async with aio_channel(address, security, options=OWN_CONNECTION) as channel:
         registry = registry_pb2_grpc.RegistryStub(channel)
         for round_ in range(10):
-            requests = [
-                registry_pb2.RegisterRequest(
-                    instance=registry_pb2.Instance(
-                        service="order-service", instance_id=f"r{round_}-{i}", address="127.0.0.1:9"
-                    ),
-                    ttl=duration_pb2.Duration(seconds=30),
-                )
-                for i in range(4)
-            ]
+            requests = [lease_request(f"r{round_}-{i}") for i in range(4)]
             outcomes = await asyncio.gather(
                 *(registry.Register(r, timeout=TIMEOUT) for r in requests), return_exceptions=True
             )
